@@ -1,0 +1,197 @@
+//! What every lesson binary shares: the common flags, the run context, output writers and progress bars.
+//!
+//! Library code never prints; lessons (binaries) own the terminal. Errors that a user can cause (a flag, a file)
+//! come back as `anyhow::Error` with context, and [`lesson_main`] prints them on one line and exits with status 2.
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+/// Flags shared by every lesson; flattened into each lesson's own clap struct.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Small budget so the lesson finishes in under a minute on 2 cores (the test suite uses it).
+    #[arg(long)]
+    pub quick: bool,
+    /// Output directory for figures, loss.csv and metrics.json [default: out/lessonNN].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Seed for every random number in the run; the same seed gives bit-identical outputs on CPU.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Threads libtorch may use [default: all cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1024))]
+    pub threads: Option<i32>,
+    /// Where to compute: cpu or cuda (cuda needs a CUDA libtorch and a GPU).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceArg,
+    /// Directory with the four MNIST .gz files [default: $SCRATCH_DIFFUSION_MNIST, else data/mnist].
+    #[arg(long, value_name = "DIR", env = "SCRATCH_DIFFUSION_MNIST")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// The `--device` value, checked when the run starts (a CUDA request on a machine without a GPU is an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" | "gpu" => Ok(DeviceArg::Cuda),
+        other => Err(format!("unknown device '{other}': use cpu or cuda")),
+    }
+}
+
+/// A lesson run: where outputs go, the device, the seed and the budget.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub lesson: String,
+    pub out: PathBuf,
+    pub device: Device,
+    pub seed: u64,
+    pub quick: bool,
+    pub data_dir: PathBuf,
+    started: std::time::Instant,
+}
+
+impl CommonArgs {
+    /// Validates the flags, creates the output directory, seeds libtorch and sets its thread count.
+    pub fn init(&self, lesson: &str) -> Result<Run> {
+        let out = self
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("out").join(lesson));
+        ensure_writable_dir(&out)?;
+        let device = match self.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
+            DeviceArg::Cuda => bail!(
+                "--device cuda was asked for, but libtorch sees no CUDA GPU here: use --device cpu"
+            ),
+        };
+        if let Some(n) = self.threads {
+            tch::set_num_threads(n);
+        }
+        tch::manual_seed(self.seed as i64);
+        Ok(Run {
+            lesson: lesson.to_string(),
+            out,
+            device,
+            seed: self.seed,
+            quick: self.quick,
+            data_dir: crate::data::mnist::resolve_dir(self.data_dir.as_deref()),
+            started: std::time::Instant::now(),
+        })
+    }
+}
+
+/// Creates `dir` (and parents) and proves it is writable, so a bad `--out` fails before any training starts.
+pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create output directory {}: choose another with --out DIR",
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"ok").with_context(|| {
+        format!(
+            "output directory {} is not writable: choose another with --out DIR",
+            dir.display()
+        )
+    })?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed, then renamed over `path`.
+/// A crash mid-write leaves the old file intact, never a half-written one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+impl Run {
+    /// Path of an output file inside the run's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.out.join(name)
+    }
+
+    /// Seconds since [`CommonArgs::init`].
+    pub fn elapsed_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Writes `metrics.json` (pretty-printed, atomically), adding the lesson name, seed, budget and wall time.
+    pub fn write_metrics(&self, mut metrics: serde_json::Value) -> Result<PathBuf> {
+        if let Some(obj) = metrics.as_object_mut() {
+            obj.insert("lesson".into(), self.lesson.clone().into());
+            obj.insert("seed".into(), self.seed.into());
+            obj.insert("quick".into(), self.quick.into());
+            obj.insert("threads".into(), tch::get_num_threads().into());
+            obj.insert(
+                "wall_time_s".into(),
+                ((self.elapsed_s() * 10.0).round() / 10.0).into(),
+            );
+        }
+        let path = self.path("metrics.json");
+        write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes())?;
+        Ok(path)
+    }
+
+    /// Writes a loss log as CSV with a header: `step,<column>...`.
+    pub fn write_loss_csv(
+        &self,
+        name: &str,
+        columns: &[&str],
+        rows: &[(usize, Vec<f64>)],
+    ) -> Result<PathBuf> {
+        let mut s = format!("step,{}\n", columns.join(","));
+        for (step, vals) in rows {
+            let vals: Vec<String> = vals.iter().map(|v| format!("{v:.6e}")).collect();
+            s.push_str(&format!("{step},{}\n", vals.join(",")));
+        }
+        let path = self.path(name);
+        write_atomic(&path, s.as_bytes())?;
+        Ok(path)
+    }
+}
+
+/// A progress bar for a loop of `len` iterations, showing the message (for example the running loss) and the rate.
+/// indicatif hides it when stderr is not a terminal, so lessons also print plain log lines.
+pub fn progress(len: u64, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec:>10} eta {eta:>4} {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+/// Runs a lesson's body and turns an error into one line on stderr and exit status 2 (no backtrace).
+pub fn lesson_main(body: impl FnOnce() -> Result<()>) {
+    if let Err(e) = body() {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}

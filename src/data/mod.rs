@@ -1,0 +1,3 @@
+//! Data sets: MNIST from its canonical IDX files, and 2-D Gaussian mixtures whose density and score are exact.
+pub mod mnist;
+pub mod toy2d;

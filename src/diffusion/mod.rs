@@ -1,0 +1,12 @@
+//! The noise side of diffusion: noise ladders and the denoising-score-matching objective.
+pub mod ladder;
+pub mod score_matching;
+
+use tch::Tensor;
+
+/// Reshapes a per-sample value (B,) so it broadcasts against a batch `like` of any rank: (B, 1, 1, ...).
+pub fn append_dims(v: &Tensor, like: &Tensor) -> Tensor {
+    let mut shape = vec![v.size()[0]];
+    shape.resize(like.dim(), 1);
+    v.view(shape.as_slice())
+}

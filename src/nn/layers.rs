@@ -1,0 +1,183 @@
+//! Building blocks shared by the networks: the sinusoidal embedding of a noise level, a residual block with noise
+//! conditioning, and 2× down/up-sampling.
+//!
+//! [Transformer] Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762, sec. 3.5.
+//! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, appendix B (ResBlocks with GroupNorm, embedding added per channel).
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+/// Sinusoidal embedding of scalars (B,) -> (B, dim), [Transformer] sec. 3.5 with the positions replaced by `t`:
+/// for i < dim/2, fᵢ = max_period^(−i/(dim/2)), emb = [cos(t·fᵢ), sin(t·fᵢ)] (cosine first, as diffusers'
+/// `flip_sin_to_cos=True`, the Stable Diffusion layout).
+pub fn timestep_embedding(t: &Tensor, dim: i64, max_period: f64) -> Tensor {
+    assert!(dim % 2 == 0, "embedding dimension must be even");
+    let half = dim / 2;
+    let freqs =
+        (Tensor::arange(half, (Kind::Float, t.device())) * (-max_period.ln() / half as f64)).exp(); // (half,)
+    let args = t.to_kind(Kind::Float).unsqueeze(-1) * freqs.unsqueeze(0); // (B, half)
+    Tensor::cat(&[args.cos(), args.sin()], -1) // (B, dim)
+}
+
+/// Spreads ln σ over the range of "timesteps" the sinusoidal frequencies resolve (1 … 1/max_period): ln σ ∈ [−5, 3]
+/// becomes [−1250, 750], so both the fastest and the slowest frequencies see a useful change across the ladder.
+pub const NOISE_EMB_SCALE: f64 = 250.0;
+
+/// Embedding of noise levels σ (B,) -> (B, dim): the sinusoidal embedding of NOISE_EMB_SCALE · ln σ.
+pub fn noise_embedding(sigma: &Tensor, dim: i64) -> Tensor {
+    timestep_embedding(&(sigma.log() * NOISE_EMB_SCALE), dim, 10_000.0)
+}
+
+/// A residual block conditioned on an embedding: GroupNorm → SiLU → 3×3 conv → (+ projected embedding, one value per
+/// channel) → GroupNorm → SiLU → dropout → 3×3 conv, plus a 1×1 conv on the skip path when channels change.
+/// [DDPM] appendix B; names as diffusers' `ResnetBlock2D`.
+#[derive(Debug)]
+pub struct ResBlock {
+    norm1: nn::GroupNorm,
+    conv1: nn::Conv2D,
+    time_emb_proj: nn::Linear,
+    norm2: nn::GroupNorm,
+    conv2: nn::Conv2D,
+    conv_shortcut: Option<nn::Conv2D>,
+    dropout: f64,
+}
+
+/// Groups for GroupNorm: 32 as in [DDPM], fewer for narrow layers (it must divide the channel count).
+pub fn groups_for(channels: i64) -> i64 {
+    [32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .find(|g| channels % g == 0 && channels / g >= 2)
+        .unwrap_or(1)
+}
+
+impl ResBlock {
+    pub fn new(vs: nn::Path, c_in: i64, c_out: i64, emb_dim: i64, dropout: f64) -> Self {
+        let conv = nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Self {
+            norm1: nn::group_norm(&vs / "norm1", groups_for(c_in), c_in, Default::default()),
+            conv1: nn::conv2d(&vs / "conv1", c_in, c_out, 3, conv),
+            time_emb_proj: nn::linear(&vs / "time_emb_proj", emb_dim, c_out, Default::default()),
+            norm2: nn::group_norm(&vs / "norm2", groups_for(c_out), c_out, Default::default()),
+            conv2: nn::conv2d(&vs / "conv2", c_out, c_out, 3, conv),
+            conv_shortcut: (c_in != c_out)
+                .then(|| nn::conv2d(&vs / "conv_shortcut", c_in, c_out, 1, Default::default())),
+            dropout,
+        }
+    }
+
+    /// x: (B, C_in, H, W), emb: (B, emb_dim) -> (B, C_out, H, W).
+    pub fn forward(&self, x: &Tensor, emb: &Tensor, train: bool) -> Tensor {
+        let h = self.conv1.forward(&self.norm1.forward(x).silu());
+        let h = h + self
+            .time_emb_proj
+            .forward(&emb.silu())
+            .unsqueeze(-1)
+            .unsqueeze(-1); // (B, C_out, 1, 1)
+        let h = self
+            .conv2
+            .forward(&self.norm2.forward(&h).silu().dropout(self.dropout, train));
+        match &self.conv_shortcut {
+            Some(c) => c.forward(x) + h,
+            None => x + h,
+        }
+    }
+}
+
+/// 2× downsampling with a strided 3×3 conv: (B, C, H, W) -> (B, C, ⌈H/2⌉, ⌈W/2⌉).
+#[derive(Debug)]
+pub struct Downsample {
+    conv: nn::Conv2D,
+}
+
+impl Downsample {
+    pub fn new(vs: nn::Path, c: i64) -> Self {
+        Self {
+            conv: nn::conv2d(
+                &vs / "conv",
+                c,
+                c,
+                3,
+                nn::ConvConfig {
+                    stride: 2,
+                    padding: 1,
+                    ..Default::default()
+                },
+            ),
+        }
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.conv.forward(x)
+    }
+}
+
+/// 2× upsampling: nearest neighbour, then a 3×3 conv: (B, C, H, W) -> (B, C, 2H, 2W).
+#[derive(Debug)]
+pub struct Upsample {
+    conv: nn::Conv2D,
+}
+
+impl Upsample {
+    pub fn new(vs: nn::Path, c: i64) -> Self {
+        Self {
+            conv: nn::conv2d(
+                &vs / "conv",
+                c,
+                c,
+                3,
+                nn::ConvConfig {
+                    padding: 1,
+                    ..Default::default()
+                },
+            ),
+        }
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (h, w) = (x.size()[2], x.size()[3]);
+        self.conv
+            .forward(&x.upsample_nearest2d([2 * h, 2 * w], None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device};
+
+    #[test]
+    fn timestep_embedding_matches_the_formula_and_separates_inputs() {
+        let t = Tensor::from_slice(&[0.0f32, 3.0, 250.0]);
+        let e = timestep_embedding(&t, 8, 10_000.0);
+        assert_eq!(e.size(), [3, 8]);
+        // [Transformer] sec. 3.5: f_i = 10000^(−i/4); element (row 1, i = 1) is cos(3 · 10000^(−1/4))
+        let want = (3.0f64 * 10_000f64.powf(-0.25)).cos();
+        assert!((e.double_value(&[1, 1]) - want).abs() < 1e-6);
+        assert!((e.double_value(&[1, 5]) - (3.0f64 * 10_000f64.powf(-0.25)).sin()).abs() < 1e-6);
+        assert!((e.get(0) - e.get(1)).abs().max().double_value(&[]) > 0.1);
+    }
+
+    #[test]
+    fn resblock_and_resampling_shapes() {
+        let vs = VarStore::new(Device::Cpu);
+        let rb = ResBlock::new(vs.root() / "rb", 8, 16, 12, 0.1);
+        let x = Tensor::randn([3, 8, 7, 7], (Kind::Float, Device::Cpu));
+        let emb = Tensor::randn([3, 12], (Kind::Float, Device::Cpu));
+        assert_eq!(rb.forward(&x, &emb, true).size(), [3, 16, 7, 7]);
+        let down = Downsample::new(vs.root() / "d", 8);
+        assert_eq!(down.forward(&x).size(), [3, 8, 4, 4]);
+        let up = Upsample::new(vs.root() / "u", 8);
+        assert_eq!(up.forward(&x).size(), [3, 8, 14, 14]);
+        // names mirror diffusers' ResnetBlock2D
+        let names: Vec<String> = vs.variables().into_keys().collect();
+        for k in [
+            "rb.norm1.weight",
+            "rb.conv1.weight",
+            "rb.time_emb_proj.weight",
+            "rb.conv_shortcut.weight",
+            "d.conv.weight",
+        ] {
+            assert!(names.iter().any(|n| n == k), "missing {k} in {names:?}");
+        }
+    }
+}

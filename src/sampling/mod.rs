@@ -1,0 +1,2 @@
+//! Samplers: plain functions from a score (or denoiser) and a noise schedule to samples.
+pub mod langevin;
