@@ -61,17 +61,14 @@ pub struct Run {
 impl CommonArgs {
     /// Validates the flags, creates the output directory, seeds libtorch and sets its thread count.
     pub fn init(&self, lesson: &str) -> Result<Run> {
-        let out = self
-            .out
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("out").join(lesson));
+        let out = self.out.clone().unwrap_or_else(|| PathBuf::from("out").join(lesson));
         ensure_writable_dir(&out)?;
         let device = match self.device {
             DeviceArg::Cpu => Device::Cpu,
             DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-            DeviceArg::Cuda => bail!(
-                "--device cuda was asked for, but libtorch sees no CUDA GPU here: use --device cpu"
-            ),
+            DeviceArg::Cuda => {
+                bail!("--device cuda was asked for, but libtorch sees no CUDA GPU here: use --device cpu")
+            }
         };
         if let Some(n) = self.threads {
             tch::set_num_threads(n);
@@ -91,18 +88,11 @@ impl CommonArgs {
 
 /// Creates `dir` (and parents) and proves it is writable, so a bad `--out` fails before any training starts.
 pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| {
-        format!(
-            "cannot create output directory {}: choose another with --out DIR",
-            dir.display()
-        )
-    })?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output directory {}: choose another with --out DIR", dir.display()))?;
     let probe = dir.join(".write-test");
     std::fs::write(&probe, b"ok").with_context(|| {
-        format!(
-            "output directory {} is not writable: choose another with --out DIR",
-            dir.display()
-        )
+        format!("output directory {} is not writable: choose another with --out DIR", dir.display())
     })?;
     std::fs::remove_file(&probe).ok();
     Ok(())
@@ -111,19 +101,12 @@ pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed, then renamed over `path`.
 /// A crash mid-write leaves the old file intact, never a half-written one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -145,10 +128,7 @@ impl Run {
             obj.insert("seed".into(), self.seed.into());
             obj.insert("quick".into(), self.quick.into());
             obj.insert("threads".into(), tch::get_num_threads().into());
-            obj.insert(
-                "wall_time_s".into(),
-                ((self.elapsed_s() * 10.0).round() / 10.0).into(),
-            );
+            obj.insert("wall_time_s".into(), ((self.elapsed_s() * 10.0).round() / 10.0).into());
         }
         let path = self.path("metrics.json");
         write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes())?;
@@ -156,12 +136,7 @@ impl Run {
     }
 
     /// Writes a loss log as CSV with a header: `step,<column>...`.
-    pub fn write_loss_csv(
-        &self,
-        name: &str,
-        columns: &[&str],
-        rows: &[(usize, Vec<f64>)],
-    ) -> Result<PathBuf> {
+    pub fn write_loss_csv(&self, name: &str, columns: &[&str], rows: &[(usize, Vec<f64>)]) -> Result<PathBuf> {
         let mut s = format!("step,{}\n", columns.join(","));
         for (step, vals) in rows {
             let vals: Vec<String> = vals.iter().map(|v| format!("{v:.6e}")).collect();
@@ -178,11 +153,9 @@ impl Run {
 pub fn progress(len: u64, prefix: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{bar:30}] {pos}/{len} {per_sec:>10} eta {eta:>4} {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {per_sec:>10} eta {eta:>4} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     bar.set_prefix(prefix.to_string());
     bar

@@ -9,11 +9,13 @@
 //! - [`diffusion`]: noise ladders and the denoising-score-matching objective.
 //! - [`sampling`]: Langevin dynamics and annealed Langevin.
 //! - [`nn`]: the networks (a noise-conditional MLP for 2-D data, a small noise-conditional score network for MNIST).
+//! - [`eval`]: score errors against the analytic score, energy distance and mode weights of samples.
 //! - [`train`]: atomic safetensors checkpoints with their resolved config beside them.
 //! - [`plot`]: loss curves, scatter / density / histogram, vector fields and image grids, with an embedded font.
 pub mod cli;
 pub mod data;
 pub mod diffusion;
+pub mod eval;
 pub mod nn;
 pub mod plot;
 pub mod sampling;

@@ -37,19 +37,9 @@ pub const PALETTE: [RGBColor; 8] = [
 
 /// The viridis colour map, linearly interpolated between 6 of its stops; `v` in [0, 1].
 pub fn viridis(v: f64) -> RGBColor {
-    const STOPS: [(f64, f64, f64); 6] = [
-        (68., 1., 84.),
-        (65., 68., 135.),
-        (42., 120., 142.),
-        (34., 168., 132.),
-        (122., 209., 81.),
-        (253., 231., 37.),
-    ];
-    let v = if v.is_finite() {
-        v.clamp(0.0, 1.0)
-    } else {
-        0.0
-    } * (STOPS.len() - 1) as f64;
+    const STOPS: [(f64, f64, f64); 6] =
+        [(68., 1., 84.), (65., 68., 135.), (42., 120., 142.), (34., 168., 132.), (122., 209., 81.), (253., 231., 37.)];
+    let v = if v.is_finite() { v.clamp(0.0, 1.0) } else { 0.0 } * (STOPS.len() - 1) as f64;
     let i = (v.floor() as usize).min(STOPS.len() - 2);
     let f = v - i as f64;
     let (a, b) = (STOPS[i], STOPS[i + 1]);
@@ -58,33 +48,18 @@ pub fn viridis(v: f64) -> RGBColor {
 }
 
 /// Something drawn in a 2-D panel.
+#[derive(Clone)]
 pub enum Layer {
     /// An n×n grid of values over the panel's box (row-major, row 0 at the bottom), coloured with viridis between
     /// `range` (values outside are clamped).
-    Heatmap {
-        values: Vec<f64>,
-        n: usize,
-        range: (f64, f64),
-    },
+    Heatmap { values: Vec<f64>, n: usize, range: (f64, f64) },
     /// Arrows at `points` along `vectors`. Lengths are scaled per panel so the 90th-percentile arrow spans `spacing`
     /// and longer ones are capped there: directions stay readable where magnitudes differ by orders of magnitude.
-    Quiver {
-        points: Vec<[f64; 2]>,
-        vectors: Vec<[f64; 2]>,
-        spacing: f64,
-        color: RGBColor,
-    },
+    Quiver { points: Vec<[f64; 2]>, vectors: Vec<[f64; 2]>, spacing: f64, color: RGBColor },
     /// Dots.
-    Scatter {
-        points: Vec<[f64; 2]>,
-        color: RGBAColor,
-        size: u32,
-    },
+    Scatter { points: Vec<[f64; 2]>, color: RGBAColor, size: u32 },
     /// Polylines (trajectories).
-    Paths {
-        paths: Vec<Vec<[f64; 2]>>,
-        color: RGBAColor,
-    },
+    Paths { paths: Vec<Vec<[f64; 2]>>, color: RGBAColor },
 }
 
 /// One 2-D panel: a title, a square box [lo, hi]² and its layers.
@@ -110,10 +85,7 @@ pub fn panels(path: &Path, title: &str, cols: usize, size: u32, panels: &[Panel]
     Ok(())
 }
 
-fn draw_panel(
-    area: &DrawingArea<BitMapBackend, Shift>,
-    p: &Panel,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_panel(area: &DrawingArea<BitMapBackend, Shift>, p: &Panel) -> Result<(), Box<dyn std::error::Error>> {
     let (lo, hi) = p.bounds;
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, (FONT_NAME, 16))
@@ -121,13 +93,7 @@ fn draw_panel(
         .x_label_area_size(22)
         .y_label_area_size(30)
         .build_cartesian_2d(lo..hi, lo..hi)?;
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_labels(5)
-        .y_labels(5)
-        .label_style((FONT_NAME, 11))
-        .draw()?;
+    chart.configure_mesh().disable_mesh().x_labels(5).y_labels(5).label_style((FONT_NAME, 11)).draw()?;
     for layer in &p.layers {
         match layer {
             Layer::Heatmap { values, n, range } => {
@@ -137,31 +103,15 @@ fn draw_panel(
                     let (i, j) = ((k % n) as f64, (k / n) as f64);
                     let c = viridis((v - range.0) / span);
                     Rectangle::new(
-                        [
-                            (lo + i * cell, lo + j * cell),
-                            (lo + (i + 1.0) * cell, lo + (j + 1.0) * cell),
-                        ],
+                        [(lo + i * cell, lo + j * cell), (lo + (i + 1.0) * cell, lo + (j + 1.0) * cell)],
                         c.filled(),
                     )
                 }))?;
             }
-            Layer::Quiver {
-                points,
-                vectors,
-                spacing,
-                color,
-            } => {
-                let mut mags: Vec<f64> = vectors
-                    .iter()
-                    .map(|v| v[0].hypot(v[1]))
-                    .filter(|m| m.is_finite())
-                    .collect();
+            Layer::Quiver { points, vectors, spacing, color } => {
+                let mut mags: Vec<f64> = vectors.iter().map(|v| v[0].hypot(v[1])).filter(|m| m.is_finite()).collect();
                 mags.sort_by(|a, b| a.total_cmp(b));
-                let q90 = mags
-                    .get(mags.len() * 9 / 10)
-                    .copied()
-                    .unwrap_or(1.0)
-                    .max(1e-12);
+                let q90 = mags.get(mags.len() * 9 / 10).copied().unwrap_or(1.0).max(1e-12);
                 for (pt, v) in points.iter().zip(vectors) {
                     let m = v[0].hypot(v[1]);
                     if !m.is_finite() || m < 1e-12 {
@@ -173,27 +123,14 @@ fn draw_panel(
                     // arrow head: two short strokes at ±25° from the reversed direction
                     let head = |ang: f64| {
                         let (c, s) = (ang.cos(), ang.sin());
-                        (
-                            tip.0 - 0.35 * (dx * c - dy * s),
-                            tip.1 - 0.35 * (dx * s + dy * c),
-                        )
+                        (tip.0 - 0.35 * (dx * c - dy * s), tip.1 - 0.35 * (dx * s + dy * c))
                     };
                     let style = ShapeStyle::from(color).stroke_width(1);
-                    chart.draw_series(std::iter::once(PathElement::new(
-                        vec![(pt[0], pt[1]), tip],
-                        style,
-                    )))?;
-                    chart.draw_series(std::iter::once(PathElement::new(
-                        vec![head(0.44), tip, head(-0.44)],
-                        style,
-                    )))?;
+                    chart.draw_series(std::iter::once(PathElement::new(vec![(pt[0], pt[1]), tip], style)))?;
+                    chart.draw_series(std::iter::once(PathElement::new(vec![head(0.44), tip, head(-0.44)], style)))?;
                 }
             }
-            Layer::Scatter {
-                points,
-                color,
-                size,
-            } => {
+            Layer::Scatter { points, color, size } => {
                 chart.draw_series(
                     points
                         .iter()
@@ -203,9 +140,7 @@ fn draw_panel(
             }
             Layer::Paths { paths, color } => {
                 for path in paths {
-                    let pts = path
-                        .iter()
-                        .map(|p| (p[0].clamp(lo, hi), p[1].clamp(lo, hi)));
+                    let pts = path.iter().map(|p| (p[0].clamp(lo, hi), p[1].clamp(lo, hi)));
                     chart.draw_series(std::iter::once(PathElement::new(
                         pts.collect::<Vec<_>>(),
                         color.stroke_width(1),
@@ -221,10 +156,7 @@ fn draw_panel(
 pub fn loss_curve(path: &Path, title: &str, series: &[(&str, &[f64])]) -> Result<()> {
     ensure_font();
     let n = series.iter().map(|s| s.1.len()).max().unwrap_or(1).max(2);
-    let finite = series
-        .iter()
-        .flat_map(|s| s.1.iter().copied())
-        .filter(|v| v.is_finite() && *v > 0.0);
+    let finite = series.iter().flat_map(|s| s.1.iter().copied()).filter(|v| v.is_finite() && *v > 0.0);
     let (mut lo, mut hi) = finite.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
     if lo > hi {
         (lo, hi) = (1e-3, 1.0);
@@ -247,14 +179,8 @@ pub fn loss_curve(path: &Path, title: &str, series: &[(&str, &[f64])]) -> Result
         .map_err(draw_err(path))?;
     for (k, (name, ys)) in series.iter().enumerate() {
         let c = PALETTE[k % PALETTE.len()];
-        let raw = ys
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_finite() && **v > 0.0)
-            .map(|(i, v)| (i as f64, *v));
-        chart
-            .draw_series(LineSeries::new(raw, c.mix(0.25)))
-            .map_err(draw_err(path))?;
+        let raw = ys.iter().enumerate().filter(|(_, v)| v.is_finite() && **v > 0.0).map(|(i, v)| (i as f64, *v));
+        chart.draw_series(LineSeries::new(raw, c.mix(0.25))).map_err(draw_err(path))?;
         let beta = 1.0 - 1.0 / (ys.len() as f64 / 50.0).max(1.0); // smooth over about 2 % of the run
         let mut ema = None;
         let smooth: Vec<(f64, f64)> = ys
@@ -285,20 +211,9 @@ pub fn loss_curve(path: &Path, title: &str, series: &[(&str, &[f64])]) -> Result
 }
 
 /// Grouped bar chart: one group of bars per category, one bar per series (with a legend).
-pub fn bars(
-    path: &Path,
-    title: &str,
-    y_desc: &str,
-    categories: &[String],
-    series: &[(&str, Vec<f64>)],
-) -> Result<()> {
+pub fn bars(path: &Path, title: &str, y_desc: &str, categories: &[String], series: &[(&str, Vec<f64>)]) -> Result<()> {
     ensure_font();
-    let top = series
-        .iter()
-        .flat_map(|s| s.1.iter().copied())
-        .fold(0.0, f64::max)
-        .max(1e-9)
-        * 1.15;
+    let top = series.iter().flat_map(|s| s.1.iter().copied()).fold(0.0, f64::max).max(1e-9) * 1.15;
     let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(path))?;
     let n = categories.len();
@@ -331,12 +246,11 @@ pub fn bars(
         let c = PALETTE[k % PALETTE.len()];
         let x0 = -0.4 + k as f64 * width;
         chart
-            .draw_series(vals.iter().enumerate().map(|(i, v)| {
-                Rectangle::new(
-                    [(i as f64 + x0, 0.0), (i as f64 + x0 + width * 0.9, *v)],
-                    c.filled(),
-                )
-            }))
+            .draw_series(
+                vals.iter().enumerate().map(|(i, v)| {
+                    Rectangle::new([(i as f64 + x0, 0.0), (i as f64 + x0 + width * 0.9, *v)], c.filled())
+                }),
+            )
             .map_err(draw_err(path))?
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
@@ -354,20 +268,10 @@ pub fn bars(
 
 /// A grid of grayscale images (N, 1, H, W) with values in [0, 1], `ncol` per row, each pixel drawn as a
 /// `scale`×`scale` block, under a title; `labels` (empty, or one per image) are written under the images.
-pub fn image_grid(
-    path: &Path,
-    title: &str,
-    images: &Tensor,
-    ncol: usize,
-    scale: u32,
-    labels: &[String],
-) -> Result<()> {
+pub fn image_grid(path: &Path, title: &str, images: &Tensor, ncol: usize, scale: u32, labels: &[String]) -> Result<()> {
     ensure_font();
     let size = images.size();
-    anyhow::ensure!(
-        size.len() == 4 && size[1] == 1,
-        "image_grid wants (N, 1, H, W), got {size:?}"
-    );
+    anyhow::ensure!(size.len() == 4 && size[1] == 1, "image_grid wants (N, 1, H, W), got {size:?}");
     let (n, h, w) = (size[0] as usize, size[2] as u32, size[3] as u32);
     let ncol = ncol.clamp(1, n.max(1));
     let nrow = n.div_ceil(ncol);
@@ -377,20 +281,14 @@ pub fn image_grid(
     let width = (ncol as u32 * cw).max(260);
     let root = BitMapBackend::new(path, (width, title_h + nrow as u32 * ch)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(path))?;
-    root.draw_text(title, &(FONT_NAME, 18).into_font().color(&BLACK), (6, 8))
-        .map_err(draw_err(path))?;
+    root.draw_text(title, &(FONT_NAME, 18).into_font().color(&BLACK), (6, 8)).map_err(draw_err(path))?;
     let pixels: Vec<f32> =
-        Vec::<f32>::try_from(images.to_kind(Kind::Float).clamp(0.0, 1.0).flatten(0, -1))
-            .context("image tensor")?;
+        Vec::<f32>::try_from(images.to_kind(Kind::Float).clamp(0.0, 1.0).flatten(0, -1)).context("image tensor")?;
     for idx in 0..n {
-        let (ox, oy) = (
-            (idx % ncol) as u32 * cw + 2,
-            title_h + (idx / ncol) as u32 * ch + 2,
-        );
+        let (ox, oy) = ((idx % ncol) as u32 * cw + 2, title_h + (idx / ncol) as u32 * ch + 2);
         for y in 0..h {
             for x in 0..w {
-                let v =
-                    (pixels[idx * (h * w) as usize + (y * w + x) as usize] * 255.0).round() as u8;
+                let v = (pixels[idx * (h * w) as usize + (y * w + x) as usize] * 255.0).round() as u8;
                 let c = RGBColor(v, v, v);
                 root.draw(&Rectangle::new(
                     [
@@ -403,12 +301,8 @@ pub fn image_grid(
             }
         }
         if let Some(l) = labels.get(idx) {
-            root.draw_text(
-                l,
-                &(FONT_NAME, 13).into_font().color(&BLACK),
-                (ox as i32, (oy + h * scale + 2) as i32),
-            )
-            .map_err(draw_err(path))?;
+            root.draw_text(l, &(FONT_NAME, 13).into_font().color(&BLACK), (ox as i32, (oy + h * scale + 2) as i32))
+                .map_err(draw_err(path))?;
         }
     }
     root.present().map_err(draw_err(path))?;
@@ -424,19 +318,13 @@ pub fn grid_points(lo: f64, hi: f64, n: usize) -> Tensor {
         n as i64,
         (Kind::Float, tch::Device::Cpu),
     );
-    Tensor::stack(
-        &[
-            g.repeat([n as i64]),
-            g.repeat_interleave_self_int(n as i64, None, None),
-        ],
-        1,
-    ) // (n², 2)
+    Tensor::stack(&[g.repeat([n as i64]), g.repeat_interleave_self_int(n as i64, None, None)], 1)
+    // (n², 2)
 }
 
 /// A (N, 2) tensor as points.
 pub fn to_points(x: &Tensor) -> Vec<[f64; 2]> {
-    let v: Vec<f64> =
-        Vec::<f64>::try_from(x.to_kind(Kind::Double).flatten(0, -1)).expect("(N, 2) tensor");
+    let v: Vec<f64> = Vec::<f64>::try_from(x.to_kind(Kind::Double).flatten(0, -1)).expect("(N, 2) tensor");
     v.chunks(2).map(|c| [c[0], c[1]]).collect()
 }
 
@@ -455,54 +343,24 @@ mod tests {
             title: "σ = 0.1".into(),
             bounds: (-2.0, 2.0),
             layers: vec![
-                Layer::Heatmap {
-                    values: (0..25).map(|i| i as f64).collect(),
-                    n: 5,
-                    range: (0.0, 24.0),
-                },
+                Layer::Heatmap { values: (0..25).map(|i| i as f64).collect(), n: 5, range: (0.0, 24.0) },
                 Layer::Quiver {
                     points: p.clone(),
                     vectors: p.iter().map(|q| [-q[0], -q[1]]).collect(),
                     spacing: 0.7,
                     color: BLACK,
                 },
-                Layer::Scatter {
-                    points: p.clone(),
-                    color: RED.mix(0.5),
-                    size: 2,
-                },
-                Layer::Paths {
-                    paths: vec![p.clone()],
-                    color: BLUE.mix(0.5),
-                },
+                Layer::Scatter { points: p.clone(), color: RED.mix(0.5), size: 2 },
+                Layer::Paths { paths: vec![p.clone()], color: BLUE.mix(0.5) },
             ],
         };
         let f = dir.path().join("panels.png");
         panels(&f, "test", 2, 200, &[panel]).unwrap();
-        loss_curve(
-            &dir.path().join("loss.png"),
-            "loss",
-            &[("a", &[3.0, 2.0, 1.0, 0.5])],
-        )
-        .unwrap();
-        bars(
-            &dir.path().join("bars.png"),
-            "bars",
-            "weight",
-            &["a".into(), "b".into()],
-            &[("x", vec![0.2, 0.8])],
-        )
-        .unwrap();
+        loss_curve(&dir.path().join("loss.png"), "loss", &[("a", &[3.0, 2.0, 1.0, 0.5])]).unwrap();
+        bars(&dir.path().join("bars.png"), "bars", "weight", &["a".into(), "b".into()], &[("x", vec![0.2, 0.8])])
+            .unwrap();
         let imgs = Tensor::rand([3, 1, 8, 8], (Kind::Float, tch::Device::Cpu));
-        image_grid(
-            &dir.path().join("grid.png"),
-            "grid",
-            &imgs,
-            2,
-            2,
-            &["0".into(), "1".into(), "2".into()],
-        )
-        .unwrap();
+        image_grid(&dir.path().join("grid.png"), "grid", &imgs, 2, 2, &["0".into(), "1".into(), "2".into()]).unwrap();
         for name in ["panels.png", "loss.png", "bars.png", "grid.png"] {
             let bytes = std::fs::read(dir.path().join(name)).unwrap();
             assert_eq!(&bytes[1..4], b"PNG", "{name} is a PNG");

@@ -14,22 +14,10 @@ use tch::{Kind, Tensor};
 
 /// The four files with the MD5 of their uncompressed contents (the canonical values; see data/mnist/README.md).
 pub const FILES: [(&str, &str); 4] = [
-    (
-        "train-images-idx3-ubyte.gz",
-        "6bbc9ace898e44ae57da46a324031adb",
-    ),
-    (
-        "train-labels-idx1-ubyte.gz",
-        "a25bea736e30d166cdddb491f175f624",
-    ),
-    (
-        "t10k-images-idx3-ubyte.gz",
-        "2646ac647ad5339dbf082846283269ea",
-    ),
-    (
-        "t10k-labels-idx1-ubyte.gz",
-        "27ae3e4e09519cfbb04c329615203637",
-    ),
+    ("train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb"),
+    ("train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624"),
+    ("t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea"),
+    ("t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637"),
 ];
 const IMAGES_MAGIC: u32 = 0x0000_0803; // [MNIST] IDX: u8 data, 3 dimensions
 const LABELS_MAGIC: u32 = 0x0000_0801; // [MNIST] IDX: u8 data, 1 dimension
@@ -59,22 +47,12 @@ pub fn resolve_dir(explicit: Option<&Path>) -> PathBuf {
 
 /// Reads and gunzips one file, naming it in every error.
 fn read_gz(path: &Path) -> Result<Vec<u8>> {
-    ensure!(
-        path.exists(),
-        "MNIST file {} not found: {HOW_TO_FIX}",
-        path.display()
-    );
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open MNIST file {}", path.display()))?;
+    ensure!(path.exists(), "MNIST file {} not found: {HOW_TO_FIX}", path.display());
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open MNIST file {}", path.display()))?;
     let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_end(&mut bytes)
-        .with_context(|| {
-            format!(
-                "MNIST file {} is not a complete gzip file (truncated or corrupt): {HOW_TO_FIX}",
-                path.display()
-            )
-        })?;
+    flate2::read::GzDecoder::new(file).read_to_end(&mut bytes).with_context(|| {
+        format!("MNIST file {} is not a complete gzip file (truncated or corrupt): {HOW_TO_FIX}", path.display())
+    })?;
     Ok(bytes)
 }
 
@@ -92,14 +70,19 @@ pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, usize, us
         bytes.len()
     );
     let magic = be_u32(bytes, 0);
-    ensure!(magic == IMAGES_MAGIC, "MNIST file {} has magic number {magic:#010x}, expected {IMAGES_MAGIC:#010x} (an IDX image file): {HOW_TO_FIX}", path.display());
-    let (n, rows, cols) = (
-        be_u32(bytes, 1) as usize,
-        be_u32(bytes, 2) as usize,
-        be_u32(bytes, 3) as usize,
+    ensure!(
+        magic == IMAGES_MAGIC,
+        "MNIST file {} has magic number {magic:#010x}, expected {IMAGES_MAGIC:#010x} (an IDX image file): {HOW_TO_FIX}",
+        path.display()
     );
+    let (n, rows, cols) = (be_u32(bytes, 1) as usize, be_u32(bytes, 2) as usize, be_u32(bytes, 3) as usize);
     let want = 16 + n * rows * cols;
-    ensure!(bytes.len() == want, "MNIST file {} is truncated or padded: header says {n}x{rows}x{cols} ({want} bytes), file has {}: {HOW_TO_FIX}", path.display(), bytes.len());
+    ensure!(
+        bytes.len() == want,
+        "MNIST file {} is truncated or padded: header says {n}x{rows}x{cols} ({want} bytes), file has {}: {HOW_TO_FIX}",
+        path.display(),
+        bytes.len()
+    );
     Ok((bytes[16..].to_vec(), n, rows, cols))
 }
 
@@ -112,33 +95,36 @@ pub fn parse_idx_labels(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
         bytes.len()
     );
     let magic = be_u32(bytes, 0);
-    ensure!(magic == LABELS_MAGIC, "MNIST file {} has magic number {magic:#010x}, expected {LABELS_MAGIC:#010x} (an IDX label file): {HOW_TO_FIX}", path.display());
+    ensure!(
+        magic == LABELS_MAGIC,
+        "MNIST file {} has magic number {magic:#010x}, expected {LABELS_MAGIC:#010x} (an IDX label file): {HOW_TO_FIX}",
+        path.display()
+    );
     let n = be_u32(bytes, 1) as usize;
-    ensure!(bytes.len() == 8 + n, "MNIST file {} is truncated or padded: header says {n} labels, file has {} bytes of data: {HOW_TO_FIX}", path.display(), bytes.len() - 8);
+    ensure!(
+        bytes.len() == 8 + n,
+        "MNIST file {} is truncated or padded: header says {n} labels, file has {} bytes of data: {HOW_TO_FIX}",
+        path.display(),
+        bytes.len() - 8
+    );
     let labels = bytes[8..].to_vec();
     if let Some(bad) = labels.iter().find(|&&l| l > 9) {
-        bail!(
-            "MNIST file {} holds label {bad}, not a digit: {HOW_TO_FIX}",
-            path.display()
-        );
+        bail!("MNIST file {} holds label {bad}, not a digit: {HOW_TO_FIX}", path.display());
     }
     Ok(labels)
 }
 
 fn verify_md5(bytes: &[u8], expected: &str, path: &Path) -> Result<()> {
-    let got: String = Md5::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    ensure!(got == expected, "MNIST file {} is corrupt: MD5 of its contents is {got}, the canonical file's is {expected}: {HOW_TO_FIX}", path.display());
+    let got: String = Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+    ensure!(
+        got == expected,
+        "MNIST file {} is corrupt: MD5 of its contents is {got}, the canonical file's is {expected}: {HOW_TO_FIX}",
+        path.display()
+    );
     Ok(())
 }
 
-fn load_pair(
-    dir: &Path,
-    images: (&str, &str),
-    labels_file: (&str, &str),
-) -> Result<(Tensor, Tensor)> {
+fn load_pair(dir: &Path, images: (&str, &str), labels_file: (&str, &str)) -> Result<(Tensor, Tensor)> {
     let (ipath, lpath) = (dir.join(images.0), dir.join(labels_file.0));
     let ibytes = read_gz(&ipath)?;
     let (pixels, n, rows, cols) = parse_idx_images(&ibytes, &ipath)?;
@@ -153,10 +139,7 @@ fn load_pair(
         labels.len(),
         ipath.display()
     );
-    let x = Tensor::from_slice(&pixels)
-        .view([n as i64, 1, rows as i64, cols as i64])
-        .to_kind(Kind::Float)
-        / 255.0;
+    let x = Tensor::from_slice(&pixels).view([n as i64, 1, rows as i64, cols as i64]).to_kind(Kind::Float) / 255.0;
     let y = Tensor::from_slice(&labels).to_kind(Kind::Int64);
     Ok((x, y))
 }
@@ -165,12 +148,7 @@ fn load_pair(
 pub fn load(dir: &Path) -> Result<Mnist> {
     let (train_images, train_labels) = load_pair(dir, FILES[0], FILES[1])?;
     let (test_images, test_labels) = load_pair(dir, FILES[2], FILES[3])?;
-    Ok(Mnist {
-        train_images,
-        train_labels,
-        test_images,
-        test_labels,
-    })
+    Ok(Mnist { train_images, train_labels, test_images, test_labels })
 }
 
 #[cfg(test)]
@@ -198,25 +176,16 @@ mod tests {
     fn rejects_wrong_magic_and_truncation_with_the_file_name() {
         let mut b = header(LABELS_MAGIC, &[2, 2, 3]);
         b.extend(0u8..12);
-        let e = parse_idx_images(&b, Path::new("imgs.gz"))
-            .unwrap_err()
-            .to_string();
+        let e = parse_idx_images(&b, Path::new("imgs.gz")).unwrap_err().to_string();
         assert!(e.contains("imgs.gz") && e.contains("magic number"), "{e}");
         let mut b = header(IMAGES_MAGIC, &[2, 2, 3]);
         b.extend(0u8..11);
-        let e = parse_idx_images(&b, Path::new("imgs.gz"))
-            .unwrap_err()
-            .to_string();
+        let e = parse_idx_images(&b, Path::new("imgs.gz")).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
-        let e = parse_idx_labels(&header(LABELS_MAGIC, &[3])[..6], Path::new("l.gz"))
-            .unwrap_err()
-            .to_string();
+        let e = parse_idx_labels(&header(LABELS_MAGIC, &[3])[..6], Path::new("l.gz")).unwrap_err().to_string();
         assert!(e.contains("l.gz") && e.contains("truncated"), "{e}");
         let mut l = header(LABELS_MAGIC, &[2]);
         l.extend([3u8, 12]);
-        assert!(parse_idx_labels(&l, Path::new("l.gz"))
-            .unwrap_err()
-            .to_string()
-            .contains("not a digit"));
+        assert!(parse_idx_labels(&l, Path::new("l.gz")).unwrap_err().to_string().contains("not a digit"));
     }
 }

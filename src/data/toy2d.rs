@@ -24,21 +24,13 @@ impl GaussianMixture {
     pub fn new(weights: Vec<f64>, means: Vec<[f64; 2]>, stds: Vec<f64>) -> Self {
         assert!(weights.len() == means.len() && means.len() == stds.len() && !weights.is_empty());
         let total: f64 = weights.iter().sum();
-        Self {
-            weights: weights.iter().map(|w| w / total).collect(),
-            means,
-            stds,
-        }
+        Self { weights: weights.iter().map(|w| w / total).collect(), means, stds }
     }
 
     /// Two far-apart modes of unequal weight: p = ⅕ N((−5,−5), I) + ⅘ N((5,5), I), the mixture of [NCSN] sec. 3.2.2
     /// on which plain Langevin dynamics gets the mode weights wrong.
     pub fn two_modes() -> Self {
-        Self::new(
-            vec![0.2, 0.8],
-            vec![[-5.0, -5.0], [5.0, 5.0]],
-            vec![1.0, 1.0],
-        )
+        Self::new(vec![0.2, 0.8], vec![[-5.0, -5.0], [5.0, 5.0]], vec![1.0, 1.0])
     }
 
     /// `k` equal modes on a circle of radius `radius`.
@@ -55,14 +47,7 @@ impl GaussianMixture {
     /// A `n`×`n` grid of equal modes, `spacing` apart, centred on the origin.
     pub fn grid(n: usize, spacing: f64, std: f64) -> Self {
         let c = (n as f64 - 1.0) / 2.0;
-        let means = (0..n * n)
-            .map(|i| {
-                [
-                    ((i % n) as f64 - c) * spacing,
-                    ((i / n) as f64 - c) * spacing,
-                ]
-            })
-            .collect();
+        let means = (0..n * n).map(|i| [((i % n) as f64 - c) * spacing, ((i / n) as f64 - c) * spacing]).collect();
         Self::new(vec![1.0; n * n], means, vec![std; n * n])
     }
 
@@ -72,53 +57,29 @@ impl GaussianMixture {
             "two-modes" => Self::two_modes(),
             "ring" => Self::ring(8, 4.0, 0.5),
             "grid" => Self::grid(3, 3.0, 0.4),
-            other => bail!(
-                "unknown layout '{other}': use one of {}",
-                LAYOUTS.join(", ")
-            ),
+            other => bail!("unknown layout '{other}': use one of {}", LAYOUTS.join(", ")),
         })
     }
 
     /// The mixture convolved with N(0, σ² I): same weights and means, variances s_k² + σ².
     pub fn noised(&self, sigma: f64) -> Self {
-        let stds = self
-            .stds
-            .iter()
-            .map(|s| (s * s + sigma * sigma).sqrt())
-            .collect();
-        Self {
-            weights: self.weights.clone(),
-            means: self.means.clone(),
-            stds,
-        }
+        let stds = self.stds.iter().map(|s| (s * s + sigma * sigma).sqrt()).collect();
+        Self { weights: self.weights.clone(), means: self.means.clone(), stds }
     }
 
     /// A square box [lo, hi]² that holds the mixture with a margin (for plots and grids).
     pub fn bounds(&self) -> (f64, f64) {
-        let reach = self
-            .means
-            .iter()
-            .zip(&self.stds)
-            .map(|(m, s)| m[0].abs().max(m[1].abs()) + 3.0 * s)
-            .fold(0.0, f64::max);
+        let reach =
+            self.means.iter().zip(&self.stds).map(|(m, s)| m[0].abs().max(m[1].abs()) + 3.0 * s).fold(0.0, f64::max);
         (-reach, reach)
     }
 
     fn params(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (kind, dev) = (x.kind(), x.device());
         let flat: Vec<f64> = self.means.iter().flat_map(|m| [m[0], m[1]]).collect();
-        let means = Tensor::from_slice(&flat)
-            .view([-1, 2])
-            .to_kind(kind)
-            .to_device(dev); // (K, 2)
-        let var = Tensor::from_slice(&self.stds)
-            .to_kind(kind)
-            .to_device(dev)
-            .square(); // (K,)
-        let log_w = Tensor::from_slice(&self.weights)
-            .to_kind(kind)
-            .to_device(dev)
-            .log(); // (K,)
+        let means = Tensor::from_slice(&flat).view([-1, 2]).to_kind(kind).to_device(dev); // (K, 2)
+        let var = Tensor::from_slice(&self.stds).to_kind(kind).to_device(dev).square(); // (K,)
+        let log_w = Tensor::from_slice(&self.weights).to_kind(kind).to_device(dev).log(); // (K,)
         (means, var, log_w)
     }
 
@@ -178,11 +139,7 @@ mod tests {
             let s = p.score(&x);
             let h = 1e-5;
             for d in 0..2i64 {
-                let e = Tensor::zeros([1, 2], (Kind::Double, Device::Cpu)).index_fill(
-                    1,
-                    &Tensor::from_slice(&[d]),
-                    h,
-                );
+                let e = Tensor::zeros([1, 2], (Kind::Double, Device::Cpu)).index_fill(1, &Tensor::from_slice(&[d]), h);
                 let fd = (p.log_prob(&(&x + &e)) - p.log_prob(&(&x - &e))) / (2.0 * h);
                 let err = (fd - s.select(1, d)).abs().max().double_value(&[]);
                 assert!(err < 1e-6, "finite-difference mismatch {err}");
@@ -197,30 +154,17 @@ mod tests {
         let (lo, hi) = (-12.0, 12.0);
         let n = 400i64;
         let g = Tensor::linspace(lo, hi, n, (Kind::Double, Device::Cpu));
-        let xy = Tensor::stack(
-            &[g.repeat([n]), g.repeat_interleave_self_int(n, None, None)],
-            1,
-        );
+        let xy = Tensor::stack(&[g.repeat([n]), g.repeat_interleave_self_int(n, None, None)], 1);
         let cell = ((hi - lo) / (n - 1) as f64).powi(2);
         let mass = p.log_prob(&xy).exp().sum(Kind::Double).double_value(&[]) * cell;
         assert!((mass - 1.0).abs() < 1e-3, "mass {mass}");
-        let frac_big = p
-            .assign(&p.sample(20_000, Device::Cpu))
-            .eq(1)
-            .to_kind(Kind::Double)
-            .mean(Kind::Double)
-            .double_value(&[]);
-        assert!(
-            (frac_big - 0.8).abs() < 0.015,
-            "weight of the big mode {frac_big}"
-        );
+        let frac_big =
+            p.assign(&p.sample(20_000, Device::Cpu)).eq(1).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+        assert!((frac_big - 0.8).abs() < 0.015, "weight of the big mode {frac_big}");
     }
 
     #[test]
     fn unknown_layout_is_an_error() {
-        assert!(GaussianMixture::by_name("moons")
-            .unwrap_err()
-            .to_string()
-            .contains("two-modes"));
+        assert!(GaussianMixture::by_name("moons").unwrap_err().to_string().contains("two-modes"));
     }
 }

@@ -6,16 +6,11 @@
 
 /// L noise levels from `sigma_max` down to `sigma_min` with a constant ratio: σᵢ = σ₁ · (σ_L/σ₁)^((i−1)/(L−1)).
 pub fn geometric(sigma_max: f64, sigma_min: f64, levels: usize) -> Vec<f64> {
-    assert!(
-        sigma_max >= sigma_min && sigma_min > 0.0 && levels >= 1,
-        "need σ_max ≥ σ_min > 0 and L ≥ 1"
-    );
+    assert!(sigma_max >= sigma_min && sigma_min > 0.0 && levels >= 1, "need σ_max ≥ σ_min > 0 and L ≥ 1");
     if levels == 1 {
         return vec![sigma_max];
     }
-    (0..levels)
-        .map(|i| sigma_max * (sigma_min / sigma_max).powf(i as f64 / (levels - 1) as f64))
-        .collect()
+    (0..levels).map(|i| sigma_max * (sigma_min / sigma_max).powf(i as f64 / (levels - 1) as f64)).collect()
 }
 
 #[cfg(test)]

@@ -18,11 +18,7 @@ pub fn dsm_loss(score: impl Fn(&Tensor, &Tensor) -> Tensor, x0: &Tensor, sigma: 
     let x_noisy = x0 + &s * &z;
     let pred = score(&x_noisy, sigma);
     // [NCSN] eq. 6, λ(σ) = σ²:  ½ ‖σ s_θ(x̃, σ) + z‖², summed over dimensions, averaged over the batch
-    let per_sample = (&s * pred + z)
-        .square()
-        .flatten(1, -1)
-        .sum_dim_intlist(1, false, Kind::Float)
-        * 0.5;
+    let per_sample = (&s * pred + z).square().flatten(1, -1).sum_dim_intlist(1, false, Kind::Float) * 0.5;
     per_sample.mean(Kind::Float)
 }
 
@@ -42,17 +38,12 @@ mod tests {
             let sigma = Tensor::full([n], sigma_v, (Kind::Float, Device::Cpu));
             let loss_with = |scale: f64, shift: f64| {
                 tch::manual_seed(2); // the same noise for every candidate, so differences are not Monte Carlo noise
-                let score = move |x: &Tensor, _: &Tensor| {
-                    -(x - mu - shift) / (s * s + sigma_v * sigma_v) * scale
-                };
+                let score = move |x: &Tensor, _: &Tensor| -(x - mu - shift) / (s * s + sigma_v * sigma_v) * scale;
                 dsm_loss(score, &x0, &sigma).double_value(&[])
             };
             let best = loss_with(1.0, 0.0);
             let closed_form = d as f64 / 2.0 * s * s / (s * s + sigma_v * sigma_v);
-            assert!(
-                (best - closed_form).abs() < 0.01 * closed_form.max(0.05),
-                "σ={sigma_v}: {best} vs {closed_form}"
-            );
+            assert!((best - closed_form).abs() < 0.01 * closed_form.max(0.05), "σ={sigma_v}: {best} vs {closed_form}");
             for (scale, shift) in [(0.9, 0.0), (1.1, 0.0), (1.0, 0.1), (1.0, -0.1)] {
                 assert!(
                     loss_with(scale, shift) > best,

@@ -12,8 +12,7 @@ use tch::{Kind, Tensor};
 pub fn timestep_embedding(t: &Tensor, dim: i64, max_period: f64) -> Tensor {
     assert!(dim % 2 == 0, "embedding dimension must be even");
     let half = dim / 2;
-    let freqs =
-        (Tensor::arange(half, (Kind::Float, t.device())) * (-max_period.ln() / half as f64)).exp(); // (half,)
+    let freqs = (Tensor::arange(half, (Kind::Float, t.device())) * (-max_period.ln() / half as f64)).exp(); // (half,)
     let args = t.to_kind(Kind::Float).unsqueeze(-1) * freqs.unsqueeze(0); // (B, half)
     Tensor::cat(&[args.cos(), args.sin()], -1) // (B, dim)
 }
@@ -43,18 +42,12 @@ pub struct ResBlock {
 
 /// Groups for GroupNorm: 32 as in [DDPM], fewer for narrow layers (it must divide the channel count).
 pub fn groups_for(channels: i64) -> i64 {
-    [32, 16, 8, 4, 2, 1]
-        .into_iter()
-        .find(|g| channels % g == 0 && channels / g >= 2)
-        .unwrap_or(1)
+    [32, 16, 8, 4, 2, 1].into_iter().find(|g| channels % g == 0 && channels / g >= 2).unwrap_or(1)
 }
 
 impl ResBlock {
     pub fn new(vs: nn::Path, c_in: i64, c_out: i64, emb_dim: i64, dropout: f64) -> Self {
-        let conv = nn::ConvConfig {
-            padding: 1,
-            ..Default::default()
-        };
+        let conv = nn::ConvConfig { padding: 1, ..Default::default() };
         Self {
             norm1: nn::group_norm(&vs / "norm1", groups_for(c_in), c_in, Default::default()),
             conv1: nn::conv2d(&vs / "conv1", c_in, c_out, 3, conv),
@@ -70,14 +63,8 @@ impl ResBlock {
     /// x: (B, C_in, H, W), emb: (B, emb_dim) -> (B, C_out, H, W).
     pub fn forward(&self, x: &Tensor, emb: &Tensor, train: bool) -> Tensor {
         let h = self.conv1.forward(&self.norm1.forward(x).silu());
-        let h = h + self
-            .time_emb_proj
-            .forward(&emb.silu())
-            .unsqueeze(-1)
-            .unsqueeze(-1); // (B, C_out, 1, 1)
-        let h = self
-            .conv2
-            .forward(&self.norm2.forward(&h).silu().dropout(self.dropout, train));
+        let h = h + self.time_emb_proj.forward(&emb.silu()).unsqueeze(-1).unsqueeze(-1); // (B, C_out, 1, 1)
+        let h = self.conv2.forward(&self.norm2.forward(&h).silu().dropout(self.dropout, train));
         match &self.conv_shortcut {
             Some(c) => c.forward(x) + h,
             None => x + h,
@@ -93,19 +80,7 @@ pub struct Downsample {
 
 impl Downsample {
     pub fn new(vs: nn::Path, c: i64) -> Self {
-        Self {
-            conv: nn::conv2d(
-                &vs / "conv",
-                c,
-                c,
-                3,
-                nn::ConvConfig {
-                    stride: 2,
-                    padding: 1,
-                    ..Default::default()
-                },
-            ),
-        }
+        Self { conv: nn::conv2d(&vs / "conv", c, c, 3, nn::ConvConfig { stride: 2, padding: 1, ..Default::default() }) }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.conv.forward(x)
@@ -120,23 +95,11 @@ pub struct Upsample {
 
 impl Upsample {
     pub fn new(vs: nn::Path, c: i64) -> Self {
-        Self {
-            conv: nn::conv2d(
-                &vs / "conv",
-                c,
-                c,
-                3,
-                nn::ConvConfig {
-                    padding: 1,
-                    ..Default::default()
-                },
-            ),
-        }
+        Self { conv: nn::conv2d(&vs / "conv", c, c, 3, nn::ConvConfig { padding: 1, ..Default::default() }) }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (h, w) = (x.size()[2], x.size()[3]);
-        self.conv
-            .forward(&x.upsample_nearest2d([2 * h, 2 * w], None, None))
+        self.conv.forward(&x.upsample_nearest2d([2 * h, 2 * w], None, None))
     }
 }
 

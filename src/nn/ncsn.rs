@@ -22,19 +22,11 @@ pub struct NcsnConfig {
 impl NcsnConfig {
     /// The lesson 02 MNIST network (about 0.4 M parameters).
     pub fn mnist() -> Self {
-        Self {
-            channels: [32, 64, 96],
-            emb_dim: 128,
-            sigma_data: 0.5,
-        }
+        Self { channels: [32, 64, 96], emb_dim: 128, sigma_data: 0.5 }
     }
     /// A tiny one for tests and `--quick`.
     pub fn tiny() -> Self {
-        Self {
-            channels: [8, 16, 16],
-            emb_dim: 16,
-            sigma_data: 0.5,
-        }
+        Self { channels: [8, 16, 16], emb_dim: 16, sigma_data: 0.5 }
     }
 }
 
@@ -58,50 +50,18 @@ impl Ncsn {
     pub fn new(vs: nn::Path, config: NcsnConfig) -> Self {
         let [c0, c1, c2] = config.channels;
         let e = config.emb_dim;
-        let pad = nn::ConvConfig {
-            padding: 1,
-            ..Default::default()
-        };
+        let pad = nn::ConvConfig { padding: 1, ..Default::default() };
         let rb = |name: &str, i: usize, a: i64, b: i64| ResBlock::new(&vs / name / i, a, b, e, 0.0);
         Self {
-            emb1: nn::linear(
-                &vs / "time_embedding" / "linear_1",
-                e,
-                e,
-                Default::default(),
-            ),
-            emb2: nn::linear(
-                &vs / "time_embedding" / "linear_2",
-                e,
-                e,
-                Default::default(),
-            ),
+            emb1: nn::linear(&vs / "time_embedding" / "linear_1", e, e, Default::default()),
+            emb2: nn::linear(&vs / "time_embedding" / "linear_2", e, e, Default::default()),
             conv_in: nn::conv2d(&vs / "conv_in", 1, c0, 3, pad),
-            down: [
-                rb("down", 0, c0, c0),
-                rb("down", 1, c0, c1),
-                rb("down", 2, c1, c2),
-            ],
-            downsample: [
-                Downsample::new(&vs / "downsample" / 0, c0),
-                Downsample::new(&vs / "downsample" / 1, c1),
-            ],
+            down: [rb("down", 0, c0, c0), rb("down", 1, c0, c1), rb("down", 2, c1, c2)],
+            downsample: [Downsample::new(&vs / "downsample" / 0, c0), Downsample::new(&vs / "downsample" / 1, c1)],
             mid: rb("mid", 0, c2, c2),
-            up: [
-                rb("up", 0, c0 + c0, c0),
-                rb("up", 1, c1 + c1, c0),
-                rb("up", 2, c2 + c2, c1),
-            ],
-            upsample: [
-                Upsample::new(&vs / "upsample" / 0, c0),
-                Upsample::new(&vs / "upsample" / 1, c1),
-            ],
-            norm_out: nn::group_norm(
-                &vs / "conv_norm_out",
-                super::layers::groups_for(c0),
-                c0,
-                Default::default(),
-            ),
+            up: [rb("up", 0, c0 + c0, c0), rb("up", 1, c1 + c1, c0), rb("up", 2, c2 + c2, c1)],
+            upsample: [Upsample::new(&vs / "upsample" / 0, c0), Upsample::new(&vs / "upsample" / 1, c1)],
+            norm_out: nn::group_norm(&vs / "conv_norm_out", super::layers::groups_for(c0), c0, Default::default()),
             conv_out: nn::conv2d(&vs / "conv_out", c0, 1, 3, pad),
             config,
         }
@@ -110,12 +70,7 @@ impl Ncsn {
     /// x: (B, 1, H, W), sigma: (B,) -> the score estimate (B, 1, H, W).
     pub fn score(&self, x: &Tensor, sigma: &Tensor, train: bool) -> Tensor {
         let s = sigma.view([-1, 1, 1, 1]); // (B, 1, 1, 1)
-        let emb = self.emb2.forward(
-            &self
-                .emb1
-                .forward(&noise_embedding(sigma, self.config.emb_dim))
-                .silu(),
-        ); // (B, E)
+        let emb = self.emb2.forward(&self.emb1.forward(&noise_embedding(sigma, self.config.emb_dim)).silu()); // (B, E)
         let c_in = (s.square() + self.config.sigma_data.powi(2)).rsqrt(); // [EDM] Table 1
         let h = self.conv_in.forward(&(x * c_in)); // (B, c0, H, W)
         let s0 = self.down[0].forward(&h, &emb, train); // (B, c0, H, W)
@@ -123,16 +78,8 @@ impl Ncsn {
         let s2 = self.down[2].forward(&self.downsample[1].forward(&s1), &emb, train); // (B, c2, H/4, W/4)
         let m = self.mid.forward(&s2, &emb, train); // (B, c2, H/4, W/4)
         let u2 = self.up[2].forward(&Tensor::cat(&[m, s2], 1), &emb, train); // (B, c1, H/4, W/4)
-        let u1 = self.up[1].forward(
-            &Tensor::cat(&[self.upsample[1].forward(&u2), s1], 1),
-            &emb,
-            train,
-        ); // (B, c0, H/2, W/2)
-        let u0 = self.up[0].forward(
-            &Tensor::cat(&[self.upsample[0].forward(&u1), s0], 1),
-            &emb,
-            train,
-        ); // (B, c0, H, W)
+        let u1 = self.up[1].forward(&Tensor::cat(&[self.upsample[1].forward(&u2), s1], 1), &emb, train); // (B, c0, H/2, W/2)
+        let u0 = self.up[0].forward(&Tensor::cat(&[self.upsample[0].forward(&u1), s0], 1), &emb, train); // (B, c0, H, W)
         let out = self.conv_out.forward(&self.norm_out.forward(&u0).silu()); // (B, 1, H, W)
         out / s // [NCSNv2] technique 3
     }

@@ -26,21 +26,11 @@ pub struct ScoreMlpConfig {
 impl ScoreMlpConfig {
     /// The lesson 01/02 network: 3 × 128 SiLU layers, about 38 k parameters.
     pub fn toy2d() -> Self {
-        Self {
-            hidden: 128,
-            depth: 3,
-            emb_dim: 32,
-            sigma_data: 4.0,
-        }
+        Self { hidden: 128, depth: 3, emb_dim: 32, sigma_data: 4.0 }
     }
     /// A small one for tests.
     pub fn tiny() -> Self {
-        Self {
-            hidden: 32,
-            depth: 2,
-            emb_dim: 8,
-            sigma_data: 1.0,
-        }
+        Self { hidden: 32, depth: 2, emb_dim: 8, sigma_data: 1.0 }
     }
 }
 
@@ -57,20 +47,11 @@ impl ScoreMlp {
         let mut layers = Vec::new();
         let mut width = 2 + config.emb_dim;
         for i in 0..config.depth {
-            layers.push(nn::linear(
-                &vs / "layers" / i,
-                width,
-                config.hidden,
-                Default::default(),
-            ));
+            layers.push(nn::linear(&vs / "layers" / i, width, config.hidden, Default::default()));
             width = config.hidden;
         }
         let out = nn::linear(&vs / "out", width, 2, Default::default());
-        Self {
-            config,
-            layers,
-            out,
-        }
+        Self { config, layers, out }
     }
 
     /// x: (N, 2), sigma: (N,) -> the score estimate (N, 2).

@@ -34,12 +34,7 @@ pub fn langevin(
         let z = x.randn_like();
         // [NCSN] eq. 4
         x = &x + score(&x) * (step / 2.0) + z * step.sqrt();
-        cb(LangevinStep {
-            level: 0,
-            t,
-            sigma: 0.0,
-            x: &x,
-        });
+        cb(LangevinStep { level: 0, t, sigma: 0.0, x: &x });
     }
     x
 }
@@ -69,12 +64,7 @@ pub fn annealed_langevin(
             let z = x.randn_like();
             // [NCSN] Algorithm 1, line 6: x̃_t ← x̃_{t−1} + (αᵢ/2) s_θ(x̃_{t−1}, σᵢ) + √αᵢ z_t
             x = &x + score(&x, sigma) * (alpha / 2.0) + z * alpha.sqrt();
-            cb(LangevinStep {
-                level,
-                t,
-                sigma,
-                x: &x,
-            });
+            cb(LangevinStep { level, t, sigma, x: &x });
         }
     }
     if denoise_last {
@@ -90,10 +80,7 @@ mod tests {
     use tch::{Device, Kind};
 
     fn moments(x: &Tensor) -> (f64, f64) {
-        (
-            x.mean(Kind::Double).double_value(&[]),
-            x.var(true).double_value(&[]),
-        )
+        (x.mean(Kind::Double).double_value(&[]), x.var(true).double_value(&[]))
     }
 
     /// Unadjusted Langevin on N(μ, s²) is an AR(1) chain whose stationary variance is s² / (1 − ε/(4s²)):
@@ -107,11 +94,7 @@ mod tests {
         let x = langevin(score, x0, 0.01, 3000, &mut |_| {});
         let (m, v) = moments(&x);
         assert!((m - mu).abs() < 0.03, "mean {m}");
-        assert!(
-            (v / (s * s) - 1.0).abs() < 0.03,
-            "variance {v} vs {}",
-            s * s
-        );
+        assert!((v / (s * s) - 1.0).abs() < 0.03, "variance {v} vs {}", s * s);
     }
 
     /// Annealed Langevin with exact noised scores of a Gaussian, then Tweedie's denoising step, recovers it.
@@ -127,10 +110,7 @@ mod tests {
         assert_eq!(calls, 6 * 200);
         let (m, v) = moments(&x);
         // without the final denoising step the samples come from p_σ_L: variance s² + σ_L²
-        assert!(
-            (m - mu).abs() < 0.02 && (v / (s * s + 0.05f64.powi(2)) - 1.0).abs() < 0.05,
-            "{m} {v}"
-        );
+        assert!((m - mu).abs() < 0.02 && (v / (s * s + 0.05f64.powi(2)) - 1.0).abs() < 0.05, "{m} {v}");
     }
 
     #[test]
@@ -139,15 +119,7 @@ mod tests {
         let (s, sigma) = (1.0f64, 0.5f64);
         let score = |x: &Tensor, sg: f64| -x / (s * s + sg * sg);
         let x = Tensor::from_slice(&[1.0f64, -2.0, 0.5]);
-        let out = annealed_langevin(
-            score,
-            x.shallow_clone(),
-            &[sigma],
-            0.0,
-            0,
-            true,
-            &mut |_| {},
-        );
+        let out = annealed_langevin(score, x.shallow_clone(), &[sigma], 0.0, 0, true, &mut |_| {});
         let want = &x * (s * s / (s * s + sigma * sigma));
         assert!((out - want).abs().max().double_value(&[]) < 1e-12);
     }

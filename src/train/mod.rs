@@ -1,5 +1,6 @@
-//! Training: the denoising-score-matching loop shared by lessons 01–02, and atomic checkpoints.
+//! Training: the denoising-score-matching loop shared by lessons 01–02, the 2-D score model, atomic checkpoints.
 pub mod checkpoint;
+pub mod toy_score;
 
 use anyhow::{bail, Result};
 use tch::nn::{self, OptimizerConfig};
@@ -22,8 +23,7 @@ pub fn lr_at(opts: &TrainOpts, step: usize) -> f64 {
     if step < opts.warmup {
         return opts.lr * (step + 1) as f64 / opts.warmup as f64;
     }
-    let progress =
-        (step - opts.warmup) as f64 / (opts.steps.saturating_sub(opts.warmup).max(1)) as f64;
+    let progress = (step - opts.warmup) as f64 / (opts.steps.saturating_sub(opts.warmup).max(1)) as f64;
     let min = opts.lr / 10.0;
     // SGDR eq. 5: η = η_min + ½(η_max − η_min)(1 + cos(π · T_cur/T_i))
     min + 0.5 * (opts.lr - min) * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
@@ -43,17 +43,11 @@ pub fn train_dsm(
     cb: &mut dyn FnMut(usize, f64),
 ) -> Result<Vec<f64>> {
     let mut opt = nn::Adam::default().build(vs, opts.lr)?;
-    let ladder = Tensor::from_slice(sigmas)
-        .to_kind(Kind::Float)
-        .to_device(vs.device()); // (L,)
+    let ladder = Tensor::from_slice(sigmas).to_kind(Kind::Float).to_device(vs.device()); // (L,)
     let mut losses = Vec::with_capacity(opts.steps);
     for step in 0..opts.steps {
         let x0 = batch(step);
-        let idx = Tensor::randint(
-            sigmas.len() as i64,
-            [x0.size()[0]],
-            (Kind::Int64, vs.device()),
-        );
+        let idx = Tensor::randint(sigmas.len() as i64, [x0.size()[0]], (Kind::Int64, vs.device()));
         let sigma = ladder.index_select(0, &idx); // (B,)
         let loss = crate::diffusion::score_matching::dsm_loss(&score, &x0, &sigma);
         let value = loss.double_value(&[]);
@@ -74,12 +68,7 @@ mod tests {
 
     #[test]
     fn lr_warms_up_then_decays_to_a_tenth() {
-        let o = TrainOpts {
-            steps: 100,
-            batch_size: 1,
-            lr: 1e-3,
-            warmup: 10,
-        };
+        let o = TrainOpts { steps: 100, batch_size: 1, lr: 1e-3, warmup: 10 };
         assert!((lr_at(&o, 0) - 1e-4).abs() < 1e-12);
         assert!((lr_at(&o, 9) - 1e-3).abs() < 1e-12);
         assert!((lr_at(&o, 10) - 1e-3).abs() < 1e-12);
