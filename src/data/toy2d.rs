@@ -61,11 +61,13 @@ impl GaussianMixture {
         })
     }
 
+    // ANCHOR: noised
     /// The mixture convolved with N(0, σ² I): same weights and means, variances s_k² + σ².
     pub fn noised(&self, sigma: f64) -> Self {
         let stds = self.stds.iter().map(|s| (s * s + sigma * sigma).sqrt()).collect();
         Self { weights: self.weights.clone(), means: self.means.clone(), stds }
     }
+    // ANCHOR_END: noised
 
     /// A square box [lo, hi]² that holds the mixture with a margin (for plots and grids).
     pub fn bounds(&self) -> (f64, f64) {
@@ -99,6 +101,7 @@ impl GaussianMixture {
         logits.logsumexp(-1, false)
     }
 
+    // ANCHOR: score
     /// The score ∇ₓ log p(x) = Σ_k r_k(x) (μ_k − x)/s_k², with responsibilities r_k(x) = π_k N_k(x) / p(x):
     /// (N, 2) -> (N, 2).
     pub fn score(&self, x: &Tensor) -> Tensor {
@@ -106,6 +109,7 @@ impl GaussianMixture {
         let r = logits.softmax(-1, x.kind()); // (N, K)
         (r.unsqueeze(-1) * diff / var.view([1, -1, 1])).sum_dim_intlist(1, false, x.kind())
     }
+    // ANCHOR_END: score
 
     /// Index of the most responsible component for each point: (N, 2) -> (N,) i64.
     pub fn assign(&self, x: &Tensor) -> Tensor {

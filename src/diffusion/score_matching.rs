@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 
 /// The σ²-weighted denoising-score-matching loss of [NCSN] eq. 6 for a batch `x0` (B, ...) with per-sample noise
 /// levels `sigma` (B,). `score(x_noisy, sigma)` is the model. Returns the scalar mean over the batch.
+// ANCHOR: dsm_loss
 pub fn dsm_loss(score: impl Fn(&Tensor, &Tensor) -> Tensor, x0: &Tensor, sigma: &Tensor) -> Tensor {
     let z = x0.randn_like();
     let s = append_dims(sigma, x0); // (B, 1, ...)
@@ -21,6 +22,7 @@ pub fn dsm_loss(score: impl Fn(&Tensor, &Tensor) -> Tensor, x0: &Tensor, sigma: 
     let per_sample = (&s * pred + z).square().flatten(1, -1).sum_dim_intlist(1, false, Kind::Float) * 0.5;
     per_sample.mean(Kind::Float)
 }
+// ANCHOR_END: dsm_loss
 
 #[cfg(test)]
 mod tests {

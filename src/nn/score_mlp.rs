@@ -54,6 +54,7 @@ impl ScoreMlp {
         Self { config, layers, out }
     }
 
+    // ANCHOR: score_mlp_forward
     /// x: (N, 2), sigma: (N,) -> the score estimate (N, 2).
     pub fn score(&self, x: &Tensor, sigma: &Tensor) -> Tensor {
         let s = sigma.unsqueeze(-1); // (N, 1)
@@ -64,4 +65,5 @@ impl ScoreMlp {
         }
         self.out.forward(&h) / s // [NCSNv2] technique 3: s_θ(x, σ) = F_θ(x, σ)/σ
     }
+    // ANCHOR_END: score_mlp_forward
 }

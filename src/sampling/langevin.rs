@@ -22,6 +22,7 @@ pub struct LangevinStep<'a> {
 /// [NCSN] eq. 4 (the update of [SGLD] eq. 4 with the full-data gradient)
 ///     x_t = x_{t−1} + (ε/2) ∇ₓ log p(x_{t−1}) + √ε z_t,   z_t ~ N(0, I).
 /// As ε → 0 and T → ∞ the samples are distributed as p.
+// ANCHOR: langevin
 pub fn langevin(
     score: impl Fn(&Tensor) -> Tensor,
     x: Tensor,
@@ -38,6 +39,7 @@ pub fn langevin(
     }
     x
 }
+// ANCHOR_END: langevin
 
 /// Annealed Langevin dynamics, [NCSN] Algorithm 1: for each noise level σᵢ (largest first) run T Langevin steps on
 /// the noised density p_σᵢ with the step size
@@ -46,6 +48,7 @@ pub fn langevin(
 /// data noised at σ. With `denoise_last`, finish with one step of Tweedie's formula at the smallest level,
 /// x ← x + σ_L² ∇ log p_σ_L(x) ([Tweedie] eq. 2.8; the "final denoising" of Jolicoeur-Martineau et al. 2021), which
 /// removes the σ_L-sized noise the last Langevin step leaves behind.
+// ANCHOR: annealed_langevin
 pub fn annealed_langevin(
     score: impl Fn(&Tensor, f64) -> Tensor,
     x: Tensor,
@@ -73,6 +76,7 @@ pub fn annealed_langevin(
     }
     x
 }
+// ANCHOR_END: annealed_langevin
 
 #[cfg(test)]
 mod tests {

@@ -34,6 +34,7 @@ pub fn lr_at(opts: &TrainOpts, step: usize) -> f64 {
 /// per sample uniformly from `sigmas`. `score(x, σ)` is the model whose variables live in `vs`.
 /// Returns the loss of every step; `cb(step, loss)` is called after each (for progress bars and logs).
 /// Stops with an error, naming the step, if the loss stops being finite.
+// ANCHOR: train_dsm
 pub fn train_dsm(
     vs: &nn::VarStore,
     score: impl Fn(&Tensor, &Tensor) -> Tensor,
@@ -61,6 +62,7 @@ pub fn train_dsm(
     }
     Ok(losses)
 }
+// ANCHOR_END: train_dsm
 
 #[cfg(test)]
 mod tests {

