@@ -74,7 +74,11 @@ fn run(args: Args) -> Result<()> {
         seed: run.seed,
     };
     // ANCHOR_END: setup
-    println!("lesson01: learning the score of the '{}' mixture at {} noise levels, {steps} steps", args.layout, sigmas.len());
+    println!(
+        "lesson01: learning the score of the '{}' mixture at {} noise levels, {steps} steps",
+        args.layout,
+        sigmas.len()
+    );
 
     // ANCHOR: train
     let mut model = ToyScoreModel::new(config, run.device);
@@ -102,7 +106,10 @@ fn run(args: Args) -> Result<()> {
         .collect();
     // ANCHOR_END: evaluate
     for e in &errors {
-        println!("σ = {:>7.3}   relative error: where the data is {:.4}   low-density region {:.4}", e.sigma, e.weighted_rel_error, e.low_density_rel_error);
+        println!(
+            "σ = {:>7.3}   relative error: where the data is {:.4}   low-density region {:.4}",
+            e.sigma, e.weighted_rel_error, e.low_density_rel_error
+        );
     }
     draw_fields(&run.path("score_fields.png"), &p, &model, &sigmas)?;
     draw_density(&run.path("density.png"), &p)?;
@@ -182,12 +189,18 @@ fn draw_fields(path: &std::path::Path, p: &GaussianMixture, model: &ToyScoreMode
         panels.push(Panel {
             title: format!("true ∇log p_σ, σ = {sigma:.2}"),
             bounds: (lo, hi),
-            layers: vec![heat.clone(), Layer::Quiver { points: pts.clone(), vectors: plot::to_points(&truth), spacing, color: WHITE }],
+            layers: vec![
+                heat.clone(),
+                Layer::Quiver { points: pts.clone(), vectors: plot::to_points(&truth), spacing, color: WHITE },
+            ],
         });
         panels.push(Panel {
             title: format!("learned s_θ(x, σ), σ = {sigma:.2}"),
             bounds: (lo, hi),
-            layers: vec![heat, Layer::Quiver { points: pts, vectors: plot::to_points(&learned), spacing, color: WHITE }],
+            layers: vec![
+                heat,
+                Layer::Quiver { points: pts, vectors: plot::to_points(&learned), spacing, color: WHITE },
+            ],
         });
         // error map: ‖s_θ − ∇log p_σ‖ / ‖∇log p_σ‖, capped at 1
         let t = ps.score(&heat_pts.to_kind(Kind::Double));

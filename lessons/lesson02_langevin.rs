@@ -16,7 +16,7 @@ use scratch_diffusion::nn::score_mlp::ScoreMlpConfig;
 use scratch_diffusion::plot::{self, Layer, Panel};
 use scratch_diffusion::sampling::langevin::{annealed_langevin, langevin};
 use scratch_diffusion::train::toy_score::{ToyScoreConfig, ToyScoreModel};
-use scratch_diffusion::train::{checkpoint, train_dsm, TrainOpts};
+use scratch_diffusion::train::{checkpoint, ema::Ema, train_dsm, TrainOpts};
 use serde_json::json;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -32,6 +32,9 @@ struct Args {
     /// Step-size constant ε of annealed Langevin on the 2-D data (αᵢ = ε σᵢ²/σ_L²).
     #[arg(long, default_value_t = 2e-3, value_parser = positive)]
     eps: f64,
+    /// Step size ε of plain Langevin on the 2-D data (large enough to converge within each mode).
+    #[arg(long, default_value_t = 0.05, value_parser = positive)]
+    plain_step: f64,
     /// Score model of lesson 01 to reuse; trained here if missing or trained with other settings.
     #[arg(long, default_value = "out/lesson01/score_mlp.safetensors")]
     toy_checkpoint: std::path::PathBuf,
@@ -95,7 +98,10 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
             m
         }
         None => {
-            println!("training the 2-D score model ({} steps; run lesson01 first to reuse its model)", config.train.steps);
+            println!(
+                "training the 2-D score model ({} steps; run lesson01 first to reuse its model)",
+                config.train.steps
+            );
             let mut m = ToyScoreModel::new(config, run.device);
             let bar = progress(m.config.train.steps as u64, "train");
             m.train(&mut |_, _| bar.inc(1))?;
@@ -108,23 +114,26 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
     let sigma_min = *sigmas.last().unwrap();
     // ANCHOR: plain_vs_annealed
     // Plain Langevin uses the score of the clean data (analytic) or the smallest learned noise level, L·T steps of
-    // size ε; annealed Langevin walks the ladder σ₁ > … > σ_L with T steps of size αᵢ = ε σᵢ²/σ_L² at each level.
+    // size --plain-step; annealed Langevin walks the ladder σ₁ > … > σ_L with T steps of size αᵢ = ε σᵢ²/σ_L² at each level.
     let total = sigmas.len() * t_steps;
     let start = || Tensor::rand([n, 2], (Kind::Float, run.device)) * (hi - lo) + lo; // uniform over the box
     let analytic = |x: &Tensor, sigma: f64| p.noised(sigma).score(x);
     let learned = |x: &Tensor, sigma: f64| model.score(x, sigma);
     let mut paths_plain = Vec::new();
     let mut paths_annealed = Vec::new();
-    let plain_analytic = langevin(|x| analytic(x, 0.0), start(), args.eps, total, &mut |s| record(&mut paths_plain, s.x));
-    let annealed_analytic = annealed_langevin(analytic, start(), &sigmas, args.eps, t_steps, false, &mut |s| record(&mut paths_annealed, s.x));
-    let plain_learned = langevin(|x| learned(x, sigma_min), start(), args.eps, total, &mut |_| {});
+    let plain_analytic =
+        langevin(|x| analytic(x, 0.0), start(), args.plain_step, total, &mut |s| record(&mut paths_plain, s.x));
+    let annealed_analytic = annealed_langevin(analytic, start(), &sigmas, args.eps, t_steps, false, &mut |s| {
+        record(&mut paths_annealed, s.x)
+    });
+    let plain_learned = langevin(|x| learned(x, sigma_min), start(), args.plain_step, total, &mut |_| {});
     let annealed_learned = annealed_langevin(learned, start(), &sigmas, args.eps, t_steps, false, &mut |_| {});
     // ANCHOR_END: plain_vs_annealed
 
     // ANCHOR: slow_mixing
     // Slow mixing: start every chain in the small mode and run plain Langevin 10× longer.
     let in_small = Tensor::randn([n, 2], (Kind::Float, run.device)) + Tensor::from_slice(&[-5.0f32, -5.0]);
-    let stuck = langevin(|x| analytic(x, 0.0), in_small, args.eps, 10 * total, &mut |_| {});
+    let stuck = langevin(|x| analytic(x, 0.0), in_small, args.plain_step, 10 * total, &mut |_| {});
     let reached_big = mode_weights(&p, &stuck)[1];
     // ANCHOR_END: slow_mixing
 
@@ -140,8 +149,14 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
     for (name, x) in &methods {
         let w = mode_weights(&p, x);
         let (err, ed) = (mode_weight_error(&p, x), energy_distance(x, &truth));
-        println!("{name:<36} small-mode weight {:.3} (true 0.200)  mode-weight error {err:.3}  energy distance {ed:.4}", w[0]);
-        per_method.insert(name.to_string(), json!({"small_mode_weight": w[0], "mode_weight_error": err, "energy_distance": ed}));
+        println!(
+            "{name:<36} small-mode weight {:.3} (true 0.200)  mode-weight error {err:.3}  energy distance {ed:.4}",
+            w[0]
+        );
+        per_method.insert(
+            name.to_string(),
+            json!({"small_mode_weight": w[0], "mode_weight_error": err, "energy_distance": ed}),
+        );
         small_weights.push(w[0]);
     }
     println!("slow mixing: after {} plain Langevin steps from the small mode, {:.1} % of chains reached the big mode (80 % should be there)", 10 * total, 100.0 * reached_big);
@@ -168,7 +183,13 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
         bounds: (lo, hi),
         layers: vec![heat.clone(), Layer::Scatter { points: plot::to_points(&stuck), color: WHITE.mix(0.7), size: 1 }],
     });
-    plot::panels(&run.path("samples_2d.png"), "Lesson 02: samples vs the true density (small mode has weight 20 %)", 3, 380, &panels)?;
+    plot::panels(
+        &run.path("samples_2d.png"),
+        "Lesson 02: samples vs the true density (small mode has weight 20 %)",
+        3,
+        380,
+        &panels,
+    )?;
     let traj = |paths: Vec<Vec<[f64; 2]>>, title: &str, color| Panel {
         title: title.into(),
         bounds: (lo, hi),
@@ -222,8 +243,9 @@ fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
     let config = if run.quick { NcsnConfig::tiny() } else { NcsnConfig::mnist() };
     let steps = args.mnist_steps.unwrap_or(if run.quick { 40 } else { 3000 }) as usize;
     let opts = TrainOpts { steps, batch_size: 64, lr: 2e-3, warmup: steps / 20 };
-    let vs = VarStore::new(run.device);
+    let mut vs = VarStore::new(run.device);
     let net = Ncsn::new(vs.root(), config.clone());
+    let mut ema = Ema::new(&vs, 0.999); // sample from the average of the weights, not the last iterate
     let train_x = data.train_images.to_device(run.device);
     let n_train = train_x.size()[0];
     let bar = progress(steps as u64, "ncsn");
@@ -234,6 +256,7 @@ fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
         &sigmas,
         &opts,
         &mut |step, loss| {
+            ema.update(&vs);
             bar.inc(1);
             bar.set_message(format!("loss {loss:.3}"));
             if (step + 1) % (steps / 5).max(1) == 0 {
@@ -242,7 +265,12 @@ fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
         },
     )?;
     bar.finish_and_clear();
-    checkpoint::save(&vs, &run.path("ncsn_mnist.safetensors"), &json!({"ncsn": config, "sigmas": sigmas, "train": opts}))?;
+    ema.copy_to(&mut vs);
+    checkpoint::save(
+        &vs,
+        &run.path("ncsn_mnist.safetensors"),
+        &json!({"ncsn": config, "sigmas": sigmas, "train": opts, "ema_decay": ema.decay}),
+    )?;
     // ANCHOR_END: ncsn_train
     let rows: Vec<(usize, Vec<f64>)> = losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
     run.write_loss_csv("loss.csv", &["ncsn_dsm_loss"], &rows)?;
@@ -260,16 +288,32 @@ fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
     let samples = annealed_langevin(score, x0, &sigmas, args.mnist_eps, t_steps, true, &mut |s| {
         bar.inc(1);
         if s.t + 1 == t_steps {
-            snapshots.push(s.x.narrow(0, 0, 8.min(args.num_samples)).shallow_clone()); // (8, 1, 28, 28)
+            snapshots.push(s.x.narrow(0, 0, 8.min(args.num_samples)).shallow_clone());
+            // (8, 1, 28, 28)
         }
     });
     bar.finish_and_clear();
     // ANCHOR_END: ncsn_sample
     let ncol = (args.num_samples as f64).sqrt().ceil() as usize;
-    plot::image_grid(&run.path("mnist_samples.png"), "NCSN + annealed Langevin samples", &samples.clamp(0.0, 1.0).to_device(Device::Cpu), ncol, 3, &[])?;
+    plot::image_grid(
+        &run.path("mnist_samples.png"),
+        "NCSN + annealed Langevin samples",
+        &samples.clamp(0.0, 1.0).to_device(Device::Cpu),
+        ncol,
+        3,
+        &[],
+    )?;
     let strip = Tensor::stack(&snapshots, 1).flatten(0, 1).clamp(0.0, 1.0).to_device(Device::Cpu); // (8·L, 1, 28, 28)
-    let labels: Vec<String> = (0..strip.size()[0] as usize).map(|i| format!("σ={:.2}", sigmas[i % sigmas.len()])).collect();
-    plot::image_grid(&run.path("mnist_annealing.png"), "Annealed Langevin: each row one chain, after each noise level", &strip, sigmas.len(), 3, &labels)?;
+    let labels: Vec<String> =
+        (0..strip.size()[0] as usize).map(|i| format!("σ={:.2}", sigmas[i % sigmas.len()])).collect();
+    plot::image_grid(
+        &run.path("mnist_annealing.png"),
+        "Annealed Langevin: each row one chain, after each noise level",
+        &strip,
+        sigmas.len(),
+        3,
+        &labels,
+    )?;
 
     // held-out DSM loss per noise level (the test set never seen in training)
     let test_x = data.test_images.narrow(0, 0, 1000).to_device(run.device);
@@ -277,12 +321,18 @@ fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
         .iter()
         .map(|&s| {
             let sig = Tensor::full([test_x.size()[0]], s, (Kind::Float, run.device));
-            tch::no_grad(|| scratch_diffusion::diffusion::score_matching::dsm_loss(|x, sg| net.score(x, sg, false), &test_x, &sig).double_value(&[]))
+            tch::no_grad(|| {
+                scratch_diffusion::diffusion::score_matching::dsm_loss(|x, sg| net.score(x, sg, false), &test_x, &sig)
+                    .double_value(&[])
+            })
         })
         .collect();
     let pixel_mean = samples.clamp(0.0, 1.0).mean(Kind::Double).double_value(&[]);
     let data_mean = data.test_images.mean(Kind::Double).double_value(&[]);
-    println!("MNIST: {steps} steps, final loss {:.3}; sample mean intensity {pixel_mean:.3} (test set {data_mean:.3})", losses.last().unwrap());
+    println!(
+        "MNIST: {steps} steps, final loss {:.3}; sample mean intensity {pixel_mean:.3} (test set {data_mean:.3})",
+        losses.last().unwrap()
+    );
     Ok(json!({
         "config": config,
         "steps": steps,

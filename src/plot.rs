@@ -173,6 +173,7 @@ pub fn loss_curve(path: &Path, title: &str, series: &[(&str, &[f64])]) -> Result
     chart
         .configure_mesh()
         .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("loss (log scale)")
         .label_style((FONT_NAME, 13))
         .draw()
@@ -181,18 +182,7 @@ pub fn loss_curve(path: &Path, title: &str, series: &[(&str, &[f64])]) -> Result
         let c = PALETTE[k % PALETTE.len()];
         let raw = ys.iter().enumerate().filter(|(_, v)| v.is_finite() && **v > 0.0).map(|(i, v)| (i as f64, *v));
         chart.draw_series(LineSeries::new(raw, c.mix(0.25))).map_err(draw_err(path))?;
-        let beta = 1.0 - 1.0 / (ys.len() as f64 / 50.0).max(1.0); // smooth over about 2 % of the run
-        let mut ema = None;
-        let smooth: Vec<(f64, f64)> = ys
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_finite() && **v > 0.0)
-            .map(|(i, v)| {
-                let e = ema.map_or(*v, |e: f64| beta * e + (1.0 - beta) * v);
-                ema = Some(e);
-                (i as f64, e)
-            })
-            .collect();
+        let smooth = moving_average(ys, (ys.len() / 100).max(1));
         chart
             .draw_series(LineSeries::new(smooth, c.stroke_width(2)))
             .map_err(draw_err(path))?
@@ -208,6 +198,22 @@ pub fn loss_curve(path: &Path, title: &str, series: &[(&str, &[f64])]) -> Result
         .map_err(draw_err(path))?;
     root.present().map_err(draw_err(path))?;
     Ok(())
+}
+
+/// Trailing moving average over `window` finite, positive points: (index, mean) pairs.
+fn moving_average(ys: &[f64], window: usize) -> Vec<(f64, f64)> {
+    let pts: Vec<(f64, f64)> =
+        ys.iter().enumerate().filter(|(_, v)| v.is_finite() && **v > 0.0).map(|(i, v)| (i as f64, *v)).collect();
+    let mut sum = 0.0;
+    let mut out = Vec::with_capacity(pts.len());
+    for (k, &(x, y)) in pts.iter().enumerate() {
+        sum += y;
+        if k >= window {
+            sum -= pts[k - window].1;
+        }
+        out.push((x, sum / (k + 1).min(window) as f64));
+    }
+    out
 }
 
 /// Grouped bar chart: one group of bars per category, one bar per series (with a legend).
@@ -257,6 +263,7 @@ pub fn bars(path: &Path, title: &str, y_desc: &str, categories: &[String], serie
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .label_font((FONT_NAME, 14))
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)

@@ -16,7 +16,9 @@ fn chapters() -> Vec<PathBuf> {
 
 /// The `{{#include ...}}` targets of a markdown text.
 fn includes(text: &str) -> Vec<String> {
-    text.match_indices("{{#include ").map(|(i, _)| text[i + 11..].split("}}").next().unwrap().trim().to_string()).collect()
+    text.match_indices("{{#include ")
+        .map(|(i, _)| text[i + 11..].split("}}").next().unwrap().trim().to_string())
+        .collect()
 }
 
 #[test]
@@ -30,10 +32,19 @@ fn every_include_and_anchor_resolves() {
                 None => (inc.as_str(), None),
             };
             let path = chapter.parent().unwrap().join(file);
-            let code = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{}: include {file} does not exist", chapter.display()));
+            let code = std::fs::read_to_string(&path)
+                .unwrap_or_else(|_| panic!("{}: include {file} does not exist", chapter.display()));
             if let Some(a) = anchor.filter(|a| !a.chars().next().unwrap().is_ascii_digit()) {
-                assert!(code.contains(&format!("ANCHOR: {a}\n")), "{}: anchor {a} missing in {file}", chapter.display());
-                assert!(code.contains(&format!("ANCHOR_END: {a}\n")), "{}: ANCHOR_END {a} missing in {file}", chapter.display());
+                assert!(
+                    code.contains(&format!("ANCHOR: {a}\n")),
+                    "{}: anchor {a} missing in {file}",
+                    chapter.display()
+                );
+                assert!(
+                    code.contains(&format!("ANCHOR_END: {a}\n")),
+                    "{}: ANCHOR_END {a} missing in {file}",
+                    chapter.display()
+                );
             }
             count += 1;
         }

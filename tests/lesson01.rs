@@ -12,7 +12,16 @@ fn quick_run_writes_outputs_and_shows_the_low_density_effect() {
     assert_ok(&out);
     assert_files(
         dir.path(),
-        &["density.png", "score_fields.png", "score_error.png", "loss.png", "loss.csv", "metrics.json", "score_mlp.safetensors", "score_mlp.json"],
+        &[
+            "density.png",
+            "score_fields.png",
+            "score_error.png",
+            "loss.png",
+            "loss.csv",
+            "metrics.json",
+            "score_mlp.safetensors",
+            "score_mlp.json",
+        ],
     );
     let m = metrics(dir.path());
     let errs = m["score_error"].as_array().unwrap();
@@ -47,6 +56,9 @@ fn bad_flags_exit_with_a_readable_message() {
     assert_user_error(&run_lesson(BIN, &["--steps", "0"]), "--steps");
     assert_user_error(&run_lesson(BIN, &["--device", "tpu"]), "unknown device 'tpu'");
     assert_user_error(&run_lesson(BIN, &["--lr", "-1"]), "not a positive number");
-    assert_user_error(&run_lesson(BIN, &["--layout", "moons", "--out", "/tmp/sd-test-moons"]), "unknown layout 'moons'");
+    assert_user_error(
+        &run_lesson(BIN, &["--layout", "moons", "--out", "/tmp/sd-test-moons"]),
+        "unknown layout 'moons'",
+    );
     assert_user_error(&run_lesson(BIN, &["--quick", "--out", "/etc/hostname/sub"]), "--out");
 }

@@ -9,11 +9,24 @@ const BIN: &str = env!("CARGO_BIN_EXE_lesson02");
 fn quick_run_writes_outputs_and_annealing_fixes_the_mode_weights() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("none.safetensors");
-    let out = run_lesson(BIN, &["--quick", "--out", dir.path().to_str().unwrap(), "--toy-checkpoint", ckpt.to_str().unwrap()]);
+    let out = run_lesson(
+        BIN,
+        &["--quick", "--out", dir.path().to_str().unwrap(), "--toy-checkpoint", ckpt.to_str().unwrap()],
+    );
     assert_ok(&out);
     assert_files(
         dir.path(),
-        &["samples_2d.png", "trajectories.png", "mode_weights.png", "loss.png", "loss.csv", "metrics.json", "mnist_samples.png", "mnist_annealing.png", "ncsn_mnist.safetensors"],
+        &[
+            "samples_2d.png",
+            "trajectories.png",
+            "mode_weights.png",
+            "loss.png",
+            "loss.csv",
+            "metrics.json",
+            "mnist_samples.png",
+            "mnist_annealing.png",
+            "ncsn_mnist.safetensors",
+        ],
     );
     let m = metrics(dir.path());
     let plain = m["mode_weight_error_plain"].as_f64().unwrap();
@@ -30,7 +43,15 @@ fn a_missing_mnist_directory_is_a_clear_error() {
     let empty = tempfile::tempdir().unwrap();
     let out = run_lesson(
         BIN,
-        &["--quick", "--steps-per-level", "2", "--out", dir.path().to_str().unwrap(), "--data-dir", empty.path().to_str().unwrap()],
+        &[
+            "--quick",
+            "--steps-per-level",
+            "2",
+            "--out",
+            dir.path().to_str().unwrap(),
+            "--data-dir",
+            empty.path().to_str().unwrap(),
+        ],
     );
     assert_user_error(&out, "train-images-idx3-ubyte.gz not found");
     assert_user_error(&run_lesson(BIN, &["--mnist-eps", "abc"]), "--mnist-eps");

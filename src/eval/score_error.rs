@@ -16,7 +16,13 @@ pub struct ScoreErrors {
 
 /// Measures [`ScoreErrors`] of `learned` (x (N, 2) -> score (N, 2)) against the analytic score of `p` noised at σ,
 /// with `n_mc` samples of p_σ and an `grid`×`grid` grid over [lo, hi]².
-pub fn score_errors(p: &GaussianMixture, sigma: f64, learned: impl Fn(&Tensor) -> Tensor, n_mc: i64, grid: usize) -> ScoreErrors {
+pub fn score_errors(
+    p: &GaussianMixture,
+    sigma: f64,
+    learned: impl Fn(&Tensor) -> Tensor,
+    n_mc: i64,
+    grid: usize,
+) -> ScoreErrors {
     let p_sigma = p.noised(sigma);
     let sq = |t: Tensor| t.square().sum_dim_intlist(-1, false, Kind::Double); // (N,)
     let x = p_sigma.sample(n_mc, Device::Cpu);
@@ -30,7 +36,11 @@ pub fn score_errors(p: &GaussianMixture, sigma: f64, learned: impl Fn(&Tensor) -
     let g_low = g.index(&[Some(low.nonzero().squeeze_dim(1))]); // (G_low, 2)
     let truth_low = p_sigma.score(&g_low);
     let low_err = sq(learned(&g_low) - &truth_low).mean(Kind::Double) / sq(truth_low).mean(Kind::Double);
-    ScoreErrors { sigma, weighted_rel_error: weighted.double_value(&[]), low_density_rel_error: low_err.double_value(&[]) }
+    ScoreErrors {
+        sigma,
+        weighted_rel_error: weighted.double_value(&[]),
+        low_density_rel_error: low_err.double_value(&[]),
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Training: the denoising-score-matching loop shared by lessons 01–02, the 2-D score model, atomic checkpoints.
 pub mod checkpoint;
+pub mod ema;
 pub mod toy_score;
 
 use anyhow::{bail, Result};

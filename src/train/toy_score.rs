@@ -39,7 +39,14 @@ impl ToyScoreModel {
     pub fn train(&mut self, cb: &mut dyn FnMut(usize, f64)) -> Result<Vec<f64>> {
         let (p, dev, batch) = (&self.config.mixture, self.vs.device(), self.config.train.batch_size);
         let net = &self.net;
-        train_dsm(&self.vs, |x, s| net.score(x, s), |_| p.sample(batch, dev), &self.config.sigmas, &self.config.train, cb)
+        train_dsm(
+            &self.vs,
+            |x, s| net.score(x, s),
+            |_| p.sample(batch, dev),
+            &self.config.sigmas,
+            &self.config.train,
+            cb,
+        )
     }
 
     /// The learned score at one noise level: x (N, 2) -> (N, 2), without gradients.
