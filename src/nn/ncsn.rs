@@ -20,7 +20,7 @@ pub struct NcsnConfig {
 }
 
 impl NcsnConfig {
-    /// The lesson 02 MNIST network (about 0.2 M parameters), sized to train in minutes on 2 CPU cores.
+    /// The lesson 02 MNIST network (about 0.27 M parameters), sized to train in minutes on 2 CPU cores.
     pub fn mnist() -> Self {
         Self { channels: [16, 32, 64], emb_dim: 64, sigma_data: 0.5 }
     }
