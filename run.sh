@@ -60,7 +60,7 @@ case "$cmd" in
     exec "./target/release/lesson$n" "$@" ;;
   test)
     setup
-    cargo test --release "$@"
+    cargo test --release --no-fail-fast "$@"
     mdbook build book
     echo "book built: book/book/index.html" ;;
   book)

@@ -20,7 +20,7 @@ use tch::{Device, Kind};
 
 /// Lesson 01: learn the score of a 2-D Gaussian mixture with denoising score matching.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, allow_negative_numbers = true)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,

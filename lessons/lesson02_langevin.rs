@@ -22,7 +22,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 /// Lesson 02: Langevin dynamics, its failures, and annealed Langevin on 2-D data and on MNIST.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, allow_negative_numbers = true)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,

@@ -316,6 +316,63 @@ pub fn image_grid(path: &Path, title: &str, images: &Tensor, ncol: usize, scale:
     Ok(())
 }
 
+/// One chart of lines: `series` are (name, points); `log_y` puts the y-axis on a log scale (non-positive points are
+/// dropped there).
+pub struct LinePanel {
+    pub title: String,
+    pub x_desc: String,
+    pub y_desc: String,
+    pub log_y: bool,
+    pub series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// Line charts side by side, each `w`×`h` pixels, under a figure title.
+pub fn line_panels(path: &Path, title: &str, w: u32, h: u32, panels: &[LinePanel]) -> Result<()> {
+    ensure_font();
+    let root = BitMapBackend::new(path, (w * panels.len().max(1) as u32, h + 40)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err(path))?;
+    let (top, body) = root.split_vertically(40);
+    top.titled(title, (FONT_NAME, 22)).map_err(draw_err(path))?;
+    for (area, p) in body.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
+        draw_lines(area, p).map_err(draw_err(path))?;
+    }
+    root.present().map_err(draw_err(path))?;
+    Ok(())
+}
+
+fn draw_lines(area: &DrawingArea<BitMapBackend, Shift>, p: &LinePanel) -> Result<(), Box<dyn std::error::Error>> {
+    let keep = |y: f64| y.is_finite() && (!p.log_y || y > 0.0);
+    let pts = || p.series.iter().flat_map(|s| s.1.iter().copied()).filter(|(_, y)| keep(*y));
+    let (x0, x1) = pts().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(x), b.max(x)));
+    let (y0, y1) = pts().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(y), b.max(y)));
+    let (x0, x1) = if x0 < x1 { (x0, x1) } else { (0.0, 1.0) };
+    let (y0, y1) = if y0 < y1 { (y0, y1) } else { (y0 - 1.0, y0 + 1.0) };
+    let mut builder = ChartBuilder::on(area);
+    builder.caption(&p.title, (FONT_NAME, 16)).margin(10).x_label_area_size(36).y_label_area_size(64);
+    macro_rules! finish {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart.configure_mesh().x_desc(p.x_desc.as_str()).y_desc(p.y_desc.as_str()).label_style((FONT_NAME, 12)).draw()?;
+            for (k, (name, series)) in p.series.iter().enumerate() {
+                let c = PALETTE[k % PALETTE.len()];
+                let line = series.iter().copied().filter(|(_, y)| keep(*y));
+                chart
+                    .draw_series(LineSeries::new(line, c.stroke_width(2)))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            }
+            chart.configure_series_labels().label_font((FONT_NAME, 12)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        }};
+    }
+    if p.log_y {
+        finish!(builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale())?);
+    } else {
+        let pad = (y1 - y0) * 0.05;
+        finish!(builder.build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?);
+    }
+    Ok(())
+}
+
 /// Points on an n×n grid over [lo, hi]², row-major from the bottom-left (the order [`Layer::Heatmap`] expects):
 /// (n², 2) f32.
 pub fn grid_points(lo: f64, hi: f64, n: usize) -> Tensor {
@@ -368,7 +425,15 @@ mod tests {
             .unwrap();
         let imgs = Tensor::rand([3, 1, 8, 8], (Kind::Float, tch::Device::Cpu));
         image_grid(&dir.path().join("grid.png"), "grid", &imgs, 2, 2, &["0".into(), "1".into(), "2".into()]).unwrap();
-        for name in ["panels.png", "loss.png", "bars.png", "grid.png"] {
+        let lp = |log_y| LinePanel {
+            title: "lines".into(),
+            x_desc: "t".into(),
+            y_desc: "y".into(),
+            log_y,
+            series: vec![("a".into(), vec![(0.0, 1.0), (1.0, 0.1)]), ("b".into(), vec![(0.0, 0.5), (1.0, -1.0)])],
+        };
+        line_panels(&dir.path().join("lines.png"), "lines", 300, 250, &[lp(true), lp(false)]).unwrap();
+        for name in ["panels.png", "loss.png", "bars.png", "grid.png", "lines.png"] {
             let bytes = std::fs::read(dir.path().join(name)).unwrap();
             assert_eq!(&bytes[1..4], b"PNG", "{name} is a PNG");
         }

@@ -3,3 +3,6 @@
 pub mod layers;
 pub mod ncsn;
 pub mod score_mlp;
+pub mod attention;
+pub mod eps_mlp;
+pub mod unet;

@@ -1,0 +1,132 @@
+//! Attention: scaled dot-product attention written out, multi-head attention with diffusers' parameter names, and
+//! the spatial self-attention block a UNet uses at low resolution.
+//!
+//! [Transformer] Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762, eq. 1 and sec. 3.2.2.
+//! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, appendix B: self-attention at the 16×16 resolution.
+//! Notation (code -> paper): q, k, v -> Q, K, V; head_dim -> d_k; heads -> h.
+use super::layers::groups_for;
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+/// [Transformer] eq. 1: Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V, for q (…, Lq, d), k and v (…, Lk, d).
+/// `mask` (broadcastable to (…, Lq, Lk)), where given, is true for the keys each query may attend to.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let d = *q.size().last().expect("q has a feature dimension") as f64;
+    let scores = q.matmul(&k.transpose(-2, -1)) / d.sqrt(); // (…, Lq, Lk)
+    let scores = match mask {
+        Some(m) => scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY),
+        None => scores,
+    };
+    scores.softmax(-1, scores.kind()).matmul(v) // (…, Lq, d)
+}
+
+/// Multi-head attention, [Transformer] sec. 3.2.2: h heads of width d_k, Q from `x`, K and V from `context` (cross-
+/// attention) or from `x` itself (self-attention). Names as diffusers' `Attention`: to_q, to_k, to_v, to_out.0.
+#[derive(Debug)]
+pub struct MultiHeadAttention {
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+    heads: i64,
+}
+
+impl MultiHeadAttention {
+    /// `dim`: width of the queries' sequence; `context_dim`: width of the context (= dim for self-attention).
+    pub fn new(vs: nn::Path, dim: i64, context_dim: i64, heads: i64, head_dim: i64) -> Self {
+        let inner = heads * head_dim;
+        let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+        Self {
+            to_q: nn::linear(&vs / "to_q", dim, inner, no_bias),
+            to_k: nn::linear(&vs / "to_k", context_dim, inner, no_bias),
+            to_v: nn::linear(&vs / "to_v", context_dim, inner, no_bias),
+            to_out: nn::linear(&vs / "to_out" / 0, inner, dim, Default::default()),
+            heads,
+        }
+    }
+
+    /// x: (B, Lq, dim), context: (B, Lk, context_dim) or None -> (B, Lq, dim).
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&Tensor>) -> Tensor {
+        let ctx = context.unwrap_or(x);
+        let split = |t: Tensor| {
+            let (b, l, inner) = t.size3().expect("(B, L, inner)");
+            t.view([b, l, self.heads, inner / self.heads]).transpose(1, 2) // (B, heads, L, d_k)
+        };
+        let (q, k, v) = (split(self.to_q.forward(x)), split(self.to_k.forward(ctx)), split(self.to_v.forward(ctx)));
+        let out = scaled_dot_product_attention(&q, &k, &v, mask); // (B, heads, Lq, d_k)
+        let (b, h, l, d) = out.size4().expect("(B, heads, L, d_k)");
+        self.to_out.forward(&out.transpose(1, 2).reshape([b, l, h * d])) // (B, Lq, dim)
+    }
+}
+
+/// Self-attention over the pixels of a feature map, with a residual: x + Attn(GroupNorm(x)), every pixel a token.
+/// Names as diffusers' UNet2DModel attention (group_norm + Attention with a residual connection).
+#[derive(Debug)]
+pub struct SpatialSelfAttention {
+    group_norm: nn::GroupNorm,
+    attn: MultiHeadAttention,
+}
+
+impl SpatialSelfAttention {
+    pub fn new(vs: nn::Path, channels: i64, head_dim: i64) -> Self {
+        let heads = (channels / head_dim).max(1);
+        Self {
+            group_norm: nn::group_norm(&vs / "group_norm", groups_for(channels), channels, Default::default()),
+            attn: MultiHeadAttention::new(vs, channels, channels, heads, channels / heads),
+        }
+    }
+
+    /// x: (B, C, H, W) -> (B, C, H, W).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, c, h, w) = x.size4().expect("(B, C, H, W)");
+        let tokens = self.group_norm.forward(x).view([b, c, h * w]).transpose(1, 2); // (B, HW, C)
+        let out = self.attn.forward(&tokens, None, None); // (B, HW, C)
+        x + out.transpose(1, 2).reshape([b, c, h, w]) // (B, C, H, W)
+    }
+}
+
+/// The attention weights themselves, softmax(Q Kᵀ/√d_k): (…, Lq, Lk), for attention-map figures.
+pub fn attention_weights(q: &Tensor, k: &Tensor) -> Tensor {
+    let d = *q.size().last().unwrap() as f64;
+    (q.matmul(&k.transpose(-2, -1)) / d.sqrt()).softmax(-1, Kind::Float)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device};
+
+    #[test]
+    fn our_attention_equals_libtorch_sdpa() {
+        tch::manual_seed(0);
+        let opts = (Kind::Float, Device::Cpu);
+        let (q, k, v) = (Tensor::randn([2, 3, 5, 8], opts), Tensor::randn([2, 3, 7, 8], opts), Tensor::randn([2, 3, 7, 8], opts));
+        let ours = scaled_dot_product_attention(&q, &k, &v, None);
+        let theirs = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        assert!((ours - theirs).abs().max().double_value(&[]) < 1e-5);
+        // a mask that hides the last 3 keys equals attention over the first 4 keys only
+        let mask = Tensor::arange(7, (Kind::Int64, Device::Cpu)).lt(4).view([1, 1, 1, 7]);
+        let masked = scaled_dot_product_attention(&q, &k, &v, Some(&mask));
+        let short = scaled_dot_product_attention(&q, &k.narrow(2, 0, 4), &v.narrow(2, 0, 4), None);
+        assert!((masked - short).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn spatial_attention_keeps_shape_and_names_mirror_diffusers() {
+        let vs = VarStore::new(Device::Cpu);
+        let a = SpatialSelfAttention::new(vs.root() / "attn", 16, 8);
+        let x = Tensor::randn([3, 16, 7, 7], (Kind::Float, Device::Cpu));
+        assert_eq!(a.forward(&x).size(), [3, 16, 7, 7]);
+        let names: Vec<String> = vs.variables().into_keys().collect();
+        for n in ["attn.group_norm.weight", "attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight", "attn.to_out.0.bias"] {
+            assert!(names.iter().any(|k| k == n), "missing {n}: {names:?}");
+        }
+    }
+
+    #[test]
+    fn attention_weights_rows_sum_to_one() {
+        let q = Tensor::randn([4, 6], (Kind::Float, Device::Cpu));
+        let w = attention_weights(&q, &q);
+        assert!((w.sum_dim_intlist(-1, false, Kind::Float) - 1.0).abs().max().double_value(&[]) < 1e-6);
+    }
+}

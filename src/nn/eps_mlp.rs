@@ -1,0 +1,78 @@
+//! The simplest ε-prediction network for images: flatten the pixels, append the time embedding, and run an MLP.
+//! Lesson 03 trains it on MNIST to show what a network without spatial structure can and cannot learn; lesson 04
+//! replaces it with a UNet at the same training budget.
+//!
+//! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239: ε_θ(x_t, t), trained with L_simple (eq. 14).
+use super::layers::timestep_embedding;
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpsMlpConfig {
+    /// Pixels per image (C·H·W).
+    pub dim: i64,
+    pub hidden: i64,
+    pub depth: usize,
+    /// Width of the sinusoidal time embedding.
+    pub emb_dim: i64,
+}
+
+impl EpsMlpConfig {
+    /// Lesson 03's MNIST network: 784 + 128 → 3 × 1024 → 784 (about 3.0 M parameters).
+    pub fn mnist() -> Self {
+        Self { dim: 784, hidden: 1024, depth: 3, emb_dim: 128 }
+    }
+    /// Lesson 03's 2-D network.
+    pub fn toy2d() -> Self {
+        Self { dim: 2, hidden: 128, depth: 3, emb_dim: 32 }
+    }
+    /// A tiny one for tests and --quick.
+    pub fn tiny(dim: i64) -> Self {
+        Self { dim, hidden: 64, depth: 2, emb_dim: 16 }
+    }
+}
+
+#[derive(Debug)]
+pub struct EpsMlp {
+    pub config: EpsMlpConfig,
+    layers: Vec<nn::Linear>,
+    out: nn::Linear,
+}
+
+impl EpsMlp {
+    pub fn new(vs: nn::Path, config: EpsMlpConfig) -> Self {
+        let mut width = config.dim + config.emb_dim;
+        let mut layers = Vec::new();
+        for i in 0..config.depth {
+            layers.push(nn::linear(&vs / "layers" / i, width, config.hidden, Default::default()));
+            width = config.hidden;
+        }
+        let out = nn::linear(&vs / "out", width, config.dim, Default::default());
+        Self { config, layers, out }
+    }
+
+    /// x_t: (B, ...) with C·H·W = dim, t: (B,) timesteps -> ε̂ with the shape of x_t.
+    pub fn forward(&self, x_t: &Tensor, t: &Tensor) -> Tensor {
+        let shape = x_t.size();
+        let temb = timestep_embedding(t, self.config.emb_dim, 10_000.0).to_kind(x_t.kind()); // (B, emb_dim)
+        let mut h = Tensor::cat(&[x_t.flatten(1, -1), temb], 1); // (B, dim + emb_dim)
+        for layer in &self.layers {
+            h = layer.forward(&h).silu();
+        }
+        self.out.forward(&h).view(shape.as_slice()) // (B, ...)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device, Kind};
+
+    #[test]
+    fn keeps_the_input_shape() {
+        let vs = VarStore::new(Device::Cpu);
+        let net = EpsMlp::new(vs.root(), EpsMlpConfig::tiny(784));
+        let x = Tensor::randn([3, 1, 28, 28], (Kind::Float, Device::Cpu));
+        assert_eq!(net.forward(&x, &Tensor::from_slice(&[0i64, 1, 2])).size(), [3, 1, 28, 28]);
+    }
+}
