@@ -7,7 +7,7 @@
 use anyhow::Result;
 use clap::Parser;
 use plotters::style::{Color, RED, WHITE};
-use scratch_diffusion::cli::{lesson_main, progress, CommonArgs};
+use scratch_diffusion::cli::{lesson_main, log_line, progress, CommonArgs};
 use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::ladder;
 use scratch_diffusion::eval::score_error::{score_errors, ScoreErrors};
@@ -89,7 +89,7 @@ fn run(args: Args) -> Result<()> {
             bar.set_message(format!("loss {loss:.4}"));
         }
         if (step + 1) % (steps / 5).max(1) == 0 {
-            bar.println(format!("step {:>6}/{steps}  DSM loss {loss:.4}", step + 1));
+            log_line(&bar, format!("step {:>6}/{steps}  DSM loss {loss:.4}", step + 1));
         }
     })?;
     bar.finish_and_clear();

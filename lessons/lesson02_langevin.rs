@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use plotters::style::{Color, BLUE, RED, WHITE};
-use scratch_diffusion::cli::{lesson_main, progress, CommonArgs, Run};
+use scratch_diffusion::cli::{lesson_main, log_line, progress, CommonArgs, Run};
 use scratch_diffusion::data::{mnist, toy2d::GaussianMixture};
 use scratch_diffusion::diffusion::ladder;
 use scratch_diffusion::eval::sample_quality::{energy_distance, mode_weight_error, mode_weights};
@@ -261,7 +261,7 @@ fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
             bar.inc(1);
             bar.set_message(format!("loss {loss:.3}"));
             if (step + 1) % (steps / 5).max(1) == 0 {
-                bar.println(format!("NCSN step {:>5}/{steps}  DSM loss {loss:.3}", step + 1));
+                log_line(&bar, format!("NCSN step {:>5}/{steps}  DSM loss {loss:.3}", step + 1));
             }
         },
     )?;

@@ -161,6 +161,16 @@ pub fn progress(len: u64, prefix: &str) -> ProgressBar {
     bar
 }
 
+/// Prints a log line above the progress bar, or on stdout when the bar is hidden (stderr is not a terminal:
+/// indicatif then drops `ProgressBar::println`, and logs piped to a file would lose every line).
+pub fn log_line(bar: &ProgressBar, msg: impl AsRef<str>) {
+    if bar.is_hidden() {
+        println!("{}", msg.as_ref());
+    } else {
+        bar.println(msg.as_ref());
+    }
+}
+
 /// Runs a lesson's body and turns an error into one line on stderr and exit status 2 (no backtrace).
 pub fn lesson_main(body: impl FnOnce() -> Result<()>) {
     if let Err(e) = body() {

@@ -340,6 +340,18 @@ pub fn line_panels(path: &Path, title: &str, w: u32, h: u32, panels: &[LinePanel
     Ok(())
 }
 
+/// A short tick label: integers as integers, very large or small values in scientific notation.
+fn format_tick(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && !(1e-2..1e4).contains(&a) {
+        format!("{v:.0e}")
+    } else if (v - v.round()).abs() < 1e-9 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 fn draw_lines(area: &DrawingArea<BitMapBackend, Shift>, p: &LinePanel) -> Result<(), Box<dyn std::error::Error>> {
     let keep = |y: f64| y.is_finite() && (!p.log_y || y > 0.0);
     let pts = || p.series.iter().flat_map(|s| s.1.iter().copied()).filter(|(_, y)| keep(*y));
@@ -352,7 +364,15 @@ fn draw_lines(area: &DrawingArea<BitMapBackend, Shift>, p: &LinePanel) -> Result
     macro_rules! finish {
         ($chart:expr) => {{
             let mut chart = $chart;
-            chart.configure_mesh().x_desc(p.x_desc.as_str()).y_desc(p.y_desc.as_str()).label_style((FONT_NAME, 12)).draw()?;
+            chart
+                .configure_mesh()
+                .x_desc(p.x_desc.as_str())
+                .y_desc(p.y_desc.as_str())
+                .x_labels(6)
+                .x_label_formatter(&|x| format_tick(*x))
+                .y_label_formatter(&|y| format_tick(*y))
+                .label_style((FONT_NAME, 12))
+                .draw()?;
             for (k, (name, series)) in p.series.iter().enumerate() {
                 let c = PALETTE[k % PALETTE.len()];
                 let line = series.iter().copied().filter(|(_, y)| keep(*y));

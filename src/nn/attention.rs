@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 
 /// [Transformer] eq. 1: Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V, for q (…, Lq, d), k and v (…, Lk, d).
 /// `mask` (broadcastable to (…, Lq, Lk)), where given, is true for the keys each query may attend to.
+// ANCHOR: sdpa
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
     let d = *q.size().last().expect("q has a feature dimension") as f64;
     let scores = q.matmul(&k.transpose(-2, -1)) / d.sqrt(); // (…, Lq, Lk)
@@ -19,6 +20,7 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Op
     };
     scores.softmax(-1, scores.kind()).matmul(v) // (…, Lq, d)
 }
+// ANCHOR_END: sdpa
 
 /// Multi-head attention, [Transformer] sec. 3.2.2: h heads of width d_k, Q from `x`, K and V from `context` (cross-
 /// attention) or from `x` itself (self-attention). Names as diffusers' `Attention`: to_q, to_k, to_v, to_out.0.
@@ -76,6 +78,7 @@ impl SpatialSelfAttention {
         }
     }
 
+    // ANCHOR: spatial_attention_forward
     /// x: (B, C, H, W) -> (B, C, H, W).
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (b, c, h, w) = x.size4().expect("(B, C, H, W)");
@@ -83,6 +86,7 @@ impl SpatialSelfAttention {
         let out = self.attn.forward(&tokens, None, None); // (B, HW, C)
         x + out.transpose(1, 2).reshape([b, c, h, w]) // (B, C, H, W)
     }
+    // ANCHOR_END: spatial_attention_forward
 }
 
 /// The attention weights themselves, softmax(Q Kᵀ/√d_k): (…, Lq, Lk), for attention-map figures.

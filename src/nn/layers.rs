@@ -9,6 +9,7 @@ use tch::{Kind, Tensor};
 /// Sinusoidal embedding of scalars (B,) -> (B, dim), [Transformer] sec. 3.5 with the positions replaced by `t`:
 /// for i < dim/2, fᵢ = max_period^(−i/(dim/2)), emb = [cos(t·fᵢ), sin(t·fᵢ)] (cosine first, as diffusers'
 /// `flip_sin_to_cos=True`, the Stable Diffusion layout).
+// ANCHOR: timestep_embedding
 pub fn timestep_embedding(t: &Tensor, dim: i64, max_period: f64) -> Tensor {
     assert!(dim % 2 == 0, "embedding dimension must be even");
     let half = dim / 2;
@@ -16,6 +17,7 @@ pub fn timestep_embedding(t: &Tensor, dim: i64, max_period: f64) -> Tensor {
     let args = t.to_kind(Kind::Float).unsqueeze(-1) * freqs.unsqueeze(0); // (B, half)
     Tensor::cat(&[args.cos(), args.sin()], -1) // (B, dim)
 }
+// ANCHOR_END: timestep_embedding
 
 /// Spreads ln σ over the range of "timesteps" the sinusoidal frequencies resolve (1 … 1/max_period): ln σ ∈ [−5, 3]
 /// becomes [−1250, 750], so both the fastest and the slowest frequencies see a useful change across the ladder.
@@ -60,6 +62,7 @@ impl ResBlock {
         }
     }
 
+    // ANCHOR: resblock_forward
     /// x: (B, C_in, H, W), emb: (B, emb_dim) -> (B, C_out, H, W).
     pub fn forward(&self, x: &Tensor, emb: &Tensor, train: bool) -> Tensor {
         let h = self.conv1.forward(&self.norm1.forward(x).silu());
@@ -70,6 +73,7 @@ impl ResBlock {
             None => x + h,
         }
     }
+    // ANCHOR_END: resblock_forward
 }
 
 /// 2× downsampling with a strided 3×3 conv: (B, C, H, W) -> (B, C, ⌈H/2⌉, ⌈W/2⌉).

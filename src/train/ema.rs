@@ -21,6 +21,17 @@ impl Ema {
         Self { decay, shadow, updates: 0 }
     }
 
+    /// Rebuilds an average from saved state (a checkpoint): the averaged weights of `average` and the number of updates
+    /// made so far, so the warm-up continues where it stopped.
+    pub fn from_state(average: &VarStore, decay: f64, updates: usize) -> Self {
+        Self { updates, ..Self::new(average, decay) }
+    }
+
+    /// Updates made so far.
+    pub fn updates(&self) -> usize {
+        self.updates
+    }
+
     /// The decay used at the next update: min(β, (1 + t)/(10 + t)).
     pub fn current_decay(&self) -> f64 {
         self.decay.min((1.0 + self.updates as f64) / (10.0 + self.updates as f64))
@@ -60,7 +71,7 @@ mod tests {
         let mut ema = Ema::new(&vs, 0.9);
         let mut expected = 0.0;
         for t in 0..50 {
-            tch::no_grad(|| w.shallow_clone().fill_(1.0 + t as f64));
+            let _ = tch::no_grad(|| w.shallow_clone().fill_(1.0 + t as f64));
             let beta = 0.9f64.min((1.0 + t as f64) / (10.0 + t as f64));
             assert!((ema.current_decay() - beta).abs() < 1e-12);
             ema.update(&vs);

@@ -1,7 +1,9 @@
 //! Training: the denoising-score-matching loop shared by lessons 01–02, the 2-D score model, atomic checkpoints.
 pub mod checkpoint;
+pub mod ddpm;
 pub mod ema;
 pub mod toy_score;
+pub mod trainer;
 
 use anyhow::{bail, Result};
 use tch::nn::{self, OptimizerConfig};

@@ -1,0 +1,244 @@
+//! Lesson 03 — DDPM.
+//!
+//! A fixed forward process that destroys data with Gaussian noise in T small steps, q(x_t | x₀) in closed form, and
+//! a network trained to predict the noise, which runs the process backwards (Ho et al. 2020). First on 2-D data with
+//! an MLP (samples vs the true density), then on MNIST with an MLP over the flattened pixels — good enough to see
+//! strokes, not good enough for digits, which is why lesson 04 builds a UNet. Chapter 03 walks through this file.
+use anyhow::{Context, Result};
+use clap::Parser;
+use plotters::style::{Color, WHITE};
+use scratch_diffusion::cli::{lesson_main, log_line, progress, CommonArgs, Run};
+use scratch_diffusion::data::{mnist, toy2d::GaussianMixture};
+use scratch_diffusion::diffusion::schedule::NoiseSchedule;
+use scratch_diffusion::eval::{classifier::MnistClassifier, frechet::evaluate_samples, sample_quality};
+use scratch_diffusion::nn::eps_mlp::{EpsMlp, EpsMlpConfig};
+use scratch_diffusion::plot::{self, Layer, LinePanel, Panel};
+use scratch_diffusion::sampling::ddpm::PosteriorVariance;
+use scratch_diffusion::train::ddpm::{sample, to_unit, train_eps_model, Trajectory};
+use scratch_diffusion::train::trainer::TrainerConfig;
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+/// Lesson 03: DDPM on 2-D data and on MNIST with an MLP.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None, allow_negative_numbers = true)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Noise schedule: linear (DDPM), cosine (improved DDPM) or scaled-linear (Stable Diffusion).
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    /// Diffusion steps T.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=4000))]
+    timesteps: u64,
+    /// MNIST training steps [default: 3000, or 40 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: Option<u64>,
+    /// Images per training batch.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    batch: i64,
+    /// Peak learning rate (AdamW, warm-up then cosine decay).
+    #[arg(long, default_value_t = 1e-3, value_parser = positive)]
+    lr: f64,
+    /// Reverse steps when sampling MNIST (T = Algorithm 2 exactly; fewer = evenly respaced timesteps).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    sample_steps: u64,
+    /// Reverse-process variance σ_t²: beta-tilde (posterior β̃_t) or beta (β_t).
+    #[arg(long, default_value = "beta-tilde", value_parser = parse_variance)]
+    variance: PosteriorVariance,
+    /// MNIST samples to draw and grade [default: 500, or 32 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(i64).range(2..=10000))]
+    num_samples: Option<i64>,
+    /// Train in bf16 (f32 master weights).
+    #[arg(long)]
+    bf16: bool,
+    /// Continue an interrupted MNIST training run from OUT/checkpoint.safetensors.
+    #[arg(long)]
+    resume: bool,
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number")),
+    }
+}
+
+fn parse_variance(s: &str) -> Result<PosteriorVariance, String> {
+    match s {
+        "beta" => Ok(PosteriorVariance::Beta),
+        "beta-tilde" => Ok(PosteriorVariance::BetaTilde),
+        other => Err(format!("unknown variance '{other}': use beta or beta-tilde")),
+    }
+}
+
+fn main() {
+    lesson_main(|| run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    let run = args.common.init("lesson03")?;
+    let t_max = args.timesteps as usize;
+    // ANCHOR: schedule
+    let sched = NoiseSchedule::by_name(&args.schedule, t_max)?;
+    // ANCHOR_END: schedule
+    draw_schedules(&run, t_max)?;
+    let data = mnist::load(&run.data_dir).context("lesson 03 trains on MNIST")?;
+    draw_forward_strip(&run, &sched, &data.test_images)?;
+    let toy = toy_part(&run, &sched)?;
+    let mnist = mnist_part(&run, &args, &sched, &data)?;
+    run.write_metrics(json!({ "schedule": args.schedule, "timesteps": t_max, "toy": toy, "mnist": mnist }))?;
+    println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
+    Ok(())
+}
+
+/// β_t, ᾱ_t and the signal-to-noise ratio of the three schedules.
+fn draw_schedules(run: &Run, t_max: usize) -> Result<()> {
+    let all = [("linear", NoiseSchedule::ddpm(t_max)), ("cosine", NoiseSchedule::cosine(t_max)), ("scaled-linear", NoiseSchedule::scaled_linear(t_max))];
+    let series = |f: &dyn Fn(&NoiseSchedule, usize) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
+        all.iter().map(|(n, s)| (n.to_string(), (0..t_max).map(|t| (t as f64, f(s, t))).collect())).collect()
+    };
+    let panel = |title: &str, y: &str, log_y, f: &dyn Fn(&NoiseSchedule, usize) -> f64| LinePanel {
+        title: title.into(),
+        x_desc: "t".into(),
+        y_desc: y.into(),
+        log_y,
+        series: series(f),
+    };
+    plot::line_panels(
+        &run.path("schedules.png"),
+        "Noise schedules",
+        380,
+        320,
+        &[
+            panel("β_t", "β_t", false, &|s, t| s.betas[t]),
+            panel("ᾱ_t (signal kept)", "ᾱ_t", false, &|s, t| s.alpha_bar(t)),
+            panel("SNR = ᾱ_t/(1−ᾱ_t)", "SNR (log)", true, &|s, t| s.snr(t)),
+        ],
+    )
+}
+
+/// Eight test digits noised with q(x_t | x₀) at increasing t.
+fn draw_forward_strip(run: &Run, sched: &NoiseSchedule, images: &Tensor) -> Result<()> {
+    let t_max = sched.num_steps();
+    let ts: Vec<usize> = [0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0].iter().map(|f| ((t_max - 1) as f64 * f).round() as usize).collect();
+    let x0 = images.narrow(0, 0, 8) * 2.0 - 1.0; // (8, 1, 28, 28) in [−1, 1]
+    let ab = sched.to_tensor_alpha_bar(Device::Cpu);
+    let mut tiles = Vec::new();
+    let mut labels = Vec::new();
+    for k in 0..8 {
+        for &t in &ts {
+            let tt = Tensor::from_slice(&[t as i64]);
+            // ANCHOR: q_sample
+            let eps = x0.get(k).unsqueeze(0).randn_like();
+            let x_t = scratch_diffusion::diffusion::forward::q_sample(&ab, &x0.get(k).unsqueeze(0), &tt, &eps); // [DDPM] eq. 4
+            // ANCHOR_END: q_sample
+            tiles.push(to_unit(&x_t).squeeze_dim(0));
+            labels.push(format!("t={t}"));
+        }
+    }
+    plot::image_grid(&run.path("forward_noising.png"), "q(x_t | x₀): MNIST digits noised at increasing t", &Tensor::stack(&tiles, 0), ts.len(), 3, &labels)
+}
+
+fn trainer_config(run: &Run, steps: usize, batch: i64, lr: f64, bf16: bool) -> TrainerConfig {
+    TrainerConfig { steps, batch_size: batch, lr, warmup: steps / 20, ema_decay: Some(0.999), checkpoint_every: 500, bf16, seed: run.seed, grad_clip: Some(1.0), ..Default::default() }
+}
+
+/// DDPM on the two-mode mixture of lessons 01–02, scaled by 1/5 so the data is of unit size like the N(0, I) the
+/// forward process ends in.
+fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
+    const SCALE: f64 = 0.2;
+    let p = GaussianMixture::two_modes();
+    let data = p.sample(100_000, run.device) * SCALE;
+    let steps = if run.quick { 400 } else { 4000 };
+    let cfg = trainer_config(run, steps, 256, 2e-3, false);
+    let bar = progress(steps as u64, "toy");
+    let (_vs, model, _) =
+        train_eps_model(|p| EpsMlp::new(p, EpsMlpConfig::toy2d()), &data, sched, &cfg, run.device, None, false, &mut |_| bar.inc(1), &[], &mut |_, _| {})?;
+    bar.finish_and_clear();
+    let n = 2000;
+    let x = sample(&model, sched, sched.num_steps(), &[n, 2], PosteriorVariance::BetaTilde, n, run.device, &mut |_, _| {}) / SCALE;
+    let truth = p.sample(n, run.device);
+    let (err, ed) = (sample_quality::mode_weight_error(&p, &x), sample_quality::energy_distance(&x, &truth));
+    let small = sample_quality::mode_weights(&p, &x)[0];
+    println!("toy: DDPM small-mode weight {small:.3} (true 0.200), mode-weight error {err:.3}, energy distance {ed:.4}");
+    let (lo, hi) = p.bounds();
+    let dens: Vec<f64> = Vec::<f64>::try_from(p.log_prob(&plot::grid_points(lo, hi, 100).to_kind(Kind::Double)).exp())?;
+    let top = dens.iter().cloned().fold(0.0, f64::max);
+    let heat = Layer::Heatmap { values: dens, n: 100, range: (0.0, top) };
+    let panel = |title: String, pts: &Tensor| Panel {
+        title,
+        bounds: (lo, hi),
+        layers: vec![heat.clone(), Layer::Scatter { points: plot::to_points(pts), color: WHITE.mix(0.7), size: 1 }],
+    };
+    plot::panels(
+        &run.path("toy_samples.png"),
+        "DDPM on the two-mode mixture",
+        2,
+        420,
+        &[panel("exact samples".into(), &truth), panel(format!("DDPM, {} steps (small mode {:.0} %)", sched.num_steps(), 100.0 * small), &x)],
+    )?;
+    Ok(json!({"train_steps": steps, "small_mode_weight": small, "mode_weight_error": err, "energy_distance": ed}))
+}
+
+fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist) -> Result<serde_json::Value> {
+    let steps = args.steps.unwrap_or(if run.quick { 40 } else { 3000 }) as usize;
+    let n = args.num_samples.unwrap_or(if run.quick { 32 } else { 500 });
+    let config = if run.quick { EpsMlpConfig::tiny(784) } else { EpsMlpConfig::mnist() };
+    // ANCHOR: train
+    let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
+    let cfg = trainer_config(run, steps, args.batch, args.lr, args.bf16);
+    let bar = progress(steps as u64, "train");
+    let (_vs, model, outcome) = train_eps_model(
+        |p| EpsMlp::new(p, config.clone()),
+        &images,
+        sched,
+        &cfg,
+        run.device,
+        Some(&run.path("checkpoint.safetensors")),
+        args.resume,
+        &mut |s| {
+            bar.inc(1);
+            bar.set_message(format!("loss {:.4}", s.loss));
+            if (s.step + 1) % (steps / 5).max(1) == 0 {
+                log_line(&bar, format!("step {:>5}/{steps}  L_simple {:.4}", s.step + 1, s.loss));
+            }
+        },
+        &[],
+        &mut |_, _| {},
+    )?;
+    bar.finish_and_clear();
+    // ANCHOR_END: train
+    let rows: Vec<(usize, Vec<f64>)> = outcome.losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
+    run.write_loss_csv("loss.csv", &["l_simple"], &rows)?;
+    plot::loss_curve(&run.path("loss.png"), "Lesson 03: L_simple of the MNIST MLP", &[("L_simple", &outcome.losses)])?;
+
+    // ANCHOR: sample
+    let sample_steps = args.sample_steps as usize;
+    let mut traj = Trajectory::new(4, sample_steps.min(sched.num_steps()), 8);
+    let bar = progress(n as u64 * sample_steps.min(sched.num_steps()) as u64, "sample");
+    let x = sample(&model, sched, sample_steps, &[n, 1, 28, 28], args.variance, 250, run.device, &mut |start, st| {
+        traj.record(start, &st);
+        bar.inc(st.x_t.size()[0] as u64);
+    });
+    bar.finish_and_clear();
+    let samples = to_unit(&x).to_device(Device::Cpu); // (n, 1, 28, 28) in [0, 1]
+    // ANCHOR_END: sample
+    plot::image_grid(&run.path("samples.png"), "Lesson 03: DDPM samples from the MLP", &samples.narrow(0, 0, n.min(64)), 8, 3, &[])?;
+    traj.draw(&run.path("trajectory.png"), "Reverse process: x_t and the predicted x̂₀ (rows) as t falls (columns)")?;
+
+    // ANCHOR: evaluate
+    let clf = MnistClassifier::load_shipped(Device::Cpu)?;
+    let report = evaluate_samples(&clf, &samples, &data.test_images);
+    // ANCHOR_END: evaluate
+    println!(
+        "MNIST MLP: {steps} steps in {:.0} s; {n} samples: Fréchet distance {:.2} (real-vs-real floor {:.2}, ratio {:.1}), class entropy {:.3} of ln 10, confidence {:.3}",
+        outcome.seconds, report.frechet_distance, report.frechet_floor, report.fd_over_floor, report.entropy_over_max, report.mean_confidence
+    );
+    Ok(json!({
+        "network": config, "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds,
+        "resumed_from": outcome.resumed_from, "bf16": args.bf16,
+        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().min(100).max(1) as f64,
+        "sample_steps": sample_steps, "variance": args.variance, "samples": report,
+    }))
+}

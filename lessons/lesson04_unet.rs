@@ -1,0 +1,179 @@
+//! Lesson 04 — a small UNet.
+//!
+//! The same DDPM as lesson 03, with the MLP replaced by a UNet built piece by piece in src/nn: the sinusoidal time
+//! embedding, residual blocks with time injection, down- and upsampling with skip connections, and self-attention
+//! at the low resolutions. Same data, same objective, same number of training steps: the samples become digits.
+//! Chapter 04 walks through this file.
+use anyhow::{Context, Result};
+use clap::Parser;
+use scratch_diffusion::cli::{lesson_main, log_line, progress, CommonArgs};
+use scratch_diffusion::data::mnist;
+use scratch_diffusion::diffusion::schedule::NoiseSchedule;
+use scratch_diffusion::eval::{classifier::MnistClassifier, frechet::evaluate_samples};
+use scratch_diffusion::nn::unet::{UNet, UNetConfig};
+use scratch_diffusion::plot;
+use scratch_diffusion::sampling::ddpm::PosteriorVariance;
+use scratch_diffusion::train::ddpm::{sample, to_unit, train_eps_model, Trajectory};
+use scratch_diffusion::train::trainer::TrainerConfig;
+use serde_json::json;
+use tch::{Device, Tensor};
+
+/// Lesson 04: DDPM on MNIST with a UNet.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None, allow_negative_numbers = true)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Training steps [default: 1000, or 30 with --quick] (lesson 03 uses the same number and batch).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: Option<u64>,
+    /// Images per training batch.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    batch: i64,
+    /// Peak learning rate (AdamW, warm-up then cosine decay).
+    #[arg(long, default_value_t = 2e-3, value_parser = positive)]
+    lr: f64,
+    /// Reverse steps when sampling (evenly respaced over T = 1000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    sample_steps: u64,
+    /// Samples to draw and grade [default: 500, or 16 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(i64).range(2..=10000))]
+    num_samples: Option<i64>,
+    /// Train in bf16 (f32 master weights).
+    #[arg(long)]
+    bf16: bool,
+    /// Continue an interrupted training run from OUT/checkpoint.safetensors.
+    #[arg(long)]
+    resume: bool,
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number")),
+    }
+}
+
+fn main() {
+    lesson_main(|| run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    let run = args.common.init("lesson04")?;
+    let data = mnist::load(&run.data_dir).context("lesson 04 trains on MNIST")?;
+    let steps = args.steps.unwrap_or(if run.quick { 30 } else { 1000 }) as usize;
+    let n = args.num_samples.unwrap_or(if run.quick { 16 } else { 500 });
+    let sched = NoiseSchedule::ddpm(1000);
+    // ANCHOR: config
+    let config = if run.quick { UNetConfig::tiny() } else { UNetConfig::mnist() };
+    let cfg = TrainerConfig {
+        steps,
+        batch_size: args.batch,
+        lr: args.lr,
+        warmup: steps / 20,
+        ema_decay: Some(0.995), // a ~200-step horizon: longer would average in the early, poor weights of a short run
+        grad_clip: Some(1.0),
+        checkpoint_every: 250,
+        bf16: args.bf16,
+        seed: run.seed,
+        ..Default::default()
+    };
+    // ANCHOR_END: config
+    architecture_summary(&run, &config)?;
+
+    // ANCHOR: train
+    let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
+    let snapshot_at: Vec<usize> = [1, 2, 3].iter().map(|k| k * steps / 4).collect(); // and the EMA model at the end
+    let mut snapshots: Vec<(usize, Tensor)> = Vec::new();
+    let snapshot = |net: &dyn scratch_diffusion::train::ddpm::EpsModel| {
+        tch::manual_seed(1234); // the same starting noise at every snapshot
+        let x = sample(net, &sched, 50, &[16, 1, 28, 28], PosteriorVariance::Beta, 16, run.device, &mut |_, _| {});
+        to_unit(&x).to_device(Device::Cpu)
+    };
+    let bar = progress(steps as u64, "train");
+    let (_vs, model, outcome) = train_eps_model(
+        |p| UNet::new(p, config.clone()),
+        &images,
+        &sched,
+        &cfg,
+        run.device,
+        Some(&run.path("checkpoint.safetensors")),
+        args.resume,
+        &mut |s| {
+            bar.inc(1);
+            bar.set_message(format!("loss {:.4}", s.loss));
+            if (s.step + 1) % (steps / 10).max(1) == 0 {
+                log_line(&bar, format!("step {:>5}/{steps}  L_simple {:.4}", s.step + 1, s.loss));
+            }
+        },
+        &snapshot_at,
+        &mut |step, net| {
+            snapshots.push((step, snapshot(net)));
+        },
+    )?;
+    bar.finish_and_clear();
+    snapshots.push((steps, snapshot(&model)));
+    // ANCHOR_END: train
+    let rows: Vec<(usize, Vec<f64>)> = outcome.losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
+    run.write_loss_csv("loss.csv", &["l_simple"], &rows)?;
+    plot::loss_curve(&run.path("loss.png"), "Lesson 04: L_simple of the UNet", &[("L_simple", &outcome.losses)])?;
+    if !snapshots.is_empty() {
+        let labels: Vec<String> = snapshots.iter().flat_map(|(s, x)| (0..x.size()[0]).map(move |_| format!("step {s}"))).collect();
+        let all = Tensor::cat(&snapshots.iter().map(|(_, x)| x.shallow_clone()).collect::<Vec<_>>(), 0);
+        plot::image_grid(&run.path("samples_over_training.png"), "The same 16 starting noises sampled after 25, 50, 75 % of training (current weights) and at the end (EMA), 50 steps", &all, 16, 2, &labels)?;
+    }
+
+    // ANCHOR: sample
+    let sample_steps = args.sample_steps as usize;
+    let mut traj = Trajectory::new(4, sample_steps, 8);
+    let bar = progress(n as u64 * sample_steps as u64, "sample");
+    let started = std::time::Instant::now();
+    // σ_t² = β_t: with few (respaced) steps the small choice β̃_t under-disperses the samples (chapter 03)
+    let x = sample(&model, &sched, sample_steps, &[n, 1, 28, 28], PosteriorVariance::Beta, 250, run.device, &mut |start, st| {
+        traj.record(start, &st);
+        bar.inc(st.x_t.size()[0] as u64);
+    });
+    let sample_seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let samples = to_unit(&x).to_device(Device::Cpu);
+    // ANCHOR_END: sample
+    plot::image_grid(&run.path("samples.png"), "Lesson 04: DDPM samples from the UNet", &samples.narrow(0, 0, n.min(64)), 8, 3, &[])?;
+    traj.draw(&run.path("trajectory.png"), "Reverse process: x_t and the predicted x̂₀ (rows) as t falls (columns)")?;
+
+    let clf = MnistClassifier::load_shipped(Device::Cpu)?;
+    let report = evaluate_samples(&clf, &samples, &data.test_images);
+    println!(
+        "UNet: {steps} steps in {:.0} s; {n} samples ({sample_steps} steps, {:.1} images/s): Fréchet distance {:.2} (floor {:.2}, ratio {:.2}), class entropy {:.3} of ln 10, confidence {:.3}",
+        outcome.seconds, n as f64 / sample_seconds, report.frechet_distance, report.frechet_floor, report.fd_over_floor, report.entropy_over_max, report.mean_confidence
+    );
+    // the comparison with lesson 03, when its metrics are there
+    let l03 = std::fs::read_to_string("out/lesson03/metrics.json").ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let l03_ratio = l03.as_ref().and_then(|m| m["mnist"]["samples"]["fd_over_floor"].as_f64());
+    if let Some(r) = l03_ratio {
+        println!("lesson 03's MLP reached FD/floor {r:.2} with {} steps; the UNet {:.2}", l03.as_ref().unwrap()["mnist"]["train_steps"], report.fd_over_floor);
+    }
+    run.write_metrics(json!({
+        "network": config, "parameters": _vs.variables().values().map(|t| t.numel()).sum::<usize>(),
+        "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,
+        "bf16": args.bf16,
+        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().min(100).max(1) as f64,
+        "sample_steps": sample_steps, "sample_images_per_second": n as f64 / sample_seconds, "samples": report,
+        "lesson03_fd_over_floor": l03_ratio,
+    }))?;
+    println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
+    Ok(())
+}
+
+/// Prints and draws the parameters of each top-level block.
+fn architecture_summary(run: &scratch_diffusion::cli::Run, config: &UNetConfig) -> Result<()> {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let _ = UNet::new(vs.root(), config.clone());
+    let rows = UNet::parameter_summary(&vs);
+    let total: i64 = rows.iter().map(|r| r.1).sum();
+    println!("UNet {:?}: {total} parameters", config.block_out_channels);
+    for (name, count) in &rows {
+        println!("  {name:<16} {count:>9}");
+    }
+    let names: Vec<String> = rows.iter().map(|r| r.0.replace("_blocks", "")).collect();
+    plot::bars(&run.path("architecture.png"), &format!("UNet parameters per block ({total} in all)"), "parameters", &names, &[("parameters", rows.iter().map(|r| r.1 as f64).collect())])
+}

@@ -1,0 +1,151 @@
+//! Benchmarks (not tests): training steps/s and sampled images/s of the lesson 04 UNet at its default batch size,
+//! f32 vs bf16, with 1 and 2 threads, and the peak resident memory of each configuration.
+//!
+//! `cargo run --release --bin bench` prints a table and writes out/bench/bench.json. Each configuration runs in its
+//! own process (this binary re-invoked with `--one`), so thread counts and peak memory do not leak between them.
+//! Compare numbers only within one run: the machine's load changes from minute to minute.
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use scratch_diffusion::diffusion::schedule::NoiseSchedule;
+use scratch_diffusion::nn::unet::{UNet, UNetConfig};
+use scratch_diffusion::sampling::ddpm::PosteriorVariance;
+use scratch_diffusion::train::ddpm::{l_simple, sample, EpsModel};
+use scratch_diffusion::train::trainer::{Trainer, TrainerConfig};
+use serde_json::json;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark the lesson 04 UNet: training steps/s and sampled images/s, f32 vs bf16, 1 vs 2 threads")]
+struct Args {
+    /// Training steps to time per configuration (after 2 warm-up steps).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..))]
+    train_steps: u64,
+    /// Reverse steps to time per configuration; images/s is reported for a full sampling run of --sample-steps.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    timed_reverse_steps: u64,
+    /// Reverse steps of a full sampling run (lesson 04's default).
+    #[arg(long, default_value_t = 100)]
+    sample_steps: u64,
+    /// Batch size (lesson 04's default).
+    #[arg(long, default_value_t = 64)]
+    batch: i64,
+    /// Where to write bench.json.
+    #[arg(long, default_value = "out/bench")]
+    out: std::path::PathBuf,
+    /// Internal: run one configuration ("f32" or "bf16", threads) and print its JSON.
+    #[arg(long, num_args = 2, hide = true)]
+    one: Option<Vec<String>>,
+}
+
+fn main() {
+    scratch_diffusion::cli::lesson_main(|| {
+        let args = Args::parse();
+        match &args.one {
+            Some(v) => one(&args, &v[0], v[1].parse().context("threads")?),
+            None => all(&args),
+        }
+    })
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1024.0
+}
+
+/// One configuration, in this process.
+fn one(args: &Args, dtype: &str, threads: i32) -> Result<()> {
+    tch::set_num_threads(threads);
+    tch::manual_seed(0);
+    let bf16 = match dtype {
+        "f32" => false,
+        "bf16" => true,
+        other => bail!("unknown dtype {other}"),
+    };
+    let config = UNetConfig::mnist();
+    let sched = NoiseSchedule::ddpm(1000);
+    let alpha_bar = sched.to_tensor_alpha_bar(Device::Cpu);
+    let master = VarStore::new(Device::Cpu);
+    let model = UNet::new(master.root(), config.clone());
+    let mut compute = bf16.then(|| VarStore::new(Device::Cpu));
+    let compute_model = compute.as_ref().map(|c| UNet::new(c.root(), config.clone()));
+    if let Some(c) = compute.as_mut() {
+        c.set_kind(Kind::BFloat16);
+    }
+    let data = Tensor::rand([512, 1, 28, 28], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let cfg = TrainerConfig { steps: 1000, batch_size: args.batch, lr: 1e-3, warmup: 10, ema_decay: Some(0.995), bf16, ..Default::default() };
+    let mut trainer = Trainer::new(&master, cfg)?;
+    let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+    let mut loss_fn = |batch: &[Tensor], _: usize| {
+        let net: &dyn EpsModel = compute_model.as_ref().map_or(&model as &dyn EpsModel, |m| m as &dyn EpsModel);
+        l_simple(net, &alpha_bar, &batch[0].to_kind(kind))
+    };
+    for _ in 0..2 {
+        trainer.step(&master, compute.as_mut(), &[&data], &mut loss_fn)?;
+    }
+    let t0 = std::time::Instant::now();
+    for _ in 0..args.train_steps {
+        trainer.step(&master, compute.as_mut(), &[&data], &mut loss_fn)?;
+    }
+    let train_steps_per_s = args.train_steps as f64 / t0.elapsed().as_secs_f64();
+    // sampling: the f32 model, or the bf16 copy with bf16 inputs
+    let sampler: &dyn EpsModel = compute_model.as_ref().map_or(&model as &dyn EpsModel, |m| m as &dyn EpsModel);
+    let cast = CastTo { inner: sampler, kind };
+    let _ = sample(&cast, &sched, 2, &[args.batch, 1, 28, 28], PosteriorVariance::BetaTilde, args.batch, Device::Cpu, &mut |_, _| {});
+    let t0 = std::time::Instant::now();
+    let _ = sample(&cast, &sched, args.timed_reverse_steps as usize, &[args.batch, 1, 28, 28], PosteriorVariance::BetaTilde, args.batch, Device::Cpu, &mut |_, _| {});
+    let per_step = t0.elapsed().as_secs_f64() / args.timed_reverse_steps as f64;
+    let images_per_s = args.batch as f64 / (per_step * args.sample_steps as f64);
+    println!("{}", json!({"dtype": dtype, "threads": threads, "train_steps_per_s": train_steps_per_s, "sample_images_per_s": images_per_s, "peak_rss_mib": peak_rss_mib()}));
+    Ok(())
+}
+
+/// Runs a model in another dtype and returns f32, so the f32 sampler can drive a bf16 network.
+struct CastTo<'a> {
+    inner: &'a dyn EpsModel,
+    kind: Kind,
+}
+impl EpsModel for CastTo<'_> {
+    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
+        self.inner.eps(&x_t.to_kind(self.kind), t, train).to_kind(Kind::Float)
+    }
+}
+
+/// Every configuration, each in a child process; prints the table and writes bench.json.
+fn all(args: &Args) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut rows = Vec::new();
+    println!("lesson 04 UNet {:?}, batch {}, {} reverse steps per sample", UNetConfig::mnist().block_out_channels, args.batch, args.sample_steps);
+    println!("{:<6} {:>7} {:>16} {:>18} {:>14}", "dtype", "threads", "train steps/s", "sampled images/s", "peak RSS MiB");
+    for dtype in ["f32", "bf16"] {
+        for threads in [1, 2] {
+            let out = std::process::Command::new(&exe)
+                .args(["--one", dtype, &threads.to_string(), "--batch", &args.batch.to_string()])
+                .args(["--train-steps", &args.train_steps.to_string(), "--timed-reverse-steps", &args.timed_reverse_steps.to_string()])
+                .args(["--sample-steps", &args.sample_steps.to_string()])
+                .output()?;
+            if !out.status.success() {
+                bail!("benchmark {dtype}/{threads} failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let row: serde_json::Value = serde_json::from_slice(&out.stdout).context("child output")?;
+            println!(
+                "{:<6} {:>7} {:>16.3} {:>18.2} {:>14.0}",
+                dtype, threads, row["train_steps_per_s"].as_f64().unwrap_or(f64::NAN), row["sample_images_per_s"].as_f64().unwrap_or(f64::NAN), row["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+            );
+            rows.push(row);
+        }
+    }
+    let get = |d: &str, t: i64, k: &str| rows.iter().find(|r| r["dtype"] == d && r["threads"] == t).and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN);
+    let ratios = json!({
+        "train_bf16_over_f32_2threads": get("bf16", 2, "train_steps_per_s") / get("f32", 2, "train_steps_per_s"),
+        "sample_bf16_over_f32_2threads": get("bf16", 2, "sample_images_per_s") / get("f32", 2, "sample_images_per_s"),
+        "train_2threads_over_1thread_f32": get("f32", 2, "train_steps_per_s") / get("f32", 1, "train_steps_per_s"),
+        "sample_2threads_over_1thread_f32": get("f32", 2, "sample_images_per_s") / get("f32", 1, "sample_images_per_s"),
+    });
+    println!("ratios (same run): {}", serde_json::to_string_pretty(&ratios)?);
+    scratch_diffusion::cli::ensure_writable_dir(&args.out)?;
+    let path = args.out.join("bench.json");
+    scratch_diffusion::cli::write_atomic(&path, serde_json::to_string_pretty(&json!({"unet": UNetConfig::mnist(), "batch": args.batch, "sample_steps": args.sample_steps, "rows": rows, "ratios": ratios}))?.as_bytes())?;
+    println!("wrote {}", path.display());
+    Ok(())
+}

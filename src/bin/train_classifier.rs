@@ -1,0 +1,106 @@
+//! Trains the MNIST classifier that grades generated samples (src/eval/classifier.rs) and saves its weights with
+//! their config beside them. The shipped `data/classifier/mnist_cnn.safetensors` was made by
+//! `cargo run --release --bin train_classifier` (see data/classifier/README.md).
+use anyhow::Result;
+use clap::Parser;
+use scratch_diffusion::cli::{lesson_main, progress, CommonArgs};
+use scratch_diffusion::data::mnist::{self, Mnist};
+use scratch_diffusion::eval::classifier::{steps_per_epoch, train_classifier, ClassifierConfig, MnistClassifier};
+use scratch_diffusion::train::checkpoint;
+use serde_json::json;
+use std::path::PathBuf;
+
+/// Training images used by --quick: enough to see the loss fall, small enough for a few seconds.
+const QUICK_IMAGES: i64 = 2048;
+
+/// Train the MNIST classifier used to grade generated digits (Fréchet distance, class histogram, confidence).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Passes over the 60 000 training images [default: 6, or 1 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    epochs: Option<u64>,
+    /// Images per step.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(i64).range(2..=4096))]
+    batch: i64,
+    /// Peak learning rate of Adam.
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Where to write the weights (the config goes beside them as .json)
+    /// [default: data/classifier/mnist_cnn.safetensors, or <out>/mnist_cnn.safetensors with --quick].
+    #[arg(long, value_name = "PATH")]
+    weights: Option<PathBuf>,
+}
+
+fn main() {
+    lesson_main(|| run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    let run = args.common.init("train_classifier")?;
+    anyhow::ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr {} must be a positive number", args.lr);
+    let epochs = args.epochs.unwrap_or(if run.quick { 1 } else { 6 }) as usize;
+    let weights = args.weights.clone().unwrap_or_else(|| {
+        if run.quick {
+            run.path("mnist_cnn.safetensors") // never overwrite the shipped weights from a smoke test
+        } else {
+            PathBuf::from(scratch_diffusion::eval::classifier::SHIPPED_WEIGHTS)
+        }
+    });
+    let mut data = mnist::load(&run.data_dir)?;
+    if run.quick {
+        data = Mnist {
+            train_images: data.train_images.narrow(0, 0, QUICK_IMAGES),
+            train_labels: data.train_labels.narrow(0, 0, QUICK_IMAGES),
+            ..data
+        };
+    }
+    let config = ClassifierConfig::mnist();
+    let model = MnistClassifier::new(config.clone(), run.device);
+    let params: i64 = model.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    println!("classifier {config:?}: {params} parameters; {epochs} epochs on {} images", data.train_images.size()[0]);
+
+    let steps = steps_per_epoch(data.train_images.size()[0], args.batch);
+    let bar = progress((epochs * steps) as u64, "train");
+    let (mut epoch_loss, mut per_epoch) = (0.0, Vec::new());
+    let start = std::time::Instant::now();
+    train_classifier(&model, &data, epochs, args.batch, args.lr, run.seed, &mut |epoch, step, loss| {
+        bar.inc(1);
+        bar.set_message(format!("loss {loss:.4}"));
+        epoch_loss += loss / steps as f64;
+        if step + 1 == steps {
+            let acc = model.accuracy(&data.test_images, &data.test_labels);
+            let t = start.elapsed().as_secs_f64();
+            // a plain line even when the bar is hidden (stderr not a terminal)
+            bar.suspend(|| {
+                println!(
+                    "epoch {}/{epochs}: mean loss {epoch_loss:.4}, test accuracy {:.2} %, {t:.0} s",
+                    epoch + 1,
+                    100.0 * acc
+                )
+            });
+            per_epoch.push(json!({"epoch": epoch + 1, "mean_loss": epoch_loss, "test_accuracy": acc, "time_s": t}));
+            epoch_loss = 0.0;
+        }
+    })?;
+    bar.finish_and_clear();
+    let train_time_s = start.elapsed().as_secs_f64();
+    let accuracy = model.accuracy(&data.test_images, &data.test_labels);
+
+    checkpoint::save(&model.vs, &weights, &config)?;
+    let bytes = std::fs::metadata(&weights).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "test accuracy {:.2} % after {train_time_s:.0} s on {} threads; wrote {} ({bytes} bytes) and its .json",
+        100.0 * accuracy,
+        tch::get_num_threads(),
+        weights.display()
+    );
+    run.write_metrics(json!({
+        "config": config, "parameters": params, "epochs": epochs, "batch": args.batch, "lr": args.lr,
+        "test_accuracy": accuracy, "train_time_s": train_time_s, "per_epoch": per_epoch,
+        "weights": weights.display().to_string(), "weights_bytes": bytes,
+    }))?;
+    Ok(())
+}
