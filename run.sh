@@ -5,7 +5,7 @@
 #                                   point cargo at that libtorch; then build and run lesson01 with FLAGS
 #   ./run.sh test                   same set-up, then the whole test suite (cargo test) and the book (mdbook build)
 #
-# Other commands: ./run.sh setup | build | book | fetch-mnist | bench (later lessons).
+# Other commands: ./run.sh setup | build | book | bench | fetch-mnist.
 # After set-up, plain `cargo run --release --bin lesson01` and `./target/release/lesson01` work too: set-up writes
 # .cargo/config.toml (not committed) with the libtorch location, and build.rs bakes an rpath into every binary.
 set -euo pipefail
@@ -65,10 +65,12 @@ case "$cmd" in
     echo "book built: book/book/index.html" ;;
   book)
     setup; mdbook build book; echo "book built: book/book/index.html (or: mdbook serve book --open)" ;;
+  bench)
+    setup; cargo build --release --bin bench; exec ./target/release/bench "$@" ;;
   fetch-mnist)
     exec bash data/mnist/fetch.sh ;;
   help|-h|--help)
     sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
-    die "unknown command '$cmd': use lesson NN, test, setup, build, book or fetch-mnist" ;;
+    die "unknown command '$cmd': use lesson NN, test, setup, build, book, bench or fetch-mnist" ;;
 esac

@@ -7,7 +7,7 @@
 use anyhow::Result;
 use clap::Parser;
 use plotters::style::{Color, RED, WHITE};
-use scratch_diffusion::cli::{lesson_main, log_line, progress, CommonArgs};
+use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs};
 use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::ladder;
 use scratch_diffusion::eval::score_error::{score_errors, ScoreErrors};
@@ -45,13 +45,6 @@ struct Args {
     /// Smallest noise level σ_L.
     #[arg(long, default_value_t = 0.1, value_parser = positive)]
     sigma_min: f64,
-}
-
-fn positive(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("'{s}' is not a positive number")),
-    }
 }
 
 fn main() {

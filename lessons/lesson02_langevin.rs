@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use plotters::style::{Color, BLUE, RED, WHITE};
-use scratch_diffusion::cli::{lesson_main, log_line, progress, CommonArgs, Run};
+use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run};
 use scratch_diffusion::data::{mnist, toy2d::GaussianMixture};
 use scratch_diffusion::diffusion::ladder;
 use scratch_diffusion::eval::sample_quality::{energy_distance, mode_weight_error, mode_weights};
@@ -51,13 +51,6 @@ struct Args {
     /// Skip the MNIST part.
     #[arg(long)]
     skip_mnist: bool,
-}
-
-fn positive(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("'{s}' is not a positive number")),
-    }
 }
 
 fn main() {

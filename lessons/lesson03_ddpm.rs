@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use plotters::style::{Color, WHITE};
-use scratch_diffusion::cli::{lesson_main, log_line, progress, CommonArgs, Run};
+use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run};
 use scratch_diffusion::data::{mnist, toy2d::GaussianMixture};
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::eval::{classifier::MnistClassifier, frechet::evaluate_samples, sample_quality};
@@ -31,14 +31,14 @@ struct Args {
     /// Diffusion steps T.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=4000))]
     timesteps: u64,
-    /// MNIST training steps [default: 3000, or 40 with --quick].
+    /// MNIST training steps [default: 1000 (lesson 04's budget), or 40 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// Images per training batch.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(1..=4096))]
     batch: i64,
     /// Peak learning rate (AdamW, warm-up then cosine decay).
-    #[arg(long, default_value_t = 1e-3, value_parser = positive)]
+    #[arg(long, default_value_t = 2e-3, value_parser = positive)]
     lr: f64,
     /// Reverse steps when sampling MNIST (T = Algorithm 2 exactly; fewer = evenly respaced timesteps).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -55,13 +55,6 @@ struct Args {
     /// Continue an interrupted MNIST training run from OUT/checkpoint.safetensors.
     #[arg(long)]
     resume: bool,
-}
-
-fn positive(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("'{s}' is not a positive number")),
-    }
 }
 
 fn parse_variance(s: &str) -> Result<PosteriorVariance, String> {
@@ -94,7 +87,11 @@ fn run(args: Args) -> Result<()> {
 
 /// β_t, ᾱ_t and the signal-to-noise ratio of the three schedules.
 fn draw_schedules(run: &Run, t_max: usize) -> Result<()> {
-    let all = [("linear", NoiseSchedule::ddpm(t_max)), ("cosine", NoiseSchedule::cosine(t_max)), ("scaled-linear", NoiseSchedule::scaled_linear(t_max))];
+    let all = [
+        ("linear", NoiseSchedule::ddpm(t_max)),
+        ("cosine", NoiseSchedule::cosine(t_max)),
+        ("scaled-linear", NoiseSchedule::scaled_linear(t_max)),
+    ];
     let series = |f: &dyn Fn(&NoiseSchedule, usize) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
         all.iter().map(|(n, s)| (n.to_string(), (0..t_max).map(|t| (t as f64, f(s, t))).collect())).collect()
     };
@@ -121,7 +118,8 @@ fn draw_schedules(run: &Run, t_max: usize) -> Result<()> {
 /// Eight test digits noised with q(x_t | x₀) at increasing t.
 fn draw_forward_strip(run: &Run, sched: &NoiseSchedule, images: &Tensor) -> Result<()> {
     let t_max = sched.num_steps();
-    let ts: Vec<usize> = [0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0].iter().map(|f| ((t_max - 1) as f64 * f).round() as usize).collect();
+    let ts: Vec<usize> =
+        [0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0].iter().map(|f| ((t_max - 1) as f64 * f).round() as usize).collect();
     let x0 = images.narrow(0, 0, 8) * 2.0 - 1.0; // (8, 1, 28, 28) in [−1, 1]
     let ab = sched.to_tensor_alpha_bar(Device::Cpu);
     let mut tiles = Vec::new();
@@ -132,16 +130,34 @@ fn draw_forward_strip(run: &Run, sched: &NoiseSchedule, images: &Tensor) -> Resu
             // ANCHOR: q_sample
             let eps = x0.get(k).unsqueeze(0).randn_like();
             let x_t = scratch_diffusion::diffusion::forward::q_sample(&ab, &x0.get(k).unsqueeze(0), &tt, &eps); // [DDPM] eq. 4
-            // ANCHOR_END: q_sample
+                                                                                                                // ANCHOR_END: q_sample
             tiles.push(to_unit(&x_t).squeeze_dim(0));
             labels.push(format!("t={t}"));
         }
     }
-    plot::image_grid(&run.path("forward_noising.png"), "q(x_t | x₀): MNIST digits noised at increasing t", &Tensor::stack(&tiles, 0), ts.len(), 3, &labels)
+    plot::image_grid(
+        &run.path("forward_noising.png"),
+        "q(x_t | x₀): MNIST digits noised at increasing t",
+        &Tensor::stack(&tiles, 0),
+        ts.len(),
+        3,
+        &labels,
+    )
 }
 
 fn trainer_config(run: &Run, steps: usize, batch: i64, lr: f64, bf16: bool) -> TrainerConfig {
-    TrainerConfig { steps, batch_size: batch, lr, warmup: steps / 20, ema_decay: Some(0.999), checkpoint_every: 500, bf16, seed: run.seed, grad_clip: Some(1.0), ..Default::default() }
+    TrainerConfig {
+        steps,
+        batch_size: batch,
+        lr,
+        warmup: steps / 20,
+        ema_decay: Some(0.999),
+        checkpoint_every: 500,
+        bf16,
+        seed: run.seed,
+        grad_clip: Some(1.0),
+        ..Default::default()
+    }
 }
 
 /// DDPM on the two-mode mixture of lessons 01–02, scaled by 1/5 so the data is of unit size like the N(0, I) the
@@ -153,15 +169,37 @@ fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
     let steps = if run.quick { 400 } else { 4000 };
     let cfg = trainer_config(run, steps, 256, 2e-3, false);
     let bar = progress(steps as u64, "toy");
-    let (_vs, model, _) =
-        train_eps_model(|p| EpsMlp::new(p, EpsMlpConfig::toy2d()), &data, sched, &cfg, run.device, None, false, &mut |_| bar.inc(1), &[], &mut |_, _| {})?;
+    let (_vs, model, _) = train_eps_model(
+        |p| EpsMlp::new(p, EpsMlpConfig::toy2d()),
+        &data,
+        sched,
+        &cfg,
+        run.device,
+        None,
+        false,
+        &mut |_| bar.inc(1),
+        &[],
+        &mut |_, _| {},
+    )?;
     bar.finish_and_clear();
     let n = 2000;
-    let x = sample(&model, sched, sched.num_steps(), &[n, 2], PosteriorVariance::BetaTilde, n, run.device, &mut |_, _| {}) / SCALE;
+    let x = sample(
+        &model,
+        sched,
+        sched.num_steps(),
+        &[n, 2],
+        PosteriorVariance::BetaTilde,
+        None,
+        n,
+        run.device,
+        &mut |_, _| {},
+    ) / SCALE;
     let truth = p.sample(n, run.device);
     let (err, ed) = (sample_quality::mode_weight_error(&p, &x), sample_quality::energy_distance(&x, &truth));
     let small = sample_quality::mode_weights(&p, &x)[0];
-    println!("toy: DDPM small-mode weight {small:.3} (true 0.200), mode-weight error {err:.3}, energy distance {ed:.4}");
+    println!(
+        "toy: DDPM small-mode weight {small:.3} (true 0.200), mode-weight error {err:.3}, energy distance {ed:.4}"
+    );
     let (lo, hi) = p.bounds();
     let dens: Vec<f64> = Vec::<f64>::try_from(p.log_prob(&plot::grid_points(lo, hi, 100).to_kind(Kind::Double)).exp())?;
     let top = dens.iter().cloned().fold(0.0, f64::max);
@@ -176,13 +214,16 @@ fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
         "DDPM on the two-mode mixture",
         2,
         420,
-        &[panel("exact samples".into(), &truth), panel(format!("DDPM, {} steps (small mode {:.0} %)", sched.num_steps(), 100.0 * small), &x)],
+        &[
+            panel("exact samples".into(), &truth),
+            panel(format!("DDPM, {} steps (small mode {:.0} %)", sched.num_steps(), 100.0 * small), &x),
+        ],
     )?;
     Ok(json!({"train_steps": steps, "small_mode_weight": small, "mode_weight_error": err, "energy_distance": ed}))
 }
 
 fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist) -> Result<serde_json::Value> {
-    let steps = args.steps.unwrap_or(if run.quick { 40 } else { 3000 }) as usize;
+    let steps = args.steps.unwrap_or(if run.quick { 40 } else { 1000 }) as usize;
     let n = args.num_samples.unwrap_or(if run.quick { 32 } else { 500 });
     let config = if run.quick { EpsMlpConfig::tiny(784) } else { EpsMlpConfig::mnist() };
     // ANCHOR: train
@@ -217,14 +258,31 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
     let sample_steps = args.sample_steps as usize;
     let mut traj = Trajectory::new(4, sample_steps.min(sched.num_steps()), 8);
     let bar = progress(n as u64 * sample_steps.min(sched.num_steps()) as u64, "sample");
-    let x = sample(&model, sched, sample_steps, &[n, 1, 28, 28], args.variance, 250, run.device, &mut |start, st| {
-        traj.record(start, &st);
-        bar.inc(st.x_t.size()[0] as u64);
-    });
+    let x = sample(
+        &model,
+        sched,
+        sample_steps,
+        &[n, 1, 28, 28],
+        args.variance,
+        Some((-1.0, 1.0)),
+        250,
+        run.device,
+        &mut |start, st| {
+            traj.record(start, &st);
+            bar.inc(st.x_t.size()[0] as u64);
+        },
+    );
     bar.finish_and_clear();
     let samples = to_unit(&x).to_device(Device::Cpu); // (n, 1, 28, 28) in [0, 1]
-    // ANCHOR_END: sample
-    plot::image_grid(&run.path("samples.png"), "Lesson 03: DDPM samples from the MLP", &samples.narrow(0, 0, n.min(64)), 8, 3, &[])?;
+                                                      // ANCHOR_END: sample
+    plot::image_grid(
+        &run.path("samples.png"),
+        "Lesson 03: DDPM samples from the MLP",
+        &samples.narrow(0, 0, n.min(64)),
+        8,
+        3,
+        &[],
+    )?;
     traj.draw(&run.path("trajectory.png"), "Reverse process: x_t and the predicted x̂₀ (rows) as t falls (columns)")?;
 
     // ANCHOR: evaluate

@@ -6,7 +6,7 @@
 //! Chapter 04 walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, log_line, progress, CommonArgs};
+use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::eval::{classifier::MnistClassifier, frechet::evaluate_samples};
@@ -47,13 +47,6 @@ struct Args {
     resume: bool,
 }
 
-fn positive(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
-        _ => Err(format!("'{s}' is not a positive number")),
-    }
-}
-
 fn main() {
     lesson_main(|| run(Args::parse()))
 }
@@ -71,7 +64,7 @@ fn run(args: Args) -> Result<()> {
         batch_size: args.batch,
         lr: args.lr,
         warmup: steps / 20,
-        ema_decay: Some(0.995), // a ~200-step horizon: longer would average in the early, poor weights of a short run
+        ema_decay: Some(0.999), // in a short run the warm-up min(β, (1+t)/(10+t)) sets the horizon (chapter 04)
         grad_clip: Some(1.0),
         checkpoint_every: 250,
         bf16: args.bf16,
@@ -87,7 +80,17 @@ fn run(args: Args) -> Result<()> {
     let mut snapshots: Vec<(usize, Tensor)> = Vec::new();
     let snapshot = |net: &dyn scratch_diffusion::train::ddpm::EpsModel| {
         tch::manual_seed(1234); // the same starting noise at every snapshot
-        let x = sample(net, &sched, 50, &[16, 1, 28, 28], PosteriorVariance::Beta, 16, run.device, &mut |_, _| {});
+        let x = sample(
+            net,
+            &sched,
+            50,
+            &[16, 1, 28, 28],
+            PosteriorVariance::Beta,
+            Some((-1.0, 1.0)),
+            16,
+            run.device,
+            &mut |_, _| {},
+        );
         to_unit(&x).to_device(Device::Cpu)
     };
     let bar = progress(steps as u64, "train");
@@ -118,7 +121,8 @@ fn run(args: Args) -> Result<()> {
     run.write_loss_csv("loss.csv", &["l_simple"], &rows)?;
     plot::loss_curve(&run.path("loss.png"), "Lesson 04: L_simple of the UNet", &[("L_simple", &outcome.losses)])?;
     if !snapshots.is_empty() {
-        let labels: Vec<String> = snapshots.iter().flat_map(|(s, x)| (0..x.size()[0]).map(move |_| format!("step {s}"))).collect();
+        let labels: Vec<String> =
+            snapshots.iter().flat_map(|(s, x)| (0..x.size()[0]).map(move |_| format!("step {s}"))).collect();
         let all = Tensor::cat(&snapshots.iter().map(|(_, x)| x.shallow_clone()).collect::<Vec<_>>(), 0);
         plot::image_grid(&run.path("samples_over_training.png"), "The same 16 starting noises sampled after 25, 50, 75 % of training (current weights) and at the end (EMA), 50 steps", &all, 16, 2, &labels)?;
     }
@@ -129,15 +133,32 @@ fn run(args: Args) -> Result<()> {
     let bar = progress(n as u64 * sample_steps as u64, "sample");
     let started = std::time::Instant::now();
     // σ_t² = β_t: with few (respaced) steps the small choice β̃_t under-disperses the samples (chapter 03)
-    let x = sample(&model, &sched, sample_steps, &[n, 1, 28, 28], PosteriorVariance::Beta, 250, run.device, &mut |start, st| {
-        traj.record(start, &st);
-        bar.inc(st.x_t.size()[0] as u64);
-    });
+    let x = sample(
+        &model,
+        &sched,
+        sample_steps,
+        &[n, 1, 28, 28],
+        PosteriorVariance::Beta,
+        Some((-1.0, 1.0)),
+        250,
+        run.device,
+        &mut |start, st| {
+            traj.record(start, &st);
+            bar.inc(st.x_t.size()[0] as u64);
+        },
+    );
     let sample_seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let samples = to_unit(&x).to_device(Device::Cpu);
     // ANCHOR_END: sample
-    plot::image_grid(&run.path("samples.png"), "Lesson 04: DDPM samples from the UNet", &samples.narrow(0, 0, n.min(64)), 8, 3, &[])?;
+    plot::image_grid(
+        &run.path("samples.png"),
+        "Lesson 04: DDPM samples from the UNet",
+        &samples.narrow(0, 0, n.min(64)),
+        8,
+        3,
+        &[],
+    )?;
     traj.draw(&run.path("trajectory.png"), "Reverse process: x_t and the predicted x̂₀ (rows) as t falls (columns)")?;
 
     let clf = MnistClassifier::load_shipped(Device::Cpu)?;
@@ -147,10 +168,16 @@ fn run(args: Args) -> Result<()> {
         outcome.seconds, n as f64 / sample_seconds, report.frechet_distance, report.frechet_floor, report.fd_over_floor, report.entropy_over_max, report.mean_confidence
     );
     // the comparison with lesson 03, when its metrics are there
-    let l03 = std::fs::read_to_string("out/lesson03/metrics.json").ok().and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+    let l03 = std::fs::read_to_string("out/lesson03/metrics.json")
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
     let l03_ratio = l03.as_ref().and_then(|m| m["mnist"]["samples"]["fd_over_floor"].as_f64());
     if let Some(r) = l03_ratio {
-        println!("lesson 03's MLP reached FD/floor {r:.2} with {} steps; the UNet {:.2}", l03.as_ref().unwrap()["mnist"]["train_steps"], report.fd_over_floor);
+        println!(
+            "lesson 03's MLP reached FD/floor {r:.2} with {} steps; the UNet {:.2}",
+            l03.as_ref().unwrap()["mnist"]["train_steps"],
+            report.fd_over_floor
+        );
     }
     run.write_metrics(json!({
         "network": config, "parameters": _vs.variables().values().map(|t| t.numel()).sum::<usize>(),
@@ -175,5 +202,11 @@ fn architecture_summary(run: &scratch_diffusion::cli::Run, config: &UNetConfig) 
         println!("  {name:<16} {count:>9}");
     }
     let names: Vec<String> = rows.iter().map(|r| r.0.replace("_blocks", "")).collect();
-    plot::bars(&run.path("architecture.png"), &format!("UNet parameters per block ({total} in all)"), "parameters", &names, &[("parameters", rows.iter().map(|r| r.1 as f64).collect())])
+    plot::bars(
+        &run.path("architecture.png"),
+        &format!("UNet parameters per block ({total} in all)"),
+        "parameters",
+        &names,
+        &[("parameters", rows.iter().map(|r| r.1 as f64).collect())],
+    )
 }

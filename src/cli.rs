@@ -46,6 +46,14 @@ fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
     }
 }
 
+/// A clap value parser for flags that must be a positive, finite number (learning rates, step sizes, noise levels).
+pub fn positive(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number")),
+    }
+}
+
 /// A lesson run: where outputs go, the device, the seed and the budget.
 #[derive(Debug, Clone)]
 pub struct Run {

@@ -18,7 +18,7 @@ pub struct EpsMlpConfig {
 }
 
 impl EpsMlpConfig {
-    /// Lesson 03's MNIST network: 784 + 128 → 3 × 1024 → 784 (about 3.0 M parameters).
+    /// Lesson 03's MNIST network: 784 + 128 → 3 × 1024 → 784 (about 3.8 M parameters).
     pub fn mnist() -> Self {
         Self { dim: 784, hidden: 1024, depth: 3, emb_dim: 128 }
     }

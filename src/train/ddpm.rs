@@ -83,7 +83,8 @@ pub fn train_eps_model<M: EpsModel>(
 }
 
 /// Draws `n` samples with DDPM ancestral sampling ([DDPM] Algorithm 2) over `steps` evenly respaced timesteps
-/// (`steps` = T is Algorithm 2 itself), predicted x̂₀ clipped to the data range [−1, 1]. `cb` sees every step.
+/// (`steps` = T is Algorithm 2 itself), the predicted x̂₀ clipped to `clip` (images: the data range [−1, 1]).
+/// `cb` sees every step.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     model: &dyn EpsModel,
@@ -91,6 +92,7 @@ pub fn sample(
     steps: usize,
     shape: &[i64],
     variance: PosteriorVariance,
+    clip: Option<(f64, f64)>,
     batch: i64,
     device: Device,
     cb: &mut dyn FnMut(i64, DdpmStep),
@@ -105,7 +107,7 @@ pub fn sample(
         s[0] = b;
         let x_t = Tensor::randn(s.as_slice(), (Kind::Float, device)); // x_T ~ N(0, I)
         let eps = |x: &Tensor, t: &Tensor| tch::no_grad(|| model.eps(x, t, false));
-        chunks.push(ddpm_sample(eps, &respaced, &timesteps, x_t, variance, Some((-1.0, 1.0)), &mut |st| cb(start, st)));
+        chunks.push(ddpm_sample(eps, &respaced, &timesteps, x_t, variance, clip, &mut |st| cb(start, st)));
         start += b;
     }
     Tensor::cat(&chunks, 0)
@@ -189,10 +191,13 @@ mod tests {
         let oracle = GaussianOracle { mu, s2, alpha_bar: ab.shallow_clone() };
         let x0 = Tensor::randn([200_000, 1], (Kind::Float, Device::Cpu)) * s2.sqrt() + mu;
         let loss = l_simple(&oracle, &ab, &x0).double_value(&[]);
-        let want: f64 = (0..1000).map(|t| {
-            let a = sched.alpha_bar(t);
-            a * s2 / (a * s2 + 1.0 - a)
-        }).sum::<f64>() / 1000.0;
+        let want: f64 = (0..1000)
+            .map(|t| {
+                let a = sched.alpha_bar(t);
+                a * s2 / (a * s2 + 1.0 - a)
+            })
+            .sum::<f64>()
+            / 1000.0;
         assert!((loss - want).abs() < 0.01, "{loss} vs {want}");
     }
 
@@ -204,7 +209,10 @@ mod tests {
         let mut calls = 0;
         // σ_t² = β_t: at 100 respaced steps it over-disperses this data by a few per cent, while β̃_t would
         // under-disperse it by over 10 % (see the oracle tests in src/sampling/ddpm.rs)
-        let x = sample(&oracle, &sched, 100, &[6000, 1], PosteriorVariance::Beta, 2500, Device::Cpu, &mut |_, _| calls += 1);
+        let x =
+            sample(&oracle, &sched, 100, &[6000, 1], PosteriorVariance::Beta, None, 2500, Device::Cpu, &mut |_, _| {
+                calls += 1
+            });
         assert_eq!(calls, 3 * 100, "three batches of 100 steps");
         let (m, v) = (x.mean(Kind::Double).double_value(&[]), x.var(true).double_value(&[]));
         assert!((m + 0.5).abs() < 0.02 && (v / 0.09 - 1.0).abs() < 0.08, "{m} {v}");
