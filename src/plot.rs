@@ -381,7 +381,12 @@ fn draw_lines(area: &DrawingArea<BitMapBackend, Shift>, p: &LinePanel) -> Result
                     .label(name.as_str())
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
             }
-            chart.configure_series_labels().label_font((FONT_NAME, 12)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+            chart
+                .configure_series_labels()
+                .label_font((FONT_NAME, 12))
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
         }};
     }
     if p.log_y {

@@ -50,7 +50,13 @@ fn main() {
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1024.0
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+        / 1024.0
 }
 
 /// One configuration, in this process.
@@ -73,7 +79,15 @@ fn one(args: &Args, dtype: &str, threads: i32) -> Result<()> {
         c.set_kind(Kind::BFloat16);
     }
     let data = Tensor::rand([512, 1, 28, 28], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
-    let cfg = TrainerConfig { steps: 1000, batch_size: args.batch, lr: 1e-3, warmup: 10, ema_decay: Some(0.995), bf16, ..Default::default() };
+    let cfg = TrainerConfig {
+        steps: 1000,
+        batch_size: args.batch,
+        lr: 1e-3,
+        warmup: 10,
+        ema_decay: Some(0.995),
+        bf16,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(&master, cfg)?;
     let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
     let mut loss_fn = |batch: &[Tensor], _: usize| {
@@ -91,12 +105,35 @@ fn one(args: &Args, dtype: &str, threads: i32) -> Result<()> {
     // sampling: the f32 model, or the bf16 copy with bf16 inputs
     let sampler: &dyn EpsModel = compute_model.as_ref().map_or(&model as &dyn EpsModel, |m| m as &dyn EpsModel);
     let cast = CastTo { inner: sampler, kind };
-    let _ = sample(&cast, &sched, 2, &[args.batch, 1, 28, 28], PosteriorVariance::BetaTilde, args.batch, Device::Cpu, &mut |_, _| {});
+    let _ = sample(
+        &cast,
+        &sched,
+        2,
+        &[args.batch, 1, 28, 28],
+        PosteriorVariance::BetaTilde,
+        Some((-1.0, 1.0)),
+        args.batch,
+        Device::Cpu,
+        &mut |_, _| {},
+    );
     let t0 = std::time::Instant::now();
-    let _ = sample(&cast, &sched, args.timed_reverse_steps as usize, &[args.batch, 1, 28, 28], PosteriorVariance::BetaTilde, args.batch, Device::Cpu, &mut |_, _| {});
+    let _ = sample(
+        &cast,
+        &sched,
+        args.timed_reverse_steps as usize,
+        &[args.batch, 1, 28, 28],
+        PosteriorVariance::BetaTilde,
+        Some((-1.0, 1.0)),
+        args.batch,
+        Device::Cpu,
+        &mut |_, _| {},
+    );
     let per_step = t0.elapsed().as_secs_f64() / args.timed_reverse_steps as f64;
     let images_per_s = args.batch as f64 / (per_step * args.sample_steps as f64);
-    println!("{}", json!({"dtype": dtype, "threads": threads, "train_steps_per_s": train_steps_per_s, "sample_images_per_s": images_per_s, "peak_rss_mib": peak_rss_mib()}));
+    println!(
+        "{}",
+        json!({"dtype": dtype, "threads": threads, "train_steps_per_s": train_steps_per_s, "sample_images_per_s": images_per_s, "peak_rss_mib": peak_rss_mib()})
+    );
     Ok(())
 }
 
@@ -115,13 +152,26 @@ impl EpsModel for CastTo<'_> {
 fn all(args: &Args) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
-    println!("lesson 04 UNet {:?}, batch {}, {} reverse steps per sample", UNetConfig::mnist().block_out_channels, args.batch, args.sample_steps);
-    println!("{:<6} {:>7} {:>16} {:>18} {:>14}", "dtype", "threads", "train steps/s", "sampled images/s", "peak RSS MiB");
+    println!(
+        "lesson 04 UNet {:?}, batch {}, {} reverse steps per sample",
+        UNetConfig::mnist().block_out_channels,
+        args.batch,
+        args.sample_steps
+    );
+    println!(
+        "{:<6} {:>7} {:>16} {:>18} {:>14}",
+        "dtype", "threads", "train steps/s", "sampled images/s", "peak RSS MiB"
+    );
     for dtype in ["f32", "bf16"] {
         for threads in [1, 2] {
             let out = std::process::Command::new(&exe)
                 .args(["--one", dtype, &threads.to_string(), "--batch", &args.batch.to_string()])
-                .args(["--train-steps", &args.train_steps.to_string(), "--timed-reverse-steps", &args.timed_reverse_steps.to_string()])
+                .args([
+                    "--train-steps",
+                    &args.train_steps.to_string(),
+                    "--timed-reverse-steps",
+                    &args.timed_reverse_steps.to_string(),
+                ])
                 .args(["--sample-steps", &args.sample_steps.to_string()])
                 .output()?;
             if !out.status.success() {
@@ -130,12 +180,18 @@ fn all(args: &Args) -> Result<()> {
             let row: serde_json::Value = serde_json::from_slice(&out.stdout).context("child output")?;
             println!(
                 "{:<6} {:>7} {:>16.3} {:>18.2} {:>14.0}",
-                dtype, threads, row["train_steps_per_s"].as_f64().unwrap_or(f64::NAN), row["sample_images_per_s"].as_f64().unwrap_or(f64::NAN), row["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+                dtype,
+                threads,
+                row["train_steps_per_s"].as_f64().unwrap_or(f64::NAN),
+                row["sample_images_per_s"].as_f64().unwrap_or(f64::NAN),
+                row["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
             );
             rows.push(row);
         }
     }
-    let get = |d: &str, t: i64, k: &str| rows.iter().find(|r| r["dtype"] == d && r["threads"] == t).and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN);
+    let get = |d: &str, t: i64, k: &str| {
+        rows.iter().find(|r| r["dtype"] == d && r["threads"] == t).and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN)
+    };
     let ratios = json!({
         "train_bf16_over_f32_2threads": get("bf16", 2, "train_steps_per_s") / get("f32", 2, "train_steps_per_s"),
         "sample_bf16_over_f32_2threads": get("bf16", 2, "sample_images_per_s") / get("f32", 2, "sample_images_per_s"),

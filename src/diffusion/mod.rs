@@ -1,8 +1,8 @@
 //! The noise side of diffusion: noise ladders and the denoising-score-matching objective.
-pub mod ladder;
-pub mod score_matching;
-pub mod schedule;
 pub mod forward;
+pub mod ladder;
+pub mod schedule;
+pub mod score_matching;
 
 use tch::Tensor;
 

@@ -104,7 +104,8 @@ mod tests {
     fn our_attention_equals_libtorch_sdpa() {
         tch::manual_seed(0);
         let opts = (Kind::Float, Device::Cpu);
-        let (q, k, v) = (Tensor::randn([2, 3, 5, 8], opts), Tensor::randn([2, 3, 7, 8], opts), Tensor::randn([2, 3, 7, 8], opts));
+        let (q, k, v) =
+            (Tensor::randn([2, 3, 5, 8], opts), Tensor::randn([2, 3, 7, 8], opts), Tensor::randn([2, 3, 7, 8], opts));
         let ours = scaled_dot_product_attention(&q, &k, &v, None);
         let theirs = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
         assert!((ours - theirs).abs().max().double_value(&[]) < 1e-5);
@@ -122,7 +123,9 @@ mod tests {
         let x = Tensor::randn([3, 16, 7, 7], (Kind::Float, Device::Cpu));
         assert_eq!(a.forward(&x).size(), [3, 16, 7, 7]);
         let names: Vec<String> = vs.variables().into_keys().collect();
-        for n in ["attn.group_norm.weight", "attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight", "attn.to_out.0.bias"] {
+        for n in
+            ["attn.group_norm.weight", "attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight", "attn.to_out.0.bias"]
+        {
             assert!(names.iter().any(|k| k == n), "missing {n}: {names:?}");
         }
     }

@@ -31,7 +31,15 @@ pub struct UNetConfig {
 impl UNetConfig {
     /// A tiny UNet for tests (two levels, attention at the lower one).
     pub fn tiny() -> Self {
-        Self { in_channels: 1, out_channels: 1, block_out_channels: vec![8, 16], layers_per_block: 1, attention: vec![false, true], head_dim: 8, dropout: 0.0 }
+        Self {
+            in_channels: 1,
+            out_channels: 1,
+            block_out_channels: vec![8, 16],
+            layers_per_block: 1,
+            attention: vec![false, true],
+            head_dim: 8,
+            dropout: 0.0,
+        }
     }
     /// The lesson 04 MNIST UNet: 28×28 → 14×14 → 7×7 with 32, 32 and 64 channels, self-attention at 7×7; sized so
     /// a training step of 64 images takes about half a second on 2 CPU cores (the 28×28 level costs the most).
@@ -191,7 +199,7 @@ impl UNet {
             }
         }
         self.conv_out.forward(&self.conv_norm_out.forward(&h).silu()) // (B, C_out, H, W)
-        // ANCHOR_END: unet_forward
+                                                                      // ANCHOR_END: unet_forward
     }
 
     /// Parameters per top-level block (time_embedding, conv_in, down_blocks.i, mid_block, up_blocks.i, conv_out …),
@@ -205,10 +213,11 @@ impl UNet {
                 "down_blocks" | "up_blocks" => format!("{}.{}", parts[0], parts[1]),
                 other => other.to_string(),
             };
-            let rank = ["time_embedding", "conv_in", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out"]
-                .iter()
-                .position(|p| key.starts_with(p))
-                .unwrap_or(99);
+            let rank =
+                ["time_embedding", "conv_in", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out"]
+                    .iter()
+                    .position(|p| key.starts_with(p))
+                    .unwrap_or(99);
             (rank * 100 + parts.get(1).and_then(|s| s.parse::<usize>().ok()).unwrap_or(0), key)
         };
         vars.sort_by_key(|(n, _)| order(n));
@@ -286,7 +295,13 @@ mod tests {
         assert_eq!(names.first(), Some(&"time_embedding"));
         assert!(names.contains(&"down_blocks.2") && names.contains(&"mid_block") && names.contains(&"up_blocks.0"));
         let keys: Vec<String> = vs.variables().into_keys().collect();
-        for k in ["down_blocks.0.resnets.0.conv1.weight", "down_blocks.2.attentions.0.to_q.weight", "down_blocks.0.downsamplers.0.conv.weight", "up_blocks.0.resnets.1.conv_shortcut.weight", "mid_block.attentions.0.group_norm.weight"] {
+        for k in [
+            "down_blocks.0.resnets.0.conv1.weight",
+            "down_blocks.2.attentions.0.to_q.weight",
+            "down_blocks.0.downsamplers.0.conv.weight",
+            "up_blocks.0.resnets.1.conv_shortcut.weight",
+            "mid_block.attentions.0.group_norm.weight",
+        ] {
             assert!(keys.iter().any(|x| x == k), "missing {k}");
         }
     }

@@ -1,3 +1,3 @@
 //! Samplers: plain functions from a score (or denoiser) and a noise schedule to samples.
-pub mod langevin;
 pub mod ddpm;
+pub mod langevin;

@@ -432,7 +432,6 @@ impl Trainer {
     }
 }
 
-
 /// Loads the EMA weights kept in the trainer checkpoint at `path` into `vs` (strictly, as [`checkpoint::load`]; the
 /// raw weights load with `checkpoint::load` itself).
 pub fn load_ema(vs: &mut VarStore, path: &Path) -> Result<()> {
