@@ -3,7 +3,7 @@
 //! `cargo run --release --bin train_classifier` (see data/classifier/README.md).
 use anyhow::Result;
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, progress, CommonArgs};
+use scratch_diffusion::cli::{lesson_main, positive, progress, CommonArgs};
 use scratch_diffusion::data::mnist::{self, Mnist};
 use scratch_diffusion::eval::classifier::{steps_per_epoch, train_classifier, ClassifierConfig, MnistClassifier};
 use scratch_diffusion::train::checkpoint;
@@ -15,18 +15,18 @@ const QUICK_IMAGES: i64 = 2048;
 
 /// Train the MNIST classifier used to grade generated digits (Fréchet distance, class histogram, confidence).
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, allow_negative_numbers = true)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Passes over the 60 000 training images [default: 6, or 1 with --quick].
+    /// Passes over the 60 000 training images [default: 10, or 1 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: Option<u64>,
     /// Images per step.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(i64).range(2..=4096))]
     batch: i64,
     /// Peak learning rate of Adam.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 2e-3, value_parser = positive)]
     lr: f64,
     /// Where to write the weights (the config goes beside them as .json)
     /// [default: data/classifier/mnist_cnn.safetensors, or <out>/mnist_cnn.safetensors with --quick].
@@ -40,8 +40,7 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     let run = args.common.init("train_classifier")?;
-    anyhow::ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr {} must be a positive number", args.lr);
-    let epochs = args.epochs.unwrap_or(if run.quick { 1 } else { 6 }) as usize;
+    let epochs = args.epochs.unwrap_or(if run.quick { 1 } else { 10 }) as usize;
     let weights = args.weights.clone().unwrap_or_else(|| {
         if run.quick {
             run.path("mnist_cnn.safetensors") // never overwrite the shipped weights from a smoke test

@@ -104,7 +104,9 @@ pub(crate) fn fixed_permutation(t: i64) -> Vec<i64> {
 /// [0, 1] (what one sees when they are saved as images). With n = min(N, T/2) (extra samples are not used), the
 /// fixed permutation of the test set gives two disjoint reference sets of n images: FD(samples, first set) is
 /// compared with the floor FD(second set, first set). Both use the same n because FD estimates are biased
-/// upward by roughly 1/n [Bias].
+/// upward by roughly 1/n [Bias]. The floor is itself one draw: with the shipped classifier, FD between the first
+/// reference set and other disjoint sets of real test digits ranges over about 0.7–1.4 × the floor at n = 500 or
+/// 1000, so read fd_over_floor ≲ 1.4 as "indistinguishable from real digits at this n".
 pub fn evaluate_samples(clf: &MnistClassifier, samples: &Tensor, test_images: &Tensor) -> SampleReport {
     let t = test_images.size()[0];
     let n = samples.size()[0].min(t / 2);
@@ -124,8 +126,8 @@ pub fn evaluate_samples(clf: &MnistClassifier, samples: &Tensor, test_images: &T
     let (confidence, predicted) = clf.probabilities(&samples).max_dim(1, false); // (n,), (n,)
     let counts = predicted.bincount::<Tensor>(None, NUM_CLASSES).to_kind(Kind::Double) / n as f64; // (10,)
     let class_histogram: Vec<f64> = (0..NUM_CLASSES).map(|k| counts.double_value(&[k])).collect();
-    // H = −Σ_k p_k ln p_k, with 0 ln 0 = 0
-    let class_entropy: f64 = class_histogram.iter().filter(|&&p| p > 0.0).map(|&p| -p * p.ln()).sum();
+    // H = −Σ_k p_k ln p_k = Σ_k p_k ln(1/p_k), with 0 ln 0 = 0 (the second form gives +0, not −0, for one class)
+    let class_entropy: f64 = class_histogram.iter().filter(|&&p| p > 0.0).map(|&p| p * (1.0 / p).ln()).sum();
     SampleReport {
         n,
         frechet_distance: frechet,
@@ -202,7 +204,8 @@ mod tests {
         let got = frechet_distance(&x, &y);
         assert!(rel(got, want) < 1e-6, "{got} vs {want}");
         // one dimension: d² = (μ₁ − μ₂)² + (σ₁ − σ₂)²
-        let one = |mu: f64, s: f64| with_moments(50, &Tensor::from_slice(&[mu]), &Tensor::from_slice(&[s]).view([1, 1]));
+        let one =
+            |mu: f64, s: f64| with_moments(50, &Tensor::from_slice(&[mu]), &Tensor::from_slice(&[s]).view([1, 1]));
         assert!(rel(frechet_distance(&one(1.0, 2.0), &one(-0.5, 0.5)), 1.5f64.powi(2) + 1.5f64.powi(2)) < 1e-9);
     }
 
@@ -252,7 +255,7 @@ mod tests {
             let r = evaluate_samples(&clf, &images.index_select(0, &idx), &images);
             println!("n = {n}: {r:?}");
             assert_eq!(r.n, n as i64);
-            assert!((0.75..1.33).contains(&r.fd_over_floor), "{r:?}");
+            assert!((0.6..1.6).contains(&r.fd_over_floor), "{r:?}"); // the spread of real-vs-real draws
             assert!(r.entropy_over_max > 0.99 && r.mean_confidence > 0.95, "{r:?}");
             assert!((r.class_histogram.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         }
@@ -273,25 +276,5 @@ mod tests {
         println!("only sevens: {r:?}");
         assert!(r.class_histogram[7] > 0.98 && r.entropy_over_max < 0.1 && r.mean_confidence > 0.95, "{r:?}");
         assert!(r.fd_over_floor > 10.0, "{r:?}");
-    }
-
-    #[test]
-    #[ignore]
-    fn spread_tmp() {
-        let (images, _, clf) = test_set_and_classifier();
-        let order = fixed_permutation(images.size()[0]);
-        for n in [250usize, 500, 1000, 2000] {
-            let pick = |k: usize| images.index_select(0, &Tensor::from_slice(&order[k * n..(k + 1) * n]));
-            let a = clf.features(&pick(0));
-            let floor = frechet_distance(&clf.features(&pick(1)), &a);
-            let ratios: Vec<String> = (2..10000 / n).map(|k| format!("{:.2}", frechet_distance(&clf.features(&pick(k)), &a) / floor)).collect();
-            println!("n={n} floor={floor:.3} ratios {}", ratios.join(" "));
-        }
-        let t = std::time::Instant::now();
-        let f = clf.features(&images);
-        println!("features of 10000: {:?} in {:.2} s", f.size(), t.elapsed().as_secs_f64());
-        let t = std::time::Instant::now();
-        let d = frechet_distance(&f.narrow(0, 0, 5000), &f.narrow(0, 5000, 5000));
-        println!("first half vs second half FD {d:.3} in {:.3} s", t.elapsed().as_secs_f64());
     }
 }
