@@ -60,6 +60,11 @@ case "$cmd" in
     exec "./target/release/lesson$n" "$@" ;;
   test)
     setup
+    # the harness runs several tests (and lesson processes) at once: idle OpenMP threads should sleep, not spin
+    export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+    # one test at a time: libtorch has one global random generator per process, and a test that reseeds it while
+    # another is drawing thousands of samples would hand that one repeated noise (its moments then fail)
+    export RUST_TEST_THREADS=${RUST_TEST_THREADS:-1}
     cargo test --release --no-fail-fast "$@"
     mdbook build book
     echo "book built: book/book/index.html" ;;

@@ -51,7 +51,7 @@ fn a_wrong_magic_number_is_an_error_naming_it() {
     copy_dir(dir.path());
     // a well-formed gzip whose IDX header says "labels" where images should be
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    enc.write_all(&[0, 0, 8, 1, 0, 0, 0, 2, 3, 4]).unwrap();
+    enc.write_all(&[0, 0, 8, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 1, 2, 3, 4]).unwrap(); // 1 image of 2×2, magic 0x801
     std::fs::write(dir.path().join("train-images-idx3-ubyte.gz"), enc.finish().unwrap()).unwrap();
     let e = load_err(dir.path());
     assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("magic number 0x00000801"), "{e}");

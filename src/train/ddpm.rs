@@ -215,6 +215,7 @@ mod tests {
             });
         assert_eq!(calls, 3 * 100, "three batches of 100 steps");
         let (m, v) = (x.mean(Kind::Double).double_value(&[]), x.var(true).double_value(&[]));
-        assert!((m + 0.5).abs() < 0.02 && (v / 0.09 - 1.0).abs() < 0.08, "{m} {v}");
+        // mean exact to Monte-Carlo error; variance over-dispersed by β_t, less than 10 % here
+        assert!((m + 0.5).abs() < 0.02 && (0.97..1.10).contains(&(v / 0.09)), "{m} {v}");
     }
 }
