@@ -129,8 +129,9 @@ fn draw_forward_strip(run: &Run, sched: &NoiseSchedule, images: &Tensor) -> Resu
             let tt = Tensor::from_slice(&[t as i64]);
             // ANCHOR: q_sample
             let eps = x0.get(k).unsqueeze(0).randn_like();
-            let x_t = scratch_diffusion::diffusion::forward::q_sample(&ab, &x0.get(k).unsqueeze(0), &tt, &eps); // [DDPM] eq. 4
-                                                                                                                // ANCHOR_END: q_sample
+            // [DDPM] eq. 4
+            let x_t = scratch_diffusion::diffusion::forward::q_sample(&ab, &x0.get(k).unsqueeze(0), &tt, &eps);
+            // ANCHOR_END: q_sample
             tiles.push(to_unit(&x_t).squeeze_dim(0));
             labels.push(format!("t={t}"));
         }
@@ -273,8 +274,9 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
         },
     );
     bar.finish_and_clear();
-    let samples = to_unit(&x).to_device(Device::Cpu); // (n, 1, 28, 28) in [0, 1]
-                                                      // ANCHOR_END: sample
+    // (n, 1, 28, 28) in [0, 1]
+    let samples = to_unit(&x).to_device(Device::Cpu);
+    // ANCHOR_END: sample
     plot::image_grid(
         &run.path("samples.png"),
         "Lesson 03: DDPM samples from the MLP",

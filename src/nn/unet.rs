@@ -198,8 +198,9 @@ impl UNet {
                 h = u.forward(&h); // (B, c_i, 2h, 2w)
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu()) // (B, C_out, H, W)
-                                                                      // ANCHOR_END: unet_forward
+        // (B, C_out, H, W)
+        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        // ANCHOR_END: unet_forward
     }
 
     /// Parameters per top-level block (time_embedding, conv_in, down_blocks.i, mid_block, up_blocks.i, conv_out …),
