@@ -14,7 +14,7 @@ use scratch_diffusion::eval::{classifier::MnistClassifier, frechet::evaluate_sam
 use scratch_diffusion::nn::eps_mlp::{EpsMlp, EpsMlpConfig};
 use scratch_diffusion::plot::{self, Layer, LinePanel, Panel};
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
-use scratch_diffusion::train::ddpm::{sample, to_unit, train_eps_model, Trajectory};
+use scratch_diffusion::train::ddpm::{sample, to_unit, train_eps_model, LossWeight, Trajectory};
 use scratch_diffusion::train::trainer::TrainerConfig;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -46,6 +46,9 @@ struct Args {
     /// Reverse-process variance σ_t²: beta-tilde (posterior β̃_t) or beta (β_t).
     #[arg(long, default_value = "beta-tilde", value_parser = parse_variance)]
     variance: PosteriorVariance,
+    /// Weighting of the MNIST loss over timesteps: uniform (L_simple) or min-snr (Hang et al. 2023, γ = 5).
+    #[arg(long, value_enum, default_value_t = LossWeight::Uniform)]
+    loss_weight: LossWeight,
     /// MNIST samples to draw and grade [default: 500, or 32 with --quick].
     #[arg(long, value_parser = clap::value_parser!(i64).range(2..=10000))]
     num_samples: Option<i64>,
@@ -174,6 +177,7 @@ fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
         |p| EpsMlp::new(p, EpsMlpConfig::toy2d()),
         &data,
         sched,
+        LossWeight::Uniform,
         &cfg,
         run.device,
         None,
@@ -235,6 +239,7 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
         |p| EpsMlp::new(p, config.clone()),
         &images,
         sched,
+        args.loss_weight,
         &cfg,
         run.device,
         Some(&run.path("checkpoint.safetensors")),

@@ -14,7 +14,7 @@ use scratch_diffusion::eval::{classifier::MnistClassifier, frechet::evaluate_sam
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
-use scratch_diffusion::train::ddpm::{sample, to_unit, train_eps_model, Trajectory};
+use scratch_diffusion::train::ddpm::{sample, to_unit, train_eps_model, LossWeight, Trajectory};
 use scratch_diffusion::train::trainer::TrainerConfig;
 use serde_json::json;
 use tch::{Device, Tensor};
@@ -37,9 +37,24 @@ struct Args {
     /// Reverse steps when sampling (evenly respaced over T = 1000).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
     sample_steps: u64,
+    /// Reverse-step variance σ_t²: β_t or the posterior's β̃_t ([DDPM] sec. 3.2).
+    #[arg(long, value_enum, default_value_t = PosteriorVariance::Beta)]
+    variance: PosteriorVariance,
+    /// Noise schedule: linear (DDPM) or cosine (improved DDPM), T = 1000.
+    #[arg(long, default_value = "linear")]
+    schedule: String,
+    /// Weighting of the loss over timesteps: uniform (L_simple) or min-snr (Hang et al. 2023, γ = 5).
+    #[arg(long, value_enum, default_value_t = LossWeight::Uniform)]
+    loss_weight: LossWeight,
     /// Samples to draw and grade [default: 500, or 16 with --quick].
     #[arg(long, value_parser = clap::value_parser!(i64).range(2..=10000))]
     num_samples: Option<i64>,
+    /// Channels of each UNet level, comma-separated [default: the mnist preset's 32,32,64].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(i64).range(1..=1024))]
+    channels: Option<Vec<i64>>,
+    /// Dropout inside the residual blocks [default: the preset's].
+    #[arg(long)]
+    dropout: Option<f64>,
     /// Train in bf16 (f32 master weights).
     #[arg(long)]
     bf16: bool,
@@ -57,9 +72,20 @@ fn run(args: Args) -> Result<()> {
     let data = mnist::load(&run.data_dir).context("lesson 04 trains on MNIST")?;
     let steps = args.steps.unwrap_or(if run.quick { 30 } else { 1000 }) as usize;
     let n = args.num_samples.unwrap_or(if run.quick { 16 } else { 500 });
-    let sched = NoiseSchedule::ddpm(1000);
+    let sched = NoiseSchedule::by_name(&args.schedule, 1000)?;
     // ANCHOR: config
-    let config = if run.quick { UNetConfig::tiny() } else { UNetConfig::mnist() };
+    let mut config = if run.quick { UNetConfig::tiny() } else { UNetConfig::mnist() };
+    if let Some(c) = &args.channels {
+        anyhow::ensure!(
+            c.len() == config.block_out_channels.len(),
+            "--channels needs {} comma-separated numbers, one per UNet level",
+            config.block_out_channels.len()
+        );
+        config.block_out_channels = c.clone();
+    }
+    if let Some(d) = args.dropout {
+        config.dropout = d;
+    }
     let cfg = TrainerConfig {
         steps,
         batch_size: args.batch,
@@ -99,6 +125,7 @@ fn run(args: Args) -> Result<()> {
         |p| UNet::new(p, config.clone()),
         &images,
         &sched,
+        args.loss_weight,
         &cfg,
         run.device,
         Some(&run.path("checkpoint.safetensors")),
@@ -139,7 +166,7 @@ fn run(args: Args) -> Result<()> {
         &sched,
         sample_steps,
         &[n, 1, 28, 28],
-        PosteriorVariance::Beta,
+        args.variance,
         Some((-1.0, 1.0)),
         250,
         run.device,

@@ -11,6 +11,7 @@
 //! - [`nn`]: the networks (a noise-conditional MLP for 2-D data, a small noise-conditional score network for MNIST).
 //! - [`eval`]: score errors against the analytic score, energy distance and mode weights of samples.
 //! - [`train`]: atomic safetensors checkpoints with their resolved config beside them.
+//! - [`text`]: a byte-level BPE tokenizer in the style of CLIP's (trainable on captions, loads CLIP's merges).
 //! - [`plot`]: loss curves, scatter / density / histogram, vector fields and image grids, with an embedded font.
 pub mod cli;
 pub mod data;
@@ -19,4 +20,5 @@ pub mod eval;
 pub mod nn;
 pub mod plot;
 pub mod sampling;
+pub mod text;
 pub mod train;

@@ -59,6 +59,33 @@ impl MultiHeadAttention {
         let (b, h, l, d) = out.size4().expect("(B, heads, L, d_k)");
         self.to_out.forward(&out.transpose(1, 2).reshape([b, l, h * d])) // (B, Lq, dim)
     }
+
+    /// As `forward`, also returning the attention weights softmax(Q Kᵀ/√d_k) (masked keys get weight 0), for
+    /// attention-map figures: (out (B, Lq, dim), weights (B, heads, Lq, Lk)).
+    pub fn forward_with_weights(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
+        let ctx = context.unwrap_or(x);
+        let split = |t: Tensor| {
+            let (b, l, inner) = t.size3().expect("(B, L, inner)");
+            t.view([b, l, self.heads, inner / self.heads]).transpose(1, 2) // (B, heads, L, d_k)
+        };
+        let (q, k, v) = (split(self.to_q.forward(x)), split(self.to_k.forward(ctx)), split(self.to_v.forward(ctx)));
+        let d = *q.size().last().expect("q has a feature dimension") as f64;
+        let scores = q.matmul(&k.transpose(-2, -1)) / d.sqrt(); // (B, heads, Lq, Lk)
+        let scores = match mask {
+            Some(m) => scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY),
+            None => scores,
+        };
+        let weights = scores.softmax(-1, scores.kind()); // (B, heads, Lq, Lk)
+        let out = weights.matmul(&v); // (B, heads, Lq, d_k)
+        let (b, h, l, d) = out.size4().expect("(B, heads, L, d_k)");
+        let out = self.to_out.forward(&out.transpose(1, 2).reshape([b, l, h * d])); // (B, Lq, dim)
+        (out, weights)
+    }
 }
 
 /// Self-attention over the pixels of a feature map, with a residual: x + Attn(GroupNorm(x)), every pixel a token.
@@ -114,6 +141,36 @@ mod tests {
         let masked = scaled_dot_product_attention(&q, &k, &v, Some(&mask));
         let short = scaled_dot_product_attention(&q, &k.narrow(2, 0, 4), &v.narrow(2, 0, 4), None);
         assert!((masked - short).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn our_attention_equals_libtorch_sdpa_with_a_boolean_mask() {
+        tch::manual_seed(2);
+        let opts = (Kind::Float, Device::Cpu);
+        let (q, k, v) =
+            (Tensor::randn([2, 3, 5, 8], opts), Tensor::randn([2, 3, 7, 8], opts), Tensor::randn([2, 3, 7, 8], opts));
+        // a random (Lq, Lk) mask with key 0 always allowed, so no row is empty
+        let mask = Tensor::rand([5, 7], opts).gt(0.5).index_fill(1, &Tensor::from_slice(&[0i64]), 1);
+        let ours = scaled_dot_product_attention(&q, &k, &v, Some(&mask));
+        let theirs = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false);
+        assert!((ours - theirs).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    #[test]
+    fn forward_with_weights_equals_forward_and_masked_keys_get_zero_weight() {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let mha = MultiHeadAttention::new(vs.root(), 16, 12, 2, 8);
+        let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+        let ctx = Tensor::randn([2, 4, 12], (Kind::Float, Device::Cpu));
+        // key-padding mask (B, 1, 1, Lk): batch 0 keeps 3 keys, batch 1 keeps 2
+        let mask = Tensor::from_slice(&[true, true, true, false, true, true, false, false]).view([2, 1, 1, 4]);
+        let (out, w) = mha.forward_with_weights(&x, Some(&ctx), Some(&mask));
+        assert_eq!(w.size(), [2, 2, 5, 4]);
+        assert!((out - mha.forward(&x, Some(&ctx), Some(&mask))).abs().max().double_value(&[]) < 1e-6);
+        assert!((w.sum_dim_intlist(-1, false, Kind::Float) - 1.0).abs().max().double_value(&[]) < 1e-6);
+        let masked_weight = w.masked_select(&mask.logical_not().expand_as(&w)).abs().max();
+        assert_eq!(masked_weight.double_value(&[]), 0.0);
     }
 
     #[test]

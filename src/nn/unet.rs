@@ -5,10 +5,14 @@
 //! [UNet] Ronneberger, Fischer, Brox 2015, "U-Net", arXiv:1505.04597 (the encoder-decoder with skip connections).
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, appendix B (the diffusion variant: GroupNorm ResBlocks, time
 //! embedding added in every block, self-attention at 16×16).
+//! [LDM] Rombach et al. 2022, arXiv:2112.10752, sec. 3.3 (the conditional variant: a spatial transformer with
+//! cross-attention to a context τ_θ(y) where the unconditional net has self-attention).
 //! Module paths follow diffusers' `UNet2DModel` (conv_in, time_embedding.linear_1, down_blocks.i.resnets.j,
-//! down_blocks.i.attentions.j, down_blocks.i.downsamplers.0, mid_block, up_blocks.i..., conv_norm_out, conv_out).
+//! down_blocks.i.attentions.j, down_blocks.i.downsamplers.0, mid_block, up_blocks.i..., conv_norm_out, conv_out), and
+//! with a context its `UNet2DConditionModel` (the same, with down_blocks.i.attentions.j a `Transformer2DModel`).
 use super::attention::SpatialSelfAttention;
 use super::layers::{groups_for, timestep_embedding, Downsample, ResBlock, Upsample};
+use super::transformer::SpatialTransformer;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -21,11 +25,19 @@ pub struct UNetConfig {
     pub block_out_channels: Vec<i64>,
     /// Residual blocks per level on the way down (the way up has one more, for the extra skip).
     pub layers_per_block: usize,
-    /// Whether each level has self-attention after its residual blocks.
+    /// Whether each level has attention after its residual blocks (a transformer if `cross_attention_dim` is set).
     pub attention: Vec<bool>,
-    /// Width of one attention head.
+    /// Width of one attention head (unless `attention_heads` is set).
     pub head_dim: i64,
     pub dropout: f64,
+    /// Width of the context tokens (the text encoder's hidden size) for a conditional UNet: the attention levels and
+    /// the mid block then hold a `SpatialTransformer` (self- and cross-attention) instead of self-attention only.
+    #[serde(default)]
+    pub cross_attention_dim: Option<i64>,
+    /// A fixed number of heads at every level, head width = channels / heads (SD's layout: 8); None: heads of width
+    /// `head_dim`.
+    #[serde(default)]
+    pub attention_heads: Option<i64>,
 }
 
 impl UNetConfig {
@@ -39,7 +51,13 @@ impl UNetConfig {
             attention: vec![false, true],
             head_dim: 8,
             dropout: 0.0,
+            cross_attention_dim: None,
+            attention_heads: None,
         }
+    }
+    /// `tiny` with cross-attention to a context of width `context_dim`, for tests.
+    pub fn tiny_cond(context_dim: i64) -> Self {
+        Self { cross_attention_dim: Some(context_dim), ..Self::tiny() }
     }
     /// The lesson 04 MNIST UNet: 28×28 → 14×14 → 7×7 with 32, 32 and 64 channels, self-attention at 7×7; sized so
     /// a training step of 64 images takes about half a second on 2 CPU cores (the 28×28 level costs the most).
@@ -52,6 +70,25 @@ impl UNetConfig {
             attention: vec![false, false, true],
             head_dim: 32,
             dropout: 0.1,
+            cross_attention_dim: None,
+            attention_heads: None,
+        }
+    }
+    /// Stable Diffusion 1.5's UNet (diffusers' UNet2DConditionModel config of runwayml/stable-diffusion-v1-5): 4-channel
+    /// latents, levels of 320, 640, 1280, 1280 channels, two resnets per level, transformers with 8 heads
+    /// (head width 40, 80, 160, 160) and cross-attention to CLIP ViT-L/14's 768-wide tokens at the first three
+    /// levels (CrossAttnDownBlock2D ×3 + DownBlock2D; UpBlock2D + CrossAttnUpBlock2D ×3) and in the mid block.
+    pub fn sd15() -> Self {
+        Self {
+            in_channels: 4,
+            out_channels: 4,
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: 2,
+            attention: vec![true, true, true, false],
+            head_dim: 40,
+            dropout: 0.0,
+            cross_attention_dim: Some(768),
+            attention_heads: Some(8),
         }
     }
     /// Width of the time embedding: 4× the first level's channels, as in [DDPM].
@@ -63,8 +100,58 @@ impl UNetConfig {
 #[derive(Debug)]
 struct Level {
     resnets: Vec<ResBlock>,
-    attentions: Vec<SpatialSelfAttention>,
+    attentions: Vec<Attention>,
     resample: Option<Resample>,
+}
+
+/// The attention block of a level: self-attention only, or a spatial transformer (with its module path, which
+/// names its cross-attention maps).
+#[derive(Debug)]
+enum Attention {
+    SelfOnly(SpatialSelfAttention),
+    Transformer(Box<SpatialTransformer>, String),
+}
+
+/// What the attention blocks read besides the features: the context, its key-padding mask, and, when collecting,
+/// the cross-attention maps so far.
+struct Cond<'a> {
+    context: Option<&'a Tensor>,
+    mask: Option<&'a Tensor>,
+    maps: Option<Vec<CrossAttentionMap>>,
+}
+
+/// The cross-attention weights of one transformer block in one forward pass, for per-token heat maps.
+#[derive(Debug)]
+pub struct CrossAttentionMap {
+    /// Module path of the block, e.g. "up_blocks.1.attentions.2" or "mid_block.attentions.0".
+    pub block: String,
+    /// Resolution of the block's feature map: pixel p of the weights is row p / width, column p % width.
+    pub height: i64,
+    pub width: i64,
+    /// (B, heads, height·width, L): how much each pixel's query attends to each context token.
+    pub weights: Tensor,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, cond: &mut Cond) -> Tensor {
+        match self {
+            Attention::SelfOnly(a) => a.forward(x),
+            Attention::Transformer(t, name) => match cond.maps.as_mut() {
+                None => t.forward(x, cond.context, cond.mask),
+                Some(maps) => {
+                    let (out, weights) = t.forward_with_maps(x, cond.context, cond.mask);
+                    let (height, width) = (x.size()[2], x.size()[3]);
+                    maps.extend(weights.into_iter().map(|weights| CrossAttentionMap {
+                        block: name.clone(),
+                        height,
+                        width,
+                        weights,
+                    }));
+                    out
+                }
+            },
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -82,7 +169,7 @@ pub struct UNet {
     conv_in: nn::Conv2D,
     down: Vec<Level>,
     mid_resnets: [ResBlock; 2],
-    mid_attention: SpatialSelfAttention,
+    mid_attention: Attention,
     up: Vec<Level>,
     conv_norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
@@ -95,7 +182,18 @@ impl UNet {
         assert!(n >= 1 && config.attention.len() == n, "one attention flag per level");
         let (c0, emb, drop) = (ch[0], config.emb_dim(), config.dropout);
         let pad = nn::ConvConfig { padding: 1, ..Default::default() };
-        let attn = |p: nn::Path, c: i64| SpatialSelfAttention::new(p, c, config.head_dim);
+        let root_depth = vs.components().count();
+        let attn = |p: nn::Path, c: i64| match config.cross_attention_dim {
+            None => {
+                let head_dim = config.attention_heads.map_or(config.head_dim, |h| c / h);
+                Attention::SelfOnly(SpatialSelfAttention::new(p, c, head_dim))
+            }
+            Some(context_dim) => {
+                let name = p.components().skip(root_depth).collect::<Vec<_>>().join(".");
+                let heads = config.attention_heads.unwrap_or((c / config.head_dim).max(1));
+                Attention::Transformer(Box::new(SpatialTransformer::new(p, c, heads, c / heads, context_dim, 1)), name)
+            }
+        };
         // ANCHOR: unet_down
         let mut down = Vec::new();
         let mut c_prev = c0;
@@ -164,6 +262,45 @@ impl UNet {
 
     /// x: (B, C_in, H, W) with H, W divisible by 2^(levels−1); t: (B,) timesteps (any numeric kind) -> (B, C_out, H, W).
     pub fn forward(&self, x: &Tensor, t: &Tensor, train: bool) -> Tensor {
+        self.forward_cond(x, t, None, None, train)
+    }
+
+    /// `forward` with a context (B, L, cross_attention_dim) for the cross-attention, and its key-padding mask
+    /// (B, L) bool, true = real token (each row needs one). Without a context a conditional UNet skips its
+    /// cross-attention.
+    pub fn forward_cond(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: Option<&Tensor>,
+        context_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        self.run(x, t, &mut self.cond(context, context_mask, false), train)
+    }
+
+    /// `forward_cond` (in eval mode) that also returns every transformer's cross-attention weights, in network order.
+    pub fn forward_with_maps(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        context_mask: Option<&Tensor>,
+    ) -> (Tensor, Vec<CrossAttentionMap>) {
+        let mut cond = self.cond(Some(context), context_mask, true);
+        let out = self.run(x, t, &mut cond, false);
+        (out, cond.maps.unwrap_or_default())
+    }
+
+    fn cond<'a>(&self, context: Option<&'a Tensor>, mask: Option<&'a Tensor>, keep_maps: bool) -> Cond<'a> {
+        if let Some(c) = context {
+            let want = self.config.cross_attention_dim.expect("a context needs a UNet with cross_attention_dim");
+            assert_eq!(c.size().last(), Some(&want), "context (B, L, {want}) expected, got {:?}", c.size());
+        }
+        Cond { context, mask, maps: keep_maps.then(Vec::new) }
+    }
+
+    fn run(&self, x: &Tensor, t: &Tensor, cond: &mut Cond, train: bool) -> Tensor {
         // ANCHOR: unet_forward
         let c0 = self.config.block_out_channels[0];
         let temb = timestep_embedding(t, c0, 10_000.0).to_kind(x.kind()); // (B, c0), [DDPM] sinusoidal position of t
@@ -174,7 +311,7 @@ impl UNet {
             for (j, resnet) in level.resnets.iter().enumerate() {
                 h = resnet.forward(&h, &emb, train);
                 if let Some(a) = level.attentions.get(j) {
-                    h = a.forward(&h);
+                    h = a.forward(&h, cond);
                 }
                 skips.push(h.shallow_clone());
             }
@@ -184,14 +321,14 @@ impl UNet {
             }
         }
         h = self.mid_resnets[0].forward(&h, &emb, train);
-        h = self.mid_attention.forward(&h);
+        h = self.mid_attention.forward(&h, cond);
         h = self.mid_resnets[1].forward(&h, &emb, train);
         for level in &self.up {
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up resnet");
                 h = resnet.forward(&Tensor::cat(&[h, skip], 1), &emb, train); // (B, c_run + c_skip, h, w) -> (B, c_i, h, w)
                 if let Some(a) = level.attentions.get(j) {
-                    h = a.forward(&h);
+                    h = a.forward(&h, cond);
                 }
             }
             if let Some(Resample::Up(u)) = &level.resample {
@@ -283,6 +420,105 @@ mod tests {
             opt.backward_step(&loss);
         }
         assert!(last < 0.1 * first, "loss {first} -> {last}");
+    }
+
+    #[test]
+    fn a_conditional_unet_reads_its_context_and_runs_without_one() {
+        tch::manual_seed(2);
+        let vs = VarStore::new(Device::Cpu);
+        let net = UNet::new(vs.root(), UNetConfig::tiny_cond(12));
+        let opts = (Kind::Float, Device::Cpu);
+        let (x, t) = (Tensor::randn([2, 1, 16, 16], opts), Tensor::from_slice(&[10i64, 500]));
+        let (ctx, other) = (Tensor::randn([2, 5, 12], opts), Tensor::randn([2, 5, 12], opts));
+        let out = net.forward_cond(&x, &t, Some(&ctx), None, false);
+        assert_eq!(out.size(), [2, 1, 16, 16]);
+        let diff = (&out - net.forward_cond(&x, &t, Some(&other), None, false)).abs().max().double_value(&[]);
+        assert!(diff > 1e-4, "output ignores the context: {diff}");
+        assert_eq!(net.forward(&x, &t, false).size(), [2, 1, 16, 16]);
+        // the maps come from the same forward pass: down_blocks.1 (8×8), mid (8×8), up_blocks.0 (two, 8×8)
+        let (with_maps, maps) = net.forward_with_maps(&x, &t, &ctx, None);
+        assert!((with_maps - &out).abs().max().double_value(&[]) < 1e-6);
+        let blocks: Vec<&str> = maps.iter().map(|m| m.block.as_str()).collect();
+        assert_eq!(
+            blocks,
+            [
+                "down_blocks.1.attentions.0",
+                "mid_block.attentions.0",
+                "up_blocks.0.attentions.0",
+                "up_blocks.0.attentions.1"
+            ]
+        );
+        assert!(maps.iter().all(|m| (m.height, m.width) == (8, 8) && m.weights.size() == [2, 2, 64, 5]));
+        // an unconditional config keeps self-attention and its diffusers names
+        let vs = VarStore::new(Device::Cpu);
+        let _ = UNet::new(vs.root(), UNetConfig::tiny());
+        assert!(vs.variables().contains_key("down_blocks.1.attentions.0.group_norm.weight"));
+        assert!(!vs.variables().keys().any(|k| k.contains("transformer_blocks")));
+    }
+
+    #[test]
+    fn an_sd15_shaped_unet_mirrors_unet2dconditionmodel_names() {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let config = UNetConfig {
+            block_out_channels: vec![32, 64, 64, 64],
+            cross_attention_dim: Some(16),
+            ..UNetConfig::sd15()
+        };
+        let net = UNet::new(vs.root() / "unet", config);
+        let opts = (Kind::Float, Device::Cpu);
+        let (x, ctx) = (Tensor::randn([1, 4, 8, 8], opts), Tensor::randn([1, 3, 16], opts));
+        let mask = Tensor::from_slice(&[true, true, false]).view([1, 3]);
+        let (out, maps) = net.forward_with_maps(&x, &Tensor::from_slice(&[999i64]), &ctx, Some(&mask));
+        assert_eq!(out.size(), [1, 4, 8, 8]);
+        // three cross-attention levels × 2 down, the mid block, three levels × 3 up; 8 heads everywhere
+        assert_eq!(maps.len(), 3 * 2 + 1 + 3 * 3);
+        let last = maps.last().unwrap();
+        assert_eq!(
+            (last.block.as_str(), last.height, last.weights.size()),
+            ("up_blocks.3.attentions.2", 8, vec![1, 8, 64, 3])
+        );
+        let vars = vs.variables();
+        for (name, shape) in [
+            ("unet.down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight", vec![32, 16]),
+            ("unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.weight", vec![512, 64]),
+            ("unet.mid_block.attentions.0.proj_in.weight", vec![64, 64, 1, 1]),
+            ("unet.up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2.bias", vec![32]),
+            ("unet.up_blocks.1.resnets.2.conv_shortcut.weight", vec![64, 128, 1, 1]),
+            ("unet.down_blocks.3.resnets.1.conv2.weight", vec![64, 64, 3, 3]),
+            ("unet.down_blocks.2.downsamplers.0.conv.weight", vec![64, 64, 3, 3]),
+            ("unet.up_blocks.2.upsamplers.0.conv.weight", vec![64, 64, 3, 3]),
+        ] {
+            assert_eq!(vars.get(name).map(|t| t.size()), Some(shape), "{name}");
+        }
+        // DownBlock2D and UpBlock2D at the lowest level have no attention; the last levels have no resampler
+        for absent in [
+            "unet.down_blocks.3.attentions",
+            "unet.up_blocks.0.attentions",
+            "unet.down_blocks.3.downsamplers",
+            "unet.up_blocks.3.upsamplers",
+        ] {
+            assert!(!vars.keys().any(|k| k.starts_with(absent)), "unexpected {absent}");
+        }
+    }
+
+    #[test]
+    fn a_config_saved_before_conditioning_existed_still_loads() {
+        let mut json = serde_json::to_value(UNetConfig::mnist()).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("cross_attention_dim");
+        fields.remove("attention_heads");
+        assert_eq!(serde_json::from_value::<UNetConfig>(json).unwrap(), UNetConfig::mnist());
+    }
+
+    /// SD 1.5's UNet has 859,520,964 parameters. Allocates 3.4 GB: run by hand with `--ignored`.
+    #[test]
+    #[ignore]
+    fn sd15_has_the_parameter_count_of_stable_diffusion_1_5() {
+        let vs = VarStore::new(Device::Cpu);
+        let _ = UNet::new(vs.root(), UNetConfig::sd15());
+        let total: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(total, 859_520_964);
     }
 
     #[test]

@@ -29,6 +29,44 @@ impl EpsModel for crate::nn::unet::UNet {
     }
 }
 
+/// How the squared noise errors of different timesteps are weighted in the loss.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+pub enum LossWeight {
+    /// Every timestep weighs the same: L_simple, [DDPM] eq. 14.
+    Uniform,
+    /// [MinSNR] w_t = min(SNR_t, γ)/SNR_t with γ = MIN_SNR_GAMMA: the nearly clean timesteps (SNR_t > γ), whose
+    /// large but unimportant errors dominate L_simple's gradient, are scaled down; the rest keep weight 1.
+    MinSnr,
+}
+
+/// [MinSNR] Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", arXiv:2303.09556:
+/// the paper's γ = 5.
+pub const MIN_SNR_GAMMA: f64 = 5.0;
+
+impl LossWeight {
+    /// The weight of each timestep, (T,), from ᾱ (T,): SNR_t = ᾱ_t / (1 − ᾱ_t).
+    pub fn weights(self, alpha_bar: &Tensor) -> Tensor {
+        match self {
+            LossWeight::Uniform => alpha_bar.ones_like(),
+            LossWeight::MinSnr => {
+                let snr: Tensor = alpha_bar / (1.0 - alpha_bar); // (T,)
+                snr.clamp_max(MIN_SNR_GAMMA) / &snr // [MinSNR] min(SNR_t, γ) / SNR_t
+            }
+        }
+    }
+}
+
+/// The weighted objective: E_t[w_t ‖ε − ε_θ(x_t, t)‖²] with `weights` (T,) from [`LossWeight::weights`]
+/// (all ones: L_simple itself).
+pub fn weighted_eps_loss(model: &dyn EpsModel, alpha_bar: &Tensor, weights: &Tensor, x0: &Tensor) -> Tensor {
+    let t = Tensor::randint(alpha_bar.size()[0], [x0.size()[0]], (Kind::Int64, x0.device())); // (B,)
+    let eps = x0.randn_like();
+    let x_t = q_sample(&alpha_bar.to_kind(x0.kind()), x0, &t, &eps); // [DDPM] eq. 4
+    let per_image =
+        (eps - model.eps(&x_t, &t, true)).square().to_kind(Kind::Float).flatten(1, -1).mean_dim(1, false, Kind::Float); // (B,)
+    (per_image * weights.index_select(0, &t)).mean(Kind::Float)
+}
+
 // ANCHOR: l_simple
 /// [DDPM] eq. 14, L_simple(θ) = E_{t, x₀, ε} ‖ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t)‖², with t uniform on {0, …, T−1}
 /// ([DDPM] Algorithm 1): the mean over pixels and batch of the squared error of the predicted noise.
@@ -50,6 +88,7 @@ pub fn train_eps_model<M: EpsModel>(
     build: impl Fn(nn::Path) -> M,
     images: &Tensor,
     sched: &NoiseSchedule,
+    weight: LossWeight,
     cfg: &TrainerConfig,
     device: Device,
     ckpt: Option<&Path>,
@@ -67,9 +106,13 @@ pub fn train_eps_model<M: EpsModel>(
     }
     let alpha_bar = sched.to_tensor_alpha_bar(device); // (T,)
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
+    let weights = weight.weights(&alpha_bar.to_kind(Kind::Double)).to_kind(Kind::Float); // (T,)
     let mut loss_fn = |batch: &[Tensor], step: usize| {
         let net: &dyn EpsModel = compute_model.as_ref().map_or(&model as &dyn EpsModel, |m| m as &dyn EpsModel);
-        let loss = l_simple(net, &alpha_bar, &batch[0].to_kind(kind));
+        let loss = match weight {
+            LossWeight::Uniform => l_simple(net, &alpha_bar, &batch[0].to_kind(kind)),
+            _ => weighted_eps_loss(net, &alpha_bar, &weights, &batch[0].to_kind(kind)),
+        };
         if snapshot_at.contains(&step) {
             tch::no_grad(|| on_snapshot(step, &model));
         }
@@ -199,6 +242,35 @@ mod tests {
             .sum::<f64>()
             / 1000.0;
         assert!((loss - want).abs() < 0.01, "{loss} vs {want}");
+    }
+
+    #[test]
+    fn min_snr_weights_follow_their_formula_and_uniform_is_one() {
+        let sched = NoiseSchedule::ddpm(1000);
+        let ab = Tensor::from_slice(&(0..1000).map(|t| sched.alpha_bar(t)).collect::<Vec<f64>>()); // (T,) f64
+        let w = LossWeight::MinSnr.weights(&ab);
+        for t in [0usize, 50, 200, 600, 999] {
+            let snr = sched.alpha_bar(t) / (1.0 - sched.alpha_bar(t));
+            let want = snr.min(MIN_SNR_GAMMA) / snr;
+            assert!((w.double_value(&[t as i64]) - want).abs() < 1e-9 * want.max(1.0), "t={t}");
+        }
+        // noisy timesteps (SNR ≤ γ) keep weight 1, clean ones are scaled down
+        assert_eq!(w.double_value(&[999]), 1.0);
+        assert!(w.double_value(&[0]) < 0.01);
+        assert_eq!(LossWeight::Uniform.weights(&ab).sum(Kind::Double).double_value(&[]), 1000.0);
+    }
+
+    #[test]
+    fn the_uniformly_weighted_loss_is_l_simple() {
+        let sched = NoiseSchedule::ddpm(1000);
+        let ab = sched.to_tensor_alpha_bar(Device::Cpu);
+        let oracle = GaussianOracle { mu: 0.3, s2: 0.25, alpha_bar: ab.shallow_clone() };
+        let x0 = Tensor::randn([64, 3], (Kind::Float, Device::Cpu));
+        tch::manual_seed(5);
+        let a = l_simple(&oracle, &ab, &x0).double_value(&[]);
+        tch::manual_seed(5);
+        let b = weighted_eps_loss(&oracle, &ab, &LossWeight::Uniform.weights(&ab), &x0).double_value(&[]);
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
     }
 
     #[test]

@@ -1,0 +1,625 @@
+//! Captions for MNIST: how a digit is written, measured from its pixels, then said in varied English.
+//!
+//! [MNIST] LeCun, Cortes, Burges: each digit was scaled to fit a 20×20 box (aspect ratio kept) and centred by its
+//!         centre of mass in 28×28. So nearly every digit is 20 pixels tall: "size" cannot be a height here.
+//! [LeCun98] LeCun, Bottou, Bengio, Haffner 1998, "Gradient-Based Learning Applied to Document Recognition",
+//!           Proc. IEEE 86(11): "deslanted" MNIST variants undo the slant found from second moments of the ink.
+//! [Morpho-MNIST] Castro, Tan, Kamnitsas, Glocker 2019, arXiv:1809.10780: measures MNIST digits' thickness (from
+//!                a skeleton and distance transform), slant (from moments, as here), width and height; our
+//!                thickness and size are cheaper, threshold-free stand-ins.
+//! [ROF] Rudin, Osher, Fatemi 1992, "Nonlinear total variation based noise removal algorithms", Physica D 60:
+//!       the isotropic total variation Σ |∇I|; by the coarea formula (Federer 1959) it is the perimeter of the
+//!       shape {I > t}, averaged over thresholds t in [0, 1].
+//! Notation: I(r, c) pixel intensity in [0, 1] (r down, c right); x = c, y = -r (y up); m = Σ I;
+//!           E[·], Var, Cov are moments weighted by I.
+//!
+//! Every measure weighs pixels by intensity, so anti-aliased digits and generated samples need no threshold.
+//!
+//! Pipeline: [`stroke_stats`] (N images) -> [`AttributeBins::fit`] on the training set (saved beside the weights)
+//! -> [`AttributeBins::attributes`] per image -> [`caption`] (a fresh phrasing every epoch). For evaluation,
+//! [`eval_prompts`] and [`attribute_prompts`] are fixed phrasings that [`caption`] also produces, and generated
+//! samples are measured with the same [`stroke_stats`] and bins. Words: thickness thin / bold, slant leaning left /
+//! leaning right, size small / large; the middle third of each gets no word.
+use anyhow::{ensure, Context, Result};
+use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+pub const DIGIT_WORDS: [&str; 10] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+/// Probability that a caption is only the digit, "7" or "seven".
+const BARE_PROB: f64 = 0.15;
+/// Probability that each attribute a digit has (not in its middle tercile) is mentioned.
+const MENTION_PROB: f64 = 0.8;
+
+/// How one digit is written, in pixels of its 28×28 image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StrokeStats {
+    /// Stroke width: 2·area / perimeter = 2 Σ I / TV(I), [ROF] TV with forward differences (outside = 0). For a
+    /// stroke of width w and length L this is w·L/(L + w), ≈ w for long strokes, whatever their direction and
+    /// sub-pixel position, as long as the anti-aliased profile across the stroke reaches full intensity (w ≳ 2 px,
+    /// as in MNIST). A thinner, never fully lit line reads as Σ profile / max profile: a 1-pixel line that lights
+    /// two pixels at half intensity measures 2.
+    pub thickness: f32,
+    /// Horizontal shear of the ink, Cov(x, y) / Var(y) ([LeCun98] deslanting): x moves this many pixels right per
+    /// pixel up, so > 0 leans right. Exact for a sheared stroke x = x₀ + slant·y + u with u independent of y.
+    pub slant: f32,
+    /// Radius of gyration of the deslanted ink, √(Var(y) + Var(x) − Cov(x, y)²/Var(y)): how far the ink spreads,
+    /// with the spread that slant adds removed. √((h² + w²)/12) for an h × w stroke.
+    pub size: f32,
+}
+
+impl StrokeStats {
+    /// Measures one image, `pixels` row-major (row 0 at the top), `height × width`. Values are clamped to [0, 1];
+    /// an image with no ink measures all zeros.
+    pub fn measure(pixels: &[f32], height: usize, width: usize) -> Self {
+        assert_eq!(pixels.len(), height * width, "pixels must hold height × width values");
+        let (h, w) = (height as isize, width as isize);
+        let at = |r: isize, c: isize| {
+            let inside = (0..h).contains(&r) && (0..w).contains(&c);
+            if inside {
+                pixels[(r * w + c) as usize].clamp(0.0, 1.0) as f64
+            } else {
+                0.0
+            }
+        };
+        let (mut m, mut sx, mut sy, mut sxx, mut syy, mut sxy, mut tv) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        // Starting at -1 counts the edges of ink touching the top or left border.
+        for r in -1..h {
+            for c in -1..w {
+                let v = at(r, c);
+                // [ROF] |∇I| with forward differences; Σ over pixels = TV(I) = mean perimeter of {I > t}.
+                tv += (at(r, c + 1) - v).hypot(at(r + 1, c) - v);
+                let (x, y) = (c as f64, -(r as f64));
+                (m, sx, sy) = (m + v, sx + v * x, sy + v * y);
+                (sxx, syy, sxy) = (sxx + v * x * x, syy + v * y * y, sxy + v * x * y);
+            }
+        }
+        if m < 1e-6 {
+            return Self { thickness: 0.0, slant: 0.0, size: 0.0 };
+        }
+        let (mx, my) = (sx / m, sy / m);
+        let var_x = sxx / m - mx * mx;
+        let var_y = syy / m - my * my;
+        let cov_xy = sxy / m - mx * my;
+        let slant = if var_y > 1e-9 { cov_xy / var_y } else { 0.0 };
+        // Var(x) − Cov²/Var(y) is the variance of x left after removing the shear: the deslanted width².
+        let size = (var_y + var_x - slant * cov_xy).max(0.0).sqrt();
+        Self { thickness: (2.0 * m / tv) as f32, slant: slant as f32, size: size as f32 }
+    }
+}
+
+/// [`StrokeStats::measure`] for every image of a batch (N, 1, H, W) or (N, H, W), on any device and kind.
+pub fn stroke_stats(images: &Tensor) -> Result<Vec<StrokeStats>> {
+    let size = images.size();
+    let (n, h, w) = match size[..] {
+        [n, 1, h, w] | [n, h, w] => (n, h as usize, w as usize),
+        _ => anyhow::bail!("stroke_stats wants images of shape (N, 1, H, W) or (N, H, W), found {size:?}"),
+    };
+    let mut stats = Vec::with_capacity(n as usize);
+    const CHUNK: i64 = 4096; // bounds the host copy
+    for start in (0..n).step_by(CHUNK as usize) {
+        let chunk = images.narrow(0, start, CHUNK.min(n - start)).to_device(Device::Cpu).to_kind(Kind::Float);
+        let pixels = Vec::<f32>::try_from(chunk.contiguous().view(-1)).context("copying images to the host")?;
+        stats.extend(pixels.chunks_exact(h * w).map(|p| StrokeStats::measure(p, h, w)));
+    }
+    Ok(stats)
+}
+
+/// Which third of the training population a measurement falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Level {
+    Low,
+    Middle,
+    High,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Attribute {
+    Thickness,
+    Slant,
+    Size,
+}
+
+impl Attribute {
+    pub const ALL: [Attribute; 3] = [Attribute::Thickness, Attribute::Slant, Attribute::Size];
+
+    /// The canonical words (used by [`attribute_prompts`]); the middle tercile has none.
+    pub fn word(self, level: Level) -> Option<&'static str> {
+        self.phrases(level).map(|(before, after)| if self == Attribute::Slant { after[0] } else { before[0] })
+    }
+
+    /// (forms before the digit, forms after it); the first of each is the canonical one.
+    fn phrases(self, level: Level) -> Option<(&'static [&'static str], &'static [&'static str])> {
+        use {Attribute::*, Level::*};
+        Some(match (self, level) {
+            (_, Middle) => return None,
+            (Thickness, Low) => (&["thin", "thin", "fine"], &["written thin", "with thin strokes", "in a thin pen"]),
+            (Thickness, High) => (&["bold", "bold", "thick"], &["written bold", "with thick strokes", "in a bold pen"]),
+            (Size, Low) => (&["small", "small", "little"], &["written small", "drawn small"]),
+            (Size, High) => (&["large", "large", "big"], &["written large", "drawn large"]),
+            (Slant, Low) => (
+                &["left-leaning", "left-slanted"],
+                &["leaning left", "leaning to the left", "slanted to the left", "tilted left"],
+            ),
+            (Slant, High) => (
+                &["right-leaning", "right-slanted"],
+                &["leaning right", "leaning to the right", "slanted to the right", "tilted right"],
+            ),
+        })
+    }
+
+    /// How often the form before the digit is used ("a thin 7" vs "a 7 written thin").
+    fn before_prob(self) -> f64 {
+        if self == Attribute::Slant {
+            0.25
+        } else {
+            0.75
+        }
+    }
+}
+
+/// The attribute levels of one image; `PLAIN` (all middle) gives captions with no attribute words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Attributes {
+    pub thickness: Level,
+    pub slant: Level,
+    pub size: Level,
+}
+
+impl Attributes {
+    pub const PLAIN: Attributes = Attributes { thickness: Level::Middle, slant: Level::Middle, size: Level::Middle };
+
+    pub fn get(&self, attribute: Attribute) -> Level {
+        match attribute {
+            Attribute::Thickness => self.thickness,
+            Attribute::Slant => self.slant,
+            Attribute::Size => self.size,
+        }
+    }
+}
+
+/// The 1/3 and 2/3 quantiles of a measurement (linear interpolation, as numpy's default).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Terciles {
+    pub lower: f32,
+    pub upper: f32,
+}
+
+impl Terciles {
+    /// Panics on an empty population (an internal invariant: callers check that each group has members).
+    pub fn fit(values: &[f32]) -> Self {
+        let mut sorted: Vec<f32> = values.iter().copied().filter(|v| !v.is_nan()).collect();
+        assert!(!sorted.is_empty(), "terciles of an empty (or all-NaN) population");
+        sorted.sort_by(f32::total_cmp);
+        let quantile = |q: f64| {
+            let pos = q * (sorted.len() - 1) as f64;
+            let (i, frac) = (pos.floor() as usize, (pos - pos.floor()) as f32);
+            sorted[i] + frac * (sorted[(i + 1).min(sorted.len() - 1)] - sorted[i])
+        };
+        Self { lower: quantile(1.0 / 3.0), upper: quantile(2.0 / 3.0) }
+    }
+
+    pub fn level(&self, value: f32) -> Level {
+        if value < self.lower {
+            Level::Low
+        } else if value > self.upper {
+            Level::High
+        } else {
+            Level::Middle
+        }
+    }
+}
+
+/// Tercile thresholds fitted on the training set, saved beside the weights so samples are judged by the same bins.
+/// Thickness and slant are binned over all digits, so "leaning right" means the same shear for every digit. Size is
+/// binned per digit: with every digit scaled to 20 pixels tall [MNIST], its spread is mostly its width, and a 1 is
+/// always narrower than a 0; per digit, "a large 1" is a 1 larger than most 1s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttributeBins {
+    pub thickness: Terciles,
+    pub slant: Terciles,
+    pub size: [Terciles; 10],
+}
+
+impl AttributeBins {
+    pub fn fit(stats: &[StrokeStats], labels: &[i64]) -> Result<Self> {
+        ensure!(stats.len() == labels.len(), "{} stroke stats but {} labels", stats.len(), labels.len());
+        ensure!(labels.iter().all(|l| (0..10).contains(l)), "labels must be digits 0..=9");
+        let per_digit =
+            |d: i64| -> Vec<f32> { stats.iter().zip(labels).filter(|(_, &l)| l == d).map(|(s, _)| s.size).collect() };
+        let mut size = [Terciles { lower: 0.0, upper: 0.0 }; 10];
+        for (d, terciles) in size.iter_mut().enumerate() {
+            let sizes = per_digit(d as i64);
+            ensure!(!sizes.is_empty(), "no image of digit {d} to fit its size terciles on");
+            *terciles = Terciles::fit(&sizes);
+        }
+        Ok(Self {
+            thickness: Terciles::fit(&stats.iter().map(|s| s.thickness).collect::<Vec<_>>()),
+            slant: Terciles::fit(&stats.iter().map(|s| s.slant).collect::<Vec<_>>()),
+            size,
+        })
+    }
+
+    pub fn attributes(&self, stats: &StrokeStats, digit: i64) -> Attributes {
+        Attributes {
+            thickness: self.thickness.level(stats.thickness),
+            slant: self.slant.level(stats.slant),
+            size: self.size[digit_index(digit)].level(stats.size),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).expect("bins serialise");
+        std::fs::write(path, json).with_context(|| format!("cannot write attribute bins to {}", path.display()))
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let json = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read attribute bins {}: they are saved beside the weights", path.display())
+        })?;
+        serde_json::from_str(&json).with_context(|| format!("{} is not an attribute-bins JSON file", path.display()))
+    }
+}
+
+fn digit_index(digit: i64) -> usize {
+    assert!((0..10).contains(&digit), "digit {digit} is not 0..=9");
+    digit as usize
+}
+
+/// "a" or "an" before `next` (by sound: "an 8", "an eight", "a one", "an image").
+fn article(next: &str) -> &'static str {
+    let vowel = next.starts_with(['a', 'e', 'i', 'o', '8']) && !next.starts_with("one");
+    if vowel {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+/// Joins words, replacing each "{a}" by the article that fits the word after it.
+fn join_with_articles(words: &[String]) -> String {
+    let resolved: Vec<&str> = (0..words.len())
+        .map(|i| if words[i] == "{a}" { article(words.get(i + 1).map_or("", String::as_str)) } else { &words[i] })
+        .collect();
+    resolved.join(" ")
+}
+
+/// "p", "p and q", "p, q and r".
+fn and_list(phrases: &[&str]) -> String {
+    match phrases {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// One caption for an image of `digit` with `attributes`, e.g. "a bold, large 3", "the number seven",
+/// "7, written thin and leaning right", "a picture of a small handwritten one slanted to the left", or just "7".
+/// The digit appears once, as a numeral or a word (even odds); each attribute not in the middle tercile is
+/// mentioned with probability 0.8, in random order, before the digit ("a thin 7") or after it ("a 7 written
+/// thin"). Deterministic for a given `rng` state.
+pub fn caption(digit: i64, attributes: &Attributes, rng: &mut impl Rng) -> String {
+    let d = digit_index(digit);
+    let head = if rng.random_bool(0.5) { d.to_string() } else { DIGIT_WORDS[d].to_string() };
+    if rng.random_bool(BARE_PROB) {
+        return head;
+    }
+    let mut mentioned: Vec<Attribute> = Attribute::ALL
+        .into_iter()
+        .filter(|&a| attributes.get(a) != Level::Middle && rng.random_bool(MENTION_PROB))
+        .collect();
+    mentioned.shuffle(rng);
+    let template = rng.random_range(0..9); // the phrasings in the `match` below; 8 is the list form
+    let list_form = template == 8 && !mentioned.is_empty(); // "7, written thin and leaning right"
+    let (mut before, mut after): (Vec<&str>, Vec<&str>) = (vec![], vec![]);
+    for a in mentioned {
+        let (b, f) = a.phrases(attributes.get(a)).expect("middle levels are not mentioned");
+        if !list_form && rng.random_bool(a.before_prob()) {
+            before.push(b.choose(rng).expect("non-empty"));
+        } else {
+            after.push(f.choose(rng).expect("non-empty"));
+        }
+    }
+    if list_form {
+        return format!("{head}, {}", and_list(&after));
+    }
+    let separator = if rng.random_bool(0.5) { ", " } else { " " }; // "a bold, large 3" or "a small thin one"
+    let adjectives = before.join(separator);
+    let (lead, noun): (&[&str], &[&str]) = match template {
+        0 | 8 => (&["{a}"], &[]),
+        1 => (&["{a}"], &["handwritten"]),
+        2 => (&["the"], &["digit"]),
+        3 => (&["the"], &["number"]),
+        4 => (&["an", "image", "of", "{a}"], &[]),
+        5 => (&["a", "picture", "of", "{a}"], &["handwritten"]),
+        6 => (&["an", "image", "of", "the"], &["digit"]),
+        _ => (&[], &[]),
+    };
+    let mut words: Vec<String> = lead.iter().map(|w| w.to_string()).collect();
+    words.extend((!adjectives.is_empty()).then_some(adjectives));
+    words.extend(noun.iter().map(|w| w.to_string()));
+    words.push(head);
+    words.extend((!after.is_empty()).then(|| and_list(&after)));
+    join_with_articles(&words)
+}
+
+/// A caption for each image, drawing from one `rng`.
+pub fn captions_for(labels: &[i64], attributes: &[Attributes], rng: &mut impl Rng) -> Vec<String> {
+    assert_eq!(labels.len(), attributes.len(), "one attribute set per label");
+    labels.iter().zip(attributes).map(|(&d, a)| caption(d, a, rng)).collect()
+}
+
+/// `n` captions of random digits with random attribute levels, then every evaluation prompt: the text a caption
+/// tokenizer is trained on, without touching the images.
+pub fn caption_corpus(n: usize, seed: u64) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let levels = [Level::Low, Level::Middle, Level::High];
+    let mut corpus: Vec<String> = (0..n)
+        .map(|_| {
+            let digit = rng.random_range(0..10);
+            let mut level = || *levels.choose(&mut rng).expect("non-empty");
+            let attributes = Attributes { thickness: level(), slant: level(), size: level() };
+            caption(digit, &attributes, &mut rng)
+        })
+        .collect();
+    for digit in 0..10 {
+        corpus.extend(eval_prompts(digit));
+        corpus.extend(Attribute::ALL.into_iter().flat_map(|a| attribute_prompts(digit, a)));
+    }
+    corpus
+}
+
+/// Fixed phrasings of each digit for evaluation (prompt -> classifier accuracy), all of which [`caption`] produces:
+/// "7", "seven", "a handwritten seven", "the number 7", "an image of the digit 7".
+pub fn eval_prompts(digit: i64) -> Vec<String> {
+    let (numeral, word) = (digit_index(digit).to_string(), DIGIT_WORDS[digit_index(digit)]);
+    vec![
+        numeral.clone(),
+        word.to_string(),
+        format!("a handwritten {word}"),
+        format!("the number {numeral}"),
+        format!("an image of the digit {numeral}"),
+    ]
+}
+
+/// The (low, high) prompt pair that tests control of one attribute: "a thin 7" / "a bold 7", "a small 7" /
+/// "a large 7", "a 7 leaning left" / "a 7 leaning right". Low is the end that measures smaller (for slant: < 0).
+pub fn attribute_prompts(digit: i64, attribute: Attribute) -> [String; 2] {
+    let numeral = digit_index(digit).to_string();
+    [Level::Low, Level::High].map(|level| {
+        let word = attribute.word(level).expect("low and high have words");
+        match attribute {
+            Attribute::Slant => format!("{} {numeral} {word}", article(&numeral)),
+            _ => format!("{} {word} {numeral}", article(word)),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    const SIDE: usize = 28;
+
+    /// A parallelogram stroke centred in a 28×28 image (moved `offset` pixels right): `height` tall, `width` wide
+    /// along x, sheared so x moves `shear` pixels right per pixel up; anti-aliased by 8×8 supersampling.
+    fn stroke_at(width: f64, height: f64, shear: f64, offset: f64) -> Vec<f32> {
+        const SUB: usize = 8;
+        let mut img = vec![0f32; SIDE * SIDE];
+        for (i, px) in img.iter_mut().enumerate() {
+            let (r, c) = ((i / SIDE) as f64, (i % SIDE) as f64);
+            let mut inside = 0;
+            for k in 0..SUB * SUB {
+                let x = c + ((k % SUB) as f64 + 0.5) / SUB as f64 - 14.0 - offset;
+                let y = 14.0 - (r + ((k / SUB) as f64 + 0.5) / SUB as f64);
+                inside += usize::from(y.abs() <= height / 2.0 && (x - shear * y).abs() <= width / 2.0);
+            }
+            *px = inside as f32 / (SUB * SUB) as f32;
+        }
+        img
+    }
+
+    fn stroke(width: f64, height: f64, shear: f64) -> Vec<f32> {
+        stroke_at(width, height, shear, 0.0)
+    }
+
+    fn measure(img: &[f32]) -> StrokeStats {
+        StrokeStats::measure(img, SIDE, SIDE)
+    }
+
+    #[test]
+    fn thickness_is_the_drawn_width_for_any_direction_and_position() {
+        let length = 18.0;
+        let mut previous = 0.0;
+        for width in [2.0, 2.5, 3.0, 4.0, 5.0] {
+            // Upright: 2·wL/(2L + 2w), on the pixel grid or a third of a pixel off it.
+            let expected = width * length / (length + width);
+            for offset in [0.0, 0.3] {
+                let upright = measure(&stroke_at(width, length, 0.0, offset)).thickness as f64;
+                assert!((upright - expected).abs() < 0.04 * expected, "w={width}, offset {offset}: {upright}");
+            }
+            // Sheared by s: the same area, the long sides √(1+s²) longer.
+            let s: f64 = 0.6;
+            let sheared = measure(&stroke_at(width, length, s, 0.3)).thickness as f64;
+            let expected = width * length / (length * (1.0 + s * s).sqrt() + width);
+            assert!((sheared - expected).abs() < 0.05 * expected, "w={width}: {sheared} vs {expected}");
+            let upright = measure(&stroke(width, length, 0.0)).thickness;
+            assert!(upright > previous);
+            previous = upright;
+        }
+        // Below 2 px the measure reads the lit width: a 1-px line on two half-lit columns reads 2·L/(L + 2).
+        let half_lit = measure(&stroke_at(1.0, length, 0.0, 0.0)).thickness as f64;
+        assert!((half_lit - 2.0 * length / (length + 2.0)).abs() < 0.05, "{half_lit}");
+        let lit = measure(&stroke_at(1.0, length, 0.0, 0.5)).thickness as f64;
+        assert!((lit - length / (length + 1.0)).abs() < 0.05, "{lit}");
+    }
+
+    #[test]
+    fn slant_is_the_drawn_shear_with_right_positive() {
+        for shear in [-0.5, -0.3, 0.0, 0.3, 0.5] {
+            let slant = measure(&stroke(3.0, 18.0, shear)).slant as f64;
+            assert!((slant - shear).abs() < 0.02, "shear {shear}: measured {slant}");
+        }
+        // Top-right above bottom-left leans right: a stroke from (row 4, col 17) down to (row 23, col 11).
+        let mut img = vec![0f32; SIDE * SIDE];
+        for r in 4..24 {
+            let c = 17 - (r - 4) * 6 / 19;
+            img[r * SIDE + c] = 1.0;
+            img[r * SIDE + c + 1] = 1.0;
+        }
+        assert!(measure(&img).slant > 0.2);
+    }
+
+    #[test]
+    fn size_follows_the_drawn_height_and_ignores_slant() {
+        let mut previous = 0.0;
+        for height in [8.0, 12.0, 16.0, 20.0] {
+            let size = measure(&stroke(3.0, height, 0.0)).size as f64;
+            let expected = ((height * height + 9.0) / 12.0f64).sqrt(); // √((h² + w²)/12)
+            assert!((size - expected).abs() < 0.03 * expected, "h={height}: {size} vs {expected}");
+            let sheared = measure(&stroke(3.0, height, 0.5)).size as f64;
+            assert!((sheared - size).abs() < 0.05 * size, "h={height}: shear changed size {size} -> {sheared}");
+            assert!(size > previous);
+            previous = size;
+        }
+    }
+
+    #[test]
+    fn batched_stats_equal_single_ones_and_blank_images_are_zero() -> Result<()> {
+        let imgs = [stroke(2.0, 16.0, 0.3), stroke(4.0, 10.0, -0.2), vec![0.0; SIDE * SIDE]];
+        let flat: Vec<f32> = imgs.concat();
+        let batch = Tensor::from_slice(&flat).view([3, 1, 28, 28]);
+        let stats = stroke_stats(&batch)?;
+        assert_eq!(stats[..2], [measure(&imgs[0]), measure(&imgs[1])]);
+        assert_eq!(stats[2], StrokeStats { thickness: 0.0, slant: 0.0, size: 0.0 });
+        assert!(stroke_stats(&Tensor::zeros([2, 3, 28, 28], (Kind::Float, Device::Cpu))).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn terciles_split_a_population_into_thirds() {
+        let mut values: Vec<f32> = (0..300).map(|v| v as f32).collect();
+        values.shuffle(&mut StdRng::seed_from_u64(0));
+        let t = Terciles::fit(&values);
+        let count = |l: Level| values.iter().filter(|&&v| t.level(v) == l).count();
+        assert_eq!([count(Level::Low), count(Level::Middle), count(Level::High)], [100, 100, 100]);
+    }
+
+    #[test]
+    fn bins_are_global_for_thickness_and_slant_and_per_digit_for_size() -> Result<()> {
+        // Digit d's sizes are d + 0..3 (so thirds differ per digit); thickness and slant are shared 0, 1, 2.
+        let (mut stats, mut labels) = (vec![], vec![]);
+        for d in 0..10 {
+            for k in 0..3 {
+                let v = k as f32;
+                stats.push(StrokeStats { thickness: v, slant: v - 1.0, size: d as f32 + v });
+                labels.push(d);
+            }
+        }
+        let bins = AttributeBins::fit(&stats, &labels)?;
+        for (s, &d) in stats.iter().zip(&labels) {
+            let level = [Level::Low, Level::Middle, Level::High][s.thickness as usize];
+            assert_eq!(bins.attributes(s, d), Attributes { thickness: level, slant: level, size: level });
+        }
+        let dir = tempfile::tempdir()?;
+        bins.save(&dir.path().join("bins.json"))?;
+        assert_eq!(AttributeBins::load(&dir.path().join("bins.json"))?, bins);
+        assert!(AttributeBins::fit(&stats[..27], &labels[..27]).is_err()); // no 9s
+        Ok(())
+    }
+
+    fn words(caption: &str) -> Vec<String> {
+        caption.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn captions_are_deterministic_per_seed_and_always_name_the_digit() {
+        let attributes = Attributes { thickness: Level::High, slant: Level::Low, size: Level::Middle };
+        let draw = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..200).map(|i| caption(i % 10, &attributes, &mut rng)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(1), draw(1));
+        assert_ne!(draw(1), draw(2));
+        let (mut numerals, mut names) = (0, 0);
+        for (i, c) in draw(3).iter().enumerate() {
+            let (w, d) = (words(c), i % 10);
+            let (numeral, name) = (w.contains(&d.to_string()), w.iter().any(|x| x == DIGIT_WORDS[d]));
+            assert!(numeral ^ name, "caption for {d} must name it exactly one way: {c:?}");
+            (numerals, names) = (numerals + usize::from(numeral), names + usize::from(name));
+            assert!(!c.contains("  ") && c.trim() == c);
+        }
+        assert!(numerals > 60 && names > 60, "{numerals} numerals, {names} names");
+    }
+
+    #[test]
+    fn attribute_words_appear_only_when_given() {
+        let vocabulary = |a: Attribute, l: Level| -> HashSet<String> {
+            let (before, after) = a.phrases(l).unwrap();
+            before.iter().chain(after).flat_map(|p| words(p)).collect()
+        };
+        let mut rng = StdRng::seed_from_u64(4);
+        let all: HashSet<String> = Attribute::ALL
+            .into_iter()
+            .flat_map(|a| [Level::Low, Level::High].map(|l| vocabulary(a, l)))
+            .flatten()
+            .filter(|w| !["to", "the", "a", "in", "with"].contains(&w.as_str()))
+            .collect();
+        for _ in 0..300 {
+            let c = caption(7, &Attributes::PLAIN, &mut rng);
+            assert!(words(&c).iter().all(|w| !all.contains(w)), "plain caption has an attribute word: {c:?}");
+        }
+        let thin = Attributes { thickness: Level::Low, ..Attributes::PLAIN };
+        let thin_words = vocabulary(Attribute::Thickness, Level::Low);
+        let others: HashSet<&String> = all.iter().filter(|w| !thin_words.contains(*w)).collect();
+        let mut mentioned = 0;
+        for _ in 0..300 {
+            let c = caption(3, &thin, &mut rng);
+            assert!(words(&c).iter().all(|w| !others.contains(w)), "{c:?} mentions an attribute it lacks");
+            mentioned += usize::from(words(&c).iter().any(|w| thin_words.contains(w)));
+        }
+        assert!(mentioned > 150, "thin mentioned in only {mentioned} of 300 captions");
+    }
+
+    #[test]
+    fn eval_and_attribute_prompts_are_captions_the_model_trains_on() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for digit in [1, 7, 8] {
+            let plain: HashSet<String> = (0..3000).map(|_| caption(digit, &Attributes::PLAIN, &mut rng)).collect();
+            for prompt in eval_prompts(digit) {
+                assert!(plain.contains(&prompt), "{prompt:?} is never generated");
+            }
+            for attribute in Attribute::ALL {
+                for (prompt, level) in attribute_prompts(digit, attribute).iter().zip([Level::Low, Level::High]) {
+                    let mut attributes = Attributes::PLAIN;
+                    match attribute {
+                        Attribute::Thickness => attributes.thickness = level,
+                        Attribute::Slant => attributes.slant = level,
+                        Attribute::Size => attributes.size = level,
+                    }
+                    let found = (0..3000).any(|_| caption(digit, &attributes, &mut rng) == *prompt);
+                    assert!(found, "{prompt:?} is never generated");
+                }
+            }
+        }
+        assert_eq!(attribute_prompts(8, Attribute::Slant), ["an 8 leaning left", "an 8 leaning right"]);
+        assert_eq!(attribute_prompts(1, Attribute::Thickness), ["a thin 1", "a bold 1"]);
+    }
+
+    #[test]
+    fn articles_agree_with_the_next_word() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let corpus = caption_corpus(3000, 7);
+        assert_eq!(corpus, caption_corpus(3000, 7));
+        let eights: Vec<String> = (0..500).map(|_| caption(8, &Attributes::PLAIN, &mut rng)).collect();
+        for c in corpus.iter().chain(&eights) {
+            for bad in ["a 8", "a eight", "an one", "an 1", "an thin", "a image"] {
+                assert!(!format!(" {c} ").contains(&format!(" {bad} ")), "{c:?} contains {bad:?}");
+            }
+        }
+    }
+}
