@@ -15,7 +15,7 @@ use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
 use scratch_diffusion::train::ddpm::{sample, to_unit, train_eps_model, LossWeight, Trajectory};
-use scratch_diffusion::train::trainer::TrainerConfig;
+use scratch_diffusion::train::recipe;
 use serde_json::json;
 use tch::{Device, Tensor};
 
@@ -29,10 +29,10 @@ struct Args {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// Images per training batch.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    #[arg(long, default_value_t = recipe::BATCH, value_parser = clap::value_parser!(i64).range(1..=4096))]
     batch: i64,
     /// Peak learning rate (AdamW, warm-up then cosine decay).
-    #[arg(long, default_value_t = 2e-3, value_parser = positive)]
+    #[arg(long, default_value_t = recipe::LR, value_parser = positive)]
     lr: f64,
     /// Reverse steps when sampling (evenly respaced over T = 1000).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
@@ -41,10 +41,10 @@ struct Args {
     #[arg(long, value_enum, default_value_t = PosteriorVariance::Beta)]
     variance: PosteriorVariance,
     /// Noise schedule: linear (DDPM) or cosine (improved DDPM), T = 1000.
-    #[arg(long, default_value = "linear")]
+    #[arg(long, default_value = recipe::SCHEDULE)]
     schedule: String,
     /// Weighting of the loss over timesteps: uniform (L_simple) or min-snr (Hang et al. 2023, γ = 5).
-    #[arg(long, value_enum, default_value_t = LossWeight::Uniform)]
+    #[arg(long, value_enum, default_value_t = recipe::LOSS_WEIGHT)]
     loss_weight: LossWeight,
     /// Samples to draw and grade [default: 500, or 16 with --quick].
     #[arg(long, value_parser = clap::value_parser!(i64).range(2..=10000))]
@@ -70,34 +70,21 @@ fn main() {
 fn run(args: Args) -> Result<()> {
     let run = args.common.init("lesson04")?;
     let data = mnist::load(&run.data_dir).context("lesson 04 trains on MNIST")?;
-    let steps = args.steps.unwrap_or(if run.quick { 30 } else { 1000 }) as usize;
+    let steps = args.steps.unwrap_or(if run.quick { 30 } else { recipe::STEPS }) as usize;
     let n = args.num_samples.unwrap_or(if run.quick { 16 } else { 500 });
     let sched = NoiseSchedule::by_name(&args.schedule, 1000)?;
     // ANCHOR: config
     let mut config = if run.quick { UNetConfig::tiny() } else { UNetConfig::mnist() };
     if let Some(c) = &args.channels {
-        anyhow::ensure!(
-            c.len() == config.block_out_channels.len(),
-            "--channels needs {} comma-separated numbers, one per UNet level",
-            config.block_out_channels.len()
-        );
+        // one level per entry, self-attention at the last (lowest-resolution) one only
+        config.attention = (0..c.len()).map(|i| i + 1 == c.len()).collect();
         config.block_out_channels = c.clone();
     }
     if let Some(d) = args.dropout {
         config.dropout = d;
     }
-    let cfg = TrainerConfig {
-        steps,
-        batch_size: args.batch,
-        lr: args.lr,
-        warmup: steps / 20,
-        ema_decay: Some(0.999), // in a short run the warm-up min(β, (1+t)/(10+t)) sets the horizon (chapter 04)
-        grad_clip: Some(1.0),
-        checkpoint_every: 250,
-        bf16: args.bf16,
-        seed: run.seed,
-        ..Default::default()
-    };
+    // the shared recipe (src/train/recipe.rs): AdamW with warm-up and cosine decay, EMA 0.999, clipping at 1
+    let cfg = recipe::trainer_config(steps, args.batch, args.lr, args.bf16, run.seed);
     // ANCHOR_END: config
     architecture_summary(&run, &config)?;
 
@@ -208,7 +195,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     run.write_metrics(json!({
-        "network": config, "parameters": _vs.variables().values().map(|t| t.numel()).sum::<usize>(),
+        "network": config, "schedule": args.schedule, "loss_weight": args.loss_weight, "lr": args.lr, "parameters": _vs.variables().values().map(|t| t.numel()).sum::<usize>(),
         "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,
         "bf16": args.bf16,
         "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().min(100).max(1) as f64,

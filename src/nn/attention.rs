@@ -47,6 +47,7 @@ impl MultiHeadAttention {
         }
     }
 
+    // ANCHOR: multi_head
     /// x: (B, Lq, dim), context: (B, Lk, context_dim) or None -> (B, Lq, dim).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&Tensor>) -> Tensor {
         let ctx = context.unwrap_or(x);
@@ -59,6 +60,7 @@ impl MultiHeadAttention {
         let (b, h, l, d) = out.size4().expect("(B, heads, L, d_k)");
         self.to_out.forward(&out.transpose(1, 2).reshape([b, l, h * d])) // (B, Lq, dim)
     }
+    // ANCHOR_END: multi_head
 
     /// As `forward`, also returning the attention weights softmax(Q Kᵀ/√d_k) (masked keys get weight 0), for
     /// attention-map figures: (out (B, Lq, dim), weights (B, heads, Lq, Lk)).

@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod clip;
 pub mod eps_mlp;
+pub mod label_context;
 pub mod layers;
 pub mod ncsn;
 pub mod score_mlp;

@@ -40,11 +40,13 @@ impl GeGlu {
         Self { proj: nn::linear(vs / "proj", dim, 2 * inner, Default::default()) }
     }
 
+    // ANCHOR: geglu
     /// x: (…, dim) -> (…, inner).
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let halves = self.proj.forward(x).chunk(2, -1); // 2 × (…, inner)
         &halves[0] * halves[1].gelu("none")
     }
+    // ANCHOR_END: geglu
 }
 
 /// Position-wise feed-forward with GEGLU: net.0 = GEGLU(dim → 4·dim), net.2 = Linear(4·dim → dim); diffusers'

@@ -43,6 +43,7 @@ pub enum LossWeight {
 /// the paper's γ = 5.
 pub const MIN_SNR_GAMMA: f64 = 5.0;
 
+// ANCHOR: weighted_loss
 impl LossWeight {
     /// The weight of each timestep, (T,), from ᾱ (T,): SNR_t = ᾱ_t / (1 − ᾱ_t).
     pub fn weights(self, alpha_bar: &Tensor) -> Tensor {
@@ -62,10 +63,11 @@ pub fn weighted_eps_loss(model: &dyn EpsModel, alpha_bar: &Tensor, weights: &Ten
     let t = Tensor::randint(alpha_bar.size()[0], [x0.size()[0]], (Kind::Int64, x0.device())); // (B,)
     let eps = x0.randn_like();
     let x_t = q_sample(&alpha_bar.to_kind(x0.kind()), x0, &t, &eps); // [DDPM] eq. 4
-    let per_image =
-        (eps - model.eps(&x_t, &t, true)).square().to_kind(Kind::Float).flatten(1, -1).mean_dim(1, false, Kind::Float); // (B,)
+    let squared = (eps - model.eps(&x_t, &t, true)).square().to_kind(Kind::Float); // (B, C, H, W)
+    let per_image = squared.flatten(1, -1).mean_dim(1, false, Kind::Float); // (B,)
     (per_image * weights.index_select(0, &t)).mean(Kind::Float)
 }
+// ANCHOR_END: weighted_loss
 
 // ANCHOR: l_simple
 /// [DDPM] eq. 14, L_simple(θ) = E_{t, x₀, ε} ‖ε − ε_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t)‖², with t uniform on {0, …, T−1}

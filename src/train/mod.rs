@@ -1,7 +1,11 @@
 //! Training: the denoising-score-matching loop shared by lessons 01–02, the 2-D score model, atomic checkpoints.
 pub mod checkpoint;
+pub mod conditional;
 pub mod ddpm;
 pub mod ema;
+pub mod recipe;
+pub mod text_cond;
+pub mod text_to_image;
 pub mod toy_score;
 pub mod trainer;
 

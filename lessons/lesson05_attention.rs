@@ -1,0 +1,296 @@
+//! Lesson 05 — attention and cross-attention.
+//!
+//! Part 1 checks scaled dot-product attention, written out in src/nn/attention.rs, against libtorch's fused kernel,
+//! with and without masks, and draws the weights of a toy sequence. Part 2 trains lesson 04's UNet with its 7×7
+//! attention blocks turned into Stable Diffusion's spatial transformers, which cross-attend to a learned sequence
+//! per digit label, with condition dropout; it samples every digit with classifier-free guidance at several scales
+//! and measures what guidance trades: the right digit more often, less variety within a digit.
+//! Chapter 05 walks through this file.
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run};
+use scratch_diffusion::data::mnist;
+use scratch_diffusion::diffusion::schedule::NoiseSchedule;
+use scratch_diffusion::eval::classifier::MnistClassifier;
+use scratch_diffusion::nn::attention::scaled_dot_product_attention;
+use scratch_diffusion::nn::layers::timestep_embedding;
+use scratch_diffusion::nn::unet::UNet;
+use scratch_diffusion::plot;
+use scratch_diffusion::sampling::ddpm::PosteriorVariance;
+use scratch_diffusion::sampling::guidance::{grade_guided, plot_tradeoff};
+use scratch_diffusion::train::conditional::{
+    train_cond_eps_model, ClassCondConfig, LabelConditioned, DEFAULT_P_UNCOND,
+};
+use scratch_diffusion::train::ddpm::{sample, to_unit, LossWeight};
+use scratch_diffusion::train::recipe;
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+/// Lesson 05: attention, cross-attention and classifier-free guidance on MNIST.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None, allow_negative_numbers = true)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Training steps [default: 1000, or 30 with --quick] (lesson 04's budget).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: Option<u64>,
+    /// Images per training batch.
+    #[arg(long, default_value_t = recipe::BATCH, value_parser = clap::value_parser!(i64).range(1..=4096))]
+    batch: i64,
+    /// Peak learning rate (AdamW, warm-up then cosine decay).
+    #[arg(long, default_value_t = recipe::LR, value_parser = positive)]
+    lr: f64,
+    /// Reverse steps when sampling [default: 100, or 20 with --quick] (evenly respaced over T = 1000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    sample_steps: Option<u64>,
+    /// Reverse-step variance σ_t²: β_t or the posterior's β̃_t ([DDPM] sec. 3.2).
+    #[arg(long, value_enum, default_value_t = PosteriorVariance::Beta)]
+    variance: PosteriorVariance,
+    /// Noise schedule: linear (DDPM) or cosine (improved DDPM), T = 1000.
+    #[arg(long, default_value = recipe::SCHEDULE)]
+    schedule: String,
+    /// Weighting of the loss over timesteps: uniform (L_simple) or min-snr (Hang et al. 2023, γ = 5).
+    #[arg(long, value_enum, default_value_t = recipe::LOSS_WEIGHT)]
+    loss_weight: LossWeight,
+    /// Samples per guidance scale, split evenly over the ten digits [default: 200, or 20 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(i64).range(20..=10000))]
+    num_samples: Option<i64>,
+    /// Dropout inside the residual blocks [default: the preset's].
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Probability of training on the null label ∅ instead of the digit (condition dropout, [CFG] Algorithm 1).
+    #[arg(long, default_value_t = DEFAULT_P_UNCOND)]
+    p_uncond: f64,
+    /// Guidance scales w, comma-separated: ε̃ = ε_∅ + w (ε_c − ε_∅); 0 is unconditional, 1 conditional.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 1.0, 2.0, 3.0, 5.0])]
+    guidance: Vec<f64>,
+    /// Train in bf16 (f32 master weights).
+    #[arg(long)]
+    bf16: bool,
+    /// Continue an interrupted training run from OUT/checkpoint.safetensors.
+    #[arg(long)]
+    resume: bool,
+}
+
+fn main() {
+    lesson_main(|| run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    ensure!((0.0..=1.0).contains(&args.p_uncond), "--p-uncond must lie in [0, 1], got {}", args.p_uncond);
+    ensure!(args.guidance.iter().all(|w| w.is_finite()), "--guidance takes finite numbers, got {:?}", args.guidance);
+    let run = args.common.init("lesson05")?;
+    let attention_check = part1_attention(&run)?;
+    let data = mnist::load(&run.data_dir).context("lesson 05 trains on MNIST")?;
+    let steps = args.steps.unwrap_or(if run.quick { 30 } else { recipe::STEPS }) as usize;
+    let per_class = args.num_samples.unwrap_or(if run.quick { 20 } else { 200 }).div_euclid(10);
+    let sample_steps = args.sample_steps.unwrap_or(if run.quick { 20 } else { 100 }) as usize;
+    let sched = NoiseSchedule::by_name(&args.schedule, 1000)?;
+    // ANCHOR: config
+    let mut config = if run.quick { ClassCondConfig::tiny() } else { ClassCondConfig::mnist() };
+    if let Some(d) = args.dropout {
+        config.unet.dropout = d;
+    }
+    let cfg = recipe::trainer_config(steps, args.batch, args.lr, args.bf16, run.seed); // lesson 04's recipe
+                                                                                       // ANCHOR_END: config
+
+    // ANCHOR: train
+    let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
+    let labels = data.train_labels.to_device(run.device); // (60000,) digits 0–9
+    let bar = progress(steps as u64, "train");
+    let (vs, model, outcome) = train_cond_eps_model(
+        |p| config.build(p),
+        &images,
+        &labels,
+        &sched,
+        args.loss_weight,
+        args.p_uncond,
+        &cfg,
+        run.device,
+        Some(&run.path("checkpoint.safetensors")),
+        args.resume,
+        &mut |s| {
+            bar.inc(1);
+            if (s.step + 1) % (steps / 10).max(1) == 0 {
+                log_line(&bar, format!("step {:>5}/{steps}  L_simple {:.4}", s.step + 1, s.loss));
+            }
+        },
+    )?;
+    bar.finish_and_clear();
+    // ANCHOR_END: train
+    let parameters: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+    println!(
+        "class-conditional UNet {:?}: {parameters} parameters, trained in {:.0} s",
+        config.unet.block_out_channels, outcome.seconds
+    );
+    let rows: Vec<(usize, Vec<f64>)> = outcome.losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
+    run.write_loss_csv("loss.csv", &["l_simple"], &rows)?;
+    plot::loss_curve(
+        &run.path("loss.png"),
+        &format!(
+            "Lesson 05: L_simple of the class-conditional UNet ({} % of labels dropped to ∅)",
+            args.p_uncond * 100.0
+        ),
+        &[("L_simple", &outcome.losses)],
+    )?;
+
+    // ANCHOR: sample
+    let clf = MnistClassifier::load_shipped(Device::Cpu)?;
+    let bar = progress((args.guidance.len() as i64 * 10 * per_class) as u64 * sample_steps as u64, "sample");
+    let (mut reports, mut tiles, started) = (Vec::new(), Vec::new(), std::time::Instant::now());
+    for &w in &args.guidance {
+        let mut per_digit = Vec::new();
+        for digit in 0..10i64 {
+            tch::manual_seed(1000 * (run.seed as i64 + 1) + digit); // the same starting noise for a digit at every w
+            let x = sample(
+                &model.guided(digit, w),
+                &sched,
+                sample_steps,
+                &[per_class, 1, 28, 28],
+                args.variance,
+                Some((-1.0, 1.0)),
+                250,
+                run.device,
+                &mut |_, st| bar.inc(st.x_t.size()[0] as u64),
+            );
+            per_digit.push(to_unit(&x).to_device(Device::Cpu)); // (per_class, 1, 28, 28)
+        }
+        let requested = Tensor::arange(10, (Kind::Int64, Device::Cpu)).repeat_interleave_self_int(per_class, 0, None);
+        let report =
+            grade_guided(&clf, &Tensor::cat(&per_digit, 0), &requested, &data.test_images, &data.test_labels, w);
+        log_line(
+            &bar,
+            format!(
+                "w = {w}: accuracy {:.3}, p(asked digit) {:.3}, diversity {:.2} of real, FD/floor {:.2}",
+                report.accuracy, report.mean_p_requested, report.diversity_over_real, report.samples.fd_over_floor
+            ),
+        );
+        tiles.push(per_digit);
+        reports.push(report);
+    }
+    bar.finish_and_clear();
+    // ANCHOR_END: sample
+    let sample_seconds = started.elapsed().as_secs_f64(); // grading included
+
+    // samples_by_class.png: a row per digit, then for each scale its first k samples (the same noises)
+    let k = per_class.min(4);
+    let (mut grid, mut tile_labels) = (Vec::new(), Vec::new());
+    for digit in 0..10 {
+        for (i, &w) in args.guidance.iter().enumerate() {
+            grid.push(tiles[i][digit as usize].narrow(0, 0, k));
+            tile_labels.extend((0..k).map(|j| if j == 0 { format!("w={w}") } else { String::new() }));
+        }
+    }
+    let cols = args.guidance.len() * k as usize;
+    plot::image_grid(
+        &run.path("samples_by_class.png"),
+        "Digits 0–9 (rows) at guidance scales w, the same noise per digit",
+        &Tensor::cat(&grid, 0),
+        cols,
+        2,
+        &tile_labels,
+    )?;
+    plot_tradeoff(&run.path("guidance_tradeoff.png"), &reports)?;
+    cross_attention_figure(&run, &model, &sched, sample_steps)?;
+
+    run.write_metrics(json!({
+        "attention_check": attention_check, "network": config, "parameters": parameters,
+        "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,
+        "bf16": args.bf16, "p_uncond": args.p_uncond,
+        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().clamp(1, 100) as f64,
+        "sample_steps": sample_steps, "samples_per_scale": 10 * per_class, "sample_seconds": sample_seconds,
+        "guidance": reports,
+    }))?;
+    println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
+    Ok(())
+}
+
+/// Part 1: our attention against libtorch's fused kernel on a toy sequence, with no mask, a causal mask and a
+/// key-padding mask; draws the three weight matrices.
+fn part1_attention(run: &Run) -> Result<serde_json::Value> {
+    // ANCHOR: attention_check
+    let (n, d) = (12, 16);
+    let positions = Tensor::arange(n, (Kind::Float, Device::Cpu));
+    let q = (timestep_embedding(&positions, d, 10_000.0) * 2.0).view([1, 1, n, d]); // (B, heads, L, d): sinusoids
+    let k = q.copy(); // queries and keys from the same positions: similar positions, large dot products
+    let v = Tensor::randn([1, 1, n, d], (Kind::Float, Device::Cpu));
+    let max_diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    let theirs = |mask: Option<&Tensor>, causal| {
+        Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false)
+    };
+    let causal = Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0); // query i sees keys 0..=i
+    let padding = Tensor::arange(n, (Kind::Int64, Device::Cpu)).lt(n - 4).view([1, 1, 1, n]); // last 4 keys hidden
+    let diffs = [
+        max_diff(&scaled_dot_product_attention(&q, &k, &v, None), &theirs(None, false)),
+        max_diff(&scaled_dot_product_attention(&q, &k, &v, Some(&causal)), &theirs(None, true)),
+        max_diff(&scaled_dot_product_attention(&q, &k, &v, Some(&padding)), &theirs(Some(&padding), false)),
+    ];
+    // with V = I the output of attention is the weight matrix softmax(QKᵀ/√d) itself
+    let eye = Tensor::eye(n, (Kind::Float, Device::Cpu)).view([1, 1, n, n]);
+    let weights =
+        [None, Some(&causal), Some(&padding)].map(|m| scaled_dot_product_attention(&q, &k, &eye, m).view([n, n]));
+    // ANCHOR_END: attention_check
+    println!(
+        "our attention vs libtorch's: max |difference| {:.1e} (no mask), {:.1e} (causal), {:.1e} (padding)",
+        diffs[0], diffs[1], diffs[2]
+    );
+    let top = Tensor::stack(&weights, 0).max().double_value(&[]);
+    let names = ["no mask", "causal mask", "last 4 keys padded"].map(String::from);
+    let title = "Weights softmax(QKᵀ/√d): rows = queries, cols = keys";
+    plot::image_grid(
+        &run.path("attention_toy.png"),
+        title,
+        &(Tensor::stack(&weights, 0).unsqueeze(1) / top),
+        3,
+        16,
+        &names,
+    )?;
+    Ok(json!({ "max_abs_diff_no_mask": diffs[0], "max_abs_diff_causal": diffs[1], "max_abs_diff_padding": diffs[2] }))
+}
+
+/// cross_attention.png: for two digits sampled at w = 3, rows = timesteps of the chain, columns = x_t, x̂₀ and the
+/// weight each pixel of the lowest-resolution feature maps gives to each label token (mean over heads and blocks).
+fn cross_attention_figure(
+    run: &Run,
+    model: &LabelConditioned<UNet>,
+    sched: &NoiseSchedule,
+    steps: usize,
+) -> Result<()> {
+    let (mut tiles, mut labels) = (Vec::new(), Vec::new());
+    for digit in [3i64, 7] {
+        tch::manual_seed(1000 * (run.seed as i64 + 1) + 100 + digit);
+        let keep = [steps - 1, (steps - 1) * 2 / 3, (steps - 1) / 3, 0];
+        let mut chain = Vec::new();
+        let _ = sample(
+            &model.guided(digit, 3.0),
+            sched,
+            steps,
+            &[1, 1, 28, 28],
+            PosteriorVariance::Beta,
+            Some((-1.0, 1.0)),
+            1,
+            run.device,
+            &mut |_, st| {
+                if keep.contains(&st.i) {
+                    chain.push((st.t, st.x_t.copy(), st.x0_hat.copy()));
+                }
+            },
+        );
+        for (t, x_t, x0_hat) in chain {
+            let token_maps = model.label_attention_maps(&x_t, t as i64, digit).upsample_nearest2d([28, 28], None, None);
+            tiles.extend([to_unit(&x_t), to_unit(&x0_hat), token_maps].map(|x| x.to_device(Device::Cpu)));
+            labels.extend([format!("{digit}: x_t t={t}"), "x̂₀".into()]);
+            labels.extend((0..model.labels.tokens).map(|j| format!("token {j}")));
+        }
+    }
+    let cols = 2 + model.labels.tokens as usize;
+    plot::image_grid(
+        &run.path("cross_attention.png"),
+        "Cross-attention to the label tokens, w = 3 (white: weight 1)",
+        &Tensor::cat(&tiles, 0),
+        cols,
+        3,
+        &labels,
+    )
+}

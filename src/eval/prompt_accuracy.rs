@@ -1,0 +1,337 @@
+//! Does the picture follow the prompt? Two measures for text-to-image MNIST, both with tools of the crate:
+//!
+//! - **Prompt accuracy**: for every digit d and every fixed phrasing of [`eval_prompts`] ("7", "seven", "a
+//!   handwritten seven", "the number 7", "an image of the digit 7"), n samples; the fraction that the shipped
+//!   classifier reads as d, per phrasing and per digit.
+//! - **Attribute direction**: for every digit d and attribute a, the pair of prompts of [`attribute_prompts`] ("a thin
+//!   7" / "a bold 7", "a 7 leaning left" / "a 7 leaning right", "a small 7" / "a large 7"), n samples each from the
+//!   same noise; the pair follows its prompts when the mean measured attribute ([`stroke_stats`], the measure the
+//!   captions were written from) of the "high" samples exceeds that of the "low" ones.
+//!
+//! Sampling is a closure, `generate(prompt, n, seed) -> (n, 1, 28, 28)` in [0, 1], so any pipeline (or a stand-in
+//! in the tests) can be graded. The figures of lesson 06 live here too: samples per phrasing, attribute pairs, a
+//! guidance sweep, and where in the image each token of a prompt acts (the pipeline's cross-attention maps).
+use crate::data::captions::{attribute_prompts, eval_prompts, stroke_stats, Attribute, Level, StrokeStats};
+use crate::eval::classifier::MnistClassifier;
+use crate::plot;
+use crate::train::ddpm::to_unit;
+use crate::train::text_to_image::TextToImage;
+use anyhow::{ensure, Result};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// What draws the samples: (prompt, n, seed) -> (n, 1, H, W) in [0, 1].
+pub type Generate<'a> = dyn FnMut(&str, i64, u64) -> Result<Tensor> + 'a;
+
+/// The accuracy of one phrasing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PromptScore {
+    pub prompt: String,
+    pub digit: i64,
+    pub accuracy: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PromptAccuracy {
+    pub samples_per_prompt: i64,
+    pub per_prompt: Vec<PromptScore>,
+    /// Digit d's accuracy over all its phrasings, d = 0..9.
+    pub per_digit: Vec<f64>,
+    /// The lowest of `per_digit`: the number the ≥ 98 % target is about.
+    pub worst_digit: f64,
+    pub overall: f64,
+}
+
+/// Draws `n` samples for each phrasing of each digit (prompt i of the 50 from seed `seed + i`) and grades them with
+/// `clf`. Returns the scores, all samples (50·n, 1, H, W) on the CPU in prompt order, and the digit each was asked
+/// for (50·n,).
+pub fn prompt_accuracy(
+    generate: &mut Generate,
+    clf: &MnistClassifier,
+    n: i64,
+    seed: u64,
+) -> Result<(PromptAccuracy, Tensor, Tensor)> {
+    ensure!(n >= 1, "prompt accuracy needs at least one sample per prompt");
+    let (mut per_prompt, mut samples, mut asked) = (Vec::new(), Vec::new(), Vec::new());
+    for digit in 0..10 {
+        for prompt in eval_prompts(digit) {
+            let x = generate(&prompt, n, seed + per_prompt.len() as u64)?.to_device(Device::Cpu); // (n, 1, H, W)
+            let accuracy = fraction_read_as(clf, &x, digit);
+            per_prompt.push(PromptScore { prompt, digit, accuracy });
+            samples.push(x);
+            asked.push(Tensor::full([n], digit, (Kind::Int64, Device::Cpu)));
+        }
+    }
+    let mean = |v: &mut dyn Iterator<Item = f64>| {
+        let (sum, count) = v.fold((0.0, 0), |(s, c), a| (s + a, c + 1));
+        sum / count as f64
+    };
+    let per_digit: Vec<f64> =
+        (0..10).map(|d| mean(&mut per_prompt.iter().filter(|p| p.digit == d).map(|p| p.accuracy))).collect();
+    let report = PromptAccuracy {
+        samples_per_prompt: n,
+        worst_digit: per_digit.iter().copied().fold(f64::INFINITY, f64::min),
+        overall: mean(&mut per_digit.iter().copied()),
+        per_digit,
+        per_prompt,
+    };
+    Ok((report, Tensor::cat(&samples, 0), Tensor::cat(&asked, 0)))
+}
+
+/// The measurement of `attribute` in one image's stroke statistics.
+pub fn measure(stats: &StrokeStats, attribute: Attribute) -> f64 {
+    (match attribute {
+        Attribute::Thickness => stats.thickness,
+        Attribute::Slant => stats.slant,
+        Attribute::Size => stats.size,
+    }) as f64
+}
+
+/// One digit × attribute pair of prompts and what their samples measure.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttributePair {
+    pub digit: i64,
+    pub attribute: Attribute,
+    /// The (low, high) prompts, e.g. ("a thin 7", "a bold 7").
+    pub prompts: [String; 2],
+    /// Mean measured attribute of the samples of each prompt.
+    pub means: [f64; 2],
+    /// Whether the high prompt's samples measure more than the low prompt's.
+    pub follows: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttributeReport {
+    pub samples_per_prompt: i64,
+    pub pairs: Vec<AttributePair>,
+    /// Per attribute checked, the fraction of the ten digits whose pair follows its prompts.
+    pub per_attribute: Vec<(Attribute, f64)>,
+}
+
+impl AttributeReport {
+    /// The fraction of the digit × attribute pairs of `attributes` that follow their prompts.
+    pub fn fraction_following(&self, attributes: &[Attribute]) -> f64 {
+        let pairs: Vec<&AttributePair> = self.pairs.iter().filter(|p| attributes.contains(&p.attribute)).collect();
+        pairs.iter().filter(|p| p.follows).count() as f64 / pairs.len().max(1) as f64
+    }
+}
+
+// ANCHOR: attribute_directions
+/// For each attribute and digit, `n` samples of the low and of the high prompt from the same seed (the same starting
+/// noise, so only the prompt differs), measured with [`stroke_stats`]. Returns the report and the samples of each
+/// pair, (low, high), each (n, 1, H, W), in the report's order.
+pub fn attribute_directions(
+    generate: &mut Generate,
+    attributes: &[Attribute],
+    n: i64,
+    seed: u64,
+) -> Result<(AttributeReport, Vec<[Tensor; 2]>)> {
+    ensure!(n >= 1, "the attribute check needs at least one sample per prompt");
+    let (mut pairs, mut samples) = (Vec::new(), Vec::new());
+    for &attribute in attributes {
+        for digit in 0..10 {
+            let prompts = attribute_prompts(digit, attribute);
+            let pair_seed = seed + pairs.len() as u64;
+            let low = generate(&prompts[0], n, pair_seed)?.to_device(Device::Cpu); // (n, 1, H, W)
+            let high = generate(&prompts[1], n, pair_seed)?.to_device(Device::Cpu);
+            let mean_of = |x: &Tensor| -> Result<f64> {
+                Ok(stroke_stats(x)?.iter().map(|s| measure(s, attribute)).sum::<f64>() / n as f64)
+            };
+            let means = [mean_of(&low)?, mean_of(&high)?];
+            pairs.push(AttributePair { digit, attribute, prompts, means, follows: means[1] > means[0] });
+            samples.push([low, high]);
+        }
+    }
+    let per_attribute = attributes.iter().map(|&a| (a, fraction(&pairs, a))).collect();
+    Ok((AttributeReport { samples_per_prompt: n, pairs, per_attribute }, samples))
+}
+// ANCHOR_END: attribute_directions
+
+fn fraction(pairs: &[AttributePair], attribute: Attribute) -> f64 {
+    let of: Vec<&AttributePair> = pairs.iter().filter(|p| p.attribute == attribute).collect();
+    of.iter().filter(|p| p.follows).count() as f64 / of.len().max(1) as f64
+}
+
+/// The fraction of `samples` (N, 1, 28, 28) that `clf` reads as `digit`.
+fn fraction_read_as(clf: &MnistClassifier, samples: &Tensor, digit: i64) -> f64 {
+    let predicted = clf.probabilities(samples).argmax(-1, false).to_device(Device::Cpu); // (N,)
+    predicted.eq(digit).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+}
+
+/// Accuracy against the guidance scale: for each scale w of `scales`, `n` samples of "a handwritten <digit>" for
+/// every digit (digit d from seed `seed + d` at every w, so a row of the figure differs only in w), graded by `clf`;
+/// draws them into `figure`, a row per digit. `generate(prompt, n, seed, w)`.
+pub fn guidance_sweep(
+    generate: &mut dyn FnMut(&str, i64, u64, f64) -> Result<Tensor>,
+    clf: &MnistClassifier,
+    scales: &[f64],
+    n: i64,
+    seed: u64,
+    figure: &Path,
+) -> Result<Vec<(f64, f64)>> {
+    let (mut tiles, mut labels, mut accuracy) = (Vec::new(), Vec::new(), vec![0.0; scales.len()]);
+    for (digit, prompt) in (0..10).zip(crate::nn::clip::digit_prompts()) {
+        for (i, &w) in scales.iter().enumerate() {
+            let x = generate(&prompt, n, seed + digit as u64, w)?.to_device(Device::Cpu); // (n, 1, 28, 28)
+            accuracy[i] += fraction_read_as(clf, &x, digit) / 10.0;
+            labels.extend((0..n).map(|j| if j == 0 && digit == 0 { format!("w={w}") } else { String::new() }));
+            tiles.push(x);
+        }
+    }
+    let title = "\"a handwritten <digit>\" at guidance scales w, the same noise along a row";
+    plot::image_grid(figure, title, &Tensor::cat(&tiles, 0), n as usize * scales.len(), 2, &labels)?;
+    Ok(scales.iter().copied().zip(accuracy).collect())
+}
+
+/// A row per digit: its first `k` samples of each phrasing (`samples` as [`prompt_accuracy`] returns them), the
+/// digit's accuracy under the row's first image.
+pub fn plot_prompt_samples(path: &Path, samples: &Tensor, report: &PromptAccuracy, k: i64) -> Result<()> {
+    let (n, k) = (report.samples_per_prompt, k.min(report.samples_per_prompt));
+    let tiles: Vec<Tensor> = (0..report.per_prompt.len() as i64).map(|p| samples.narrow(0, p * n, k)).collect();
+    let row = 5 * k; // five phrasings per digit
+    let accuracy = |d: i64| format!("{d}: {:.0} %", 100.0 * report.per_digit[d as usize]);
+    let labels: Vec<String> =
+        (0..10 * row).map(|i| if i % row == 0 { accuracy(i / row) } else { String::new() }).collect();
+    let title = format!("{k} per phrasing: d · word · a handwritten word · the number d · an image of the digit d");
+    plot::image_grid(path, &title, &Tensor::cat(&tiles, 0), row as usize, 3, &labels)
+}
+
+/// A row per digit: for each attribute its first `k` low samples, then the `k` high ones from the same noise.
+pub fn plot_attribute_pairs(path: &Path, report: &AttributeReport, samples: &[[Tensor; 2]], k: i64) -> Result<()> {
+    let k = k.min(report.samples_per_prompt);
+    let (mut tiles, mut labels) = (Vec::new(), Vec::new());
+    for digit in 0..10 {
+        for (pair, [low, high]) in report.pairs.iter().zip(samples).filter(|(p, _)| p.digit == digit) {
+            for (x, level) in [(low, Level::Low), (high, Level::High)] {
+                tiles.push(x.narrow(0, 0, k));
+                let word = pair.attribute.word(level).unwrap_or_default();
+                labels.extend((0..k).map(|j| if j == 0 && digit == 0 { word.to_string() } else { String::new() }));
+            }
+        }
+    }
+    let cols = (tiles.len() / 10) * k as usize;
+    plot::image_grid(path, "Low, high prompt per attribute, same noise", &Tensor::cat(&tiles, 0), cols, 2, &labels)
+}
+
+// ANCHOR: token_attention
+/// cross_attention.png: along one reverse chain of `prompt` at guidance `w` (`steps` steps from the noise of `seed`),
+/// at four steps: x_t, x̂₀, and one map per token of how the pixels of the finest cross-attention feature maps share
+/// their attention among the prompt's tokens (white: the largest weight in the figure).
+pub fn plot_token_attention(
+    path: &Path,
+    pipe: &TextToImage,
+    prompt: &str,
+    w: f64,
+    steps: usize,
+    seed: u64,
+) -> Result<()> {
+    let keep = [steps - 1, (steps - 1) * 2 / 3, (steps - 1) / 3, 0];
+    let mut chain = Vec::new();
+    let _ = pipe.generate_with(prompt, None, 1, w, steps, seed, &mut |_, st| {
+        if keep.contains(&st.i) {
+            chain.push((st.t, to_unit(st.x_t), to_unit(st.x0_hat), st.x_t.copy()));
+        }
+    })?;
+    let (mut rows, mut labels) = (Vec::new(), Vec::new());
+    for (t, x_t, x0_hat, x) in &chain {
+        let (maps, tokens) = pipe.token_attention_maps(x, *t, prompt)?; // (tokens, 1, h, w)
+        rows.push([
+            x_t.to_device(Device::Cpu),
+            x0_hat.to_device(Device::Cpu),
+            maps.upsample_nearest2d([28, 28], None, None),
+        ]);
+        labels.extend([format!("x_t t={t}"), "x̂₀".into()].into_iter().chain(tokens));
+    }
+    let top = rows.iter().map(|[_, _, m]| m.max().double_value(&[])).fold(1e-12, f64::max);
+    let tiles: Vec<Tensor> =
+        rows.iter().flat_map(|[x, x0, m]| [x.shallow_clone(), x0.shallow_clone(), m / top]).collect();
+    let title = format!("Cross-attention to each token of \"{prompt}\", w = {w}");
+    plot::image_grid(path, &title, &Tensor::cat(&tiles, 0), labels.len() / chain.len().max(1), 3, &labels)
+}
+// ANCHOR_END: token_attention
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::captions::DIGIT_WORDS;
+
+    /// A 28×28 parallelogram stroke, `width` wide and `height` tall, sheared `shear` pixels right per pixel up,
+    /// moved `dx` pixels right: (1, 1, 28, 28).
+    fn stroke(width: f64, height: f64, shear: f64, dx: f64) -> Tensor {
+        let pixels: Vec<f32> = (0..28 * 28)
+            .map(|i| {
+                let (x, y) = ((i % 28) as f64 + 0.5 - 14.0 - dx, 14.0 - (i / 28) as f64 - 0.5);
+                f32::from(y.abs() <= height / 2.0 && (x - shear * y).abs() <= width / 2.0)
+            })
+            .collect();
+        Tensor::from_slice(&pixels).view([1, 1, 28, 28])
+    }
+
+    /// Strokes that do what the attribute words say (or ignore them), jittered sideways by the seed.
+    fn strokes(prompt: &str, n: i64, seed: u64, obey: bool) -> Tensor {
+        let has = |w: &str| obey && prompt.split_whitespace().any(|p| p == w);
+        let width = if has("thin") {
+            2.0
+        } else if has("bold") {
+            4.0
+        } else {
+            3.0
+        };
+        let shear = if has("left") {
+            -0.3
+        } else if has("right") {
+            0.3
+        } else {
+            0.0
+        };
+        let height = if has("small") {
+            12.0
+        } else if has("large") {
+            20.0
+        } else {
+            16.0
+        };
+        Tensor::cat(
+            &(0..n).map(|i| stroke(width, height, shear, ((seed + i as u64) % 3) as f64)).collect::<Vec<_>>(),
+            0,
+        )
+    }
+
+    #[test]
+    fn attribute_pairs_follow_when_the_strokes_do_what_the_words_say() -> Result<()> {
+        let (report, samples) = attribute_directions(&mut |p, n, s| Ok(strokes(p, n, s, true)), &Attribute::ALL, 2, 0)?;
+        assert_eq!((report.pairs.len(), samples.len(), samples[0][0].size()), (30, 30, vec![2, 1, 28, 28]));
+        assert_eq!(report.pairs[0].prompts, ["a thin 0", "a bold 0"]);
+        assert!(report.pairs.iter().all(|p| p.follows), "{:?}", report.pairs);
+        assert_eq!(report.fraction_following(&[Attribute::Thickness, Attribute::Slant]), 1.0);
+        // a model that ignores the attribute words draws the same strokes for both prompts: no pair follows
+        let (ignored, _) = attribute_directions(&mut |p, n, s| Ok(strokes(p, n, s, false)), &[Attribute::Slant], 2, 0)?;
+        assert_eq!(ignored.per_attribute, [(Attribute::Slant, 0.0)]);
+        Ok(())
+    }
+
+    #[test]
+    fn prompt_accuracy_is_counted_per_phrasing_and_digit() -> Result<()> {
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1); // small batches: a second thread would only spin-wait
+        let data = crate::data::mnist::load(&crate::data::mnist::resolve_dir(None))?;
+        let clf = MnistClassifier::load_shipped(Device::Cpu)?;
+        // the digit a prompt names, and the first n test images of a digit
+        let digit_of = |p: &str| {
+            (0..10).find(|&d| p.split_whitespace().any(|w| w == d.to_string() || w == DIGIT_WORDS[d as usize]))
+        };
+        let real = |d: i64, n: i64| {
+            data.test_images.index_select(0, &data.test_labels.eq(d).nonzero().squeeze_dim(1).narrow(0, 0, n))
+        };
+        let (good, samples, asked) = prompt_accuracy(&mut |p, n, _| Ok(real(digit_of(p).unwrap(), n)), &clf, 4, 0)?;
+        assert_eq!((samples.size(), asked.size()), (vec![200, 1, 28, 28], vec![200]));
+        assert_eq!(good.per_prompt[7].prompt, "a handwritten one");
+        assert!(good.worst_digit >= 0.75 && good.overall >= 0.95, "{good:?}");
+        // always a 1: digit 1 is always right, every other digit always wrong
+        let (ones, _, _) = prompt_accuracy(&mut |_, n, _| Ok(real(1, n)), &clf, 4, 0)?;
+        assert_eq!((ones.per_digit[1], ones.per_digit[0], ones.worst_digit), (1.0, 0.0, 0.0));
+        assert!((ones.overall - 0.1).abs() < 1e-12);
+        tch::set_num_threads(threads);
+        Ok(())
+    }
+}

@@ -1,0 +1,305 @@
+//! Training a conditional ε-model with condition dropout, the recipe of classifier-free guidance: one network learns
+//! both ε_θ(x_t, t, c) and, when the label is replaced by the null label ∅ with probability p_uncond, ε_θ(x_t, t, ∅).
+//! It runs through the same trainer and the same loss as [`super::ddpm::train_eps_model`]; only the batches carry
+//! labels, which become a context sequence ([`LabelContext`]) the UNet cross-attends to.
+//!
+//! [CFG] Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", arXiv:2207.12598, Algorithm 1 (joint training:
+//! c ← ∅ with probability p_uncond) and sec. 4 (p_uncond ∈ {0.1, 0.2} work best).
+//! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, eq. 14 (L_simple).
+//! [LDM] Rombach et al. 2022, arXiv:2112.10752, sec. 3.3 (conditioning through cross-attention to τ_θ(y)).
+//! Notation (code -> paper): p_uncond -> p_uncond; null label -> ∅; context -> τ_θ(y); eps_cond -> ε_θ(z_λ, c).
+use super::ddpm::{l_simple, weighted_eps_loss, EpsModel, LossWeight};
+use super::trainer::{train, StepInfo, TrainOutcome, TrainerConfig};
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::nn::label_context::LabelContext;
+use crate::nn::unet::{UNet, UNetConfig};
+use anyhow::{ensure, Result};
+use std::path::Path;
+use tch::nn::{self, VarStore};
+use tch::{Device, Kind, Tensor};
+
+/// [CFG] sec. 4: the probability of training on ∅ that the paper found best together with 0.2.
+pub const DEFAULT_P_UNCOND: f64 = 0.1;
+/// Digits 0–9.
+pub const MNIST_CLASSES: i64 = 10;
+
+/// A network that predicts ε from x_t, the timestep t (B,) and a context sequence (B or 1, L, D) that it reads with
+/// cross-attention.
+pub trait CondEpsModel {
+    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor;
+}
+
+impl CondEpsModel for UNet {
+    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor {
+        self.forward_cond(x_t, t, Some(context), None, train)
+    }
+}
+
+/// A conditional model with its context fixed: an ordinary [`EpsModel`], so the DDPM losses and sampler take it.
+pub struct WithContext<'a, M: CondEpsModel + ?Sized> {
+    pub model: &'a M,
+    /// (B, L, D): one context per image of the batches it will see.
+    pub context: &'a Tensor,
+}
+
+impl<M: CondEpsModel + ?Sized> EpsModel for WithContext<'_, M> {
+    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
+        self.model.eps_cond(x_t, t, self.context, train)
+    }
+}
+
+/// A conditional ε-model and the label table it reads: what trains together and is saved together.
+#[derive(Debug)]
+pub struct LabelConditioned<M> {
+    pub net: M,
+    pub labels: LabelContext,
+}
+
+impl<M: CondEpsModel> LabelConditioned<M> {
+    /// ε_θ(x_t, t, τ_θ(y)) for labels y (B,) i64 (the null label gives the unconditional prediction).
+    pub fn eps_labels(&self, x_t: &Tensor, t: &Tensor, labels: &Tensor, train: bool) -> Tensor {
+        self.net.eps_cond(x_t, t, &self.labels.forward(labels), train)
+    }
+}
+
+impl LabelConditioned<UNet> {
+    /// How the pixels of the lowest-resolution feature maps share their cross-attention among the label tokens of
+    /// `label`, for x_t (1, C, H, W) at timestep t: (tokens, 1, h, w), the weights averaged over heads and over the
+    /// blocks at that resolution (the tokens' weights at each pixel sum to 1).
+    pub fn label_attention_maps(&self, x_t: &Tensor, t: i64, label: i64) -> Tensor {
+        // ANCHOR: maps
+        let context = self.labels.forward(&Tensor::from_slice(&[label])); // (1, tokens, dim)
+        let t = Tensor::from_slice(&[t]).to_device(x_t.device());
+        let (_, maps) = tch::no_grad(|| self.net.forward_with_maps(x_t, &t, &context, None));
+        let lowest = maps.iter().map(|m| m.height).min().expect("a class-conditional UNet has cross-attention");
+        let at_lowest: Vec<Tensor> = maps
+            .iter()
+            .filter(|m| m.height == lowest)
+            .map(|m| m.weights.get(0).mean_dim(0, false, Kind::Float)) // (h·w, tokens): mean over heads
+            .collect();
+        let weights = Tensor::stack(&at_lowest, 0).mean_dim(0, false, Kind::Float); // (h·w, tokens)
+        let width = maps.iter().find(|m| m.height == lowest).map_or(lowest, |m| m.width);
+        // (tokens, 1, h, w)
+        weights.tr().reshape([-1, 1, lowest, width])
+        // ANCHOR_END: maps
+    }
+}
+
+/// The class-conditional UNet: the UNet's config (with `cross_attention_dim` = the context width) and the shape of
+/// the label sequence. Saved in metrics.json as the resolved network.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClassCondConfig {
+    pub unet: UNetConfig,
+    pub num_classes: i64,
+    /// Context tokens per label (M of τ_θ(y) ∈ ℝ^{M×d_τ}).
+    pub tokens: i64,
+}
+
+impl ClassCondConfig {
+    /// Lesson 04's MNIST UNet whose four 7×7 attention blocks become spatial transformers cross-attending to 4
+    /// label tokens of width 64 (the channel count at 7×7).
+    pub fn mnist() -> Self {
+        Self {
+            unet: UNetConfig { cross_attention_dim: Some(64), ..UNetConfig::mnist() },
+            num_classes: MNIST_CLASSES,
+            tokens: 4,
+        }
+    }
+
+    /// The tiny UNet with cross-attention to 4 tokens of width 16, for tests and `--quick`.
+    pub fn tiny() -> Self {
+        Self { unet: UNetConfig::tiny_cond(16), num_classes: MNIST_CLASSES, tokens: 4 }
+    }
+
+    /// Builds the UNet on `vs` (its names those of diffusers' UNet2DConditionModel) and the label table on
+    /// `vs / "label_context"`.
+    pub fn build(&self, vs: nn::Path) -> LabelConditioned<UNet> {
+        let dim = self.unet.cross_attention_dim.expect("a class-conditional UNet needs cross_attention_dim");
+        LabelConditioned {
+            labels: LabelContext::new(&vs / "label_context", self.num_classes, self.tokens, dim),
+            net: UNet::new(vs, self.unet.clone()),
+        }
+    }
+}
+
+// ANCHOR: drop_labels
+/// Condition dropout, [CFG] Algorithm 1 line 3: each label (B,) i64 is replaced by `null_label` with probability
+/// `p_uncond`, independently (drawn from libtorch's generator, which the trainer seeds per step).
+pub fn drop_labels(labels: &Tensor, p_uncond: f64, null_label: i64) -> Tensor {
+    let drop = Tensor::rand([labels.size()[0]], (Kind::Float, labels.device())).lt(p_uncond); // (B,) bool
+    labels.masked_fill(&drop, null_label)
+}
+// ANCHOR_END: drop_labels
+
+/// [`super::ddpm::train_eps_model`] for a conditional model: builds it with `build` (and a bf16 copy when
+/// `cfg.bf16`), trains ε_θ(x_t, t, τ_θ(y)) with the `weight`ed L_simple on `images` (N, C, H, W) in [−1, 1] and
+/// their `labels` (N,) i64, dropping each label to ∅ with probability `p_uncond`, and returns the f32 VarStore
+/// with the EMA weights (or the last ones), the model on it and the outcome. The trainer slices `[images, labels]`
+/// with the same rows, so every image keeps its label. `p_uncond` is not in the checkpoint's config: resume with
+/// the same value.
+// ANCHOR: train_cond
+#[allow(clippy::too_many_arguments)]
+pub fn train_cond_eps_model<M: CondEpsModel>(
+    build: impl Fn(nn::Path) -> LabelConditioned<M>,
+    images: &Tensor,
+    labels: &Tensor,
+    sched: &NoiseSchedule,
+    weight: LossWeight,
+    p_uncond: f64,
+    cfg: &TrainerConfig,
+    device: Device,
+    ckpt: Option<&Path>,
+    resume: bool,
+    cb: &mut dyn FnMut(StepInfo),
+) -> Result<(VarStore, LabelConditioned<M>, TrainOutcome)> {
+    ensure!((0.0..=1.0).contains(&p_uncond), "--p-uncond must lie in [0, 1], got {p_uncond}");
+    let mut master = VarStore::new(device);
+    let model = build(master.root());
+    let mut compute = cfg.bf16.then(|| VarStore::new(device));
+    let compute_model = compute.as_ref().map(|c| build(c.root()));
+    if let Some(c) = compute.as_mut() {
+        c.set_kind(Kind::BFloat16);
+    }
+    let alpha_bar = sched.to_tensor_alpha_bar(device); // (T,)
+    let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
+    let weights = weight.weights(&alpha_bar.to_kind(Kind::Double)).to_kind(Kind::Float); // (T,)
+    let mut loss_fn = |batch: &[Tensor], _step: usize| {
+        let net = compute_model.as_ref().unwrap_or(&model);
+        let y = drop_labels(&batch[1], p_uncond, net.labels.null_label()); // (B,)
+        let context = net.labels.forward(&y); // (B, tokens, dim)
+        let eps_model = WithContext { model: &net.net, context: &context };
+        let x0 = batch[0].to_kind(kind);
+        match weight {
+            LossWeight::Uniform => l_simple(&eps_model, &alpha_bar, &x0),
+            _ => weighted_eps_loss(&eps_model, &alpha_bar, &weights, &x0),
+        }
+    };
+    let outcome = train(&mut master, compute.as_mut(), &[images, labels], cfg, &mut loss_fn, ckpt, resume, cb)?;
+    if let Some(ema) = &outcome.ema {
+        ema.copy_to(&mut master);
+    }
+    Ok((master, model, outcome))
+}
+// ANCHOR_END: train_cond
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn condition_dropout_replaces_labels_at_rate_p_and_keeps_the_rest() {
+        tch::manual_seed(0);
+        let labels = Tensor::arange(10, (Kind::Int64, Device::Cpu)).repeat([2000]); // (20000,)
+        let dropped = drop_labels(&labels, 0.1, 10);
+        let is_null = dropped.eq(10);
+        let rate = is_null.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+        assert!((rate - 0.1).abs() < 0.01, "dropout rate {rate}"); // 0.1 ± 5 standard errors (0.0021)
+        assert!(dropped.masked_select(&is_null.logical_not()).equal(&labels.masked_select(&is_null.logical_not())));
+        assert!(drop_labels(&labels, 0.0, 10).equal(&labels));
+        assert!(drop_labels(&labels, 1.0, 10).eq(10).all().int64_value(&[]) == 1);
+    }
+
+    #[test]
+    fn the_class_conditional_unet_reads_its_label_and_names_mirror_diffusers() {
+        tch::manual_seed(1);
+        let vs = VarStore::new(Device::Cpu);
+        let model = ClassCondConfig::tiny().build(vs.root());
+        let (x, t) = (Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[300i64, 300]));
+        let x = x.get(0).unsqueeze(0).repeat([2, 1, 1, 1]); // the same image twice
+        let out = tch::no_grad(|| model.eps_labels(&x, &t, &Tensor::from_slice(&[3i64, 8]), false));
+        assert!((out.get(0) - out.get(1)).abs().max().double_value(&[]) > 1e-5, "the label changes ε̂");
+        let vars = vs.variables();
+        assert!(vars.contains_key("label_context.label_embedding.weight"));
+        assert!(vars.contains_key("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"));
+        let mnist = ClassCondConfig::mnist();
+        assert_eq!(
+            (mnist.unet.block_out_channels.clone(), mnist.unet.cross_attention_dim),
+            (vec![32, 32, 64], Some(64))
+        );
+    }
+
+    #[test]
+    fn label_attention_maps_cover_the_lowest_resolution_and_sum_to_one_over_tokens() {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let model = ClassCondConfig::tiny().build(vs.root());
+        let x = Tensor::randn([1, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let maps = model.label_attention_maps(&x, 500, 4);
+        assert_eq!(maps.size(), [4, 1, 14, 14]); // tiny: attention at 14×14 only
+        let sums = maps.sum_dim_intlist(0, false, Kind::Float); // (1, 14, 14)
+        assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-5);
+        assert!(!maps.equal(&model.label_attention_maps(&x, 500, 9)), "another label, other maps");
+    }
+
+    #[test]
+    fn the_bf16_path_trains_a_bf16_copy_and_keeps_f32_master_weights() {
+        tch::manual_seed(4);
+        let images = Tensor::rand([4, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let labels = Tensor::from_slice(&[0i64, 1, 2, 3]);
+        let cfg = TrainerConfig { steps: 3, batch_size: 4, lr: 1e-3, warmup: 0, bf16: true, ..Default::default() };
+        let config = ClassCondConfig { num_classes: 4, ..ClassCondConfig::tiny() };
+        let sched = NoiseSchedule::ddpm(1000);
+        let (vs, model, out) = train_cond_eps_model(
+            |p| config.build(p),
+            &images,
+            &labels,
+            &sched,
+            LossWeight::MinSnr,
+            0.5,
+            &cfg,
+            Device::Cpu,
+            None,
+            false,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(out.losses.len() == 3 && out.losses.iter().all(|l| l.is_finite()), "{:?}", out.losses);
+        assert!(vs.variables().values().all(|v| v.kind() == Kind::Float));
+        assert_eq!(model.labels.null_context(1).kind(), Kind::Float);
+    }
+
+    /// Short runs on 8 fixed noisy images: the loss falls; the ∅ row of the label table learns only when labels
+    /// are dropped; images and labels must come in pairs.
+    #[test]
+    fn a_tiny_conditional_unet_learns_and_the_null_label_trains_only_with_dropout() {
+        tch::manual_seed(2);
+        let images = Tensor::rand([8, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 0, 1, 2, 3]);
+        let sched = NoiseSchedule::ddpm(1000);
+        let cfg =
+            TrainerConfig { steps: 30, batch_size: 8, lr: 3e-3, warmup: 0, ema_decay: None, ..Default::default() };
+        let config = ClassCondConfig { num_classes: 4, ..ClassCondConfig::tiny() };
+        let run = |labels: &Tensor, p_uncond: f64| {
+            // the table as built (the first build is the master VarStore's), and as trained
+            let initial = std::cell::RefCell::new(None::<Tensor>);
+            let build = |p: nn::Path| {
+                let m = config.build(p);
+                initial.borrow_mut().get_or_insert_with(|| m.labels.null_context(1).detach().copy());
+                m
+            };
+            let (_, model, out) = train_cond_eps_model(
+                build,
+                &images,
+                labels,
+                &sched,
+                LossWeight::Uniform,
+                p_uncond,
+                &cfg,
+                Device::Cpu,
+                None,
+                false,
+                &mut |_| {},
+            )?;
+            let moved = (model.labels.null_context(1) - initial.take().unwrap()).abs().max().double_value(&[]);
+            Ok::<_, anyhow::Error>((out.losses, moved))
+        };
+        let (losses, null_moved) = run(&labels, 0.3).unwrap();
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        assert!(mean(&losses[25..]) < 0.8 * mean(&losses[..5]), "{losses:?}");
+        assert!(null_moved > 1e-3, "with p_uncond = 0.3 the ∅ row trains: moved {null_moved}");
+        let (_, null_moved) = run(&labels, 0.0).unwrap();
+        assert_eq!(null_moved, 0.0, "without dropout ∅ is never seen");
+        let err = run(&labels.narrow(0, 0, 6), 0.1).err().unwrap();
+        assert!(err.to_string().contains("rows"), "{err}");
+    }
+}

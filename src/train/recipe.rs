@@ -1,0 +1,60 @@
+//! The MNIST DDPM training recipe that lessons 04–06 share, in one place: change a default here and every lesson
+//! that trains a UNet on MNIST follows (each still takes the matching flags).
+//!
+//! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239. [IDDPM] Nichol & Dhariwal 2021, arXiv:2102.09672, eq. 17 (the
+//! cosine schedule). [MinSNR] Hang et al. 2023, arXiv:2303.09556 (the loss weighting).
+//! Chapter 04 measures what each choice buys: on the same 1000 steps of 64 images, the cosine schedule with Min-SNR
+//! weighting and no dropout took the UNet's Fréchet distance from 101 to about 70.
+use super::ddpm::LossWeight;
+use super::trainer::TrainerConfig;
+
+// ANCHOR: recipe
+/// Training steps of the full runs (a step is one batch of BATCH images).
+pub const STEPS: u64 = 1000;
+/// Images per batch.
+pub const BATCH: i64 = 64;
+/// Peak learning rate of AdamW (after a warm-up of WARMUP_FRACTION of the steps, then cosine decay to 0).
+pub const LR: f64 = 2e-3;
+pub const WARMUP_FRACTION: f64 = 0.05;
+/// [IDDPM] eq. 17: fewer nearly-pure-noise steps than [DDPM]'s linear schedule, which wastes the last few hundred
+/// on inputs that are already noise at 28×28.
+pub const SCHEDULE: &str = "cosine";
+/// [MinSNR]: the nearly clean timesteps stop dominating the gradient.
+pub const LOSS_WEIGHT: LossWeight = LossWeight::MinSnr;
+/// Exponential moving average of the weights, sampled from (with the warm-up min(β, (1+t)/(10+t)), chapter 04).
+pub const EMA_DECAY: f64 = 0.999;
+/// Gradient-norm clipping threshold.
+pub const GRAD_CLIP: f64 = 1.0;
+/// Steps between atomic checkpoints.
+pub const CHECKPOINT_EVERY: usize = 250;
+// ANCHOR_END: recipe
+
+/// The trainer settings of the recipe for `steps` steps of `batch` images at peak rate `lr`.
+pub fn trainer_config(steps: usize, batch: i64, lr: f64, bf16: bool, seed: u64) -> TrainerConfig {
+    TrainerConfig {
+        steps,
+        batch_size: batch,
+        lr,
+        warmup: (steps as f64 * WARMUP_FRACTION) as usize,
+        ema_decay: Some(EMA_DECAY),
+        grad_clip: Some(GRAD_CLIP),
+        checkpoint_every: CHECKPOINT_EVERY,
+        bf16,
+        seed,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::schedule::NoiseSchedule;
+
+    #[test]
+    fn the_recipe_names_a_real_schedule_and_a_sane_trainer() {
+        assert!(NoiseSchedule::by_name(SCHEDULE, 1000).is_ok());
+        let cfg = trainer_config(1000, BATCH, LR, false, 3);
+        assert_eq!((cfg.warmup, cfg.steps, cfg.seed), (50, 1000, 3));
+        assert_eq!(cfg.ema_decay, Some(EMA_DECAY));
+    }
+}

@@ -1,0 +1,377 @@
+//! Training a text-conditioned ε-model, Stable Diffusion's recipe at MNIST scale: a frozen CLIP-style text encoder
+//! turns a caption into token states τ(y) (B, L, D); the UNet's spatial transformers cross-attend to all L of them
+//! (not to a pooled vector), the padding hidden by a key-padding mask; each caption is replaced by the empty prompt ""
+//! with probability p_uncond, so the same network also learns ε_θ(x_t, t, τ("")) for classifier-free guidance.
+//!
+//! [LDM] Rombach et al. 2022, arXiv:2112.10752, sec. 3.3 (cross-attention to τ_θ(y)) and sec. 4.3.1 (text-to-image
+//! with a transformer τ_θ over tokenised captions); Stable Diffusion keeps CLIP ViT-L/14's text encoder frozen.
+//! [Imagen] Saharia et al. 2022, arXiv:2205.11487, sec. 2.1 (a frozen, text-only pre-trained encoder works) and
+//! sec. 4.4 (cross-attending to the sequence of token embeddings beats mean- or attention-pooling them).
+//! [CFG] Ho & Salimans 2022, arXiv:2207.12598, Algorithm 1 (condition dropout: c ← ∅ with probability p_uncond).
+//! Notation (code -> paper): hidden -> τ_θ(y), the text encoder's last hidden state; empty prompt -> ∅.
+use super::conditional::{CondEpsModel, WithContext};
+use super::ddpm::{l_simple, weighted_eps_loss, LossWeight};
+use super::trainer::{train, StepInfo, TrainOutcome, TrainerConfig};
+use crate::data::captions::{caption_corpus, captions_for, stroke_stats, AttributeBins, Attributes};
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::nn::text_encoder::TextEncoder;
+use crate::nn::unet::{UNet, UNetConfig};
+use crate::text::{Bpe, Encoded};
+use anyhow::{ensure, Result};
+use rand::{rngs::StdRng, SeedableRng};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// Tokens a prompt may have, start and end included. The longest caption [`crate::data::captions::caption`] writes
+/// ("an image of the digit 1 in a thin pen, leaning to the right and drawn large") is 20 tokens; 24 leaves room for a
+/// few extra words. (SD 1.x: 77, [`crate::text::bpe::CLIP_CONTEXT_LEN`].)
+pub const CONTEXT_LEN: usize = 24;
+/// The tokenizer learns from this many random captions (plus every evaluation prompt), with at most
+/// `BPE_MAX_MERGES` merges: it stops earlier (about 110 merges), once no pair of symbols occurs twice.
+pub const BPE_CORPUS: usize = 20_000;
+pub const BPE_MAX_MERGES: usize = 1000;
+
+// ANCHOR: text_unet
+/// The UNet reading a text context: the token states with their key-padding mask packed as one extra channel,
+/// (B, L, D + 1), last channel 1 for a real token and 0 for padding ([`pack_context`]). Packed, the mask travels
+/// with its context through everything that handles contexts, [`WithContext`] and the guidance wrapper (which
+/// concatenates the conditional and unconditional contexts along the batch), so the padding of each prompt stays
+/// hidden from the cross-attention.
+#[derive(Debug)]
+pub struct TextUNet(pub UNet);
+
+impl CondEpsModel for TextUNet {
+    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor {
+        let (hidden, mask) = unpack_context(context); // (B, L, D), (B, L) bool
+        self.0.forward_cond(x_t, t, Some(&hidden), Some(&mask), train)
+    }
+}
+
+/// hidden (B, L, D), mask (B, L) bool -> (B, L, D + 1).
+pub fn pack_context(hidden: &Tensor, mask: &Tensor) -> Tensor {
+    let flag = mask.to_kind(hidden.kind()).unsqueeze(-1); // (B, L, 1): 1 real, 0 padding (exact in bf16 too)
+    Tensor::cat(&[hidden, &flag], -1) // (B, L, D + 1)
+}
+
+/// (B, L, D + 1) -> the token states (B, L, D) and the mask (B, L) bool.
+pub fn unpack_context(context: &Tensor) -> (Tensor, Tensor) {
+    let d = context.size()[2] - 1;
+    (context.narrow(2, 0, d), context.select(2, d).gt(0.5))
+}
+// ANCHOR_END: text_unet
+
+/// τ(y) of token ids (B, L) with their key-padding mask (B, L), packed for [`TextUNet`]: the frozen encoder runs
+/// without gradients, on the ids' device.
+pub fn encode_context(text_encoder: &TextEncoder, ids: &Tensor, mask: &Tensor) -> Tensor {
+    tch::no_grad(|| pack_context(&text_encoder.forward(ids, Some(mask)), mask)) // (B, L, D + 1)
+}
+
+/// The key-padding mask (B, L) bool of prompts with `lens` (B,) real tokens each (start and end included).
+pub fn lens_to_mask(lens: &Tensor, context_len: i64) -> Tensor {
+    let positions = Tensor::arange(context_len, (Kind::Int64, lens.device())).unsqueeze(0); // (1, L)
+    positions.lt_tensor(&lens.unsqueeze(1)) // (B, L)
+}
+
+/// K tokenised captions per image: `ids` (N, K, L) i64 and `lens` (N, K) i64, the real tokens of each (start and end
+/// included). The trainer slices both with the images' rows, so every image keeps its own captions.
+#[derive(Debug)]
+pub struct CaptionIds {
+    pub ids: Tensor,
+    pub lens: Tensor,
+}
+
+impl CaptionIds {
+    /// Tokenises `captions`, K per image (image i's are `captions[i]`), to `context_len` tokens. A caption that does
+    /// not fit is an error (the text encoder would never see its end). Captions repeat a lot ("7", "seven"), so each
+    /// distinct text is encoded once.
+    pub fn tokenize(bpe: &Bpe, captions: &[Vec<String>], context_len: usize) -> Result<Self> {
+        let k = captions.first().map_or(0, Vec::len);
+        let same = captions.iter().all(|c| c.len() == k);
+        ensure!(k > 0 && same, "every image needs the same number (≥ 1) of captions");
+        let mut cache: HashMap<&str, Encoded> = HashMap::new();
+        let (mut ids, mut lens) = (Vec::new(), Vec::new());
+        for text in captions.iter().flatten() {
+            let e = cache.entry(text.as_str()).or_insert_with(|| bpe.encode_padded(text, context_len));
+            ensure!(!e.truncated, "caption {text:?} is longer than {context_len} tokens: raise the context length");
+            ids.extend_from_slice(&e.ids);
+            lens.push(e.len as i64);
+        }
+        let (n, k) = (captions.len() as i64, k as i64);
+        Ok(Self {
+            ids: Tensor::from_slice(&ids).view([n, k, context_len as i64]), // (N, K, L)
+            lens: Tensor::from_slice(&lens).view([n, k]),                   // (N, K)
+        })
+    }
+
+    /// Every token id the captions use (start and end included), sorted.
+    pub fn seen_tokens(&self) -> Vec<i64> {
+        let mut seen = Vec::<i64>::try_from(self.ids.flatten(0, -1)).expect("i64 ids");
+        seen.sort_unstable();
+        seen.dedup();
+        seen
+    }
+}
+
+/// A captioned image set: the attribute bins its captions were written with, the tokenizer and the token ids.
+pub struct CaptionedImages {
+    pub bins: AttributeBins,
+    pub tokenizer: Bpe,
+    pub captions: CaptionIds,
+    /// The first image's captions, for the log.
+    pub example: Vec<String>,
+}
+
+// ANCHOR: caption_images
+/// Captions for images (N, 1, H, W) in [0, 1] with digit `labels` (N,): measures every image ([`stroke_stats`]),
+/// fits the attribute terciles on them, draws `k` captions per image from a generator seeded with `seed`, trains the
+/// BPE tokenizer on [`BPE_CORPUS`] random captions and tokenises every caption to [`CONTEXT_LEN`].
+pub fn caption_images(images: &Tensor, labels: &Tensor, k: usize, seed: u64) -> Result<CaptionedImages> {
+    let labels = Vec::<i64>::try_from(labels)?;
+    let stats = stroke_stats(images)?;
+    let bins = AttributeBins::fit(&stats, &labels)?;
+    let attributes: Vec<Attributes> = stats.iter().zip(&labels).map(|(s, &d)| bins.attributes(s, d)).collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let drawn: Vec<Vec<String>> = (0..k).map(|_| captions_for(&labels, &attributes, &mut rng)).collect(); // k × N
+    let mut per_image: Vec<Vec<String>> =
+        (0..labels.len()).map(|i| drawn.iter().map(|c| c[i].clone()).collect()).collect();
+    let tokenizer = Bpe::train(&caption_corpus(BPE_CORPUS, seed), BPE_MAX_MERGES);
+    let captions = CaptionIds::tokenize(&tokenizer, &per_image, CONTEXT_LEN)?; // ids (N, k, L), lens (N, k)
+    Ok(CaptionedImages { bins, tokenizer, captions, example: per_image.swap_remove(0) })
+}
+// ANCHOR_END: caption_images
+
+// ANCHOR: pick_captions
+/// One caption per image for this step: for ids (B, K, L) and lens (B, K), caption k ~ U{0..K−1} of each image, then
+/// [CFG] Algorithm 1: replaced by the `empty` prompt with probability `p_uncond`. Returns ids (B, L) and the mask
+/// (B, L). Drawn from libtorch's generator, which the trainer reseeds per step: the same choice on every run.
+pub fn pick_captions(ids: &Tensor, lens: &Tensor, empty: &Encoded, p_uncond: f64) -> (Tensor, Tensor) {
+    let (b, k, l) = ids.size3().expect("caption ids (B, K, L)");
+    let device = ids.device();
+    let choice = Tensor::randint(k, [b, 1], (Kind::Int64, device)); // (B, 1)
+    let picked = ids.gather(1, &choice.unsqueeze(2).expand([b, 1, l], false), false).squeeze_dim(1); // (B, L)
+    let picked_lens = lens.gather(1, &choice, false).squeeze_dim(1); // (B,)
+    let drop = Tensor::rand([b], (Kind::Float, device)).lt(p_uncond); // (B,) bool
+    let empty_ids = Tensor::from_slice(&empty.ids).to_device(device).unsqueeze(0); // (1, L)
+    let ids = empty_ids.where_self(&drop.unsqueeze(1), &picked); // (B, L)
+    let lens = picked_lens.masked_fill(&drop, empty.len as i64); // (B,)
+    (ids, lens_to_mask(&lens, l))
+}
+// ANCHOR_END: pick_captions
+
+/// [`super::conditional::train_cond_eps_model`] with text: builds the UNet `config` (its `cross_attention_dim` the
+/// text encoder's hidden size; a bf16 copy when `cfg.bf16`) and trains it with the `weight`ed L_simple on `images`
+/// (N, C, H, W) in [−1, 1], each step reading one of each image's `captions` through the frozen `text_encoder`
+/// (which is not on the trainer's VarStore, so it never changes), dropped to `empty` (the tokenised "") with
+/// probability `p_uncond`. Returns the f32 VarStore with the EMA weights (or the last ones), the model, the outcome.
+// ANCHOR: train_text
+#[allow(clippy::too_many_arguments)]
+pub fn train_text_cond_unet(
+    config: &UNetConfig,
+    text_encoder: &TextEncoder,
+    images: &Tensor,
+    captions: &CaptionIds,
+    empty: &Encoded,
+    sched: &NoiseSchedule,
+    weight: LossWeight,
+    p_uncond: f64,
+    cfg: &TrainerConfig,
+    device: Device,
+    ckpt: Option<&Path>,
+    resume: bool,
+    cb: &mut dyn FnMut(StepInfo),
+) -> Result<(VarStore, TextUNet, TrainOutcome)> {
+    ensure!((0.0..=1.0).contains(&p_uncond), "--p-uncond must lie in [0, 1], got {p_uncond}");
+    let width = text_encoder.config.hidden_size;
+    ensure!(
+        config.cross_attention_dim == Some(width),
+        "the UNet's cross_attention_dim is {:?}, the text encoder's hidden size {width}: they must match",
+        config.cross_attention_dim
+    );
+    ensure!(
+        empty.ids.len() as i64 == captions.ids.size()[2],
+        "the empty prompt has {} tokens, the captions {}: tokenize both to the same length",
+        empty.ids.len(),
+        captions.ids.size()[2]
+    );
+    let mut master = VarStore::new(device);
+    let model = TextUNet(UNet::new(master.root(), config.clone()));
+    let mut compute = cfg.bf16.then(|| VarStore::new(device));
+    let compute_model = compute.as_ref().map(|c| TextUNet(UNet::new(c.root(), config.clone())));
+    if let Some(c) = compute.as_mut() {
+        c.set_kind(Kind::BFloat16);
+    }
+    let alpha_bar = sched.to_tensor_alpha_bar(device); // (T,)
+    let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
+    let weights = weight.weights(&alpha_bar.to_kind(Kind::Double)).to_kind(Kind::Float); // (T,)
+    let mut loss_fn = |batch: &[Tensor], _step: usize| {
+        let (ids, mask) = pick_captions(&batch[1], &batch[2], empty, p_uncond); // (B, L) each
+        let context = encode_context(text_encoder, &ids, &mask).to_kind(kind); // (B, L, D + 1)
+        let net = compute_model.as_ref().unwrap_or(&model);
+        let eps_model = WithContext { model: net, context: &context };
+        let x0 = batch[0].to_kind(kind);
+        match weight {
+            LossWeight::Uniform => l_simple(&eps_model, &alpha_bar, &x0),
+            _ => weighted_eps_loss(&eps_model, &alpha_bar, &weights, &x0),
+        }
+    };
+    let data = [images, &captions.ids, &captions.lens];
+    let outcome = train(&mut master, compute.as_mut(), &data, cfg, &mut loss_fn, ckpt, resume, cb)?;
+    if let Some(ema) = &outcome.ema {
+        ema.copy_to(&mut master);
+    }
+    Ok((master, model, outcome))
+}
+// ANCHOR_END: train_text
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::text_encoder::TextEncoderConfig;
+    use crate::sampling::guidance::ClassifierFreeGuidance;
+    use crate::train::ddpm::EpsModel;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn the_packed_mask_hides_padding_and_guidance_at_one_is_the_masked_conditional_prediction() {
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1); // for tensors this small a second thread only spin-waits
+        tch::manual_seed(0);
+        let vs = VarStore::new(Device::Cpu);
+        let unet = TextUNet(UNet::new(vs.root(), UNetConfig::tiny_cond(6)));
+        let opts = (Kind::Float, Device::Cpu);
+        let (x, t) = (Tensor::randn([2, 1, 16, 16], opts), Tensor::from_slice(&[100i64, 700]));
+        let hidden = Tensor::randn([2, 5, 6], opts);
+        let mask = lens_to_mask(&Tensor::from_slice(&[3i64, 5]), 5); // image 0: 2 padded tokens
+        let packed = pack_context(&hidden, &mask);
+        let (h, m) = unpack_context(&packed);
+        assert!(h.equal(&hidden) && m.equal(&mask));
+        let eps = unet.eps_cond(&x, &t, &packed, false);
+        assert!(eps.equal(&unet.0.forward_cond(&x, &t, Some(&hidden), Some(&mask), false)));
+        // changing a padded token changes nothing; changing a real one does
+        let padded = hidden.copy();
+        let _ = padded.get(0).get(4).fill_(9.0);
+        assert!(max_diff(&eps, &unet.eps_cond(&x, &t, &pack_context(&padded, &mask), false)) < 1e-6);
+        let _ = padded.get(0).get(1).fill_(9.0);
+        assert!(max_diff(&eps.get(0), &unet.eps_cond(&x, &t, &pack_context(&padded, &mask), false).get(0)) > 1e-4);
+        // guidance concatenates packed contexts: at w = 1 it is exactly the masked conditional prediction
+        let empty = pack_context(&Tensor::randn([1, 5, 6], opts), &lens_to_mask(&Tensor::from_slice(&[2i64]), 5));
+        let guided = ClassifierFreeGuidance::new(&unet, packed.copy(), empty.copy(), 1.0);
+        assert!(guided.eps(&x, &t, false).equal(&eps));
+        let w3 = ClassifierFreeGuidance::new(&unet, packed.copy(), empty.copy(), 3.0).eps(&x, &t, false);
+        let eps_empty = unet.eps_cond(&x, &t, &empty.expand([2, 5, 7], false), false);
+        let diff = max_diff(&w3, &(&eps_empty + (&eps - &eps_empty) * 3.0));
+        assert!(diff < 1e-5 * 4.0 * eps.abs().max().double_value(&[]), "{diff}");
+        tch::set_num_threads(threads);
+    }
+
+    #[test]
+    fn captions_are_picked_per_image_and_dropped_to_the_empty_prompt_at_rate_p() {
+        let bpe = Bpe::train(&["a thin 7".to_string(), "seven".to_string()], 10);
+        let per_image = vec!["a thin 7".to_string(), "seven".to_string()];
+        let caps = CaptionIds::tokenize(&bpe, &vec![per_image; 4000], 8).unwrap();
+        assert_eq!((caps.ids.size(), caps.lens.size()), (vec![4000, 2, 8], vec![4000, 2]));
+        let empty = bpe.encode_padded("", 8);
+        tch::manual_seed(3);
+        let (ids, mask) = pick_captions(&caps.ids, &caps.lens, &empty, 0.2);
+        tch::manual_seed(3);
+        assert!(pick_captions(&caps.ids, &caps.lens, &empty, 0.2).0.equal(&ids), "deterministic under the seed");
+        let rows: Vec<Vec<i64>> = (0..4000).map(|i| Vec::<i64>::try_from(ids.get(i)).unwrap()).collect();
+        let count = |text: &str| rows.iter().filter(|r| **r == bpe.encode_padded(text, 8).ids).count() as f64;
+        let (thin, seven, dropped) = (count("a thin 7"), count("seven"), count(""));
+        assert_eq!(thin + seven + dropped, 4000.0, "every row is a caption of its image or the empty prompt");
+        assert!((dropped / 4000.0 - 0.2).abs() < 0.03, "dropped {dropped}"); // 0.2 ± 4.7 standard errors
+        assert!((thin - seven).abs() < 200.0, "the two captions are equally likely: {thin} vs {seven}");
+        let lens = mask.sum_dim_intlist(1, false, Kind::Int64);
+        let want: Vec<i64> =
+            rows.iter().map(|r| 2 + r.iter().skip(1).take_while(|&&i| i != bpe.end_id()).count() as i64).collect();
+        assert!(lens.equal(&Tensor::from_slice(&want)), "the mask covers start, the caption's tokens and end");
+        let long = CaptionIds::tokenize(&bpe, &[vec!["a thin 7 a thin 7 a thin 7".to_string()]], 8).unwrap_err();
+        assert!(long.to_string().contains("longer than 8 tokens"), "{long}");
+    }
+
+    /// The smallest text-to-image problem: 8×8 images that are blank for the prompt "zero" and hold a bright square
+    /// for "one". After 100 steps a tiny UNet behind a frozen (random) text encoder draws the right one for each.
+    #[test]
+    fn a_tiny_text_conditioned_unet_learns_to_tell_two_prompts_apart() {
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1);
+        tch::manual_seed(5);
+        let n = 64;
+        let prompts = ["zero".to_string(), "one".to_string()];
+        let bpe = Bpe::train(&prompts, 10);
+        let text_vs = VarStore::new(Device::Cpu);
+        let text_cfg = TextEncoderConfig { vocab_size: bpe.vocab_size() as i64, ..TextEncoderConfig::tiny() };
+        let text_encoder = TextEncoder::new(text_vs.root(), text_cfg);
+        let is_one = Tensor::from_slice(&(0..n).map(|i| (i % 2) as f32).collect::<Vec<_>>()).view([n, 1, 1, 1]);
+        let square = Tensor::zeros([1, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let _ = square.narrow(2, 2, 4).narrow(3, 2, 4).fill_(2.0);
+        let images = is_one * square - 1.0; // (n, 1, 8, 8): −1 everywhere, +1 on the square for "one"
+        let captions: Vec<Vec<String>> = (0..n).map(|i| vec![prompts[i as usize % 2].clone()]).collect();
+        let caps = CaptionIds::tokenize(&bpe, &captions, 8).unwrap();
+        let empty = bpe.encode_padded("", 8);
+        let sched = NoiseSchedule::ddpm(1000);
+        let cfg = TrainerConfig {
+            steps: 100,
+            batch_size: 16,
+            lr: 5e-3,
+            warmup: 10,
+            ema_decay: Some(0.98),
+            ..Default::default()
+        };
+        let (_vs, model, out) = train_text_cond_unet(
+            &UNetConfig::tiny_cond(16),
+            &text_encoder,
+            &images,
+            &caps,
+            &empty,
+            &sched,
+            LossWeight::Uniform,
+            0.2,
+            &cfg,
+            Device::Cpu,
+            None,
+            false,
+            &mut |_| {},
+        )
+        .unwrap();
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        assert!(mean(&out.losses[90..]) < 0.5 * mean(&out.losses[..10]), "{:?}", out.losses);
+        let context = |text: &str| {
+            let e = bpe.encode_padded(text, 8);
+            let mask = lens_to_mask(&Tensor::from_slice(&[e.len as i64]), 8);
+            encode_context(&text_encoder, &Tensor::from_slice(&e.ids).unsqueeze(0), &mask)
+        };
+        let brightness = |text: &str| {
+            tch::manual_seed(6);
+            let guided = ClassifierFreeGuidance::new(&model, context(text), context(""), 3.0);
+            let x = crate::train::ddpm::sample(
+                &guided,
+                &sched,
+                20,
+                &[16, 1, 8, 8],
+                crate::sampling::ddpm::PosteriorVariance::BetaTilde,
+                Some((-1.0, 1.0)),
+                16,
+                Device::Cpu,
+                &mut |_, _| {},
+            );
+            // the mean of each sample's square, in [−1, 1]
+            let means = x.narrow(2, 2, 4).narrow(3, 2, 4).mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
+            Vec::<f32>::try_from(means).unwrap()
+        };
+        let (zero, one) = (brightness("zero"), brightness("one"));
+        tch::set_num_threads(threads);
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        let (dark, lit) = (zero.iter().filter(|&&m| m < 0.0).count(), one.iter().filter(|&&m| m > 0.0).count());
+        assert!(
+            mean(&zero) < -0.5 && mean(&one) > 0.5,
+            "the square's mean: {zero:?} for \"zero\", {one:?} for \"one\""
+        );
+        assert!(dark >= 14 && lit >= 14, "{dark} of 16 \"zero\" samples dark, {lit} of 16 \"one\" samples lit");
+    }
+}

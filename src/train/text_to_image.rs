@@ -1,0 +1,411 @@
+//! The text-to-image pipeline, as diffusers' `StableDiffusionPipeline` arranges it at MNIST scale: tokenizer ->
+//! frozen text encoder -> the UNet behind classifier-free guidance -> DDPM sampling. It checks prompts before any
+//! work, and saves and loads itself as one folder (the bundle that ships in `data/lesson06/`).
+//!
+//! [CFG] Ho & Salimans 2022, arXiv:2207.12598, eq. 6, in SD's convention ε̃ = ε_∅ + w (ε_c − ε_∅): w = 1 is
+//! the conditional model. A negative prompt (AUTOMATIC1111's web UI, 2022; diffusers' `negative_prompt`) takes the
+//! place of the empty prompt: ε̃ = ε_neg + w (ε_c − ε_neg) steers towards the prompt and away from the negative.
+//! [PNG] W3C, "Portable Network Graphics (PNG) Specification (Second Edition)", 2003: sec. 5.2–5.3 (signature, chunk
+//! layout with a CRC-32 over type and data), 11.2.2 (IHDR), 9.2 (filter type 0 per scanline), 10 (zlib stream).
+use super::checkpoint;
+use super::ddpm::{sample, to_unit};
+use super::text_cond::{encode_context, lens_to_mask, TextUNet};
+use crate::data::captions::AttributeBins;
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
+use crate::nn::unet::{UNet, UNetConfig};
+use crate::sampling::ddpm::{DdpmStep, PosteriorVariance};
+use crate::sampling::guidance::ClassifierFreeGuidance;
+use crate::text::bpe::{END_OF_TEXT, END_OF_WORD, START_OF_TEXT};
+use crate::text::{Bpe, Coverage, Encoded};
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// The default guidance scale w, a moderate one: chapter 05's trade-off, more samples of the digit asked for against
+/// less variety of handwriting. (SD's scripts default to 7.5, on far richer prompts.)
+pub const DEFAULT_GUIDANCE: f64 = 3.0;
+/// Reverse steps by default: DDPM respaced to 20 of the T = 1000 training steps, σ_t² = β̃_t (lesson 07 brings
+/// samplers that need fewer).
+pub const DEFAULT_SAMPLE_STEPS: usize = 20;
+/// Where the weights of the full lesson 06 run ship, relative to the crate root.
+pub const SHIPPED_DIR: &str = "data/lesson06";
+/// Images per forward pass when sampling (twice as many rows go through the UNet with guidance).
+const SAMPLE_BATCH: i64 = 250;
+
+/// What the pipeline needs besides the two networks; saved as `pipeline.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PipelineConfig {
+    /// Side of the square images (28 for MNIST).
+    pub image_size: i64,
+    /// Tokens per prompt, start and end included (≤ the text encoder's max_position_embeddings).
+    pub context_len: usize,
+    /// Noise schedule the UNet was trained with ("linear" or "cosine") and its T.
+    pub schedule: String,
+    pub num_train_timesteps: usize,
+    /// σ_t² of the reverse steps.
+    pub variance: PosteriorVariance,
+    /// Every token id of the training captions: a prompt made only of other tokens reaches embeddings that never
+    /// trained ([`Bpe::coverage`]).
+    pub seen_tokens: Vec<i64>,
+}
+
+/// The pipeline: tokenizer, frozen text encoder, UNet, schedule, and the attribute bins that caption its data.
+pub struct TextToImage {
+    pub config: PipelineConfig,
+    pub tokenizer: Bpe,
+    pub text_encoder: TextEncoder,
+    pub unet: TextUNet,
+    /// The terciles of thickness, slant and size the training captions were written with (None in toy pipelines).
+    pub bins: Option<AttributeBins>,
+    seen: HashSet<i64>,
+    sched: NoiseSchedule,
+    text_vs: VarStore,
+    unet_vs: VarStore,
+}
+
+impl TextToImage {
+    /// Assembles a pipeline from trained parts: the text encoder is rebuilt on its own frozen VarStore, under
+    /// `text_model.` as in CLIP checkpoints, with the weights of `text_vs` (a [`crate::nn::clip::MiniClip`]'s
+    /// VarStore works: the names match); `unet_vs` holds the UNet `unet` was built on.
+    pub fn new(
+        config: PipelineConfig,
+        tokenizer: Bpe,
+        text_config: TextEncoderConfig,
+        text_vs: &VarStore,
+        unet_vs: VarStore,
+        unet: TextUNet,
+        bins: Option<AttributeBins>,
+    ) -> Result<Self> {
+        let device = unet_vs.device();
+        let mut own = VarStore::new(device);
+        let text_encoder = TextEncoder::new(own.root() / "text_model", text_config);
+        own.copy(text_vs).context("the text encoder's weights: text_vs must hold text_model.* of the same shapes")?;
+        own.freeze();
+        Self::assemble(config, tokenizer, own, text_encoder, unet_vs, unet, bins)
+    }
+
+    fn assemble(
+        config: PipelineConfig,
+        tokenizer: Bpe,
+        text_vs: VarStore,
+        text_encoder: TextEncoder,
+        unet_vs: VarStore,
+        unet: TextUNet,
+        bins: Option<AttributeBins>,
+    ) -> Result<Self> {
+        let (text, u) = (&text_encoder.config, &unet.0.config);
+        ensure!(
+            config.context_len as i64 <= text.max_position_embeddings && config.context_len >= 2,
+            "context_len {} must lie in 2..={} (the text encoder's positions)",
+            config.context_len,
+            text.max_position_embeddings
+        );
+        ensure!(tokenizer.vocab_size() as i64 == text.vocab_size, "the tokenizer and text encoder vocabularies differ");
+        ensure!(
+            u.cross_attention_dim == Some(text.hidden_size),
+            "the UNet must cross-attend to the text states' width"
+        );
+        let sched = NoiseSchedule::by_name(&config.schedule, config.num_train_timesteps)?;
+        let seen = config.seen_tokens.iter().copied().collect();
+        Ok(Self { config, tokenizer, text_encoder, unet, bins, seen, sched, text_vs, unet_vs })
+    }
+
+    pub fn device(&self) -> Device {
+        self.unet_vs.device()
+    }
+
+    // ANCHOR: check_prompt
+    /// Whether the pipeline can read `prompt`: an error for an empty prompt, one with no word the training captions
+    /// had, or one longer than the context; otherwise which of its words are known. (Byte-level BPE encodes any
+    /// text, an unknown word as many byte tokens, so the vocabulary check comes before the length check.)
+    pub fn check_prompt(&self, prompt: &str) -> Result<Coverage> {
+        let example = "describe a digit, e.g. \"a bold 7\", \"seven\" or \"the number 3, leaning left\"";
+        ensure!(!prompt.trim().is_empty(), "the prompt is empty: {example}");
+        let coverage = self.tokenizer.coverage(prompt, &self.seen);
+        if !coverage.any_known() {
+            let unknown: Vec<String> = coverage.unknown_words().iter().map(|w| format!("\"{w}\"")).collect();
+            bail!("no word of the prompt was in the training captions (unknown: {}): {example}", unknown.join(", "));
+        }
+        let tokens = self.tokenizer.encode(prompt).len();
+        let limit = self.config.context_len - 2; // start and end take two positions
+        ensure!(
+            tokens <= limit,
+            "the prompt is {tokens} tokens long, the text encoder reads at most {limit} (context of {} with start and \
+             end tokens): shorten it",
+            self.config.context_len
+        );
+        Ok(coverage)
+    }
+    // ANCHOR_END: check_prompt
+
+    /// τ(prompt) for the UNet, (1, L, D + 1) on the pipeline's device, without any check ("" is the ∅ prompt).
+    pub fn context(&self, prompt: &str) -> (Encoded, Tensor) {
+        let e = self.tokenizer.encode_padded(prompt, self.config.context_len);
+        let ids = Tensor::from_slice(&e.ids).unsqueeze(0).to_device(self.device()); // (1, L)
+        let mask = lens_to_mask(&Tensor::from_slice(&[e.len as i64]).to_device(self.device()), e.ids.len() as i64);
+        let context = encode_context(&self.text_encoder, &ids, &mask);
+        (e, context)
+    }
+
+    /// `n` images (n, 1, S, S) in [0, 1], on the CPU, for `prompt`, guided away from `negative` (None or blank: the
+    /// empty prompt, plain CFG) with scale `guidance`, by `steps` respaced DDPM steps from the noise of `seed`.
+    pub fn generate(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+        n: i64,
+        guidance: f64,
+        steps: usize,
+        seed: u64,
+    ) -> Result<Tensor> {
+        self.generate_with(prompt, negative, n, guidance, steps, seed, &mut |_, _| {})
+    }
+
+    /// [`Self::generate`], with `cb` seeing every step of every batch (its first argument is the batch's first
+    /// sample).
+    // ANCHOR: generate
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_with(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+        n: i64,
+        guidance: f64,
+        steps: usize,
+        seed: u64,
+        cb: &mut dyn FnMut(i64, DdpmStep),
+    ) -> Result<Tensor> {
+        ensure!(n >= 1, "asked for {n} images: ask for at least one");
+        ensure!(guidance.is_finite(), "the guidance scale must be a finite number, got {guidance}");
+        let t = self.sched.num_steps();
+        ensure!((1..=t).contains(&steps), "--steps must lie in 1..={t} (the training schedule), got {steps}");
+        self.check_prompt(prompt).context("in the prompt")?;
+        let negative = negative.filter(|s| !s.trim().is_empty());
+        if let Some(neg) = negative {
+            self.check_prompt(neg).context("in the negative prompt")?;
+        }
+        let (_, cond) = self.context(prompt); // (1, L, D + 1)
+        let (_, uncond) = self.context(negative.unwrap_or("")); // ε_∅, or ε_neg in its place
+        let guided = ClassifierFreeGuidance::new(&self.unet, cond, uncond, guidance);
+        let s = self.config.image_size;
+        tch::manual_seed(seed as i64);
+        let (variance, device) = (self.config.variance, self.device());
+        let x =
+            sample(&guided, &self.sched, steps, &[n, 1, s, s], variance, Some((-1.0, 1.0)), SAMPLE_BATCH, device, cb);
+        Ok(to_unit(&x).to_device(Device::Cpu)) // (n, 1, S, S)
+    }
+    // ANCHOR_END: generate
+
+    /// How the pixels of the finest feature maps with cross-attention share their attention among the tokens of
+    /// `prompt`, for x_t (1, 1, S, S) at timestep `t`: (tokens, 1, h, w), weights averaged over heads and over the
+    /// blocks at that resolution (the real tokens' weights sum to 1 at each pixel), with a label per token.
+    pub fn token_attention_maps(&self, x_t: &Tensor, t: usize, prompt: &str) -> Result<(Tensor, Vec<String>)> {
+        self.check_prompt(prompt)?;
+        let (e, context) = self.context(prompt);
+        let (hidden, mask) = super::text_cond::unpack_context(&context);
+        let t = Tensor::from_slice(&[t as i64]).to_device(self.device());
+        let x = x_t.to_device(self.device());
+        let (_, maps) = tch::no_grad(|| self.unet.0.forward_with_maps(&x, &t, &hidden, Some(&mask)));
+        let finest = maps.iter().map(|m| m.height).max().context("the UNet has no cross-attention")?;
+        let at_finest: Vec<&crate::nn::unet::CrossAttentionMap> = maps.iter().filter(|m| m.height == finest).collect();
+        let per_block: Vec<Tensor> =
+            at_finest.iter().map(|m| m.weights.get(0).mean_dim(0, false, Kind::Float)).collect();
+        let weights = Tensor::stack(&per_block, 0).mean_dim(0, false, Kind::Float); // (hw, L)
+        let weights = weights.narrow(1, 0, e.len as i64); // (hw, tokens): the padding has weight 0
+        let width = at_finest[0].width;
+        let labels = e.ids[..e.len].iter().map(|&id| self.token_label(id)).collect();
+        // (tokens, 1, h, w)
+        Ok((weights.tr().reshape([-1, 1, finest, width]).to_device(Device::Cpu), labels))
+    }
+
+    /// The text of a token for figure labels: "seven", "<start>", "<end>" (a word piece keeps no `</w>` mark).
+    pub fn token_label(&self, id: i64) -> String {
+        match self.tokenizer.token(id) {
+            Some(START_OF_TEXT) => "<start>".into(),
+            Some(END_OF_TEXT) => "<end>".into(),
+            Some(t) => t.trim_end_matches(END_OF_WORD).to_string(),
+            None => format!("#{id}"),
+        }
+    }
+
+    /// Writes the bundle into `dir`: pipeline.json, merges.txt, text_encoder.safetensors and unet.safetensors (each
+    /// with its config JSON beside it) and, if known, attribute_bins.json.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let json = serde_json::to_string_pretty(&self.config)?;
+        crate::cli::write_atomic(&dir.join("pipeline.json"), json.as_bytes())?;
+        self.tokenizer.save(dir.join("merges.txt"))?;
+        checkpoint::save(&self.text_vs, &dir.join("text_encoder.safetensors"), &self.text_encoder.config)?;
+        checkpoint::save(&self.unet_vs, &dir.join("unet.safetensors"), &self.unet.0.config)?;
+        if let Some(bins) = &self.bins {
+            bins.save(&dir.join("attribute_bins.json"))?;
+        }
+        Ok(())
+    }
+
+    /// Loads a bundle written by [`Self::save`] onto `device`.
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let path = dir.join("pipeline.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let config: PipelineConfig =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a pipeline config", path.display()))?;
+        let tokenizer = Bpe::load(dir.join("merges.txt"))?;
+        let text_path = dir.join("text_encoder.safetensors");
+        let mut text_vs = VarStore::new(device);
+        let text_encoder = TextEncoder::new(text_vs.root() / "text_model", checkpoint::load_config(&text_path)?);
+        checkpoint::load(&mut text_vs, &text_path)?;
+        text_vs.freeze();
+        let unet_path = dir.join("unet.safetensors");
+        let mut unet_vs = VarStore::new(device);
+        let unet = TextUNet(UNet::new(unet_vs.root(), checkpoint::load_config::<UNetConfig>(&unet_path)?));
+        checkpoint::load(&mut unet_vs, &unet_path)?;
+        let bins_path = dir.join("attribute_bins.json");
+        let bins = bins_path.exists().then(|| AttributeBins::load(&bins_path)).transpose()?;
+        Self::assemble(config, tokenizer, text_vs, text_encoder, unet_vs, unet, bins)
+    }
+}
+
+/// `data/lesson06` under the working directory if it holds a bundle, else under the crate root.
+pub fn shipped_dir() -> PathBuf {
+    let local = PathBuf::from(SHIPPED_DIR);
+    if local.join("pipeline.json").exists() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(SHIPPED_DIR)
+}
+
+// ANCHOR: png
+/// Writes `image` ((H, W), (1, H, W) or (1, 1, H, W), values in [0, 1]) as an 8-bit grayscale PNG, atomically.
+pub fn write_png_gray(path: &Path, image: &Tensor) -> Result<()> {
+    let size = image.size();
+    ensure!(size.len() >= 2 && size[..size.len() - 2].iter().all(|&d| d == 1), "one image (H, W), got {size:?}");
+    let (h, w) = (size[size.len() - 2] as usize, size[size.len() - 1] as usize);
+    let scaled = (image.to_kind(Kind::Float).clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8);
+    let pixels = Vec::<u8>::try_from(scaled.to_device(Device::Cpu).flatten(0, -1)).context("image to bytes")?;
+    // [PNG] 9.2: each scanline starts with its filter type, 0 = None
+    let raw: Vec<u8> = pixels.chunks(w).flat_map(|row| std::iter::once(0).chain(row.iter().copied())).collect();
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&raw)?;
+    // [PNG] 11.2.2 IHDR: width, height, bit depth 8, colour type 0 (greyscale), compression, filter, interlace 0
+    let mut ihdr = Vec::from((w as u32).to_be_bytes());
+    ihdr.extend((h as u32).to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec(); // [PNG] 5.2 signature
+    for (kind, data) in [(b"IHDR", ihdr), (b"IDAT", z.finish()?), (b"IEND", vec![])] {
+        // [PNG] 5.3: length, type, data, CRC-32 of type and data
+        png.extend((data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(&data);
+        png.extend(kind.iter().chain(&data));
+        png.extend(crc.sum().to_be_bytes());
+    }
+    crate::cli::write_atomic(path, &png)
+}
+// ANCHOR_END: png
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A pipeline with random weights on 8×8 images and prompts about "zero" and "one".
+    fn toy() -> TextToImage {
+        tch::manual_seed(0);
+        // each word twice, so that BPE merges every word into one token
+        let corpus: Vec<String> =
+            ["zero", "one", "a thin zero", "a bold one"].repeat(2).into_iter().map(String::from).collect();
+        let bpe = Bpe::train(&corpus, 20);
+        let text_config = TextEncoderConfig { vocab_size: bpe.vocab_size() as i64, ..TextEncoderConfig::tiny() };
+        let text_vs = VarStore::new(Device::Cpu);
+        let _ = TextEncoder::new(text_vs.root() / "text_model", text_config.clone());
+        let unet_vs = VarStore::new(Device::Cpu);
+        let unet = TextUNet(UNet::new(unet_vs.root(), UNetConfig::tiny_cond(16)));
+        let config = PipelineConfig {
+            image_size: 8,
+            context_len: 8,
+            schedule: "linear".into(),
+            num_train_timesteps: 1000,
+            variance: PosteriorVariance::BetaTilde,
+            seen_tokens: bpe.seen_tokens(&corpus).into_iter().collect(),
+        };
+        TextToImage::new(config, bpe, text_config, &text_vs, unet_vs, unet, None).unwrap()
+    }
+
+    #[test]
+    fn bad_prompts_are_refused_with_the_reason() {
+        let pipe = toy();
+        let err = |p: &str| format!("{:#}", pipe.check_prompt(p).unwrap_err());
+        assert!(err("  ").contains("the prompt is empty"));
+        assert!(err("one one one one one one one").contains("at most 6"), "{}", err("one one one one one one one"));
+        assert!(err("zebra crossing").contains("\"zebra\", \"crossing\""));
+        assert_eq!(pipe.check_prompt("A  BOLD zero?").unwrap().unknown_words(), ["?"]);
+        let neg = format!("{:#}", pipe.generate("zero", Some("zebra"), 1, 3.0, 5, 0).unwrap_err());
+        assert!(neg.contains("negative prompt") && neg.contains("zebra"), "{neg}");
+        assert!(
+            pipe.generate("zero", None, 1, 3.0, 0, 0).is_err() && pipe.generate("zero", None, 0, 3.0, 5, 0).is_err()
+        );
+    }
+
+    #[test]
+    fn generation_is_seeded_the_negative_prompt_replaces_the_empty_one_and_the_bundle_round_trips() {
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1); // for tensors this small a second thread only spin-waits
+        let pipe = toy();
+        let a = pipe.generate("a thin zero", None, 3, 3.0, 5, 7).unwrap();
+        assert_eq!(a.size(), [3, 1, 8, 8]);
+        assert!(a.min().double_value(&[]) >= 0.0 && a.max().double_value(&[]) <= 1.0);
+        assert!(a.equal(&pipe.generate("a thin zero", Some("  "), 3, 3.0, 5, 7).unwrap()), "blank negative = none");
+        assert!(!a.equal(&pipe.generate("a thin zero", None, 3, 3.0, 5, 8).unwrap()), "another seed, other noise");
+        let neg = pipe.generate("a thin zero", Some("a bold one"), 3, 3.0, 5, 7).unwrap();
+        assert!(!a.equal(&neg));
+        // at w = 1 the unconditional branch, empty or negative, drops out
+        let w1 = |negative| pipe.generate("a thin zero", negative, 3, 1.0, 5, 7).unwrap();
+        assert!(w1(None).equal(&w1(Some("a bold one"))));
+        let dir = tempfile::tempdir().unwrap();
+        pipe.save(dir.path()).unwrap();
+        let loaded = TextToImage::load(dir.path(), Device::Cpu).unwrap();
+        assert_eq!(loaded.config, pipe.config);
+        assert!(loaded.generate("a thin zero", Some("a bold one"), 3, 3.0, 5, 7).unwrap().equal(&neg));
+        let (maps, labels) = loaded
+            .token_attention_maps(&Tensor::randn([1, 1, 8, 8], tch::kind::FLOAT_CPU), 500, "a thin zero")
+            .unwrap();
+        assert_eq!(
+            (maps.size(), labels),
+            (vec![5, 1, 4, 4], ["<start>", "a", "thin", "zero", "<end>"].map(String::from).to_vec())
+        );
+        let sums = maps.sum_dim_intlist(0, false, Kind::Float);
+        assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-5, "each pixel's weights over the tokens sum to 1");
+        std::fs::remove_file(dir.path().join("unet.safetensors")).unwrap();
+        let missing = format!("{:#}", TextToImage::load(dir.path(), Device::Cpu).err().unwrap());
+        assert!(missing.contains("unet.safetensors"), "{missing}");
+        tch::set_num_threads(threads);
+    }
+
+    #[test]
+    fn png_files_hold_the_pixels_with_valid_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let image = Tensor::from_slice(&[0.0f32, 0.5, 1.0, 2.0, 0.25, -1.0]).view([1, 1, 2, 3]);
+        write_png_gray(&path, &image).unwrap();
+        let png = std::fs::read(&path).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&png[12..16], b"IHDR");
+        assert_eq!(
+            (&png[16..20], &png[20..24], &png[24..29]),
+            (&[0, 0, 0, 3][..], &[0, 0, 0, 2][..], &[8, 0, 0, 0, 0][..])
+        );
+        // IEND is the last chunk, with its well-known CRC AE 42 60 82
+        assert_eq!(&png[png.len() - 12..], &[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82]);
+        let idat_len = u32::from_be_bytes(png[33..37].try_into().unwrap()) as usize;
+        assert_eq!(&png[37..41], b"IDAT");
+        let mut raw = Vec::new();
+        flate2::read::ZlibDecoder::new(&png[41..41 + idat_len]).read_to_end(&mut raw).unwrap();
+        assert_eq!(raw, [0, 0, 128, 255, 0, 255, 64, 0]); // per row: filter 0, then the clamped, rounded pixels
+        assert!(write_png_gray(&path, &Tensor::zeros([2, 1, 2, 2], tch::kind::FLOAT_CPU)).is_err());
+    }
+}

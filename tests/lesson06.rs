@@ -1,0 +1,105 @@
+//! Lesson 06 end to end: `--quick` trains the whole pipeline and writes its figures, metrics and weights; `sample`
+//! draws 28×28 grayscale PNGs from saved weights (the quick run's, and the shipped ones when they are there); bad
+//! prompts and bad flags exit with a one-line message.
+mod common;
+use common::*;
+use std::path::Path;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lesson06");
+
+/// (width, height, bit depth, colour type) from a PNG's IHDR chunk.
+fn png_header(path: &Path) -> (u32, u32, u8, u8) {
+    let bytes = std::fs::read(path).unwrap_or_else(|_| panic!("{} missing", path.display()));
+    assert_eq!((&bytes[..8], &bytes[12..16]), (&b"\x89PNG\r\n\x1a\n"[..], &b"IHDR"[..]), "{}", path.display());
+    let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+    (be(16), be(20), bytes[24], bytes[25])
+}
+
+fn assert_grayscale_digits(dir: &Path, n: usize) {
+    for i in 0..n {
+        assert_eq!(png_header(&dir.join(format!("sample_{i:03}.png"))), (28, 28, 8, 0), "8-bit grayscale 28×28");
+    }
+    assert!(!dir.join(format!("sample_{n:03}.png")).exists(), "exactly {n} images");
+    assert_files(dir, &["grid.png"]);
+}
+
+#[test]
+fn quick_run_writes_figures_and_weights_that_sample_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let args = ["--quick", "--steps", "10", "--clip-steps", "5", "--eval-samples", "2", "--sample-steps", "3"];
+    assert_ok(&run_lesson(BIN, &[&args[..], &["--sweep", "0,3", "--out", d]].concat()));
+    assert_files(
+        dir.path(),
+        &[
+            "loss.png",
+            "prompt_samples.png",
+            "attribute_control.png",
+            "guidance_sweep.png",
+            "cross_attention.png",
+            "metrics.json",
+            "weights/pipeline.json",
+            "weights/merges.txt",
+            "weights/text_encoder.safetensors",
+            "weights/unet.safetensors",
+            "weights/attribute_bins.json",
+        ],
+    );
+    let m = metrics(dir.path());
+    assert_eq!((m["train_steps"].as_i64(), m["clip"]["steps"].as_i64()), (Some(10), Some(5)));
+    assert!(m["train_seconds_total"].as_f64().unwrap() > 0.0 && m["parameters"].as_i64().unwrap() > 0);
+    assert_eq!(m["network"]["cross_attention_dim"], m["clip"]["config"]["text"]["hidden_size"]);
+    assert_eq!(m["tokenizer"]["context_len"].as_i64(), Some(24));
+    let per_digit = m["prompt_accuracy"]["per_digit"].as_array().unwrap();
+    assert!(per_digit.len() == 10 && per_digit.iter().all(|a| (0.0..=1.0).contains(&a.as_f64().unwrap())));
+    assert_eq!(m["prompt_accuracy"]["per_prompt"].as_array().unwrap().len(), 50);
+    assert_eq!(m["attributes"]["pairs"].as_array().unwrap().len(), 30);
+    assert_eq!(m["guidance_sweep"].as_array().unwrap().len(), 2);
+    assert!(m["samples"]["fd_over_floor"].as_f64().unwrap().is_finite());
+
+    // sampling from the run's weights: free text, any case, an unknown word and punctuation, a negative prompt
+    let (w, s) = (dir.path().join("weights"), dir.path().join("samples"));
+    let (w, s) = (w.to_str().unwrap(), s.to_str().unwrap());
+    let sample = |extra: &[&str]| run_lesson(BIN, &[&["sample", "--weights", w, "--out", s][..], extra].concat());
+    let out = sample(&["--prompt", "A BOLD 7, please!", "--negative", "a thin 7", "--num", "3", "--steps", "3"]);
+    assert_ok(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"please\""), "a note names the unknown word");
+    assert_grayscale_digits(Path::new(s), 3);
+    assert_user_error(&sample(&["--prompt", "   "]), "the prompt is empty");
+    assert_user_error(&sample(&["--prompt", "zebra crossing"]), "\"zebra\", \"crossing\"");
+    assert_user_error(&sample(&["--prompt", &"7 ".repeat(30)]), "at most 22");
+    assert_user_error(&sample(&["--prompt", "7", "--negative", "zebra"]), "negative prompt");
+
+    // --resume: the mini-CLIP run is complete and is reloaded, the UNet continues from its checkpoint at step 10
+    let resumed = ["--quick", "--steps", "12", "--clip-steps", "5", "--eval-samples", "2", "--sample-steps", "3"];
+    let resumed = [&resumed[..], &["--sweep", "3", "--resume", "--out", d]].concat();
+    assert_ok(&run_lesson(BIN, &resumed));
+    let m = metrics(dir.path());
+    assert_eq!((m["train_steps"].as_i64(), m["resumed_from"].as_i64()), (Some(12), Some(10)));
+}
+
+#[test]
+fn sample_with_the_shipped_weights_writes_digits() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/lesson06/pipeline.json");
+    if !shipped.exists() {
+        println!("skipped: no shipped weights in data/lesson06 (make them with `./run.sh lesson 06 --ship`)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_lesson(
+        BIN,
+        &["sample", "--prompt", "seven", "--num", "2", "--steps", "5", "--out", dir.path().to_str().unwrap()],
+    );
+    assert_ok(&out);
+    assert_grayscale_digits(dir.path(), 2);
+}
+
+#[test]
+fn bad_flags_exit_with_a_readable_message() {
+    assert_user_error(&run_lesson(BIN, &["--quick", "--p-uncond", "1.5"]), "--p-uncond");
+    assert_user_error(&run_lesson(BIN, &["--quick", "--sweep", "1,x"]), "--sweep");
+    assert_user_error(&run_lesson(BIN, &["sample", "--num", "2"]), "--prompt");
+    assert_user_error(&run_lesson(BIN, &["sample", "--prompt", "7", "--num", "0"]), "--num");
+    let missing = run_lesson(BIN, &["sample", "--prompt", "7", "--weights", "/nonexistent/lesson06"]);
+    assert_user_error(&missing, "no usable text-to-image weights in /nonexistent/lesson06");
+}
