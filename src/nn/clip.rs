@@ -13,7 +13,7 @@
 use super::layers::groups_for;
 use super::text_encoder::{TextEncoder, TextEncoderConfig};
 use crate::text::{ids_tensor, Bpe};
-use crate::train::trainer::{train, StepInfo, TrainOutcome, TrainerConfig};
+use crate::train::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
 use anyhow::{ensure, Result};
 use std::path::Path;
 use tch::nn::{self, Module, VarStore};
@@ -325,25 +325,14 @@ pub fn train_mini_clip(
     cb: &mut dyn FnMut(StepInfo),
 ) -> Result<(VarStore, MiniClip, TrainOutcome)> {
     check_inputs(config, images, ids, mask)?;
-    let mut master = VarStore::new(device);
-    let model = MiniClip::new(master.root(), config.clone());
-    let mut compute = cfg.bf16.then(|| VarStore::new(device));
-    let compute_model = compute.as_ref().map(|c| MiniClip::new(c.root(), config.clone()));
-    if let Some(c) = compute.as_mut() {
-        c.set_kind(Kind::BFloat16);
-    }
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
-    let mut loss_fn = |batch: &[Tensor], _step: usize| {
-        let net = compute_model.as_ref().unwrap_or(&model);
+    let mut loss_fn = |net: &MiniClip, _: &MiniClip, batch: &[Tensor], _step: usize| {
         net.loss(&batch[0].to_kind(kind), &batch[1], batch.get(2), targets)
     };
     let mut data = vec![images, ids];
     data.extend(mask);
-    let outcome = train(&mut master, compute.as_mut(), &data, cfg, &mut loss_fn, ckpt, resume, cb)?;
-    if let Some(ema) = &outcome.ema {
-        ema.copy_to(&mut master);
-    }
-    Ok((master, model, outcome))
+    let build = |p: nn::Path| MiniClip::new(p, config.clone());
+    train_model(build, &data, cfg, device, ckpt, resume, cb, &mut loss_fn)
 }
 // ANCHOR_END: train_mini_clip
 

@@ -8,8 +8,8 @@
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, eq. 14 (L_simple).
 //! [LDM] Rombach et al. 2022, arXiv:2112.10752, sec. 3.3 (conditioning through cross-attention to τ_θ(y)).
 //! Notation (code -> paper): p_uncond -> p_uncond; null label -> ∅; context -> τ_θ(y); eps_cond -> ε_θ(z_λ, c).
-use super::ddpm::{l_simple, weighted_eps_loss, EpsModel, LossWeight};
-use super::trainer::{train, StepInfo, TrainOutcome, TrainerConfig};
+use super::ddpm::{EpsModel, EpsObjective, LossWeight};
+use super::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::nn::label_context::LabelContext;
 use crate::nn::unet::{UNet, UNetConfig};
@@ -153,32 +153,14 @@ pub fn train_cond_eps_model<M: CondEpsModel>(
     cb: &mut dyn FnMut(StepInfo),
 ) -> Result<(VarStore, LabelConditioned<M>, TrainOutcome)> {
     ensure!((0.0..=1.0).contains(&p_uncond), "--p-uncond must lie in [0, 1], got {p_uncond}");
-    let mut master = VarStore::new(device);
-    let model = build(master.root());
-    let mut compute = cfg.bf16.then(|| VarStore::new(device));
-    let compute_model = compute.as_ref().map(|c| build(c.root()));
-    if let Some(c) = compute.as_mut() {
-        c.set_kind(Kind::BFloat16);
-    }
-    let alpha_bar = sched.to_tensor_alpha_bar(device); // (T,)
+    let objective = EpsObjective::new(sched, weight, device);
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
-    let weights = weight.weights(&alpha_bar.to_kind(Kind::Double)).to_kind(Kind::Float); // (T,)
-    let mut loss_fn = |batch: &[Tensor], _step: usize| {
-        let net = compute_model.as_ref().unwrap_or(&model);
+    let mut loss_fn = |net: &LabelConditioned<M>, _: &LabelConditioned<M>, batch: &[Tensor], _step: usize| {
         let y = drop_labels(&batch[1], p_uncond, net.labels.null_label()); // (B,)
         let context = net.labels.forward(&y); // (B, tokens, dim)
-        let eps_model = WithContext { model: &net.net, context: &context };
-        let x0 = batch[0].to_kind(kind);
-        match weight {
-            LossWeight::Uniform => l_simple(&eps_model, &alpha_bar, &x0),
-            _ => weighted_eps_loss(&eps_model, &alpha_bar, &weights, &x0),
-        }
+        objective.loss(&WithContext { model: &net.net, context: &context }, &batch[0].to_kind(kind))
     };
-    let outcome = train(&mut master, compute.as_mut(), &[images, labels], cfg, &mut loss_fn, ckpt, resume, cb)?;
-    if let Some(ema) = &outcome.ema {
-        ema.copy_to(&mut master);
-    }
-    Ok((master, model, outcome))
+    train_model(build, &[images, labels], cfg, device, ckpt, resume, cb, &mut loss_fn)
 }
 // ANCHOR_END: train_cond
 

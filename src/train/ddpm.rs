@@ -3,7 +3,7 @@
 //!
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239. Notation (code -> paper): alpha_bar -> ᾱ_t, eps -> ε,
 //! eps_hat -> ε_θ(x_t, t), x0 -> x₀.
-use super::trainer::{train, StepInfo, TrainOutcome, TrainerConfig};
+use super::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
 use crate::diffusion::forward::q_sample;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::sampling::ddpm::{ddpm_sample, DdpmStep, PosteriorVariance};
@@ -80,6 +80,30 @@ pub fn l_simple(model: &dyn EpsModel, alpha_bar: &Tensor, x0: &Tensor) -> Tensor
 }
 // ANCHOR_END: l_simple
 
+/// The ε-prediction objective of a schedule and a weighting, ready to evaluate on batches: ᾱ (T,) and w_t (T,) on
+/// the device, computed once.
+pub struct EpsObjective {
+    pub alpha_bar: Tensor,
+    weights: Tensor,
+    weight: LossWeight,
+}
+
+impl EpsObjective {
+    pub fn new(sched: &NoiseSchedule, weight: LossWeight, device: Device) -> Self {
+        let alpha_bar = sched.to_tensor_alpha_bar(device); // (T,)
+        let weights = weight.weights(&alpha_bar.to_kind(Kind::Double)).to_kind(Kind::Float); // (T,)
+        Self { alpha_bar, weights, weight }
+    }
+
+    /// L_simple for uniform weights, the weighted loss otherwise, on clean images `x0`.
+    pub fn loss(&self, model: &dyn EpsModel, x0: &Tensor) -> Tensor {
+        match self.weight {
+            LossWeight::Uniform => l_simple(model, &self.alpha_bar, x0),
+            _ => weighted_eps_loss(model, &self.alpha_bar, &self.weights, x0),
+        }
+    }
+}
+
 /// Builds the model with `build` on a fresh VarStore (and a bf16 copy when `cfg.bf16`), trains it with L_simple on
 /// `images` (N, C, H, W, scaled to [−1, 1]) through the shared trainer, and returns the f32 VarStore holding the
 /// EMA weights (or the last weights without EMA), the model on it, and the training outcome.
@@ -99,32 +123,16 @@ pub fn train_eps_model<M: EpsModel>(
     snapshot_at: &[usize],
     on_snapshot: &mut dyn FnMut(usize, &dyn EpsModel),
 ) -> Result<(VarStore, M, TrainOutcome)> {
-    let mut master = VarStore::new(device);
-    let model = build(master.root());
-    let mut compute = cfg.bf16.then(|| VarStore::new(device));
-    let compute_model = compute.as_ref().map(|c| build(c.root()));
-    if let Some(c) = compute.as_mut() {
-        c.set_kind(Kind::BFloat16);
-    }
-    let alpha_bar = sched.to_tensor_alpha_bar(device); // (T,)
+    let objective = EpsObjective::new(sched, weight, device);
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
-    let weights = weight.weights(&alpha_bar.to_kind(Kind::Double)).to_kind(Kind::Float); // (T,)
-    let mut loss_fn = |batch: &[Tensor], step: usize| {
-        let net: &dyn EpsModel = compute_model.as_ref().map_or(&model as &dyn EpsModel, |m| m as &dyn EpsModel);
-        let loss = match weight {
-            LossWeight::Uniform => l_simple(net, &alpha_bar, &batch[0].to_kind(kind)),
-            _ => weighted_eps_loss(net, &alpha_bar, &weights, &batch[0].to_kind(kind)),
-        };
+    let mut loss_fn = |net: &M, model: &M, batch: &[Tensor], step: usize| {
+        let loss = objective.loss(net, &batch[0].to_kind(kind));
         if snapshot_at.contains(&step) {
-            tch::no_grad(|| on_snapshot(step, &model));
+            tch::no_grad(|| on_snapshot(step, model));
         }
         loss
     };
-    let outcome = train(&mut master, compute.as_mut(), &[images], cfg, &mut loss_fn, ckpt, resume, cb)?;
-    if let Some(ema) = &outcome.ema {
-        ema.copy_to(&mut master);
-    }
-    Ok((master, model, outcome))
+    train_model(build, &[images], cfg, device, ckpt, resume, cb, &mut loss_fn)
 }
 
 /// Draws `n` samples with DDPM ancestral sampling ([DDPM] Algorithm 2) over `steps` evenly respaced timesteps

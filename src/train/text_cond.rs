@@ -10,8 +10,8 @@
 //! [CFG] Ho & Salimans 2022, arXiv:2207.12598, Algorithm 1 (condition dropout: c ← ∅ with probability p_uncond).
 //! Notation (code -> paper): hidden -> τ_θ(y), the text encoder's last hidden state; empty prompt -> ∅.
 use super::conditional::{CondEpsModel, WithContext};
-use super::ddpm::{l_simple, weighted_eps_loss, LossWeight};
-use super::trainer::{train, StepInfo, TrainOutcome, TrainerConfig};
+use super::ddpm::{EpsObjective, LossWeight};
+use super::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
 use crate::data::captions::{caption_corpus, captions_for, stroke_stats, AttributeBins, Attributes};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::nn::text_encoder::TextEncoder;
@@ -195,33 +195,16 @@ pub fn train_text_cond_unet(
         empty.ids.len(),
         captions.ids.size()[2]
     );
-    let mut master = VarStore::new(device);
-    let model = TextUNet(UNet::new(master.root(), config.clone()));
-    let mut compute = cfg.bf16.then(|| VarStore::new(device));
-    let compute_model = compute.as_ref().map(|c| TextUNet(UNet::new(c.root(), config.clone())));
-    if let Some(c) = compute.as_mut() {
-        c.set_kind(Kind::BFloat16);
-    }
-    let alpha_bar = sched.to_tensor_alpha_bar(device); // (T,)
+    let objective = EpsObjective::new(sched, weight, device);
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
-    let weights = weight.weights(&alpha_bar.to_kind(Kind::Double)).to_kind(Kind::Float); // (T,)
-    let mut loss_fn = |batch: &[Tensor], _step: usize| {
+    let mut loss_fn = |net: &TextUNet, _: &TextUNet, batch: &[Tensor], _step: usize| {
         let (ids, mask) = pick_captions(&batch[1], &batch[2], empty, p_uncond); // (B, L) each
         let context = encode_context(text_encoder, &ids, &mask).to_kind(kind); // (B, L, D + 1)
-        let net = compute_model.as_ref().unwrap_or(&model);
-        let eps_model = WithContext { model: net, context: &context };
-        let x0 = batch[0].to_kind(kind);
-        match weight {
-            LossWeight::Uniform => l_simple(&eps_model, &alpha_bar, &x0),
-            _ => weighted_eps_loss(&eps_model, &alpha_bar, &weights, &x0),
-        }
+        objective.loss(&WithContext { model: net, context: &context }, &batch[0].to_kind(kind))
     };
     let data = [images, &captions.ids, &captions.lens];
-    let outcome = train(&mut master, compute.as_mut(), &data, cfg, &mut loss_fn, ckpt, resume, cb)?;
-    if let Some(ema) = &outcome.ema {
-        ema.copy_to(&mut master);
-    }
-    Ok((master, model, outcome))
+    let build = |p: tch::nn::Path| TextUNet(UNet::new(p, config.clone()));
+    train_model(build, &data, cfg, device, ckpt, resume, cb, &mut loss_fn)
 }
 // ANCHOR_END: train_text
 

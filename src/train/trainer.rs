@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use tch::nn::VarStore;
+use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
 /// Everything that decides a training run; saved as JSON beside each checkpoint and compared on resume.
@@ -503,6 +503,37 @@ pub fn train(
         resumed_from,
         ema: trainer.ema,
     })
+}
+
+/// Builds a model with `build` on a fresh f32 VarStore (and, when `cfg.bf16`, a bf16 copy that the forward and
+/// backward passes run on), trains it through [`train`] with `loss_fn(net, master_model, batch, step)`, where `net`
+/// is the copy the passes run on, and returns the f32 VarStore holding the EMA weights (or the last weights without
+/// EMA), the model on it, and the outcome. Every model-training function of the crate goes through here.
+#[allow(clippy::too_many_arguments)]
+pub fn train_model<M>(
+    build: impl Fn(nn::Path) -> M,
+    data: &[&Tensor],
+    cfg: &TrainerConfig,
+    device: Device,
+    ckpt: Option<&Path>,
+    resume: bool,
+    cb: &mut dyn FnMut(StepInfo),
+    loss_fn: &mut dyn FnMut(&M, &M, &[Tensor], usize) -> Tensor,
+) -> Result<(VarStore, M, TrainOutcome)> {
+    let mut master = VarStore::new(device);
+    let model = build(master.root());
+    let mut compute = cfg.bf16.then(|| VarStore::new(device));
+    let compute_model = compute.as_ref().map(|c| build(c.root()));
+    if let Some(c) = compute.as_mut() {
+        c.set_kind(Kind::BFloat16);
+    }
+    let mut step_loss =
+        |batch: &[Tensor], step: usize| loss_fn(compute_model.as_ref().unwrap_or(&model), &model, batch, step);
+    let outcome = train(&mut master, compute.as_mut(), data, cfg, &mut step_loss, ckpt, resume, cb)?;
+    if let Some(ema) = &outcome.ema {
+        ema.copy_to(&mut master);
+    }
+    Ok((master, model, outcome))
 }
 // ANCHOR_END: train
 
