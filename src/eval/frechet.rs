@@ -46,9 +46,13 @@ fn sqrt_psd(a: &Tensor) -> Tensor {
 /// Σ₁Σ₂ is not symmetric, but it is similar to Σ₁^{1/2} Σ₂ Σ₁^{1/2} (conjugate by Σ₁^{1/2}), which is symmetric
 /// positive semi-definite, so tr((Σ₁Σ₂)^{1/2}) = tr((Σ₁^{1/2} Σ₂ Σ₁^{1/2})^{1/2}) = Σᵢ √λᵢ, its eigenvalues λᵢ
 /// coming from a symmetric eigensolver (round-off negatives set to 0). Round-off can leave d² at −1e−12; it is
-/// returned as 0.
+/// returned as 0; non-finite features (a diverged sampler's NaN images) give NaN, never a perfect 0.
 pub fn frechet_distance(f1: &Tensor, f2: &Tensor) -> f64 {
     assert_eq!(f1.size()[1], f2.size()[1], "both feature sets need the same dimension F");
+    let finite = |f: &Tensor| f.isfinite().all().int64_value(&[]) == 1;
+    if !finite(f1) || !finite(f2) {
+        return f64::NAN;
+    }
     let (mu1, sigma1) = mean_and_covariance(f1);
     let (mu2, sigma2) = mean_and_covariance(&f2.to_device(f1.device()));
     let root1 = sqrt_psd(&sigma1);
@@ -143,6 +147,14 @@ pub fn evaluate_samples(clf: &MnistClassifier, samples: &Tensor, test_images: &T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nan_features_give_a_nan_distance_not_zero() {
+        let ok = Tensor::randn([50, 4], (Kind::Double, tch::Device::Cpu));
+        let bad = ok.full_like(f64::NAN);
+        assert!(frechet_distance(&bad, &ok).is_nan());
+        assert!(frechet_distance(&ok, &ok) < 1e-9);
+    }
     use crate::data::mnist;
     use tch::Device;
 

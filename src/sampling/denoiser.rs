@@ -1,0 +1,277 @@
+//! One interface between models and samplers: the denoiser D(x, σ) → x̂₀ in σ-space.
+//!
+//! [EDM] Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+//! arXiv:2206.00364 (eq. 1: x = x₀ + σ ε; Table 1: the preconditioning c_skip, c_out, c_in of VP models).
+//! [Tweedie] Efron 2011, "Tweedie's Formula and Selection Bias", JASA 106(496): E[x₀ | x] = x + σ² ∇ log p_σ(x).
+//! [v-pred] Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", arXiv:2202.00512,
+//! sec. 4 and appendix D: v = √ᾱ ε − √(1 − ᾱ) x₀.
+//! Notation (code -> paper): x -> x (noised, σ-space), sigma -> σ, denoised -> D(x; σ), eps -> ε̂, c_in -> c_in(σ).
+//!
+//! Every sampler here works in σ-space ("variance exploding"): x = x₀ + σ ε, σ running from σ_max down to 0.
+//! A DDPM-style model sees x_vp = √ᾱ_t x₀ + √(1 − ᾱ_t) ε instead; dividing by √ᾱ_t gives x₀ + σ_t ε with
+//! σ_t = √((1 − ᾱ_t)/ᾱ_t), so x_vp = x/√(1 + σ²) ([EDM] Table 1, VP: c_in = 1/√(σ² + 1)). Conditioning (a label
+//! context, classifier-free guidance) lives inside the model the adapter wraps: [`WithContext`] and
+//! [`ClassifierFreeGuidance`] are ordinary [`EpsModel`]s.
+//!
+//! [`WithContext`]: crate::train::conditional::WithContext
+//! [`ClassifierFreeGuidance`]: crate::sampling::guidance::ClassifierFreeGuidance
+use crate::diffusion::append_dims;
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::train::ddpm::EpsModel;
+use std::cell::Cell;
+use tch::{Kind, Tensor};
+
+// ANCHOR: denoiser_trait
+/// D(x, σ) → x̂₀: the model's estimate of the clean data from x = x₀ + σ ε, with σ (B,) one level per sample.
+pub trait Denoiser {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Tensor;
+}
+// ANCHOR_END: denoiser_trait
+
+/// Any closure `(x, sigma) -> x̂₀` is a denoiser.
+impl<F: Fn(&Tensor, &Tensor) -> Tensor> Denoiser for F {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Tensor {
+        self(x, sigma)
+    }
+}
+
+/// σ as a (B,) tensor of x's kind and device, for a batch x (B, ...).
+pub fn sigma_like(x: &Tensor, sigma: f64) -> Tensor {
+    Tensor::full([x.size()[0]], sigma, (x.kind(), x.device()))
+}
+
+/// D(x, σ) at one noise level for the whole batch.
+pub fn denoise_at(d: &dyn Denoiser, x: &Tensor, sigma: f64) -> Tensor {
+    d.denoise(x, &sigma_like(x, sigma))
+}
+
+/// The probability-flow ODE's derivative dx/dσ = (x − D(x; σ))/σ ([EDM] eq. 4 with σ(t) = t, s(t) = 1; Alg. 1
+/// line 4). It is also the noise estimate ε̂ = (x − x̂₀)/σ.
+pub fn to_d(x: &Tensor, denoised: &Tensor, sigma: f64) -> Tensor {
+    (x - denoised) / sigma
+}
+
+/// What every sampler reports once per step (for progress bars and trajectory plots).
+pub struct SamplerStep<'a> {
+    /// Step index, 0 for the step from `sigmas[0]`.
+    pub i: usize,
+    /// The noise level of `x` (for EDM's stochastic sampler, σ̂ after the churn).
+    pub sigma: f64,
+    /// The level this step goes to.
+    pub sigma_next: f64,
+    /// The state at `sigma`.
+    pub x: &'a Tensor,
+    /// D(x; σ), the model's x̂₀ at this step.
+    pub denoised: &'a Tensor,
+}
+
+/// Draws z ~ N(0, I) shaped like x from libtorch's generator (seeded by `tch::manual_seed`): the default noise
+/// source of the stochastic samplers, which take `noise: &mut dyn FnMut(&Tensor) -> Tensor` so that a test (or a
+/// figure comparing two samplers) can replay the same noise.
+pub fn randn_like(x: &Tensor) -> Tensor {
+    x.randn_like()
+}
+
+/// σ_t = √((1 − ᾱ_t)/ᾱ_t) for t = 0..T−1 (ascending): the σ-space noise level of each training timestep.
+pub fn sigmas_of_schedule(sched: &NoiseSchedule) -> Vec<f64> {
+    (0..sched.num_steps()).map(|t| sched.sigma(t)).collect()
+}
+
+/// What a discrete-time network's output means ([v-pred] sec. 4; diffusers' `prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+pub enum Prediction {
+    /// ε̂ ([DDPM] eq. 14): x̂₀ = x − σ ε̂ (c_skip = 1, c_out = −σ, [EDM] Table 1).
+    Epsilon,
+    /// x̂₀ itself.
+    Sample,
+    /// v̂ = √ᾱ ε − √(1 − ᾱ) x₀: x̂₀ = √ᾱ x_vp − √(1 − ᾱ) v̂ = x/(1 + σ²) − σ/√(1 + σ²) · v̂.
+    V,
+}
+
+/// A discrete-time VP model (an [`EpsModel`], whatever its [`Prediction`]) as a σ-space denoiser.
+///
+/// The network only knows its T training timesteps and is called with an integer t, so a σ between two of them
+/// is mapped to the NEAREST timestep in log σ (no interpolation: the trait takes i64 timesteps). The input is
+/// scaled with the requested σ, c_in = 1/√(σ² + 1), and x̂₀ is formed with it too; on the model's own grid (see
+/// [`crate::sampling::grids::timestep_sigmas`]) σ is exactly σ_t and the adapter is exact. Grids that fall between
+/// timesteps (Karras, log-SNR) see a σ_t up to half a timestep off, which is small for T = 1000.
+pub struct EpsDenoiser<'a> {
+    pub model: &'a dyn EpsModel,
+    pub prediction: Prediction,
+    /// σ_t for t = 0..T−1, ascending.
+    pub sigmas: Vec<f64>,
+    /// log σ_t (T,) f64, for the nearest-timestep lookup.
+    log_sigmas: Tensor,
+}
+
+impl<'a> EpsDenoiser<'a> {
+    /// An ε-prediction model trained on `sched`.
+    pub fn new(model: &'a dyn EpsModel, sched: &NoiseSchedule) -> Self {
+        let sigmas = sigmas_of_schedule(sched);
+        let log_sigmas = Tensor::from_slice(&sigmas).log(); // (T,)
+        Self { model, prediction: Prediction::Epsilon, sigmas, log_sigmas }
+    }
+
+    /// The same model read as x₀- or v-prediction.
+    pub fn with_prediction(self, prediction: Prediction) -> Self {
+        Self { prediction, ..self }
+    }
+
+    /// σ_min = σ_0 and σ_max = σ_{T−1}: the range a noise grid for this model should span.
+    pub fn sigma_range(&self) -> (f64, f64) {
+        (self.sigmas[0], *self.sigmas.last().expect("a schedule has at least one step"))
+    }
+
+    /// The training timestep nearest to each σ in log σ: (B,) -> (B,) i64.
+    pub fn timestep(&self, sigma: &Tensor) -> Tensor {
+        let log_sigma = sigma.to_kind(Kind::Double).log().unsqueeze(1); // (B, 1)
+        let table = self.log_sigmas.to_device(sigma.device()).unsqueeze(0); // (1, T)
+        (log_sigma - table).abs().argmin(1, false) // (B,)
+    }
+}
+
+// ANCHOR: eps_denoiser
+impl Denoiser for EpsDenoiser<'_> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Tensor {
+        // t: (B,), s: (B, 1, ...)
+        let (t, s) = (self.timestep(sigma), append_dims(sigma, x));
+        // [EDM] Table 1, VP: c_in(σ) = 1/√(σ² + 1), i.e. x_vp = √ᾱ x
+        let c_in = (s.square() + 1.0).rsqrt();
+        let out = self.model.eps(&(x * &c_in), &t, false);
+        match self.prediction {
+            // [EDM] Table 1, VP: c_skip = 1, c_out = −σ:  x̂₀ = x − σ ε̂
+            Prediction::Epsilon => x - s * out,
+            Prediction::Sample => out,
+            // [v-pred] x̂₀ = √ᾱ x_vp − √(1 − ᾱ) v̂ with √ᾱ = c_in, √(1 − ᾱ) = σ c_in, x_vp = c_in x
+            Prediction::V => x * c_in.square() - s * c_in * out,
+        }
+    }
+}
+// ANCHOR_END: eps_denoiser
+
+/// A σ-conditioned score model s_θ(x, σ) ≈ ∇ log p_σ(x) (lesson 02's NCSN or score MLP) as a denoiser, by
+/// Tweedie's formula ([Tweedie] eq. 2.8):  x̂₀ = x + σ² s_θ(x, σ).
+/// E.g. `ScoreDenoiser(|x: &Tensor, s: &Tensor| ncsn.score(x, s, false))`.
+pub struct ScoreDenoiser<F: Fn(&Tensor, &Tensor) -> Tensor>(pub F);
+
+impl<F: Fn(&Tensor, &Tensor) -> Tensor> Denoiser for ScoreDenoiser<F> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Tensor {
+        let s = append_dims(sigma, x); // (B, 1, ...)
+        x + s.square() * (self.0)(x, sigma)
+    }
+}
+
+/// Counts the network evaluations (NFE) a sampler makes, one per call whatever the batch size.
+pub struct CountingDenoiser<'a> {
+    pub inner: &'a dyn Denoiser,
+    pub calls: Cell<usize>,
+}
+
+impl<'a> CountingDenoiser<'a> {
+    pub fn new(inner: &'a dyn Denoiser) -> Self {
+        Self { inner, calls: Cell::new(0) }
+    }
+}
+
+impl Denoiser for CountingDenoiser<'_> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Tensor {
+        self.calls.set(self.calls.get() + 1);
+        self.inner.denoise(x, sigma)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::forward::{eps_from_x0, q_sample};
+    use crate::sampling::oracle::{EpsOfDenoiser, GaussianOracle};
+    use tch::Device;
+
+    /// On the model's own timesteps the adapter undoes the VP scaling exactly: an ε-model built from a σ-space
+    /// oracle ([`EpsOfDenoiser`]) and adapted back gives the oracle's x̂₀, for ε-, x₀- and v-prediction.
+    #[test]
+    fn eps_x0_and_v_adapters_recover_the_denoiser_on_the_grid() {
+        tch::manual_seed(1);
+        let sched = NoiseSchedule::cosine(1000);
+        let oracle = GaussianOracle::isotropic(&[0.3, -0.2, 0.1], 0.5);
+        let eps_model = EpsOfDenoiser::new(&oracle, &sched);
+        for t in [0usize, 10, 300, 700, 999] {
+            let sigma = sched.sigma(t);
+            let x = Tensor::randn([8, 3], (Kind::Double, Device::Cpu)) * (1.0 + sigma);
+            let want = denoise_at(&oracle, &x, sigma);
+            let d = EpsDenoiser::new(&eps_model, &sched);
+            assert_eq!(d.timestep(&sigma_like(&x, sigma)).int64_value(&[0]), t as i64);
+            let got = denoise_at(&d, &x, sigma);
+            assert!((&got - &want).abs().max().double_value(&[]) < 1e-9 * (1.0 + sigma), "ε, t={t}");
+            // the same network output read as x₀ or v: build those outputs from the ε model and compare
+            let a = sched.alpha_bar(t);
+            let x_vp = &x * a.sqrt();
+            let eps = eps_model.eps(&x_vp, &Tensor::full([8], t as i64, (Kind::Int64, Device::Cpu)), false);
+            let x0 = (&x_vp - &eps * (1.0 - a).sqrt()) / a.sqrt();
+            let v = &eps * a.sqrt() - &x0 * (1.0 - a).sqrt(); // [v-pred] v = √ᾱ ε − √(1 − ᾱ) x₀
+            for (prediction, output) in [(Prediction::Sample, x0), (Prediction::V, v)] {
+                let fixed = move |_: &Tensor, _: &Tensor, _: bool| output.shallow_clone();
+                let m = FixedOutput(Box::new(fixed));
+                let got = denoise_at(&EpsDenoiser::new(&m, &sched).with_prediction(prediction), &x, sigma);
+                let err = (&got - &want).abs().max().double_value(&[]);
+                assert!(err < 1e-8 * (1.0 + sigma), "{prediction:?}, t={t}: {err}");
+            }
+        }
+    }
+
+    /// An "ε-model" that returns whatever its closure gives (to feed the adapter x₀ or v outputs).
+    type OutputFn = Box<dyn Fn(&Tensor, &Tensor, bool) -> Tensor>;
+    struct FixedOutput(OutputFn);
+    impl EpsModel for FixedOutput {
+        fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
+            (self.0)(x_t, t, train)
+        }
+    }
+
+    /// Off the grid the model is called at the nearest timestep in log σ; ties and the ends behave.
+    #[test]
+    fn nearest_timestep_in_log_sigma() {
+        let sched = NoiseSchedule::ddpm(1000);
+        let zeros = FixedOutput(Box::new(|x, _, _| x.zeros_like()));
+        let d = EpsDenoiser::new(&zeros, &sched);
+        let s = &d.sigmas;
+        let between = |t: usize, frac: f64| (s[t].ln() * (1.0 - frac) + s[t + 1].ln() * frac).exp();
+        let sig = Tensor::from_slice(&[between(100, 0.4), between(100, 0.6), 1e-6, 1e6, s[500]]);
+        let t: Vec<i64> = Vec::try_from(d.timestep(&sig)).unwrap();
+        assert_eq!(t, vec![100, 101, 0, 999, 500]);
+        assert_eq!(d.sigma_range(), (s[0], s[999]));
+    }
+
+    /// Tweedie: for x₀ ~ N(μ, s²) the exact score −(x − μ)/(s² + σ²) gives the exact posterior mean.
+    #[test]
+    fn score_adapter_is_tweedie() {
+        let (mu, s2) = (0.7, 0.25);
+        let d = ScoreDenoiser(|x: &Tensor, sigma: &Tensor| -(x - mu) / (sigma.view([-1, 1]).square() + s2));
+        let x = Tensor::from_slice(&[1.0f64, -2.0, 3.0, 0.5]).view([2, 2]); // (B, D)
+        let sigma = Tensor::from_slice(&[0.5f64, 2.0]);
+        let want = (&x - mu) * (s2 / Tensor::from_slice(&[s2 + 0.25, s2 + 4.0]).view([2, 1])) + mu;
+        assert!((d.denoise(&x, &sigma) - want).abs().max().double_value(&[]) < 1e-12);
+    }
+
+    /// The VP identities the adapter relies on: x_vp = x/√(1 + σ_t²) is q_sample's x_t, and ε̂ = (x − x̂₀)/σ_t.
+    #[test]
+    fn sigma_space_is_the_vp_process_rescaled() {
+        tch::manual_seed(2);
+        let sched = NoiseSchedule::ddpm(1000);
+        let t = 400usize;
+        let x0 = Tensor::randn([16, 2], (Kind::Double, Device::Cpu));
+        let eps = x0.randn_like();
+        let table = Tensor::from_slice(&sched.alphas_cumprod);
+        let x_vp = q_sample(&table, &x0, &Tensor::full([16], t as i64, (Kind::Int64, Device::Cpu)), &eps);
+        let sigma = sigmas_of_schedule(&sched)[t];
+        let x = &x0 + &eps * sigma;
+        assert!((&x / (1.0 + sigma * sigma).sqrt() - &x_vp).abs().max().double_value(&[]) < 1e-12);
+        let ab = Tensor::full([16], sched.alpha_bar(t), (Kind::Double, Device::Cpu));
+        let eps_back = eps_from_x0(&ab, &x_vp, &x0);
+        assert!((to_d(&x, &x0, sigma) - eps_back).abs().max().double_value(&[]) < 1e-9);
+        let counting = CountingDenoiser::new(&|x: &Tensor, _: &Tensor| x.shallow_clone());
+        let _ = denoise_at(&counting, &x, 1.0);
+        let _ = denoise_at(&counting, &x, 2.0);
+        assert_eq!(counting.calls.get(), 2);
+    }
+}
