@@ -334,7 +334,22 @@ pub fn line_panels(path: &Path, title: &str, w: u32, h: u32, panels: &[LinePanel
     let (top, body) = root.split_vertically(40);
     top.titled(title, (FONT_NAME, 22)).map_err(draw_err(path))?;
     for (area, p) in body.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
-        draw_lines(area, p).map_err(draw_err(path))?;
+        draw_lines(area, p, false).map_err(draw_err(path))?;
+    }
+    root.present().map_err(draw_err(path))?;
+    Ok(())
+}
+
+/// [`line_panels`] with a log x-axis and the points marked (for error or quality against steps or NFE; non-positive x
+/// are dropped). With `log_y` the panel is log–log, so a convergence order is a slope.
+pub fn line_panels_log_x(path: &Path, title: &str, w: u32, h: u32, panels: &[LinePanel]) -> Result<()> {
+    ensure_font();
+    let root = BitMapBackend::new(path, (w * panels.len().max(1) as u32, h + 40)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err(path))?;
+    let (top, body) = root.split_vertically(40);
+    top.titled(title, (FONT_NAME, 22)).map_err(draw_err(path))?;
+    for (area, p) in body.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
+        draw_lines(area, p, true).map_err(draw_err(path))?;
     }
     root.present().map_err(draw_err(path))?;
     Ok(())
@@ -352,12 +367,22 @@ fn format_tick(v: f64) -> String {
     }
 }
 
-fn draw_lines(area: &DrawingArea<BitMapBackend, Shift>, p: &LinePanel) -> Result<(), Box<dyn std::error::Error>> {
-    let keep = |y: f64| y.is_finite() && (!p.log_y || y > 0.0);
-    let pts = || p.series.iter().flat_map(|s| s.1.iter().copied()).filter(|(_, y)| keep(*y));
+fn draw_lines(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    p: &LinePanel,
+    log_x: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let keep_x = |x: f64| x.is_finite() && (!log_x || x > 0.0);
+    let keep = |(x, y): (f64, f64)| keep_x(x) && y.is_finite() && (!p.log_y || y > 0.0);
+    let pts = || p.series.iter().flat_map(|s| s.1.iter().copied()).filter(|&pt| keep(pt));
     let (x0, x1) = pts().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(x), b.max(x)));
     let (y0, y1) = pts().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(y), b.max(y)));
-    let (x0, x1) = if x0 < x1 { (x0, x1) } else { (0.0, 1.0) };
+    let (x0, x1) = match (x0 < x1, log_x) {
+        (true, _) => (x0, x1),
+        (false, false) => (0.0, 1.0),
+        (false, true) if x0.is_finite() && x0 > 0.0 => (x0 / 2.0, x0 * 2.0),
+        (false, true) => (1.0, 10.0),
+    };
     let (y0, y1) = if y0 < y1 { (y0, y1) } else { (y0 - 1.0, y0 + 1.0) };
     let mut builder = ChartBuilder::on(area);
     builder.caption(&p.title, (FONT_NAME, 16)).margin(10).x_label_area_size(36).y_label_area_size(64);
@@ -368,14 +393,20 @@ fn draw_lines(area: &DrawingArea<BitMapBackend, Shift>, p: &LinePanel) -> Result
                 .configure_mesh()
                 .x_desc(p.x_desc.as_str())
                 .y_desc(p.y_desc.as_str())
-                .x_labels(6)
+                // a log axis over less than two decades labels its 2×, 3×, … points only when asked for ≥ 12
+                .x_labels(if log_x { 12 } else { 6 })
+                .y_labels(if log_x && p.log_y { 12 } else { 10 })
                 .x_label_formatter(&|x| format_tick(*x))
                 .y_label_formatter(&|y| format_tick(*y))
                 .label_style((FONT_NAME, 12))
                 .draw()?;
             for (k, (name, series)) in p.series.iter().enumerate() {
                 let c = PALETTE[k % PALETTE.len()];
-                let line = series.iter().copied().filter(|(_, y)| keep(*y));
+                let line = series.iter().copied().filter(|&pt| keep(pt));
+                if log_x {
+                    // measured points (a study over a few steps or NFE): marked, so a single point shows too
+                    chart.draw_series(line.clone().map(|pt| Circle::new(pt, 3, c.filled())))?;
+                }
                 chart
                     .draw_series(LineSeries::new(line, c.stroke_width(2)))?
                     .label(name.as_str())
@@ -389,11 +420,12 @@ fn draw_lines(area: &DrawingArea<BitMapBackend, Shift>, p: &LinePanel) -> Result
                 .draw()?;
         }};
     }
-    if p.log_y {
-        finish!(builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale())?);
-    } else {
-        let pad = (y1 - y0) * 0.05;
-        finish!(builder.build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?);
+    let pad = (y1 - y0) * 0.05;
+    match (log_x, p.log_y) {
+        (false, true) => finish!(builder.build_cartesian_2d(x0..x1, (y0..y1).log_scale())?),
+        (false, false) => finish!(builder.build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?),
+        (true, true) => finish!(builder.build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())?),
+        (true, false) => finish!(builder.build_cartesian_2d((x0..x1).log_scale(), (y0 - pad)..(y1 + pad))?),
     }
     Ok(())
 }
@@ -458,7 +490,11 @@ mod tests {
             series: vec![("a".into(), vec![(0.0, 1.0), (1.0, 0.1)]), ("b".into(), vec![(0.0, 0.5), (1.0, -1.0)])],
         };
         line_panels(&dir.path().join("lines.png"), "lines", 300, 250, &[lp(true), lp(false)]).unwrap();
-        for name in ["panels.png", "loss.png", "bars.png", "grid.png", "lines.png"] {
+        let mut steps = lp(true);
+        steps.series =
+            vec![("a".into(), vec![(10.0, 1.0), (100.0, 0.01)]), ("b".into(), vec![(0.0, 0.5), (20.0, 0.2)])];
+        line_panels_log_x(&dir.path().join("loglog.png"), "log x", 300, 250, &[steps, lp(false)]).unwrap();
+        for name in ["panels.png", "loss.png", "bars.png", "grid.png", "lines.png", "loglog.png"] {
             let bytes = std::fs::read(dir.path().join(name)).unwrap();
             assert_eq!(&bytes[1..4], b"PNG", "{name} is a PNG");
         }

@@ -1,0 +1,359 @@
+//! Sample quality against the number of network evaluations (NFE): every sampler of `src/sampling` on one trained
+//! model, from the same starting noise, at a list of NFE budgets, graded by any function of the samples.
+//!
+//! [DDPM] Ho et al. 2020, arXiv:2006.11239, Algorithm 2. [DDIM] Song, Meng, Ermon 2021, arXiv:2010.02502, eq. 12.
+//! [EDM] Karras et al. 2022, arXiv:2206.00364, eq. 5 (the noise grid), Algorithm 1 (Heun).
+//! [DPM-Solver] Lu et al. 2022, arXiv:2206.00927; [DPM-Solver++] Lu et al. 2022, arXiv:2211.01095.
+//! [SDE] Song et al. 2021, arXiv:2011.13456, Algorithm 3 (VP predictor–corrector).
+//! [k-diffusion] Crowson, `k_diffusion/sampling.py`: the sampler names of Stable Diffusion UIs.
+//!
+//! Counting NFE honestly: a step of a k-stage solver costs k evaluations, except the last step onto σ = 0, which
+//! every solver here takes as a single evaluation (x = D(x; σ)). So N steps cost N (DDPM, DDIM, Euler, Euler a,
+//! DPM-Solver++(2M)), 2N − 1 (Heun, DPM-Solver-2), 3N − 2 (DPM-Solver-3) or 2N + 1 (predictor–corrector with one
+//! corrector step: N predictor and N corrector evaluations and a final denoising). A budget B gets the most steps
+//! whose cost is ≤ B; the evaluations actually made are counted with [`CountingDenoiser`] and reported.
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::sampling::ddim::{sample_ddim, sample_ddpm, AncestralVariance};
+use crate::sampling::denoiser::{randn_like, CountingDenoiser, Denoiser, SamplerStep};
+use crate::sampling::dpm_solver::{sample_dpm_solver_2, sample_dpm_solver_3, sample_dpm_solver_pp_2m};
+use crate::sampling::grids::{karras_sigmas, timestep_sigmas, TimestepSpacing, KARRAS_RHO};
+use crate::sampling::karras::{sample_euler, sample_euler_ancestral, sample_heun};
+use crate::sampling::sde::{sample_pc, sde_times, LangevinCorrector, Sde};
+use anyhow::Result;
+use tch::{Device, Tensor};
+
+/// The corrector of the predictor–corrector sampler: [SDE]'s CIFAR-10 signal-to-noise ratio r = 0.16, one Langevin
+/// step per time step (M = 1, as in the paper's experiments).
+pub const PC_CORRECTOR: LangevinCorrector = LangevinCorrector { snr: 0.16, steps: 1 };
+/// [SDE] appendix C: the reverse SDE stops at t = ε = 10⁻³ (σ ≈ 0.01 for the VP SDE), then denoises.
+pub const PC_T_EPS: f64 = 1e-3;
+
+/// The samplers the study compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Sampler {
+    Ddpm,
+    Ddim,
+    Euler,
+    Heun,
+    EulerAncestral,
+    DpmSolver2,
+    DpmSolver3,
+    DpmSolverPp2m,
+    PredictorCorrector,
+}
+
+impl Sampler {
+    pub const ALL: [Sampler; 9] = [
+        Sampler::Ddpm,
+        Sampler::Ddim,
+        Sampler::Euler,
+        Sampler::Heun,
+        Sampler::EulerAncestral,
+        Sampler::DpmSolver2,
+        Sampler::DpmSolver3,
+        Sampler::DpmSolverPp2m,
+        Sampler::PredictorCorrector,
+    ];
+
+    /// The paper's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sampler::Ddpm => "DDPM ancestral",
+            Sampler::Ddim => "DDIM (η = 0)",
+            Sampler::Euler => "Euler",
+            Sampler::Heun => "Heun",
+            Sampler::EulerAncestral => "Euler ancestral",
+            Sampler::DpmSolver2 => "DPM-Solver-2",
+            Sampler::DpmSolver3 => "DPM-Solver-3",
+            Sampler::DpmSolverPp2m => "DPM-Solver++(2M)",
+            Sampler::PredictorCorrector => "VP predictor–corrector",
+        }
+    }
+
+    /// What AUTOMATIC1111's web UI and ComfyUI call it (on the grid this study uses; "" where they have no such
+    /// sampler). "DPM2" is k-diffusion's `sample_dpm_2`, DPM-Solver-2 with its midpoint taken in log σ.
+    pub fn ui_name(self) -> &'static str {
+        match self {
+            Sampler::Ddpm => "DDPM",
+            Sampler::Ddim => "DDIM",
+            Sampler::Euler => "Euler Karras",
+            Sampler::Heun => "Heun Karras",
+            Sampler::EulerAncestral => "Euler a Karras",
+            Sampler::DpmSolver2 => "DPM2 Karras",
+            Sampler::DpmSolver3 => "",
+            Sampler::DpmSolverPp2m => "DPM++ 2M Karras",
+            Sampler::PredictorCorrector => "",
+        }
+    }
+
+    /// A short key for files and metrics.json.
+    pub fn key(self) -> &'static str {
+        match self {
+            Sampler::Ddpm => "ddpm",
+            Sampler::Ddim => "ddim",
+            Sampler::Euler => "euler",
+            Sampler::Heun => "heun",
+            Sampler::EulerAncestral => "euler_a",
+            Sampler::DpmSolver2 => "dpm_solver_2",
+            Sampler::DpmSolver3 => "dpm_solver_3",
+            Sampler::DpmSolverPp2m => "dpm_solver_pp_2m",
+            Sampler::PredictorCorrector => "pc",
+        }
+    }
+
+    /// Whether it draws fresh noise while it runs (an SDE sampler) or is a deterministic ODE solver.
+    pub fn stochastic(self) -> bool {
+        matches!(self, Sampler::Ddpm | Sampler::EulerAncestral | Sampler::PredictorCorrector)
+    }
+
+    /// Network evaluations of `steps` steps (module docs): a·N + b.
+    fn cost(self) -> (i64, i64) {
+        match self {
+            Sampler::Heun | Sampler::DpmSolver2 => (2, -1),
+            Sampler::DpmSolver3 => (3, -2),
+            Sampler::PredictorCorrector => (2, 1),
+            _ => (1, 0),
+        }
+    }
+
+    pub fn nfe(self, steps: usize) -> usize {
+        let (a, b) = self.cost();
+        (a * steps as i64 + b) as usize
+    }
+
+    /// The most steps (at most `max_steps`) whose NFE fits in `budget`; None if not even one step does.
+    pub fn steps_for(self, budget: usize, max_steps: usize) -> Option<usize> {
+        let (a, b) = self.cost();
+        let steps = ((budget as i64 - b) / a).min(max_steps as i64);
+        (steps >= 1).then_some(steps as usize)
+    }
+
+    /// The σ grid of `steps` steps for a model trained on `sched`: DDPM and DDIM visit the model's own timesteps
+    /// (evenly spaced, both ends kept: lesson 04's respacing), the others a Karras grid ([EDM] eq. 5, ρ = 7) over
+    /// the model's σ range, as "Karras" samplers of the UIs do. (The predictor–corrector runs on SDE time instead.)
+    pub fn grid(self, sched: &NoiseSchedule, steps: usize) -> Vec<f64> {
+        match self {
+            Sampler::Ddpm | Sampler::Ddim => timestep_sigmas(sched, steps, TimestepSpacing::Linspace),
+            _ => karras_sigmas(steps, sched.sigma(0), sched.sigma(sched.num_steps() - 1), KARRAS_RHO),
+        }
+    }
+
+    // ANCHOR: sample
+    /// Runs `steps` steps from z ~ N(0, I) (B, ...), the VP model's x_T, and returns x̂₀. Every σ-space sampler
+    /// starts from x = z √(1 + σ₀²) (x_vp/√ᾱ at its first level σ₀); the predictor–corrector starts its VP SDE
+    /// ([SDE] eq. 11 with β from 0.1 to 20, DDPM's linear schedule) at x(1) = z. Fresh noise comes from libtorch's
+    /// generator: seed it first for a reproducible run.
+    pub fn sample(
+        self,
+        d: &dyn Denoiser,
+        sched: &NoiseSchedule,
+        z: &Tensor,
+        steps: usize,
+        cb: &mut dyn FnMut(SamplerStep),
+    ) -> Tensor {
+        let noise = &mut randn_like;
+        if self == Sampler::PredictorCorrector {
+            let sde = Sde::vp_ddpm();
+            return sample_pc(d, &sde, z * sde.prior_std(), &sde_times(steps, PC_T_EPS), Some(PC_CORRECTOR), noise, cb);
+        }
+        let sigmas = self.grid(sched, steps);
+        let x = z * (1.0 + sigmas[0] * sigmas[0]).sqrt();
+        match self {
+            // σ² = β as lesson 04 samples (chapter 03: β̃ under-disperses at few steps)
+            Sampler::Ddpm => sample_ddpm(d, x, &sigmas, AncestralVariance::Beta, noise, cb),
+            Sampler::Ddim => sample_ddim(d, x, &sigmas, 0.0, None, noise, cb),
+            Sampler::Euler => sample_euler(d, x, &sigmas, cb),
+            Sampler::Heun => sample_heun(d, x, &sigmas, cb),
+            Sampler::EulerAncestral => sample_euler_ancestral(d, x, &sigmas, 1.0, noise, cb),
+            Sampler::DpmSolver2 => sample_dpm_solver_2(d, x, &sigmas, cb),
+            Sampler::DpmSolver3 => sample_dpm_solver_3(d, x, &sigmas, cb),
+            Sampler::DpmSolverPp2m => sample_dpm_solver_pp_2m(d, x, &sigmas, cb),
+            Sampler::PredictorCorrector => unreachable!("handled above"),
+        }
+    }
+    // ANCHOR_END: sample
+}
+
+/// x̂₀ clamped to [lo, hi] around any denoiser ("static thresholding": lesson 04's DDPM sampler clips x̂₀ the same
+/// way). Every sampler of a study goes through the same wrapper, so the comparison stays fair.
+pub struct Clamped<'a> {
+    pub inner: &'a dyn Denoiser,
+    pub range: (f64, f64),
+}
+
+impl Denoiser for Clamped<'_> {
+    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Tensor {
+        self.inner.denoise(x, sigma).clamp(self.range.0, self.range.1)
+    }
+}
+
+/// One run of the study: which sampler, at which budget, what it cost and how it graded.
+#[derive(Debug, serde::Serialize)]
+pub struct NfeRow<G> {
+    pub sampler: &'static str,
+    pub name: &'static str,
+    pub budget: usize,
+    pub steps: usize,
+    /// Network evaluations actually made per sample (counted).
+    pub nfe: usize,
+    pub seconds: f64,
+    pub grade: G,
+    /// The first samples in [0, 1] (for figures).
+    #[serde(skip)]
+    pub preview: Tensor,
+}
+
+/// (sampler, budget, steps) for every sampler and budget that affords at least one step, budgets ascending.
+pub fn plan(samplers: &[Sampler], budgets: &[usize], sched: &NoiseSchedule) -> Vec<(Sampler, usize, usize)> {
+    let mut budgets = budgets.to_vec();
+    budgets.sort_unstable();
+    budgets.dedup();
+    let t = sched.num_steps();
+    samplers.iter().flat_map(|&s| budgets.iter().filter_map(move |&b| s.steps_for(b, t).map(|n| (s, b, n)))).collect()
+}
+
+/// Network evaluations per sample of a whole plan (for a time estimate).
+pub fn plan_nfe(plan: &[(Sampler, usize, usize)]) -> usize {
+    plan.iter().map(|&(s, _, n)| s.nfe(n)).sum()
+}
+
+// ANCHOR: run_study
+/// Runs `steps` steps of `sampler` (budget `budget`) from the noise `z` (the VP x_T, (B, ...)), after reseeding
+/// libtorch with `seed` so that stochastic samplers share their noise across runs too, and grades the samples mapped
+/// to [0, 1] with `grade`. `on_eval(B)` is called at every network evaluation (for a progress bar).
+pub fn run_one<G>(
+    d: &dyn Denoiser,
+    sched: &NoiseSchedule,
+    z: &Tensor,
+    (sampler, budget, steps): (Sampler, usize, usize),
+    seed: u64,
+    grade: &mut dyn FnMut(&Tensor) -> Result<G>,
+    on_eval: &dyn Fn(i64),
+) -> Result<NfeRow<G>> {
+    let watched = |x: &Tensor, sigma: &Tensor| {
+        on_eval(x.size()[0]);
+        d.denoise(x, sigma)
+    };
+    let counting = CountingDenoiser::new(&watched);
+    tch::manual_seed(seed as i64);
+    let started = std::time::Instant::now();
+    let x = tch::no_grad(|| sampler.sample(&counting, sched, z, steps, &mut |_| {}));
+    let seconds = started.elapsed().as_secs_f64();
+    let unit = crate::train::ddpm::to_unit(&x).to_device(Device::Cpu); // (B, C, H, W) in [0, 1]
+    let (name, nfe) = (sampler.name(), counting.calls.get());
+    let preview = unit.narrow(0, 0, unit.size()[0].min(8));
+    Ok(NfeRow { sampler: sampler.key(), name, budget, steps, nfe, seconds, grade: grade(&unit)?, preview })
+}
+// ANCHOR_END: run_study
+
+/// [`run_one`] for every entry of a [`plan`], from the same noise.
+pub fn run_study<G>(
+    d: &dyn Denoiser,
+    sched: &NoiseSchedule,
+    z: &Tensor,
+    plan: &[(Sampler, usize, usize)],
+    seed: u64,
+    grade: &mut dyn FnMut(&Tensor) -> Result<G>,
+    on_eval: &dyn Fn(i64),
+) -> Result<Vec<NfeRow<G>>> {
+    plan.iter().map(|&one| run_one(d, sched, z, one, seed, grade, on_eval)).collect()
+}
+
+/// A markdown table: a row per sampler, a column per budget, each cell "value (NFE)"; `value` picks the number.
+pub fn markdown_table<G>(rows: &[&NfeRow<G>], value: &dyn Fn(&G) -> f64, what: &str) -> String {
+    let mut budgets: Vec<usize> = rows.iter().map(|r| r.budget).collect();
+    budgets.sort_unstable();
+    budgets.dedup();
+    let head: Vec<String> = budgets.iter().map(|b| format!("NFE ≤ {b}")).collect();
+    let mut s = format!("| sampler | UI name | {} |\n|---|---|{}\n", head.join(" | "), "---|".repeat(budgets.len()));
+    let mut names: Vec<&'static str> = Vec::new();
+    for r in rows {
+        if !names.contains(&r.name) {
+            names.push(r.name);
+        }
+    }
+    for name in names {
+        let of: Vec<&&NfeRow<G>> = rows.iter().filter(|r| r.name == name).collect();
+        let ui = Sampler::ALL.iter().find(|s| s.name() == name).map_or("", |s| s.ui_name());
+        let cells: Vec<String> = budgets
+            .iter()
+            .map(|b| {
+                of.iter()
+                    .find(|r| r.budget == *b)
+                    .map_or("—".into(), |r| format!("{:.2} ({})", value(&r.grade), r.nfe))
+            })
+            .collect();
+        s.push_str(&format!("| {name} | {ui} | {} |\n", cells.join(" | ")));
+    }
+    format!("{s}\ncells: {what} (network evaluations actually made per sample)\n")
+}
+
+/// Seconds per image of one evaluation of `d` on `b` random 28×28 images at σ = 1: the fastest of three calls after
+/// a warm-up (for a time estimate; the minimum is the least disturbed by other work on the machine).
+pub fn seconds_per_image(d: &dyn Denoiser, b: i64, device: Device) -> f64 {
+    let x = Tensor::randn([b, 1, 28, 28], (tch::Kind::Float, device));
+    let sigma = Tensor::ones([b], (tch::Kind::Float, device));
+    tch::no_grad(|| {
+        let _ = d.denoise(&x, &sigma);
+        let time = |_| {
+            let started = std::time::Instant::now();
+            let _ = d.denoise(&x, &sigma);
+            started.elapsed().as_secs_f64()
+        };
+        (0..3).map(time).fold(f64::INFINITY, f64::min) / b as f64
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::oracle::GaussianOracle;
+    use tch::Kind;
+
+    /// The budget rule gives the most steps that fit, and the counted evaluations equal the cost formula for every
+    /// sampler (on a Gaussian oracle, so nothing is trained).
+    #[test]
+    fn steps_fit_the_budget_and_nfe_is_counted() {
+        let sched = NoiseSchedule::ddpm(1000);
+        assert_eq!(Sampler::Heun.steps_for(10, 1000), Some(5)); // 2·5 − 1 = 9
+        assert_eq!(Sampler::DpmSolver3.steps_for(10, 1000), Some(4)); // 3·4 − 2 = 10
+        assert_eq!(Sampler::PredictorCorrector.steps_for(10, 1000), Some(4)); // 2·4 + 1 = 9
+        assert_eq!(Sampler::PredictorCorrector.steps_for(2, 1000), None);
+        assert_eq!(Sampler::Ddpm.steps_for(5000, 1000), Some(1000));
+        let p = plan(&Sampler::ALL, &[10, 5, 10], &sched);
+        assert_eq!(p.len(), 18);
+        assert!(p.iter().all(|&(s, b, n)| s.nfe(n) <= b && s.nfe(n + 1) > b));
+        let oracle = GaussianOracle::isotropic(&[0.3, -0.2], 0.5);
+        let z = Tensor::randn([4, 2], (Kind::Double, Device::Cpu));
+        // grade: all samples finite (the predictor–corrector at 2 and 4 steps once gave NaN)
+        let finite = |x: &Tensor| Ok(x.isfinite().all().int64_value(&[]) == 1);
+        let rows = run_study(&oracle, &sched, &z, &p, 0, &mut { finite }, &|_| {}).unwrap();
+        for (r, &(s, _, n)) in rows.iter().zip(&p) {
+            assert_eq!(r.nfe, s.nfe(n), "{}", r.name);
+            assert!(r.grade, "{} at {} steps: not finite", r.name, r.steps);
+        }
+        let table = markdown_table(&rows.iter().collect::<Vec<_>>(), &|g| *g as u8 as f64, "finite");
+        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 1 + 9);
+    }
+
+    /// Every sampler, from the same noise, recovers N(μ, s²) of an oracle with a generous budget (moments within
+    /// 10 %: the ODE solvers map the noise deterministically, the SDE samplers add their own).
+    #[test]
+    fn every_sampler_recovers_a_gaussian_from_the_same_noise() {
+        tch::manual_seed(3);
+        let sched = NoiseSchedule::ddpm(1000);
+        let oracle = GaussianOracle::isotropic(&[0.5, -0.5], 0.3);
+        let z = Tensor::randn([4000, 2], (Kind::Double, Device::Cpu));
+        for s in Sampler::ALL {
+            let steps = s.steps_for(200, 1000).unwrap();
+            let x = s.sample(&oracle, &sched, &z, steps, &mut |_| {});
+            let (m, v) = (x.mean_dim(0, false, Kind::Double), x.var_dim(0, true, false));
+            for k in 0..2 {
+                let (m, v) = (m.double_value(&[k]), v.double_value(&[k]));
+                let mu = if k == 0 { 0.5 } else { -0.5 };
+                assert!((m - mu).abs() < 0.03, "{}: mean {m}", s.name());
+                assert!((v / 0.09 - 1.0).abs() < 0.1, "{}: variance {v}", s.name());
+            }
+        }
+    }
+}
