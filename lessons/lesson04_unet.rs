@@ -14,7 +14,9 @@ use scratch_diffusion::eval::{classifier::MnistClassifier, frechet::evaluate_sam
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
-use scratch_diffusion::train::ddpm::{sample, to_unit, train_eps_model, LossWeight, Trajectory};
+use scratch_diffusion::train::ddpm::{
+    sample, save_unet, to_unit, train_eps_model, LossWeight, SavedUNet, Trajectory, SHIPPED_UNET,
+};
 use scratch_diffusion::train::recipe;
 use serde_json::json;
 use tch::{Device, Tensor};
@@ -61,6 +63,9 @@ struct Args {
     /// Continue an interrupted training run from OUT/checkpoint.safetensors.
     #[arg(long)]
     resume: bool,
+    /// Also copy the trained UNet into data/lesson04/ (what lesson 07 samples from on a fresh clone).
+    #[arg(long)]
+    ship: bool,
 }
 
 fn main() {
@@ -132,6 +137,9 @@ fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
     snapshots.push((steps, snapshot(&model)));
     // ANCHOR_END: train
+    // the EMA weights with their config and schedule: what lesson 07 samples from
+    let saved = SavedUNet { unet: config.clone(), schedule: args.schedule.clone(), timesteps: sched.num_steps() };
+    save_unet(&_vs, &run.path("unet.safetensors"), &saved)?;
     let rows: Vec<(usize, Vec<f64>)> = outcome.losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
     run.write_loss_csv("loss.csv", &["l_simple"], &rows)?;
     plot::loss_curve(&run.path("loss.png"), "Lesson 04: L_simple of the UNet", &[("L_simple", &outcome.losses)])?;
@@ -198,11 +206,44 @@ fn run(args: Args) -> Result<()> {
         "network": config, "schedule": args.schedule, "loss_weight": args.loss_weight, "lr": args.lr, "parameters": _vs.variables().values().map(|t| t.numel()).sum::<usize>(),
         "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,
         "bf16": args.bf16,
-        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().min(100).max(1) as f64,
+        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().clamp(1, 100) as f64,
         "sample_steps": sample_steps, "sample_images_per_second": n as f64 / sample_seconds, "samples": report,
         "lesson03_fd_over_floor": l03_ratio,
     }))?;
+    if args.ship {
+        ship(&_vs, &saved, &report, steps, args.batch, outcome.seconds, run.seed)?;
+    }
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
+    Ok(())
+}
+
+/// --ship: the UNet into data/lesson04/, with a README that says how it was made and what it scored.
+fn ship(
+    vs: &tch::nn::VarStore,
+    saved: &SavedUNet,
+    report: &scratch_diffusion::eval::frechet::SampleReport,
+    steps: usize,
+    batch: i64,
+    seconds: f64,
+    seed: u64,
+) -> Result<()> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(SHIPPED_UNET);
+    save_unet(vs, &path, saved)?;
+    let readme = format!(
+        "# Lesson 04 UNet\n\nThe EMA weights of lesson 04's DDPM UNet ({:?} channels, {} schedule, T = {}), which \
+         lesson 07 samples from by default.\n\nMade by `./run.sh lesson 04 --ship` (seed {seed}, {steps} steps of \
+         {batch} images, {seconds:.0} s of training on {} threads; {} samples at 100 steps: Fréchet distance {:.2}, \
+         floor {:.2}); the same command reproduces it.\n",
+        saved.unet.block_out_channels,
+        saved.schedule,
+        saved.timesteps,
+        tch::get_num_threads(),
+        report.n,
+        report.frechet_distance,
+        report.frechet_floor
+    );
+    scratch_diffusion::cli::write_atomic(&path.with_file_name("README.md"), readme.as_bytes())?;
+    println!("shipped the UNet to {}", path.display());
     Ok(())
 }
 
