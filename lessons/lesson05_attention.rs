@@ -59,6 +59,10 @@ struct Args {
     /// Dropout inside the residual blocks [default: the preset's].
     #[arg(long)]
     dropout: Option<f64>,
+    /// Also add the pooled label sequence to the time embedding (SDXL's pooled-embedding path), besides the
+    /// cross-attention; `--pooled-context false` leaves cross-attention as the only way in, as in SD 1.5.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pooled_context: bool,
     /// Probability of training on the null label ∅ instead of the digit (condition dropout, [CFG] Algorithm 1).
     #[arg(long, default_value_t = DEFAULT_P_UNCOND)]
     p_uncond: f64,
@@ -92,8 +96,10 @@ fn run(args: Args) -> Result<()> {
     if let Some(d) = args.dropout {
         config.unet.dropout = d;
     }
-    let cfg = recipe::trainer_config(steps, args.batch, args.lr, args.bf16, run.seed); // lesson 04's recipe
-                                                                                       // ANCHOR_END: config
+    config.unet.pooled_context_embedding = args.pooled_context;
+    // lesson 04's recipe
+    let cfg = recipe::trainer_config(steps, args.batch, args.lr, args.bf16, run.seed);
+    // ANCHOR_END: config
 
     // ANCHOR: train
     let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]

@@ -25,7 +25,7 @@ use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
 use scratch_diffusion::train::conditional::{ClassCondConfig, DEFAULT_P_UNCOND};
 use scratch_diffusion::train::ddpm::LossWeight;
-use scratch_diffusion::train::recipe::{BATCH, LOSS_WEIGHT, LR, SCHEDULE, STEPS}; // lessons 04–06 share it
+use scratch_diffusion::train::recipe::{self, BATCH, LOSS_WEIGHT, LR, SCHEDULE, STEPS}; // lessons 04–06 share it
 use scratch_diffusion::train::text_cond::{caption_images, lens_to_mask, train_text_cond_unet, CONTEXT_LEN};
 use scratch_diffusion::train::text_to_image::{self as t2i, PipelineConfig, TextToImage, DEFAULT_GUIDANCE};
 use scratch_diffusion::train::trainer::TrainerConfig;
@@ -78,6 +78,10 @@ struct TrainArgs {
     /// Dropout inside the residual blocks [default: the preset's].
     #[arg(long)]
     dropout: Option<f64>,
+    /// Also add the pooled text embedding (the end-of-text token's state) to the time embedding, as SDXL does;
+    /// `--pooled-context false` leaves cross-attention as the only way in, as in SD 1.5.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pooled_context: bool,
     /// Probability of training on the empty prompt instead of the caption (condition dropout).
     #[arg(long, default_value_t = DEFAULT_P_UNCOND)]
     p_uncond: f64,
@@ -255,18 +259,9 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     if let Some(d) = args.dropout {
         unet_config.dropout = d;
     }
-    let cfg = TrainerConfig {
-        steps,
-        batch_size: args.batch,
-        lr: args.lr,
-        warmup: steps / 20,
-        ema_decay: Some(0.999),
-        grad_clip: Some(1.0),
-        checkpoint_every: 250,
-        bf16: args.bf16,
-        seed: run.seed,
-        ..Default::default()
-    };
+    unet_config.pooled_context_embedding = args.pooled_context;
+    // lesson 04's recipe (src/train/recipe.rs)
+    let cfg = recipe::trainer_config(steps, args.batch, args.lr, args.bf16, run.seed);
     let empty = bpe.encode_padded("", CONTEXT_LEN); // the unconditional prompt ∅
     let bar = progress(steps as u64, "UNet");
     let (unet_vs, unet, outcome) = train_text_cond_unet(

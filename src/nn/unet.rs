@@ -10,6 +10,8 @@
 //! Module paths follow diffusers' `UNet2DModel` (conv_in, time_embedding.linear_1, down_blocks.i.resnets.j,
 //! down_blocks.i.attentions.j, down_blocks.i.downsamplers.0, mid_block, up_blocks.i..., conv_norm_out, conv_out), and
 //! with a context its `UNet2DConditionModel` (the same, with down_blocks.i.attentions.j a `Transformer2DModel`).
+//! [SDXL] Podell et al. 2023, arXiv:2307.01952, sec. 2.1: besides cross-attention, the pooled text embedding is
+//! projected and added to the time embedding (diffusers: `class_embed_type="projection"`, module `class_embedding`).
 use super::attention::SpatialSelfAttention;
 use super::layers::{groups_for, timestep_embedding, Downsample, ResBlock, Upsample};
 use super::transformer::SpatialTransformer;
@@ -38,6 +40,12 @@ pub struct UNetConfig {
     /// `head_dim`.
     #[serde(default)]
     pub attention_heads: Option<i64>,
+    /// With a context: also add an MLP of the pooled context to the time embedding ([SDXL] sec. 2.1), so the
+    /// condition reaches every residual block at every resolution, not only the attention levels. The pooled vector
+    /// is the state of the context's last real token, which is what CLIP's pooled output is (the end-of-text token's
+    /// state; the text encoder is causal, so that token has read the whole prompt). SD 1.5 does not have it.
+    #[serde(default)]
+    pub pooled_context_embedding: bool,
 }
 
 impl UNetConfig {
@@ -53,6 +61,7 @@ impl UNetConfig {
             dropout: 0.0,
             cross_attention_dim: None,
             attention_heads: None,
+            pooled_context_embedding: false,
         }
     }
     /// `tiny` with cross-attention to a context of width `context_dim`, for tests.
@@ -73,6 +82,7 @@ impl UNetConfig {
             dropout: 0.0,
             cross_attention_dim: None,
             attention_heads: None,
+            pooled_context_embedding: false,
         }
     }
     /// Stable Diffusion 1.5's UNet (diffusers' UNet2DConditionModel config of runwayml/stable-diffusion-v1-5): 4-channel
@@ -90,6 +100,7 @@ impl UNetConfig {
             dropout: 0.0,
             cross_attention_dim: Some(768),
             attention_heads: Some(8),
+            pooled_context_embedding: false,
         }
     }
     /// Width of the time embedding: 4× the first level's channels, as in [DDPM].
@@ -167,6 +178,8 @@ pub struct UNet {
     pub config: UNetConfig,
     time_linear_1: nn::Linear,
     time_linear_2: nn::Linear,
+    /// [SDXL] sec. 2.1: pooled context -> linear_1 -> SiLU -> linear_2, added to the time embedding.
+    class_embedding: Option<(nn::Linear, nn::Linear)>,
     conv_in: nn::Conv2D,
     down: Vec<Level>,
     mid_resnets: [ResBlock; 2],
@@ -250,6 +263,14 @@ impl UNet {
         Self {
             time_linear_1: nn::linear(&vs / "time_embedding" / "linear_1", c0, emb, Default::default()),
             time_linear_2: nn::linear(&vs / "time_embedding" / "linear_2", emb, emb, Default::default()),
+            class_embedding: match (config.pooled_context_embedding, config.cross_attention_dim) {
+                (true, Some(d)) => Some((
+                    nn::linear(&vs / "class_embedding" / "linear_1", d, emb, Default::default()),
+                    nn::linear(&vs / "class_embedding" / "linear_2", emb, emb, Default::default()),
+                )),
+                (true, None) => panic!("pooled_context_embedding needs a context: set cross_attention_dim"),
+                (false, _) => None,
+            },
             conv_in: nn::conv2d(&vs / "conv_in", config.in_channels, c0, 3, pad),
             down,
             mid_resnets,
@@ -305,7 +326,11 @@ impl UNet {
         // ANCHOR: unet_forward
         let c0 = self.config.block_out_channels[0];
         let temb = timestep_embedding(t, c0, 10_000.0).to_kind(x.kind()); // (B, c0), [DDPM] sinusoidal position of t
-        let emb = self.time_linear_2.forward(&self.time_linear_1.forward(&temb).silu()); // (B, 4·c0)
+        let mut emb = self.time_linear_2.forward(&self.time_linear_1.forward(&temb).silu()); // (B, 4·c0)
+        if let (Some((linear_1, linear_2)), Some(context)) = (&self.class_embedding, cond.context) {
+            // [SDXL] sec. 2.1: emb += MLP(pooled context)
+            emb += linear_2.forward(&linear_1.forward(&pooled_context(context, cond.mask)).silu());
+        }
         let mut h = self.conv_in.forward(x); // (B, c0, H, W)
         let mut skips = vec![h.shallow_clone()];
         for level in &self.down {
@@ -371,10 +396,45 @@ impl UNet {
     }
 }
 
+// ANCHOR: pooled_context
+/// The state of the last real token of each context row: context (B, L, D), mask (B, L) true = real token (a prefix of
+/// each row) -> (B, D). For a CLIP text encoder this is its pooled output, the end-of-text token's state.
+pub fn pooled_context(context: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let (b, l, d) = context.size3().expect("context (B, L, D)");
+    let last = match mask {
+        Some(m) => m.to_kind(tch::Kind::Int64).sum_dim_intlist(1, false, tch::Kind::Int64) - 1, // (B,)
+        None => Tensor::full([b], l - 1, (tch::Kind::Int64, context.device())),
+    };
+    let index = last.clamp_min(0).view([b, 1, 1]).expand([b, 1, d], false); // (B, 1, D)
+    context.gather(1, &index, false).squeeze_dim(1) // (B, D)
+}
+// ANCHOR_END: pooled_context
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::{nn::VarStore, Device, Kind};
+
+    #[test]
+    fn the_pooled_context_is_the_last_real_token_and_reaches_the_output() {
+        let context = Tensor::arange(2 * 3 * 2, (Kind::Float, Device::Cpu)).view([2, 3, 2]); // (B=2, L=3, D=2)
+        let mask = Tensor::from_slice(&[true, true, false, true, true, true]).view([2, 3]);
+        let pooled = pooled_context(&context, Some(&mask));
+        assert_eq!(Vec::<f32>::try_from(pooled.flatten(0, -1)).unwrap(), [2.0, 3.0, 10.0, 11.0]);
+        assert!(pooled_context(&context, None).equal(&context.select(1, 2)));
+        // the projection is named as diffusers' class_embedding and feeds ε̂: zeroing it changes the output
+        tch::manual_seed(0);
+        let vs = VarStore::new(Device::Cpu);
+        let net = UNet::new(vs.root(), UNetConfig { pooled_context_embedding: true, ..UNetConfig::tiny_cond(2) });
+        let x = Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[300i64, 300]);
+        let with = tch::no_grad(|| net.forward_cond(&x, &t, Some(&context), Some(&mask), false));
+        for name in ["class_embedding.linear_2.weight", "class_embedding.linear_2.bias"] {
+            let _ = tch::no_grad(|| vs.variables()[name].shallow_clone().zero_());
+        }
+        let without = tch::no_grad(|| net.forward_cond(&x, &t, Some(&context), Some(&mask), false));
+        assert!((with - without).abs().max().double_value(&[]) > 1e-5);
+    }
 
     #[test]
     fn output_shape_equals_input_shape_for_odd_batches() {

@@ -97,10 +97,11 @@ pub struct ClassCondConfig {
 
 impl ClassCondConfig {
     /// Lesson 04's MNIST UNet whose four 7×7 attention blocks become spatial transformers cross-attending to 4
-    /// label tokens of width 64 (the channel count at 7×7).
+    /// label tokens of width 64 (the channel count at 7×7), with the pooled context also added to the time
+    /// embedding (`UNetConfig::pooled_context_embedding`, chapter 05 measures what it buys).
     pub fn mnist() -> Self {
         Self {
-            unet: UNetConfig { cross_attention_dim: Some(64), ..UNetConfig::mnist() },
+            unet: UNetConfig { cross_attention_dim: Some(64), pooled_context_embedding: true, ..UNetConfig::mnist() },
             num_classes: MNIST_CLASSES,
             tokens: 4,
         }
@@ -108,7 +109,8 @@ impl ClassCondConfig {
 
     /// The tiny UNet with cross-attention to 4 tokens of width 16, for tests and `--quick`.
     pub fn tiny() -> Self {
-        Self { unet: UNetConfig::tiny_cond(16), num_classes: MNIST_CLASSES, tokens: 4 }
+        let unet = UNetConfig { pooled_context_embedding: true, ..UNetConfig::tiny_cond(16) };
+        Self { unet, num_classes: MNIST_CLASSES, tokens: 4 }
     }
 
     /// Builds the UNet on `vs` (its names those of diffusers' UNet2DConditionModel) and the label table on
