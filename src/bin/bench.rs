@@ -1,5 +1,6 @@
-//! Benchmarks (not tests): training steps/s and sampled images/s of the lesson 04 UNet at its default batch size,
-//! f32 vs bf16, with 1 and 2 threads, and the peak resident memory of each configuration.
+//! Benchmarks (not tests): training steps/s and sampled images/s of the lesson 04 UNet and of lesson 06's
+//! text-conditioned UNet (with its frozen text encoder run every step, and classifier-free guidance when sampling) at
+//! the default batch size, f32 vs bf16, with 1 and 2 threads, and the peak resident memory of each configuration.
 //!
 //! `cargo run --release --bin bench` prints a table and writes out/bench/bench.json. Each configuration runs in its
 //! own process (this binary re-invoked with `--one`), so thread counts and peak memory do not leak between them.
@@ -7,9 +8,13 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
+use scratch_diffusion::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
+use scratch_diffusion::sampling::guidance::ClassifierFreeGuidance;
+use scratch_diffusion::train::conditional::WithContext;
 use scratch_diffusion::train::ddpm::{l_simple, sample, EpsModel};
+use scratch_diffusion::train::text_cond::CONTEXT_LEN;
 use scratch_diffusion::train::trainer::{Trainer, TrainerConfig};
 use serde_json::json;
 use tch::nn::VarStore;
@@ -30,19 +35,27 @@ struct Args {
     /// Batch size (lesson 04's default).
     #[arg(long, default_value_t = 64)]
     batch: i64,
+    /// Channels of each UNet level, comma-separated [default: the mnist preset's].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(i64).range(1..=1024))]
+    channels: Option<Vec<i64>>,
     /// Where to write bench.json.
     #[arg(long, default_value = "out/bench")]
     out: std::path::PathBuf,
-    /// Internal: run one configuration ("f32" or "bf16", threads) and print its JSON.
-    #[arg(long, num_args = 2, hide = true)]
+    /// Internal: run one configuration (model "unet" or "text", dtype "f32" or "bf16", threads) and print its JSON.
+    #[arg(long, num_args = 3, hide = true)]
     one: Option<Vec<String>>,
 }
+
+/// Lesson 06's text side: the mini-CLIP text encoder's width and a vocabulary of the size its BPE reaches.
+const TEXT_VOCAB: i64 = 627;
+/// Lesson 06's default guidance scale: sampling runs the UNet on 2B images per step.
+const GUIDANCE: f64 = 3.0;
 
 fn main() {
     scratch_diffusion::cli::lesson_main(|| {
         let args = Args::parse();
         match &args.one {
-            Some(v) => one(&args, &v[0], v[1].parse().context("threads")?),
+            Some(v) => one(&args, &v[0], &v[1], v[2].parse().context("threads")?),
             None => all(&args),
         }
     })
@@ -60,7 +73,7 @@ fn peak_rss_mib() -> f64 {
 }
 
 /// One configuration, in this process.
-fn one(args: &Args, dtype: &str, threads: i32) -> Result<()> {
+fn one(args: &Args, model_name: &str, dtype: &str, threads: i32) -> Result<()> {
     tch::set_num_threads(threads);
     tch::manual_seed(0);
     let bf16 = match dtype {
@@ -68,7 +81,19 @@ fn one(args: &Args, dtype: &str, threads: i32) -> Result<()> {
         "bf16" => true,
         other => bail!("unknown dtype {other}"),
     };
-    let config = UNetConfig::mnist();
+    let text = match model_name {
+        "unet" => false,
+        "text" => true,
+        other => bail!("unknown model {other}"),
+    };
+    let encoder_config =
+        TextEncoderConfig { max_position_embeddings: CONTEXT_LEN as i64, ..TextEncoderConfig::mnist(TEXT_VOCAB) };
+    let mut config = unet_config(args);
+    if text {
+        // lesson 06: cross-attention to the text encoder's token states, and its pooled state in the time embedding
+        config.cross_attention_dim = Some(encoder_config.hidden_size);
+        config.pooled_context_embedding = true;
+    }
     let sched = NoiseSchedule::ddpm(1000);
     let alpha_bar = sched.to_tensor_alpha_bar(Device::Cpu);
     let master = VarStore::new(Device::Cpu);
@@ -90,9 +115,20 @@ fn one(args: &Args, dtype: &str, threads: i32) -> Result<()> {
     };
     let mut trainer = Trainer::new(&master, cfg)?;
     let kind = if bf16 { Kind::BFloat16 } else { Kind::Float };
+    // the frozen text encoder (f32, as lesson 06 runs it) and random prompts of the full context length
+    let encoder_vs = VarStore::new(Device::Cpu);
+    let encoder = TextEncoder::new(encoder_vs.root() / "text_model", encoder_config);
+    let ids = Tensor::randint(TEXT_VOCAB, [args.batch, CONTEXT_LEN as i64], (Kind::Int64, Device::Cpu));
+    let mask = Tensor::ones([args.batch, CONTEXT_LEN as i64], (Kind::Bool, Device::Cpu));
+    let net_of = || compute_model.as_ref().unwrap_or(&model);
     let mut loss_fn = |batch: &[Tensor], _: usize| {
-        let net: &dyn EpsModel = compute_model.as_ref().map_or(&model as &dyn EpsModel, |m| m as &dyn EpsModel);
-        l_simple(net, &alpha_bar, &batch[0].to_kind(kind))
+        let x0 = batch[0].to_kind(kind);
+        if text {
+            let context = tch::no_grad(|| encoder.forward(&ids, Some(&mask))).to_kind(kind); // (B, L, D)
+            l_simple(&WithContext { model: net_of(), context: &context }, &alpha_bar, &x0)
+        } else {
+            l_simple(net_of(), &alpha_bar, &x0)
+        }
     };
     for _ in 0..2 {
         trainer.step(&master, compute.as_mut(), &[&data], &mut loss_fn)?;
@@ -102,8 +138,13 @@ fn one(args: &Args, dtype: &str, threads: i32) -> Result<()> {
         trainer.step(&master, compute.as_mut(), &[&data], &mut loss_fn)?;
     }
     let train_steps_per_s = args.train_steps as f64 / t0.elapsed().as_secs_f64();
-    // sampling: the f32 model, or the bf16 copy with bf16 inputs
-    let sampler: &dyn EpsModel = compute_model.as_ref().map_or(&model as &dyn EpsModel, |m| m as &dyn EpsModel);
+    // sampling: the f32 model, or the bf16 copy with bf16 inputs; the text model with guidance (2 contexts)
+    let (cond, uncond) = tch::no_grad(|| {
+        let cond = encoder.forward(&ids.narrow(0, 0, 1), Some(&mask.narrow(0, 0, 1))).to_kind(kind); // (1, L, D)
+        (cond.shallow_clone(), cond.zeros_like())
+    });
+    let guided = ClassifierFreeGuidance::new(net_of(), cond, uncond, GUIDANCE);
+    let sampler: &dyn EpsModel = if text { &guided } else { net_of() };
     let cast = CastTo { inner: sampler, kind };
     let _ = sample(
         &cast,
@@ -132,9 +173,19 @@ fn one(args: &Args, dtype: &str, threads: i32) -> Result<()> {
     let images_per_s = args.batch as f64 / (per_step * args.sample_steps as f64);
     println!(
         "{}",
-        json!({"dtype": dtype, "threads": threads, "train_steps_per_s": train_steps_per_s, "sample_images_per_s": images_per_s, "peak_rss_mib": peak_rss_mib()})
+        json!({"model": model_name, "dtype": dtype, "threads": threads, "train_steps_per_s": train_steps_per_s, "sample_images_per_s": images_per_s, "peak_rss_mib": peak_rss_mib()})
     );
     Ok(())
+}
+
+/// The mnist preset, with the levels of `--channels` if given (self-attention at the last level, as lesson 04 does).
+fn unet_config(args: &Args) -> UNetConfig {
+    let mut config = UNetConfig::mnist();
+    if let Some(c) = &args.channels {
+        config.attention = (0..c.len()).map(|i| i + 1 == c.len()).collect();
+        config.block_out_channels = c.clone();
+    }
+    config
 }
 
 /// Runs a model in another dtype and returns f32, so the f32 sampler can drive a bf16 network.
@@ -153,55 +204,70 @@ fn all(args: &Args) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
     println!(
-        "lesson 04 UNet {:?}, batch {}, {} reverse steps per sample",
-        UNetConfig::mnist().block_out_channels,
+        "UNet {:?}, batch {}, {} reverse steps per sample; text = lesson 06's UNet with its text encoder, sampled \
+         with guidance {GUIDANCE} (2 network rows per image)",
+        unet_config(args).block_out_channels,
         args.batch,
         args.sample_steps
     );
     println!(
-        "{:<6} {:>7} {:>16} {:>18} {:>14}",
-        "dtype", "threads", "train steps/s", "sampled images/s", "peak RSS MiB"
+        "{:<6} {:<6} {:>7} {:>16} {:>18} {:>14}",
+        "model", "dtype", "threads", "train steps/s", "sampled images/s", "peak RSS MiB"
     );
-    for dtype in ["f32", "bf16"] {
-        for threads in [1, 2] {
-            let out = std::process::Command::new(&exe)
-                .args(["--one", dtype, &threads.to_string(), "--batch", &args.batch.to_string()])
-                .args([
-                    "--train-steps",
-                    &args.train_steps.to_string(),
-                    "--timed-reverse-steps",
-                    &args.timed_reverse_steps.to_string(),
-                ])
-                .args(["--sample-steps", &args.sample_steps.to_string()])
-                .output()?;
-            if !out.status.success() {
-                bail!("benchmark {dtype}/{threads} failed: {}", String::from_utf8_lossy(&out.stderr));
+    for model in ["unet", "text"] {
+        for dtype in ["f32", "bf16"] {
+            for threads in [1, 2] {
+                let out = std::process::Command::new(&exe)
+                    .args(["--one", model, dtype, &threads.to_string(), "--batch", &args.batch.to_string()])
+                    .args(["--train-steps", &args.train_steps.to_string()])
+                    .args(["--timed-reverse-steps", &args.timed_reverse_steps.to_string()])
+                    .args(["--sample-steps", &args.sample_steps.to_string()])
+                    .args(args.channels.iter().flat_map(|c| {
+                        ["--channels".to_string(), c.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")]
+                    }))
+                    .output()?;
+                if !out.status.success() {
+                    bail!("benchmark {model}/{dtype}/{threads} failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                let row: serde_json::Value = serde_json::from_slice(&out.stdout).context("child output")?;
+                println!(
+                    "{:<6} {:<6} {:>7} {:>16.3} {:>18.2} {:>14.0}",
+                    model,
+                    dtype,
+                    threads,
+                    row["train_steps_per_s"].as_f64().unwrap_or(f64::NAN),
+                    row["sample_images_per_s"].as_f64().unwrap_or(f64::NAN),
+                    row["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
+                );
+                rows.push(row);
             }
-            let row: serde_json::Value = serde_json::from_slice(&out.stdout).context("child output")?;
-            println!(
-                "{:<6} {:>7} {:>16.3} {:>18.2} {:>14.0}",
-                dtype,
-                threads,
-                row["train_steps_per_s"].as_f64().unwrap_or(f64::NAN),
-                row["sample_images_per_s"].as_f64().unwrap_or(f64::NAN),
-                row["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)
-            );
-            rows.push(row);
         }
     }
-    let get = |d: &str, t: i64, k: &str| {
-        rows.iter().find(|r| r["dtype"] == d && r["threads"] == t).and_then(|r| r[k].as_f64()).unwrap_or(f64::NAN)
+    let get = |m: &str, d: &str, t: i64, k: &str| {
+        rows.iter()
+            .find(|r| r["model"] == m && r["dtype"] == d && r["threads"] == t)
+            .and_then(|r| r[k].as_f64())
+            .unwrap_or(f64::NAN)
     };
-    let ratios = json!({
-        "train_bf16_over_f32_2threads": get("bf16", 2, "train_steps_per_s") / get("f32", 2, "train_steps_per_s"),
-        "sample_bf16_over_f32_2threads": get("bf16", 2, "sample_images_per_s") / get("f32", 2, "sample_images_per_s"),
-        "train_2threads_over_1thread_f32": get("f32", 2, "train_steps_per_s") / get("f32", 1, "train_steps_per_s"),
-        "sample_2threads_over_1thread_f32": get("f32", 2, "sample_images_per_s") / get("f32", 1, "sample_images_per_s"),
-    });
+    let mut ratios = serde_json::Map::new();
+    for m in ["unet", "text"] {
+        let (train, sample) = ("train_steps_per_s", "sample_images_per_s");
+        ratios.insert(
+            m.to_string(),
+            json!({
+                "train_bf16_over_f32_2threads": get(m, "bf16", 2, train) / get(m, "f32", 2, train),
+                "sample_bf16_over_f32_2threads": get(m, "bf16", 2, sample) / get(m, "f32", 2, sample),
+                "train_2threads_over_1thread_f32": get(m, "f32", 2, train) / get(m, "f32", 1, train),
+                "sample_2threads_over_1thread_f32": get(m, "f32", 2, sample) / get(m, "f32", 1, sample),
+            }),
+        );
+    }
     println!("ratios (same run): {}", serde_json::to_string_pretty(&ratios)?);
     scratch_diffusion::cli::ensure_writable_dir(&args.out)?;
     let path = args.out.join("bench.json");
-    scratch_diffusion::cli::write_atomic(&path, serde_json::to_string_pretty(&json!({"unet": UNetConfig::mnist(), "batch": args.batch, "sample_steps": args.sample_steps, "rows": rows, "ratios": ratios}))?.as_bytes())?;
+    let report = json!({"unet": unet_config(args), "batch": args.batch, "sample_steps": args.sample_steps,
+                        "guidance": GUIDANCE, "rows": rows, "ratios": ratios});
+    scratch_diffusion::cli::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     println!("wrote {}", path.display());
     Ok(())
 }
