@@ -303,7 +303,7 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
     Ok(json!({
         "network": config, "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds,
         "resumed_from": outcome.resumed_from, "bf16": args.bf16,
-        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().min(100).max(1) as f64,
+        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().clamp(1, 100) as f64,
         "sample_steps": sample_steps, "variance": args.variance, "samples": report,
     }))
 }

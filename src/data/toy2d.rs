@@ -88,9 +88,11 @@ impl GaussianMixture {
     /// log π_k + log N(x; μ_k, s_k² I) for each point and component: (N, K); also μ_k − x: (N, K, 2) and s_k²: (K,).
     fn component_logits(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (means, var, log_w) = self.params(x);
-        let diff = means.unsqueeze(0) - x.unsqueeze(1); // (N, K, 2)
-        let sq = diff.square().sum_dim_intlist(-1, false, x.kind()); // (N, K)
-                                                                     // log N(x; μ, s² I) in d = 2 dimensions: −‖x − μ‖²/(2s²) − log(2π s²)
+        // (N, K, 2)
+        let diff = means.unsqueeze(0) - x.unsqueeze(1);
+        // (N, K)
+        let sq = diff.square().sum_dim_intlist(-1, false, x.kind());
+        // log N(x; μ, s² I) in d = 2 dimensions: −‖x − μ‖²/(2s²) − log(2π s²)
         let log_n = -&sq / (2.0 * &var) - (2.0 * std::f64::consts::PI * &var).log();
         (log_n + log_w, diff, var)
     }

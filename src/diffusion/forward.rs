@@ -27,8 +27,9 @@ fn per_sample(v: &Tensor, like: &Tensor) -> Tensor {
 // ANCHOR: q_sample
 pub fn q_sample(sched_alpha_bar: &Tensor, x0: &Tensor, t: &Tensor, eps: &Tensor) -> Tensor {
     let alpha_bar = sched_alpha_bar.index_select(0, &t.to_device(sched_alpha_bar.device())).to_device(x0.device());
-    let a = append_dims(&alpha_bar, x0); // (B, 1, ...)
-                                         // [DDPM] eq. 4
+    // (B, 1, ...)
+    let a = append_dims(&alpha_bar, x0);
+    // [DDPM] eq. 4
     a.sqrt() * x0 + (1f64 - &a).sqrt() * eps
 }
 // ANCHOR_END: q_sample

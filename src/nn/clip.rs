@@ -352,8 +352,9 @@ mod tests {
     fn clip_loss_equals_the_hand_computation_of_figure_3() {
         let i_e = f32s(&[1.0, 0.0, 0.0, 1.0], [2, 2]);
         let t_e = f32s(&[0.6, 0.8, 1.0, 0.0], [2, 2]);
-        let s = Tensor::from(2f64.ln()).to_kind(Kind::Float); // exp(s) = 2
-                                                              // logits = 2 · I Tᵀ = [[1.2, 2.0], [1.6, 0.0]]
+        // exp(s) = 2
+        let s = Tensor::from(2f64.ln()).to_kind(Kind::Float);
+        // logits = 2 · I Tᵀ = [[1.2, 2.0], [1.6, 0.0]]
         let lse = |a: f64, b: f64| (a.exp() + b.exp()).ln();
         let rows = ((lse(1.2, 2.0) - 1.2) + (lse(1.6, 0.0) - 0.0)) / 2.0; // image -> text
         let cols = ((lse(1.2, 1.6) - 1.2) + (lse(2.0, 0.0) - 0.0)) / 2.0; // text -> image

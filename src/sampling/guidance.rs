@@ -65,8 +65,9 @@ impl<M: CondEpsModel + ?Sized> EpsModel for ClassifierFreeGuidance<'_, M> {
         let t2 = Tensor::cat(&[t, t], 0); // (2B,)
         let context = Tensor::cat(&[&uncond, &cond], 0); // (2B, L, D)
         let eps = self.model.eps_cond(&x2, &t2, &context, train).chunk(2, 0);
-        let (eps_uncond, eps_cond) = (&eps[0], &eps[1]); // (B, C, H, W) each
-                                                         // [CFG] eq. 6 with w = 1 + w': ε̃ = ε_∅ + w (ε_c − ε_∅)
+        // (B, C, H, W) each
+        let (eps_uncond, eps_cond) = (&eps[0], &eps[1]);
+        // [CFG] eq. 6 with w = 1 + w': ε̃ = ε_∅ + w (ε_c − ε_∅)
         eps_uncond + (eps_cond - eps_uncond) * self.scale
     }
 }
@@ -209,8 +210,9 @@ mod tests {
     impl CondEpsModel for TwoGaussians {
         fn eps_cond(&self, x: &Tensor, _t: &Tensor, context: &Tensor, _: bool) -> Tensor {
             let sigma = (1.0 - self.alpha_bar).sqrt();
-            let c = context.view([-1, 1]); // (B, 1)
-                                           // p(c | x_t) for the mixture: softmax of the log-likelihoods (equal priors)
+            // (B, 1)
+            let c = context.view([-1, 1]);
+            // p(c | x_t) for the mixture: softmax of the log-likelihoods (equal priors)
             let r = Tensor::cat(&[self.log_lik(x, 0), self.log_lik(x, 1)], 1).softmax(1, Kind::Double); // (B, 2)
             let mixture = r.narrow(1, 0, 1) * self.score(x, 0) + r.narrow(1, 1, 1) * self.score(x, 1);
             let score = mixture.where_self(&c.lt(0.0), &self.score(x, 1).where_self(&c.eq(1.0), &self.score(x, 0)));

@@ -505,6 +505,9 @@ pub fn train(
     })
 }
 
+/// The loss of one step for [`train_model`]: (the model that computes, the f32 model, the batch, the step).
+pub type ModelLoss<'a, M> = dyn FnMut(&M, &M, &[Tensor], usize) -> Tensor + 'a;
+
 /// Builds a model with `build` on a fresh f32 VarStore (and, when `cfg.bf16`, a bf16 copy that the forward and
 /// backward passes run on), trains it through [`train`] with `loss_fn(net, master_model, batch, step)`, where `net`
 /// is the copy the passes run on, and returns the f32 VarStore holding the EMA weights (or the last weights without
@@ -518,7 +521,7 @@ pub fn train_model<M>(
     ckpt: Option<&Path>,
     resume: bool,
     cb: &mut dyn FnMut(StepInfo),
-    loss_fn: &mut dyn FnMut(&M, &M, &[Tensor], usize) -> Tensor,
+    loss_fn: &mut ModelLoss<M>,
 ) -> Result<(VarStore, M, TrainOutcome)> {
     let mut master = VarStore::new(device);
     let model = build(master.root());
