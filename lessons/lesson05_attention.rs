@@ -32,7 +32,7 @@ use tch::{Device, Kind, Tensor};
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Training steps [default: 1000, or 30 with --quick] (lesson 04's budget).
+    /// Training steps [default: 2000, or 30 with --quick] (lesson 04's budget).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// Images per training batch.
@@ -44,8 +44,8 @@ struct Args {
     /// Reverse steps when sampling [default: 100, or 20 with --quick] (evenly respaced over T = 1000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
     sample_steps: Option<u64>,
-    /// Reverse-step variance σ_t²: β_t or the posterior's β̃_t ([DDPM] sec. 3.2).
-    #[arg(long, value_enum, default_value_t = PosteriorVariance::Beta)]
+    /// Reverse-step variance σ_t²: β_t or the posterior's β̃_t ([DDPM] sec. 3.2); lesson 04's default.
+    #[arg(long, value_enum, default_value_t = PosteriorVariance::BetaTilde)]
     variance: PosteriorVariance,
     /// Noise schedule: linear (DDPM) or cosine (improved DDPM), T = 1000.
     #[arg(long, default_value = recipe::SCHEDULE)]

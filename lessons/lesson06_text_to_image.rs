@@ -61,7 +61,7 @@ enum Command {
 struct TrainArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// UNet training steps [default: 1000, or 30 with --quick] (lesson 05's budget).
+    /// UNet training steps [default: 2000, or 30 with --quick] (lesson 05's budget).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     #[arg(long, default_value_t = BATCH, value_parser = clap::value_parser!(i64).range(1..=4096))]

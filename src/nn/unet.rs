@@ -68,14 +68,15 @@ impl UNetConfig {
     pub fn tiny_cond(context_dim: i64) -> Self {
         Self { cross_attention_dim: Some(context_dim), ..Self::tiny() }
     }
-    /// The lesson 04 MNIST UNet: 28×28 → 14×14 → 7×7 with 32, 32 and 64 channels, self-attention at 7×7; sized so
-    /// a training step of 64 images takes about half a second on 2 CPU cores (the 28×28 level costs the most). No
-    /// dropout: a 10-minute run sees each image about once, so there is nothing to overfit yet (chapter 04).
+    /// The lesson 04 MNIST UNet: 28×28 → 14×14 → 7×7 with 16, 32 and 64 channels, self-attention at 7×7. The top
+    /// level is the narrowest because it costs the most per channel (784 positions): 16 channels there instead of 32
+    /// cut the multiply-adds of a forward pass from 120 M to 73 M, so more steps fit in the same time (chapter 04).
+    /// No dropout: a 10-minute run sees each image about once, so there is nothing to overfit yet.
     pub fn mnist() -> Self {
         Self {
             in_channels: 1,
             out_channels: 1,
-            block_out_channels: vec![32, 32, 64],
+            block_out_channels: vec![16, 32, 64],
             layers_per_block: 1,
             attention: vec![false, false, true],
             head_dim: 32,

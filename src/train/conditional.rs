@@ -198,7 +198,7 @@ mod tests {
         let mnist = ClassCondConfig::mnist();
         assert_eq!(
             (mnist.unet.block_out_channels.clone(), mnist.unet.cross_attention_dim),
-            (vec![32, 32, 64], Some(64))
+            (vec![16, 32, 64], Some(64))
         );
     }
 
