@@ -328,28 +328,24 @@ pub struct LinePanel {
 
 /// Line charts side by side, each `w`×`h` pixels, under a figure title.
 pub fn line_panels(path: &Path, title: &str, w: u32, h: u32, panels: &[LinePanel]) -> Result<()> {
-    ensure_font();
-    let root = BitMapBackend::new(path, (w * panels.len().max(1) as u32, h + 40)).into_drawing_area();
-    root.fill(&WHITE).map_err(draw_err(path))?;
-    let (top, body) = root.split_vertically(40);
-    top.titled(title, (FONT_NAME, 22)).map_err(draw_err(path))?;
-    for (area, p) in body.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
-        draw_lines(area, p, false).map_err(draw_err(path))?;
-    }
-    root.present().map_err(draw_err(path))?;
-    Ok(())
+    panels_figure(path, title, w, h, panels, false)
 }
 
 /// [`line_panels`] with a log x-axis and the points marked (for error or quality against steps or NFE; non-positive x
 /// are dropped). With `log_y` the panel is log–log, so a convergence order is a slope.
 pub fn line_panels_log_x(path: &Path, title: &str, w: u32, h: u32, panels: &[LinePanel]) -> Result<()> {
+    panels_figure(path, title, w, h, panels, true)
+}
+
+/// The panels side by side under a title, with linear or log x-axes.
+fn panels_figure(path: &Path, title: &str, w: u32, h: u32, panels: &[LinePanel], log_x: bool) -> Result<()> {
     ensure_font();
     let root = BitMapBackend::new(path, (w * panels.len().max(1) as u32, h + 40)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(path))?;
     let (top, body) = root.split_vertically(40);
     top.titled(title, (FONT_NAME, 22)).map_err(draw_err(path))?;
     for (area, p) in body.split_evenly((1, panels.len().max(1))).iter().zip(panels) {
-        draw_lines(area, p, true).map_err(draw_err(path))?;
+        draw_lines(area, p, log_x).map_err(draw_err(path))?;
     }
     root.present().map_err(draw_err(path))?;
     Ok(())
