@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     sample_steps: u64,
     /// Batch size (lesson 04's default).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = scratch_diffusion::train::recipe::BATCH)]
     batch: i64,
     /// Channels of each UNet level, comma-separated [default: the mnist preset's].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(i64).range(1..=1024))]
