@@ -16,7 +16,7 @@ use crate::diffusion::schedule::NoiseSchedule;
 use crate::sampling::ddim::{sample_ddim, sample_ddpm, AncestralVariance};
 use crate::sampling::denoiser::{randn_like, CountingDenoiser, Denoiser, SamplerStep};
 use crate::sampling::dpm_solver::{sample_dpm_solver_2, sample_dpm_solver_3, sample_dpm_solver_pp_2m};
-use crate::sampling::grids::{karras_sigmas, timestep_sigmas, TimestepSpacing, KARRAS_RHO};
+use crate::sampling::grids::{karras_sigmas, timestep_sigmas, TimestepSpacing, EDM_SIGMA_MAX, KARRAS_RHO};
 use crate::sampling::karras::{sample_euler, sample_euler_ancestral, sample_heun};
 use crate::sampling::sde::{sample_pc, sde_times, LangevinCorrector, Sde};
 use anyhow::Result;
@@ -129,12 +129,13 @@ impl Sampler {
     }
 
     /// The σ grid of `steps` steps for a model trained on `sched`: DDPM and DDIM visit the model's own timesteps
-    /// (evenly spaced, both ends kept: lesson 04's respacing), the others a Karras grid ([EDM] eq. 5, ρ = 7) over
-    /// the model's σ range, as "Karras" samplers of the UIs do. (The predictor–corrector runs on SDE time instead.)
+    /// (evenly spaced, both ends kept: lesson 04's respacing), the others a Karras grid ([EDM] eq. 5, ρ = 7) from
+    /// the model's σ_min to [`karras_sigma_max`], as "Karras" samplers of the UIs do. (The predictor–corrector runs
+    /// on SDE time instead.)
     pub fn grid(self, sched: &NoiseSchedule, steps: usize) -> Vec<f64> {
         match self {
             Sampler::Ddpm | Sampler::Ddim => timestep_sigmas(sched, steps, TimestepSpacing::Linspace),
-            _ => karras_sigmas(steps, sched.sigma(0), sched.sigma(sched.num_steps() - 1), KARRAS_RHO),
+            _ => karras_sigmas(steps, sched.sigma(0), karras_sigma_max(sched), KARRAS_RHO),
         }
     }
 
@@ -173,6 +174,17 @@ impl Sampler {
     }
     // ANCHOR_END: sample
 }
+
+// ANCHOR: karras_sigma_max
+/// Where a Karras grid starts on a model trained on `sched`: the model's largest σ, but at most [EDM]'s σ_max = 80.
+/// [EDM] Table 1 starts its samplers there for every model, the improved-DDPM cosine model included (its reference
+/// `generate.py` keeps only that model's timesteps with σ ≤ σ_max). The cosine schedule's own last σ is about
+/// 2·10⁴ (ᾱ_{T−1} ≈ 2·10⁻⁹), and a ρ = 7 grid of 10 levels from there puts six of them above σ = 180, where D(x; σ)
+/// is close to the mean image whatever x is. Chapter 07 measures the difference.
+pub fn karras_sigma_max(sched: &NoiseSchedule) -> f64 {
+    sched.sigma(sched.num_steps() - 1).min(EDM_SIGMA_MAX)
+}
+// ANCHOR_END: karras_sigma_max
 
 /// x̂₀ clamped to [lo, hi] around any denoiser ("static thresholding": lesson 04's DDPM sampler clips x̂₀ the same
 /// way). Every sampler of a study goes through the same wrapper, so the comparison stays fair.
@@ -312,6 +324,21 @@ mod tests {
 
     /// The budget rule gives the most steps that fit, and the counted evaluations equal the cost formula for every
     /// sampler (on a Gaussian oracle, so nothing is trained).
+    /// The cosine schedule's top level (ᾱ_{T−1} ≈ 2·10⁻⁹) is capped at [EDM]'s 80; Stable Diffusion's scaled-linear
+    /// schedule (σ_max ≈ 14.6) and DDPM's linear one (≈ 157) are below or near it and keep their own.
+    #[test]
+    fn karras_grids_start_at_the_model_top_level_or_80() {
+        let cosine = NoiseSchedule::cosine(1000);
+        assert!(cosine.sigma(999) > 2e4 && karras_sigma_max(&cosine) == EDM_SIGMA_MAX);
+        let sd = NoiseSchedule::scaled_linear(1000);
+        assert!((karras_sigma_max(&sd) - sd.sigma(999)).abs() < 1e-12 && (sd.sigma(999) - 14.6).abs() < 0.1);
+        assert_eq!(karras_sigma_max(&NoiseSchedule::ddpm(1000)), EDM_SIGMA_MAX);
+        let grid = Sampler::DpmSolverPp2m.grid(&cosine, 10);
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b;
+        assert!(close(grid[0], EDM_SIGMA_MAX) && close(grid[9], cosine.sigma(0)) && grid[10] == 0.0, "{grid:?}");
+        assert_eq!(Sampler::Ddim.grid(&cosine, 10)[0], cosine.sigma(999), "DDIM keeps the model's own timesteps");
+    }
+
     #[test]
     fn steps_fit_the_budget_and_nfe_is_counted() {
         let sched = NoiseSchedule::ddpm(1000);
