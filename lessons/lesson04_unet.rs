@@ -242,8 +242,8 @@ fn ship(
     let readme = format!(
         "# Lesson 04 UNet\n\nThe EMA weights of lesson 04's DDPM UNet ({:?} channels, {} schedule, T = {}), which \
          lesson 07 samples from by default.\n\nMade by `./run.sh lesson 04 --ship --steps {steps} --batch {batch} --lr \
-         {lr}` (seed {seed}, {steps} steps of {batch} images, {seconds:.0} s of training on {} threads; {} samples at 100 steps: Fréchet distance {:.2}, \
-         floor {:.2}); the same command reproduces it.\n",
+         {lr}` (seed {seed}, {steps} steps of {batch} images, {seconds:.0} s of training on {} threads; {} samples \
+         at 100 steps: Fréchet distance {:.2}, floor {:.2}); the same command reproduces it.\n",
         saved.unet.block_out_channels,
         saved.schedule,
         saved.timesteps,

@@ -37,10 +37,10 @@ use tch::Device;
 const CAPTIONS_PER_IMAGE: usize = 4;
 /// Mini-CLIP pre-training: steps (a flag), batch and peak learning rate.
 const CLIP_STEPS: u64 = 300;
-/// Images per evaluation prompt that the Fréchet distance uses: 10 × 50 prompts = lesson 04's n = 500.
-const FD_PER_PROMPT: i64 = 10;
 const CLIP_BATCH: i64 = 128;
 const CLIP_LR: f64 = 1e-3;
+/// Images per evaluation prompt that the Fréchet distance uses: 10 × 50 prompts = lesson 04's n = 500.
+const FD_PER_PROMPT: i64 = 10;
 
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None, args_conflicts_with_subcommands = true, allow_negative_numbers = true)]
@@ -326,7 +326,9 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     // Fréchet distance with lesson 04's harness at its n = 500 (the first FD_PER_PROMPT images of each of the 50
     // prompts), so the floor is lesson 04's; the ratio at all the images (a lower floor) goes to metrics.json too
     let per_prompt = FD_PER_PROMPT.min(eval_n);
-    let fd_samples = samples.view([50, eval_n, 1, 28, 28]).narrow(1, 0, per_prompt).reshape([-1, 1, 28, 28]);
+    let image = &samples.size()[1..]; // (1, S, S)
+    let by_prompt = samples.view([&[-1, eval_n], image].concat().as_slice()); // (prompts, eval_n, 1, S, S)
+    let fd_samples = by_prompt.narrow(1, 0, per_prompt).reshape([&[-1], image].concat().as_slice());
     let quality = evaluate_samples(&clf, &fd_samples, &data.test_images);
     let quality_all = evaluate_samples(&clf, &samples, &data.test_images);
     // ANCHOR_END: evaluate

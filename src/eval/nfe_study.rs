@@ -322,8 +322,6 @@ mod tests {
     use crate::sampling::oracle::GaussianOracle;
     use tch::Kind;
 
-    /// The budget rule gives the most steps that fit, and the counted evaluations equal the cost formula for every
-    /// sampler (on a Gaussian oracle, so nothing is trained).
     /// The cosine schedule's top level (ᾱ_{T−1} ≈ 2·10⁻⁹) is capped at [EDM]'s 80; Stable Diffusion's scaled-linear
     /// schedule (σ_max ≈ 14.6) and DDPM's linear one (≈ 157) are below or near it and keep their own.
     #[test]
@@ -339,6 +337,8 @@ mod tests {
         assert_eq!(Sampler::Ddim.grid(&cosine, 10)[0], cosine.sigma(999), "DDIM keeps the model's own timesteps");
     }
 
+    /// The budget rule gives the most steps that fit, and the counted evaluations equal the cost formula for every
+    /// sampler (on a Gaussian oracle, so nothing is trained).
     #[test]
     fn steps_fit_the_budget_and_nfe_is_counted() {
         let sched = NoiseSchedule::ddpm(1000);
