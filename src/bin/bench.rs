@@ -1,6 +1,7 @@
-//! Benchmarks (not tests): training steps/s and sampled images/s of the lesson 04 UNet and of lesson 06's
-//! text-conditioned UNet (with its frozen text encoder run every step, and classifier-free guidance when sampling) at
-//! the default batch size, f32 vs bf16, with 1 and 2 threads, and the peak resident memory of each configuration.
+//! Benchmarks (not tests): training steps/s and sampled images/s of the lesson 04 UNet, of lesson 06's
+//! text-conditioned UNet (with its frozen text encoder run every step, and classifier-free guidance when sampling) and
+//! of lesson 08's latent UNet (the same, on 4 × 7 × 7 latents, each sampled latent then decoded by the VAE) at the
+//! default batch size, f32 vs bf16, with 1 and 2 threads, and the peak resident memory of each configuration.
 //!
 //! `cargo run --release --bin bench` prints a table and writes out/bench/bench.json. Each configuration runs in its
 //! own process (this binary re-invoked with `--one`), so thread counts and peak memory do not leak between them.
@@ -10,6 +11,7 @@ use clap::Parser;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
+use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
 use scratch_diffusion::sampling::guidance::ClassifierFreeGuidance;
 use scratch_diffusion::train::conditional::WithContext;
@@ -21,7 +23,9 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Parser, Debug)]
-#[command(about = "Benchmark the lesson 04 UNet: training steps/s and sampled images/s, f32 vs bf16, 1 vs 2 threads")]
+#[command(
+    about = "Benchmark the UNets of lessons 04, 06 and 08: training steps/s and sampled images/s, f32 vs bf16, 1 vs 2 threads"
+)]
 struct Args {
     /// Training steps to time per configuration (after 2 warm-up steps).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..))]
@@ -41,7 +45,7 @@ struct Args {
     /// Where to write bench.json.
     #[arg(long, default_value = "out/bench")]
     out: std::path::PathBuf,
-    /// Internal: run one configuration (model "unet" or "text", dtype "f32" or "bf16", threads) and print its JSON.
+    /// Internal: run one configuration (model "unet", "text" or "latent", dtype "f32" or "bf16", threads) and print its JSON.
     #[arg(long, num_args = 3, hide = true)]
     one: Option<Vec<String>>,
 }
@@ -81,14 +85,15 @@ fn one(args: &Args, model_name: &str, dtype: &str, threads: i32) -> Result<()> {
         "bf16" => true,
         other => bail!("unknown dtype {other}"),
     };
-    let text = match model_name {
-        "unet" => false,
-        "text" => true,
+    let (text, latent) = match model_name {
+        "unet" => (false, false),
+        "text" => (true, false),
+        "latent" => (true, true),
         other => bail!("unknown model {other}"),
     };
     let encoder_config =
         TextEncoderConfig { max_position_embeddings: CONTEXT_LEN as i64, ..TextEncoderConfig::mnist(TEXT_VOCAB) };
-    let mut config = unet_config(args);
+    let mut config = if latent { UNetConfig::mnist_latent() } else { unet_config(args) };
     if text {
         // lesson 06: cross-attention to the text encoder's token states, and its pooled state in the time embedding
         config.cross_attention_dim = Some(encoder_config.hidden_size);
@@ -103,7 +108,9 @@ fn one(args: &Args, model_name: &str, dtype: &str, threads: i32) -> Result<()> {
     if let Some(c) = compute.as_mut() {
         c.set_kind(Kind::BFloat16);
     }
-    let data = Tensor::rand([512, 1, 28, 28], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    // pixels (B, 1, 28, 28) or lesson 08's latents (B, 4, 7, 7)
+    let shape: Vec<i64> = if latent { vec![args.batch, 4, 7, 7] } else { vec![args.batch, 1, 28, 28] };
+    let data = Tensor::rand([&[512], &shape[1..]].concat().as_slice(), (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
     let cfg = TrainerConfig {
         steps: 1000,
         batch_size: args.batch,
@@ -146,31 +153,33 @@ fn one(args: &Args, model_name: &str, dtype: &str, threads: i32) -> Result<()> {
     let guided = ClassifierFreeGuidance::new(net_of(), cond, uncond, GUIDANCE);
     let sampler: &dyn EpsModel = if text { &guided } else { net_of() };
     let cast = CastTo { inner: sampler, kind };
-    let _ = sample(
-        &cast,
-        &sched,
-        2,
-        &[args.batch, 1, 28, 28],
-        PosteriorVariance::BetaTilde,
-        Some((-1.0, 1.0)),
-        args.batch,
-        Device::Cpu,
-        &mut |_, _| {},
-    );
+    let clip = (!latent).then_some((-1.0, 1.0));
+    let draw = |steps: usize| {
+        sample(
+            &cast,
+            &sched,
+            steps,
+            &shape,
+            PosteriorVariance::BetaTilde,
+            clip,
+            args.batch,
+            Device::Cpu,
+            &mut |_, _| {},
+        )
+    };
+    let _ = draw(2);
     let t0 = std::time::Instant::now();
-    let _ = sample(
-        &cast,
-        &sched,
-        args.timed_reverse_steps as usize,
-        &[args.batch, 1, 28, 28],
-        PosteriorVariance::BetaTilde,
-        Some((-1.0, 1.0)),
-        args.batch,
-        Device::Cpu,
-        &mut |_, _| {},
-    );
+    let z = draw(args.timed_reverse_steps as usize);
     let per_step = t0.elapsed().as_secs_f64() / args.timed_reverse_steps as f64;
-    let images_per_s = args.batch as f64 / (per_step * args.sample_steps as f64);
+    // lesson 08 decodes each sampled latent once, with its f32 VAE
+    let vae_vs = VarStore::new(Device::Cpu);
+    let vae = AutoencoderKl::new(vae_vs.root(), VaeConfig::mnist());
+    let t0 = std::time::Instant::now();
+    if latent {
+        let _ = tch::no_grad(|| vae.decode(&z));
+    }
+    let decode = t0.elapsed().as_secs_f64();
+    let images_per_s = args.batch as f64 / (per_step * args.sample_steps as f64 + decode);
     println!(
         "{}",
         json!({"model": model_name, "dtype": dtype, "threads": threads, "train_steps_per_s": train_steps_per_s, "sample_images_per_s": images_per_s, "peak_rss_mib": peak_rss_mib()})
@@ -205,7 +214,8 @@ fn all(args: &Args) -> Result<()> {
     let mut rows = Vec::new();
     println!(
         "UNet {:?}, batch {}, {} reverse steps per sample; text = lesson 06's UNet with its text encoder, sampled \
-         with guidance {GUIDANCE} (2 network rows per image)",
+         with guidance {GUIDANCE} (2 network rows per image); latent = lesson 08's latent UNet, the same way, plus \
+         the VAE decode",
         unet_config(args).block_out_channels,
         args.batch,
         args.sample_steps
@@ -214,7 +224,7 @@ fn all(args: &Args) -> Result<()> {
         "{:<6} {:<6} {:>7} {:>16} {:>18} {:>14}",
         "model", "dtype", "threads", "train steps/s", "sampled images/s", "peak RSS MiB"
     );
-    for model in ["unet", "text"] {
+    for model in ["unet", "text", "latent"] {
         for dtype in ["f32", "bf16"] {
             for threads in [1, 2] {
                 let out = std::process::Command::new(&exe)
@@ -250,8 +260,14 @@ fn all(args: &Args) -> Result<()> {
             .unwrap_or(f64::NAN)
     };
     let mut ratios = serde_json::Map::new();
-    for m in ["unet", "text"] {
-        let (train, sample) = ("train_steps_per_s", "sample_images_per_s");
+    let sample_rate = "sample_images_per_s";
+    ratios.insert(
+        "latent_over_text_sampling_f32".into(),
+        json!({"1thread": get("latent", "f32", 1, sample_rate) / get("text", "f32", 1, sample_rate),
+               "2threads": get("latent", "f32", 2, sample_rate) / get("text", "f32", 2, sample_rate)}),
+    );
+    for m in ["unet", "text", "latent"] {
+        let (train, sample) = ("train_steps_per_s", sample_rate);
         ratios.insert(
             m.to_string(),
             json!({

@@ -119,6 +119,12 @@ impl MnistClassifier {
         Ok(model)
     }
 
+    /// The penultimate features φ(x) (B, hidden) in evaluation mode, with gradients with respect to x (lesson 08's
+    /// perceptual loss backpropagates through them into a decoder).
+    pub fn features_differentiable(&self, x: &Tensor) -> Tensor {
+        self.features_t(x, false)
+    }
+
     /// The penultimate features φ(x) (B, hidden), in training or evaluation mode, with gradients.
     fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
         // Downsampling early keeps the CPU cost low: a stride-2 first conv costs a quarter of a stride-1 one (a conv

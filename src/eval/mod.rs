@@ -2,6 +2,7 @@
 pub mod bits_per_dim;
 pub mod classifier;
 pub mod frechet;
+pub mod latent_edits;
 pub mod nfe_study;
 pub mod prompt_accuracy;
 pub mod sample_quality;

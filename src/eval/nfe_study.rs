@@ -101,6 +101,19 @@ impl Sampler {
         }
     }
 
+    /// The sampler a user names by its key ("dpm_solver_pp_2m"), its UI name ("DPM++ 2M Karras", any case) or its
+    /// paper name; an error lists the names.
+    pub fn from_name(name: &str) -> anyhow::Result<Sampler> {
+        let want = name.trim().to_lowercase();
+        Sampler::ALL
+            .into_iter()
+            .find(|s| [s.key(), s.ui_name(), s.name()].iter().any(|n| !n.is_empty() && n.to_lowercase() == want))
+            .ok_or_else(|| {
+                let names: Vec<String> = Sampler::ALL.iter().map(|s| format!("{} ({})", s.key(), s.name())).collect();
+                anyhow::anyhow!("unknown sampler \"{name}\": use one of {}", names.join(", "))
+            })
+    }
+
     /// Whether it draws fresh noise while it runs (an SDE sampler) or is a deterministic ODE solver.
     pub fn stochastic(self) -> bool {
         matches!(self, Sampler::Ddpm | Sampler::EulerAncestral | Sampler::PredictorCorrector)
@@ -158,18 +171,24 @@ impl Sampler {
             return sample_pc(d, &sde, z * sde.prior_std(), &sde_times(steps, PC_T_EPS), Some(PC_CORRECTOR), noise, cb);
         }
         let sigmas = self.grid(sched, steps);
-        let x = z * (1.0 + sigmas[0] * sigmas[0]).sqrt();
+        self.run(d, z * (1.0 + sigmas[0] * sigmas[0]).sqrt(), &sigmas, cb)
+    }
+
+    /// Runs the σ-space sampler from x, already at the first level of `sigmas` (a whole grid, or its tail for
+    /// img2img), down the grid. Every sampler but the predictor–corrector (which runs in SDE time: it panics).
+    pub fn run(self, d: &dyn Denoiser, x: Tensor, sigmas: &[f64], cb: &mut dyn FnMut(SamplerStep)) -> Tensor {
+        let noise = &mut randn_like;
         match self {
             // σ² = β as lesson 04 samples (chapter 03: β̃ under-disperses at few steps)
-            Sampler::Ddpm => sample_ddpm(d, x, &sigmas, AncestralVariance::Beta, noise, cb),
-            Sampler::Ddim => sample_ddim(d, x, &sigmas, 0.0, None, noise, cb),
-            Sampler::Euler => sample_euler(d, x, &sigmas, cb),
-            Sampler::Heun => sample_heun(d, x, &sigmas, cb),
-            Sampler::EulerAncestral => sample_euler_ancestral(d, x, &sigmas, 1.0, noise, cb),
-            Sampler::DpmSolver2 => sample_dpm_solver_2(d, x, &sigmas, cb),
-            Sampler::DpmSolver3 => sample_dpm_solver_3(d, x, &sigmas, cb),
-            Sampler::DpmSolverPp2m => sample_dpm_solver_pp_2m(d, x, &sigmas, cb),
-            Sampler::PredictorCorrector => unreachable!("handled above"),
+            Sampler::Ddpm => sample_ddpm(d, x, sigmas, AncestralVariance::Beta, noise, cb),
+            Sampler::Ddim => sample_ddim(d, x, sigmas, 0.0, None, noise, cb),
+            Sampler::Euler => sample_euler(d, x, sigmas, cb),
+            Sampler::Heun => sample_heun(d, x, sigmas, cb),
+            Sampler::EulerAncestral => sample_euler_ancestral(d, x, sigmas, 1.0, noise, cb),
+            Sampler::DpmSolver2 => sample_dpm_solver_2(d, x, sigmas, cb),
+            Sampler::DpmSolver3 => sample_dpm_solver_3(d, x, sigmas, cb),
+            Sampler::DpmSolverPp2m => sample_dpm_solver_pp_2m(d, x, sigmas, cb),
+            Sampler::PredictorCorrector => panic!("the predictor-corrector sampler runs in SDE time, not on a σ grid"),
         }
     }
     // ANCHOR_END: sample

@@ -35,7 +35,8 @@ pub fn noise_embedding(sigma: &Tensor, dim: i64) -> Tensor {
 pub struct ResBlock {
     norm1: nn::GroupNorm,
     conv1: nn::Conv2D,
-    time_emb_proj: nn::Linear,
+    /// None in an unconditioned block (the VAE's: diffusers' `ResnetBlock2D` with `temb_channels=None`).
+    time_emb_proj: Option<nn::Linear>,
     norm2: nn::GroupNorm,
     conv2: nn::Conv2D,
     conv_shortcut: Option<nn::Conv2D>,
@@ -49,24 +50,52 @@ pub fn groups_for(channels: i64) -> i64 {
 
 impl ResBlock {
     pub fn new(vs: nn::Path, c_in: i64, c_out: i64, emb_dim: i64, dropout: f64) -> Self {
+        let groups = (groups_for(c_in), groups_for(c_out));
+        Self::build(&vs, c_in, c_out, Some(emb_dim), groups, Default::default(), dropout)
+    }
+
+    /// A block without an embedding (the VAE's), with `groups` GroupNorm groups of epsilon `eps` in both norms.
+    pub fn unconditioned(vs: nn::Path, c_in: i64, c_out: i64, groups: i64, eps: f64) -> Self {
+        let norm = nn::GroupNormConfig { eps, ..Default::default() };
+        Self::build(&vs, c_in, c_out, None, (groups, groups), norm, 0.0)
+    }
+
+    // The variables are created in this order (it decides which random numbers initialise which weight, so a
+    // trained lesson reproduces bit for bit only while it stays).
+    fn build(
+        vs: &nn::Path,
+        c_in: i64,
+        c_out: i64,
+        emb_dim: Option<i64>,
+        groups: (i64, i64),
+        norm: nn::GroupNormConfig,
+        dropout: f64,
+    ) -> Self {
         let conv = nn::ConvConfig { padding: 1, ..Default::default() };
         Self {
-            norm1: nn::group_norm(&vs / "norm1", groups_for(c_in), c_in, Default::default()),
-            conv1: nn::conv2d(&vs / "conv1", c_in, c_out, 3, conv),
-            time_emb_proj: nn::linear(&vs / "time_emb_proj", emb_dim, c_out, Default::default()),
-            norm2: nn::group_norm(&vs / "norm2", groups_for(c_out), c_out, Default::default()),
-            conv2: nn::conv2d(&vs / "conv2", c_out, c_out, 3, conv),
+            norm1: nn::group_norm(vs / "norm1", groups.0, c_in, norm),
+            conv1: nn::conv2d(vs / "conv1", c_in, c_out, 3, conv),
+            time_emb_proj: emb_dim.map(|e| nn::linear(vs / "time_emb_proj", e, c_out, Default::default())),
+            norm2: nn::group_norm(vs / "norm2", groups.1, c_out, norm),
+            conv2: nn::conv2d(vs / "conv2", c_out, c_out, 3, conv),
             conv_shortcut: (c_in != c_out)
-                .then(|| nn::conv2d(&vs / "conv_shortcut", c_in, c_out, 1, Default::default())),
+                .then(|| nn::conv2d(vs / "conv_shortcut", c_in, c_out, 1, Default::default())),
             dropout,
         }
     }
 
-    // ANCHOR: resblock_forward
     /// x: (B, C_in, H, W), emb: (B, emb_dim) -> (B, C_out, H, W).
     pub fn forward(&self, x: &Tensor, emb: &Tensor, train: bool) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward(x).silu());
-        let h = h + self.time_emb_proj.forward(&emb.silu()).unsqueeze(-1).unsqueeze(-1); // (B, C_out, 1, 1)
+        self.forward_opt(x, Some(emb), train)
+    }
+
+    // ANCHOR: resblock_forward
+    /// x: (B, C_in, H, W), emb: (B, emb_dim) or None (a block without an embedding) -> (B, C_out, H, W).
+    pub fn forward_opt(&self, x: &Tensor, emb: Option<&Tensor>, train: bool) -> Tensor {
+        let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
+        if let (Some(proj), Some(emb)) = (&self.time_emb_proj, emb) {
+            h += proj.forward(&emb.silu()).unsqueeze(-1).unsqueeze(-1); // (B, C_out, 1, 1)
+        }
         let h = self.conv2.forward(&self.norm2.forward(&h).silu().dropout(self.dropout, train));
         match &self.conv_shortcut {
             Some(c) => c.forward(x) + h,
@@ -103,7 +132,12 @@ impl Upsample {
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (h, w) = (x.size()[2], x.size()[3]);
-        self.conv.forward(&x.upsample_nearest2d([2 * h, 2 * w], None, None))
+        self.forward_to(x, [2 * h, 2 * w])
+    }
+    /// Nearest-neighbour resize to `size` (H', W'), then the conv: the UNet's way up from an odd size (7×7 → 4×4 on
+    /// the way down comes back as 4×4 → 7×7), as diffusers' `Upsample2D(output_size=…)`.
+    pub fn forward_to(&self, x: &Tensor, size: [i64; 2]) -> Tensor {
+        self.conv.forward(&x.upsample_nearest2d(size, None, None))
     }
 }
 

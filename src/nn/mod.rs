@@ -10,3 +10,4 @@ pub mod score_mlp;
 pub mod text_encoder;
 pub mod transformer;
 pub mod unet;
+pub mod vae;

@@ -3,6 +3,8 @@ pub mod checkpoint;
 pub mod conditional;
 pub mod ddpm;
 pub mod ema;
+pub mod latent_diffusion;
+pub mod prompt_encoder;
 pub mod recipe;
 pub mod text_cond;
 pub mod text_to_image;

@@ -128,6 +128,20 @@ pub struct CaptionedImages {
 /// fits the attribute terciles on them, draws `k` captions per image from a generator seeded with `seed`, trains the
 /// BPE tokenizer on [`BPE_CORPUS`] random captions and tokenises every caption to [`CONTEXT_LEN`].
 pub fn caption_images(images: &Tensor, labels: &Tensor, k: usize, seed: u64) -> Result<CaptionedImages> {
+    let tokenizer = Bpe::train(&caption_corpus(BPE_CORPUS, seed), BPE_MAX_MERGES);
+    caption_images_with(images, labels, k, seed, tokenizer)
+}
+// ANCHOR_END: caption_images
+
+/// [`caption_images`] with a given tokenizer (lesson 08 reuses lesson 06's tokenizer and text encoder): the same
+/// captions for the same images and seed.
+pub fn caption_images_with(
+    images: &Tensor,
+    labels: &Tensor,
+    k: usize,
+    seed: u64,
+    tokenizer: Bpe,
+) -> Result<CaptionedImages> {
     let labels = Vec::<i64>::try_from(labels)?;
     let stats = stroke_stats(images)?;
     let bins = AttributeBins::fit(&stats, &labels)?;
@@ -136,11 +150,9 @@ pub fn caption_images(images: &Tensor, labels: &Tensor, k: usize, seed: u64) -> 
     let drawn: Vec<Vec<String>> = (0..k).map(|_| captions_for(&labels, &attributes, &mut rng)).collect(); // k × N
     let mut per_image: Vec<Vec<String>> =
         (0..labels.len()).map(|i| drawn.iter().map(|c| c[i].clone()).collect()).collect();
-    let tokenizer = Bpe::train(&caption_corpus(BPE_CORPUS, seed), BPE_MAX_MERGES);
     let captions = CaptionIds::tokenize(&tokenizer, &per_image, CONTEXT_LEN)?; // ids (N, k, L), lens (N, k)
     Ok(CaptionedImages { bins, tokenizer, captions, example: per_image.swap_remove(0) })
 }
-// ANCHOR_END: caption_images
 
 // ANCHOR: pick_captions
 /// One caption per image for this step: for ids (B, K, L) and lens (B, K), caption k ~ U{0..K−1} of each image, then
@@ -165,7 +177,6 @@ pub fn pick_captions(ids: &Tensor, lens: &Tensor, empty: &Encoded, p_uncond: f64
 /// (N, C, H, W) in [−1, 1], each step reading one of each image's `captions` through the frozen `text_encoder`
 /// (which is not on the trainer's VarStore, so it never changes), dropped to `empty` (the tokenised "") with
 /// probability `p_uncond`. Returns the f32 VarStore with the EMA weights (or the last ones), the model, the outcome.
-// ANCHOR: train_text
 #[allow(clippy::too_many_arguments)]
 pub fn train_text_cond_unet(
     config: &UNetConfig,
@@ -182,6 +193,38 @@ pub fn train_text_cond_unet(
     resume: bool,
     cb: &mut dyn FnMut(StepInfo),
 ) -> Result<(VarStore, TextUNet, TrainOutcome)> {
+    let text = TextData { encoder: text_encoder, captions, empty, p_uncond };
+    train_text_cond_unet_on(config, text, images, &|x| x.shallow_clone(), sched, weight, cfg, device, ckpt, resume, cb)
+}
+
+/// The text side of a training set: the frozen encoder, the captions of every row, the tokenised "" and the rate of
+/// condition dropout.
+#[derive(Clone, Copy)]
+pub struct TextData<'a> {
+    pub encoder: &'a TextEncoder,
+    pub captions: &'a CaptionIds,
+    pub empty: &'a Encoded,
+    pub p_uncond: f64,
+}
+
+/// [`train_text_cond_unet`] on rows of `data` (N, …) that `x0_of` turns into the clean x₀ of each batch: the
+/// identity for pixels, a draw z ~ q(z|x) from stored posterior moments for the latents of lesson 08.
+// ANCHOR: train_text
+#[allow(clippy::too_many_arguments)]
+pub fn train_text_cond_unet_on(
+    config: &UNetConfig,
+    text: TextData,
+    data: &Tensor,
+    x0_of: &dyn Fn(&Tensor) -> Tensor,
+    sched: &NoiseSchedule,
+    weight: LossWeight,
+    cfg: &TrainerConfig,
+    device: Device,
+    ckpt: Option<&Path>,
+    resume: bool,
+    cb: &mut dyn FnMut(StepInfo),
+) -> Result<(VarStore, TextUNet, TrainOutcome)> {
+    let TextData { encoder: text_encoder, captions, empty, p_uncond } = text;
     ensure!((0.0..=1.0).contains(&p_uncond), "--p-uncond must lie in [0, 1], got {p_uncond}");
     let width = text_encoder.config.hidden_size;
     ensure!(
@@ -200,9 +243,9 @@ pub fn train_text_cond_unet(
     let mut loss_fn = |net: &TextUNet, _: &TextUNet, batch: &[Tensor], _step: usize| {
         let (ids, mask) = pick_captions(&batch[1], &batch[2], empty, p_uncond); // (B, L) each
         let context = encode_context(text_encoder, &ids, &mask).to_kind(kind); // (B, L, D + 1)
-        objective.loss(&WithContext { model: net, context: &context }, &batch[0].to_kind(kind))
+        objective.loss(&WithContext { model: net, context: &context }, &x0_of(&batch[0]).to_kind(kind))
     };
-    let data = [images, &captions.ids, &captions.lens];
+    let data = [data, &captions.ids, &captions.lens];
     let build = |p: tch::nn::Path| TextUNet(UNet::new(p, config.clone()));
     train_model(build, &data, cfg, device, ckpt, resume, cb, &mut loss_fn)
 }

@@ -9,17 +9,16 @@
 //! layout with a CRC-32 over type and data), 11.2.2 (IHDR), 9.2 (filter type 0 per scanline), 10 (zlib stream).
 use super::checkpoint;
 use super::ddpm::{sample, to_unit};
-use super::text_cond::{encode_context, lens_to_mask, TextUNet};
+use super::prompt_encoder::PromptEncoder;
+use super::text_cond::TextUNet;
 use crate::data::captions::AttributeBins;
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
+use crate::nn::text_encoder::TextEncoderConfig;
 use crate::nn::unet::{UNet, UNetConfig};
 use crate::sampling::ddpm::{DdpmStep, PosteriorVariance};
 use crate::sampling::guidance::ClassifierFreeGuidance;
-use crate::text::bpe::{END_OF_TEXT, END_OF_WORD, START_OF_TEXT};
 use crate::text::{Bpe, Coverage, Encoded};
-use anyhow::{bail, ensure, Context, Result};
-use std::collections::HashSet;
+use anyhow::{ensure, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
@@ -55,24 +54,21 @@ pub struct PipelineConfig {
     pub seen_tokens: Vec<i64>,
 }
 
-/// The pipeline: tokenizer, frozen text encoder, UNet, schedule, and the attribute bins that caption its data.
+/// The pipeline: tokenizer and frozen text encoder ([`PromptEncoder`]), UNet, schedule, and the attribute bins that
+/// caption its data.
 pub struct TextToImage {
     pub config: PipelineConfig,
-    pub tokenizer: Bpe,
-    pub text_encoder: TextEncoder,
+    pub prompts: PromptEncoder,
     pub unet: TextUNet,
     /// The terciles of thickness, slant and size the training captions were written with (None in toy pipelines).
     pub bins: Option<AttributeBins>,
-    seen: HashSet<i64>,
     sched: NoiseSchedule,
-    text_vs: VarStore,
     unet_vs: VarStore,
 }
 
 impl TextToImage {
-    /// Assembles a pipeline from trained parts: the text encoder is rebuilt on its own frozen VarStore, under
-    /// `text_model.` as in CLIP checkpoints, with the weights of `text_vs` (a [`crate::nn::clip::MiniClip`]'s
-    /// VarStore works: the names match); `unet_vs` holds the UNet `unet` was built on.
+    /// Assembles a pipeline from trained parts: the text encoder is rebuilt on its own frozen VarStore with the
+    /// weights of `text_vs` ([`PromptEncoder::new`]); `unet_vs` holds the UNet `unet` was built on.
     pub fn new(
         config: PipelineConfig,
         tokenizer: Bpe,
@@ -82,75 +78,38 @@ impl TextToImage {
         unet: TextUNet,
         bins: Option<AttributeBins>,
     ) -> Result<Self> {
-        let device = unet_vs.device();
-        let mut own = VarStore::new(device);
-        let text_encoder = TextEncoder::new(own.root() / "text_model", text_config);
-        own.copy(text_vs).context("the text encoder's weights: text_vs must hold text_model.* of the same shapes")?;
-        own.freeze();
-        Self::assemble(config, tokenizer, own, text_encoder, unet_vs, unet, bins)
+        let (len, seen) = (config.context_len, &config.seen_tokens);
+        let prompts = PromptEncoder::new(tokenizer, text_config, text_vs, len, seen, unet_vs.device())?;
+        Self::assemble(config, prompts, unet_vs, unet, bins)
     }
 
     fn assemble(
         config: PipelineConfig,
-        tokenizer: Bpe,
-        text_vs: VarStore,
-        text_encoder: TextEncoder,
+        prompts: PromptEncoder,
         unet_vs: VarStore,
         unet: TextUNet,
         bins: Option<AttributeBins>,
     ) -> Result<Self> {
-        let (text, u) = (&text_encoder.config, &unet.0.config);
         ensure!(
-            config.context_len as i64 <= text.max_position_embeddings && config.context_len >= 2,
-            "context_len {} must lie in 2..={} (the text encoder's positions)",
-            config.context_len,
-            text.max_position_embeddings
-        );
-        ensure!(tokenizer.vocab_size() as i64 == text.vocab_size, "the tokenizer and text encoder vocabularies differ");
-        ensure!(
-            u.cross_attention_dim == Some(text.hidden_size),
+            unet.0.config.cross_attention_dim == Some(prompts.hidden_size()),
             "the UNet must cross-attend to the text states' width"
         );
         let sched = NoiseSchedule::by_name(&config.schedule, config.num_train_timesteps)?;
-        let seen = config.seen_tokens.iter().copied().collect();
-        Ok(Self { config, tokenizer, text_encoder, unet, bins, seen, sched, text_vs, unet_vs })
+        Ok(Self { config, prompts, unet, bins, sched, unet_vs })
     }
 
     pub fn device(&self) -> Device {
         self.unet_vs.device()
     }
 
-    // ANCHOR: check_prompt
-    /// Whether the pipeline can read `prompt`: an error for an empty prompt, one with no word the training captions
-    /// had, or one longer than the context; otherwise which of its words are known. (Byte-level BPE encodes any
-    /// text, an unknown word as many byte tokens, so the vocabulary check comes before the length check.)
+    /// [`PromptEncoder::check_prompt`].
     pub fn check_prompt(&self, prompt: &str) -> Result<Coverage> {
-        let example = "describe a digit, e.g. \"a bold 7\", \"seven\" or \"the number 3, leaning left\"";
-        ensure!(!prompt.trim().is_empty(), "the prompt is empty: {example}");
-        let coverage = self.tokenizer.coverage(prompt, &self.seen);
-        if !coverage.any_known() {
-            let unknown: Vec<String> = coverage.unknown_words().iter().map(|w| format!("\"{w}\"")).collect();
-            bail!("no word of the prompt was in the training captions (unknown: {}): {example}", unknown.join(", "));
-        }
-        let tokens = self.tokenizer.encode(prompt).len();
-        let limit = self.config.context_len - 2; // start and end take two positions
-        ensure!(
-            tokens <= limit,
-            "the prompt is {tokens} tokens long, the text encoder reads at most {limit} (context of {} with start and \
-             end tokens): shorten it",
-            self.config.context_len
-        );
-        Ok(coverage)
+        self.prompts.check_prompt(prompt)
     }
-    // ANCHOR_END: check_prompt
 
     /// τ(prompt) for the UNet, (1, L, D + 1) on the pipeline's device, without any check ("" is the ∅ prompt).
     pub fn context(&self, prompt: &str) -> (Encoded, Tensor) {
-        let e = self.tokenizer.encode_padded(prompt, self.config.context_len);
-        let ids = Tensor::from_slice(&e.ids).unsqueeze(0).to_device(self.device()); // (1, L)
-        let mask = lens_to_mask(&Tensor::from_slice(&[e.len as i64]).to_device(self.device()), e.ids.len() as i64);
-        let context = encode_context(&self.text_encoder, &ids, &mask);
-        (e, context)
+        self.prompts.context(prompt)
     }
 
     /// `n` images (n, 1, S, S) in [0, 1], on the CPU, for `prompt`, guided away from `negative` (None or blank: the
@@ -185,13 +144,7 @@ impl TextToImage {
         ensure!(guidance.is_finite(), "the guidance scale must be a finite number, got {guidance}");
         let t = self.sched.num_steps();
         ensure!((1..=t).contains(&steps), "--steps must lie in 1..={t} (the training schedule), got {steps}");
-        self.check_prompt(prompt).context("in the prompt")?;
-        let negative = negative.filter(|s| !s.trim().is_empty());
-        if let Some(neg) = negative {
-            self.check_prompt(neg).context("in the negative prompt")?;
-        }
-        let (_, cond) = self.context(prompt); // (1, L, D + 1)
-        let (_, uncond) = self.context(negative.unwrap_or("")); // ε_∅, or ε_neg in its place
+        let (cond, uncond) = self.prompts.cond_uncond(prompt, negative)?; // uncond: ε_∅, or ε_neg in its place
         let guided = ClassifierFreeGuidance::new(&self.unet, cond, uncond, guidance);
         let s = self.config.image_size;
         tch::manual_seed(seed as i64);
@@ -224,14 +177,9 @@ impl TextToImage {
         Ok((weights.tr().reshape([-1, 1, finest, width]).to_device(Device::Cpu), labels))
     }
 
-    /// The text of a token for figure labels: "seven", "<start>", "<end>" (a word piece keeps no `</w>` mark).
+    /// [`PromptEncoder::token_label`].
     pub fn token_label(&self, id: i64) -> String {
-        match self.tokenizer.token(id) {
-            Some(START_OF_TEXT) => "<start>".into(),
-            Some(END_OF_TEXT) => "<end>".into(),
-            Some(t) => t.trim_end_matches(END_OF_WORD).to_string(),
-            None => format!("#{id}"),
-        }
+        self.prompts.token_label(id)
     }
 
     /// Writes the bundle into `dir`: pipeline.json, merges.txt, text_encoder.safetensors and unet.safetensors (each
@@ -240,8 +188,7 @@ impl TextToImage {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let json = serde_json::to_string_pretty(&self.config)?;
         crate::cli::write_atomic(&dir.join("pipeline.json"), json.as_bytes())?;
-        self.tokenizer.save(dir.join("merges.txt"))?;
-        checkpoint::save(&self.text_vs, &dir.join("text_encoder.safetensors"), &self.text_encoder.config)?;
+        self.prompts.save(dir)?;
         checkpoint::save(&self.unet_vs, &dir.join("unet.safetensors"), &self.unet.0.config)?;
         if let Some(bins) = &self.bins {
             bins.save(&dir.join("attribute_bins.json"))?;
@@ -255,19 +202,14 @@ impl TextToImage {
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let config: PipelineConfig =
             serde_json::from_str(&text).with_context(|| format!("{} is not a pipeline config", path.display()))?;
-        let tokenizer = Bpe::load(dir.join("merges.txt"))?;
-        let text_path = dir.join("text_encoder.safetensors");
-        let mut text_vs = VarStore::new(device);
-        let text_encoder = TextEncoder::new(text_vs.root() / "text_model", checkpoint::load_config(&text_path)?);
-        checkpoint::load(&mut text_vs, &text_path)?;
-        text_vs.freeze();
+        let prompts = PromptEncoder::load(dir, config.context_len, &config.seen_tokens, device)?;
         let unet_path = dir.join("unet.safetensors");
         let mut unet_vs = VarStore::new(device);
         let unet = TextUNet(UNet::new(unet_vs.root(), checkpoint::load_config::<UNetConfig>(&unet_path)?));
         checkpoint::load(&mut unet_vs, &unet_path)?;
         let bins_path = dir.join("attribute_bins.json");
         let bins = bins_path.exists().then(|| AttributeBins::load(&bins_path)).transpose()?;
-        Self::assemble(config, tokenizer, text_vs, text_encoder, unet_vs, unet, bins)
+        Self::assemble(config, prompts, unet_vs, unet, bins)
     }
 }
 
@@ -324,7 +266,7 @@ mod tests {
         let bpe = Bpe::train(&corpus, 20);
         let text_config = TextEncoderConfig { vocab_size: bpe.vocab_size() as i64, ..TextEncoderConfig::tiny() };
         let text_vs = VarStore::new(Device::Cpu);
-        let _ = TextEncoder::new(text_vs.root() / "text_model", text_config.clone());
+        let _ = crate::nn::text_encoder::TextEncoder::new(text_vs.root() / "text_model", text_config.clone());
         let unet_vs = VarStore::new(Device::Cpu);
         let unet = TextUNet(UNet::new(unet_vs.root(), UNetConfig::tiny_cond(16)));
         let config = PipelineConfig {

@@ -1,0 +1,200 @@
+//! Grading lesson 08's edits and speed with the crate's own tools:
+//!
+//! - **img2img**: test digits redrawn towards a *different* digit's prompt; the fraction the classifier reads as the
+//!   new digit (and the fraction still read as the old one), per strength.
+//! - **Inpainting**: the bottom half of test digits masked and redrawn for the digit's own prompt; how well the
+//!   unmasked half survives (mean absolute pixel error, against the VAE's own reconstruction error there) and how
+//!   often the completed digit reads right.
+//! - **Speed**: images per second of lesson 06's pixel-space pipeline and of the latent one, at the same number of
+//!   sampler steps (one guided UNet evaluation per step in both), measured one after the other in the same process.
+use crate::data::captions::eval_prompts;
+use crate::eval::classifier::MnistClassifier;
+use crate::plot;
+use crate::train::latent_diffusion::{masked_mae, Draw, LatentDiffusion};
+use crate::train::text_to_image::TextToImage;
+use anyhow::Result;
+use std::path::Path;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// The digit test image i is redrawn into: never its own (label + 1 + i mod 9, mod 10).
+pub fn new_digit(label: i64, i: i64) -> i64 {
+    (label + 1 + i % 9) % 10
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Img2ImgPoint {
+    pub strength: f64,
+    /// Fraction read as the prompted (new) digit.
+    pub new_digit: f64,
+    /// Fraction still read as the input's digit.
+    pub old_digit: f64,
+}
+
+// ANCHOR: img2img_study
+/// img2img of `images` (N, 1, S, S) in [0, 1] with digit `labels` (N,) at each of `strengths`: image i is asked for
+/// [`new_digit`] with phrasing i mod 5 of [`eval_prompts`]. Draws the first `shown` inputs' rows into `figure`.
+#[allow(clippy::too_many_arguments)]
+pub fn img2img_study(
+    pipe: &LatentDiffusion,
+    clf: &MnistClassifier,
+    images: &Tensor,
+    labels: &Tensor,
+    strengths: &[f64],
+    draw: &Draw,
+    shown: i64,
+    figure: &Path,
+) -> Result<Vec<Img2ImgPoint>> {
+    let labels = Vec::<i64>::try_from(labels)?;
+    let targets: Vec<i64> = labels.iter().enumerate().map(|(i, &l)| new_digit(l, i as i64)).collect();
+    let (mut points, mut columns) = (Vec::new(), Vec::new());
+    for &strength in strengths {
+        let mut out = images.zeros_like(); // (N, 1, S, S)
+        for digit in 0..10 {
+            for (k, prompt) in eval_prompts(digit).iter().enumerate() {
+                let rows: Vec<i64> =
+                    (0..labels.len() as i64).filter(|&i| targets[i as usize] == digit && i % 5 == k as i64).collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                let index = Tensor::from_slice(&rows);
+                let draw = Draw { seed: draw.seed + (10 * digit) as u64 + k as u64, ..*draw };
+                let x = pipe.img2img(&images.index_select(0, &index), prompt, None, strength, &draw)?;
+                out = out.index_copy(0, &index, &x);
+            }
+        }
+        let predicted = Vec::<i64>::try_from(clf.probabilities(&out).argmax(-1, false).to_device(Device::Cpu))?;
+        let frac = |want: &[i64]| predicted.iter().zip(want).filter(|(p, w)| p == w).count() as f64 / want.len() as f64;
+        points.push(Img2ImgPoint { strength, new_digit: frac(&targets), old_digit: frac(&labels) });
+        columns.push(out.narrow(0, 0, shown));
+    }
+    // one row per input: the input, then its redraw at each strength
+    let mut all = vec![images.narrow(0, 0, shown).to_device(Device::Cpu)];
+    all.extend(columns);
+    let grid = Tensor::stack(&all, 1); // (shown, 1 + strengths, 1, S, S)
+    let n_cols = 1 + strengths.len();
+    let mut labels_fig = vec![String::new(); (shown as usize) * n_cols];
+    labels_fig[0] = "input".into();
+    for (j, s) in strengths.iter().enumerate() {
+        labels_fig[1 + j] = format!("s={s}");
+    }
+    for i in 0..shown as usize {
+        labels_fig[i * n_cols] = format!("→ {}", targets[i]);
+    }
+    let title = "img2img: each input redrawn towards another digit's prompt at strengths s";
+    plot::image_grid(figure, title, &grid.flatten(0, 1), n_cols, 3, &labels_fig)?;
+    Ok(points)
+}
+// ANCHOR_END: img2img_study
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InpaintReport {
+    pub n: i64,
+    /// Mean |output − input| over the unmasked pixels, before pasting them back (the decoder's doing).
+    pub unmasked_mae: f64,
+    /// The same error of the plain VAE reconstruction: what the decoder alone costs there.
+    pub unmasked_mae_reconstruction: f64,
+    /// After pasting the unmasked pixels back from the input (what `lesson08 inpaint` writes): 0 by construction.
+    pub unmasked_mae_pasted: f64,
+    /// Fraction of completed digits read as the prompted (their own) digit.
+    pub accuracy: f64,
+}
+
+/// The bottom half of each of `images` (N, 1, S, S) masked and redrawn for its own digit's prompt (phrasing
+/// i mod 5); the first `shown` rows (input, masked input, output, pasted) go into `figure`.
+pub fn inpaint_study(
+    pipe: &LatentDiffusion,
+    clf: &MnistClassifier,
+    images: &Tensor,
+    labels: &Tensor,
+    draw: &Draw,
+    shown: i64,
+    figure: &Path,
+) -> Result<InpaintReport> {
+    let (n, s) = (images.size()[0], images.size()[2]);
+    let mask = Tensor::zeros([1, 1, s, s], (Kind::Float, Device::Cpu));
+    let _ = mask.narrow(2, s / 2, s - s / 2).fill_(1.0); // redraw rows S/2..S
+    let label_vec = Vec::<i64>::try_from(labels)?;
+    let (mut decoded, mut pasted) = (images.zeros_like(), images.zeros_like());
+    for digit in 0..10 {
+        for (k, prompt) in eval_prompts(digit).iter().enumerate() {
+            let rows: Vec<i64> = (0..n).filter(|&i| label_vec[i as usize] == digit && i % 5 == k as i64).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let index = Tensor::from_slice(&rows);
+            let draw = Draw { seed: draw.seed + (10 * digit) as u64 + k as u64, ..*draw };
+            let (d, p) = pipe.inpaint(&images.index_select(0, &index), &mask, prompt, None, &draw)?;
+            decoded = decoded.index_copy(0, &index, &d);
+            pasted = pasted.index_copy(0, &index, &p);
+        }
+    }
+    let keep = 1.0 - &mask;
+    let reconstruction = pipe.decode(&pipe.encode(images));
+    let accuracy = clf.accuracy(&pasted, labels);
+    let report = InpaintReport {
+        n,
+        unmasked_mae: masked_mae(&decoded, images, &keep),
+        unmasked_mae_reconstruction: masked_mae(&reconstruction, images, &keep),
+        unmasked_mae_pasted: masked_mae(&pasted, images, &keep),
+        accuracy,
+    };
+    let k = shown.min(n);
+    let masked_input = images.narrow(0, 0, k) * &keep + &mask * 0.5; // the redrawn half shown grey
+    let rows = [images.narrow(0, 0, k), masked_input, decoded.narrow(0, 0, k), pasted.narrow(0, 0, k)];
+    let labels_fig: Vec<String> = ["input", "mask", "output", "pasted"]
+        .iter()
+        .flat_map(|l| std::iter::once(l.to_string()).chain((1..k).map(|_| String::new())))
+        .collect();
+    let title = "inpainting: the bottom half redrawn for the digit's own prompt";
+    plot::image_grid(figure, title, &Tensor::cat(&rows, 0), k as usize, 3, &labels_fig)?;
+    Ok(report)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SpeedReport {
+    pub images: i64,
+    pub steps: usize,
+    pub pixel_images_per_s: f64,
+    pub latent_images_per_s: f64,
+    /// latent / pixel.
+    pub speedup: f64,
+}
+
+// ANCHOR: sampling_speed
+/// Images per second of `pixel` (lesson 06: DDPM over 28×28 pixels) and `latent` (this lesson: `draw.sampler`
+/// over 4 × 7 × 7 latents, plus the VAE decode), `n` images of one prompt at `draw.steps` steps and guidance
+/// `draw.guidance` each; one image of each first, to warm up.
+pub fn sampling_speed(pixel: &TextToImage, latent: &LatentDiffusion, n: i64, draw: &Draw) -> Result<SpeedReport> {
+    let prompt = "a handwritten seven";
+    let time = |f: &mut dyn FnMut(i64) -> Result<Tensor>| -> Result<f64> {
+        let _ = f(1)?;
+        let t = Instant::now();
+        let _ = f(n)?;
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    };
+    let pixel_rate = time(&mut |k| pixel.generate(prompt, None, k, draw.guidance, draw.steps, draw.seed))?;
+    let latent_rate = time(&mut |k| latent.generate(prompt, None, k, draw))?;
+    Ok(SpeedReport {
+        images: n,
+        steps: draw.steps,
+        pixel_images_per_s: pixel_rate,
+        latent_images_per_s: latent_rate,
+        speedup: latent_rate / pixel_rate,
+    })
+}
+// ANCHOR_END: sampling_speed
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_new_digit_is_never_the_old_one_and_covers_the_others() {
+        for label in 0..10 {
+            let targets: std::collections::HashSet<i64> = (0..9).map(|i| new_digit(label, i)).collect();
+            assert_eq!(targets.len(), 9);
+            assert!(!targets.contains(&label));
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The text half of a text-to-image pipeline, shared by lesson 06 (pixels) and lesson 08 (latents): the tokenizer,
+//! the frozen text encoder and the tokens its training captions used. It checks a prompt before any work and turns
+//! it into the context τ(y) the UNet cross-attends to (diffusers: the pipeline's `tokenizer` + `text_encoder` and
+//! its `encode_prompt`).
+use super::checkpoint;
+use super::text_cond::{encode_context, lens_to_mask};
+use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
+use crate::text::bpe::{END_OF_TEXT, END_OF_WORD, START_OF_TEXT};
+use crate::text::{Bpe, Coverage, Encoded};
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::HashSet;
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+/// Tokenizer + frozen text encoder, saved as `merges.txt` and `text_encoder.safetensors` (+ its JSON config).
+pub struct PromptEncoder {
+    pub tokenizer: Bpe,
+    pub text_encoder: TextEncoder,
+    /// Tokens per prompt, start and end included (≤ the text encoder's max_position_embeddings).
+    pub context_len: usize,
+    seen: HashSet<i64>,
+    text_vs: VarStore,
+}
+
+impl PromptEncoder {
+    /// Rebuilds the text encoder on its own frozen VarStore, under `text_model.` as in CLIP checkpoints, with the
+    /// weights of `text_vs` (a [`crate::nn::clip::MiniClip`]'s VarStore works: the names match). `seen_tokens`: every
+    /// token id of the training captions.
+    pub fn new(
+        tokenizer: Bpe,
+        text_config: TextEncoderConfig,
+        text_vs: &VarStore,
+        context_len: usize,
+        seen_tokens: &[i64],
+        device: Device,
+    ) -> Result<Self> {
+        let mut own = VarStore::new(device);
+        let text_encoder = TextEncoder::new(own.root() / "text_model", text_config);
+        own.copy(text_vs).context("the text encoder's weights: text_vs must hold text_model.* of the same shapes")?;
+        Self::assemble(tokenizer, own, text_encoder, context_len, seen_tokens)
+    }
+
+    fn assemble(
+        tokenizer: Bpe,
+        mut text_vs: VarStore,
+        text_encoder: TextEncoder,
+        context_len: usize,
+        seen_tokens: &[i64],
+    ) -> Result<Self> {
+        let text = &text_encoder.config;
+        ensure!(
+            context_len as i64 <= text.max_position_embeddings && context_len >= 2,
+            "context_len {context_len} must lie in 2..={} (the text encoder's positions)",
+            text.max_position_embeddings
+        );
+        ensure!(tokenizer.vocab_size() as i64 == text.vocab_size, "the tokenizer and text encoder vocabularies differ");
+        text_vs.freeze();
+        let seen = seen_tokens.iter().copied().collect();
+        Ok(Self { tokenizer, text_encoder, context_len, seen, text_vs })
+    }
+
+    /// Width D of the token states (the UNet's cross_attention_dim).
+    pub fn hidden_size(&self) -> i64 {
+        self.text_encoder.config.hidden_size
+    }
+
+    pub fn device(&self) -> Device {
+        self.text_vs.device()
+    }
+
+    // ANCHOR: check_prompt
+    /// Whether the pipeline can read `prompt`: an error for an empty prompt, one with no word the training captions
+    /// had, or one longer than the context; otherwise which of its words are known. (Byte-level BPE encodes any
+    /// text, an unknown word as many byte tokens, so the vocabulary check comes before the length check.)
+    pub fn check_prompt(&self, prompt: &str) -> Result<Coverage> {
+        let example = "describe a digit, e.g. \"a bold 7\", \"seven\" or \"the number 3, leaning left\"";
+        ensure!(!prompt.trim().is_empty(), "the prompt is empty: {example}");
+        let coverage = self.tokenizer.coverage(prompt, &self.seen);
+        if !coverage.any_known() {
+            let unknown: Vec<String> = coverage.unknown_words().iter().map(|w| format!("\"{w}\"")).collect();
+            bail!("no word of the prompt was in the training captions (unknown: {}): {example}", unknown.join(", "));
+        }
+        let tokens = self.tokenizer.encode(prompt).len();
+        let limit = self.context_len - 2; // start and end take two positions
+        ensure!(
+            tokens <= limit,
+            "the prompt is {tokens} tokens long, the text encoder reads at most {limit} (context of {} with start and \
+             end tokens): shorten it",
+            self.context_len
+        );
+        Ok(coverage)
+    }
+    // ANCHOR_END: check_prompt
+
+    /// τ(prompt) for the UNet, (1, L, D + 1) on the encoder's device, without any check ("" is the ∅ prompt).
+    pub fn context(&self, prompt: &str) -> (Encoded, Tensor) {
+        let e = self.tokenizer.encode_padded(prompt, self.context_len);
+        let ids = Tensor::from_slice(&e.ids).unsqueeze(0).to_device(self.device()); // (1, L)
+        let mask = lens_to_mask(&Tensor::from_slice(&[e.len as i64]).to_device(self.device()), e.ids.len() as i64);
+        let context = encode_context(&self.text_encoder, &ids, &mask);
+        (e, context)
+    }
+
+    /// The checked contexts of a prompt and of its negative (None or blank: the empty prompt ∅), (1, L, D + 1) each.
+    pub fn cond_uncond(&self, prompt: &str, negative: Option<&str>) -> Result<(Tensor, Tensor)> {
+        self.check_prompt(prompt).context("in the prompt")?;
+        let negative = negative.filter(|s| !s.trim().is_empty());
+        if let Some(neg) = negative {
+            self.check_prompt(neg).context("in the negative prompt")?;
+        }
+        Ok((self.context(prompt).1, self.context(negative.unwrap_or("")).1))
+    }
+
+    /// The text of a token for figure labels: "seven", "<start>", "<end>" (a word piece keeps no `</w>` mark).
+    pub fn token_label(&self, id: i64) -> String {
+        match self.tokenizer.token(id) {
+            Some(START_OF_TEXT) => "<start>".into(),
+            Some(END_OF_TEXT) => "<end>".into(),
+            Some(t) => t.trim_end_matches(END_OF_WORD).to_string(),
+            None => format!("#{id}"),
+        }
+    }
+
+    /// Writes merges.txt and text_encoder.safetensors (with text_encoder.json) into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.tokenizer.save(dir.join("merges.txt"))?;
+        checkpoint::save(&self.text_vs, &dir.join("text_encoder.safetensors"), &self.text_encoder.config)
+    }
+
+    /// Loads what [`Self::save`] wrote in `dir` onto `device`.
+    pub fn load(dir: &Path, context_len: usize, seen_tokens: &[i64], device: Device) -> Result<Self> {
+        let tokenizer = Bpe::load(dir.join("merges.txt"))?;
+        let text_path = dir.join("text_encoder.safetensors");
+        let mut text_vs = VarStore::new(device);
+        let text_encoder = TextEncoder::new(text_vs.root() / "text_model", checkpoint::load_config(&text_path)?);
+        checkpoint::load(&mut text_vs, &text_path)?;
+        Self::assemble(tokenizer, text_vs, text_encoder, context_len, seen_tokens)
+    }
+}
