@@ -1,0 +1,77 @@
+//! Parity with the reference implementation: `tests/parity/make_reference.py` builds diffusers' `AutoencoderKL` from
+//! a tiny SD-shaped config with random weights and writes the weights and its outputs for a fixed input; our
+//! `AutoencoderKl` loads the same file (diffusers' names, no key map) and must agree to 1e-4 in f32. The test skips,
+//! saying why, when Python or diffusers is missing (`./run.sh setup` installs diffusers into .venv).
+use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
+use scratch_diffusion::train::checkpoint;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::{nn::VarStore, Device, Tensor};
+
+/// The venv's python (SCRATCH_DIFFUSION_VENV or .venv, as run.sh), else python3 on the PATH.
+fn python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = std::env::var("SCRATCH_DIFFUSION_VENV").unwrap_or_else(|_| ".venv".into());
+    let p = root.join(venv).join("bin/python");
+    if p.exists() {
+        p
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// Runs the reference script into a temporary folder; None (and a message) when diffusers is not available.
+fn reference() -> Option<tempfile::TempDir> {
+    let py = python();
+    let has = Command::new(&py).args(["-c", "import diffusers, safetensors"]).output();
+    if !matches!(&has, Ok(o) if o.status.success()) {
+        println!("skipped: {} cannot import diffusers (run ./run.sh setup, which installs it)", py.display());
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/make_reference.py");
+    let out = Command::new(&py).arg(script).arg(dir.path()).output().expect("python runs");
+    assert!(out.status.success(), "make_reference.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    Some(dir)
+}
+
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn our_autoencoder_matches_diffusers_autoencoder_kl() {
+    let Some(dir) = reference() else { return };
+    tch::set_num_threads(1);
+    // the config of make_reference.py
+    let config = VaeConfig {
+        in_channels: 3,
+        out_channels: 3,
+        block_out_channels: vec![8, 16],
+        layers_per_block: 1,
+        latent_channels: 4,
+        norm_num_groups: 4,
+        scaling_factor: 1.0,
+    };
+    let mut vs = VarStore::new(Device::Cpu);
+    let vae = AutoencoderKl::new(vs.root(), config);
+    let weights = dir.path().join("vae.safetensors");
+    checkpoint::load(&mut vs, &weights).expect("diffusers' state_dict loads under our names");
+    // every tensor of the file is used: the names match both ways
+    assert_eq!(read(&weights).len(), vs.variables().len(), "the file and our model have the same tensors");
+    let r = read(&dir.path().join("vae_reference.safetensors"));
+    tch::no_grad(|| {
+        let q = vae.encode(&r["x"]);
+        let moments = Tensor::cat(&[&q.mean, &q.logvar], 1);
+        let (de, dd) = (max_diff(&moments, &r["moments"]), max_diff(&vae.decode(&r["z"]), &r["decoded"]));
+        println!("max |ours − diffusers|: encoder moments {de:.2e}, decoder {dd:.2e}");
+        assert!(de <= 1e-4, "encoder moments differ by {de}");
+        assert!(dd <= 1e-4, "decoder output differs by {dd}");
+    });
+}

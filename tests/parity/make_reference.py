@@ -1,0 +1,70 @@
+"""Reference outputs from diffusers for the Rust parity tests (tests/parity.rs).
+
+Builds diffusers' AutoencoderKL from a tiny SD-shaped config with random weights (every parameter, norms included,
+drawn at random so that no term can hide behind a zero or a one), runs it on a fixed input, and writes the weights
+and the outputs as safetensors into the folder given as the only argument:
+
+    vae.safetensors             the state_dict, under diffusers' own names
+    vae_reference.safetensors   x (the input), moments (quant_conv(encoder(x)): mean and log-variance), z (the
+                                posterior mean) and decoded (vae.decode(z))
+    versions.txt                torch and diffusers versions
+
+Run from the venv that provides libtorch, with diffusers installed (./run.sh setup installs it).
+"""
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import save_file
+
+# The tiny config; tests/parity.rs builds VaeConfig with the same numbers.
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=4,
+    sample_size=16,
+)
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter at random: conv and linear weights N(0, 2/fan_in) (activations stay O(1) through the
+    blocks), norm scales 1 + N(0, 0.2²), biases N(0, 0.2²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:
+                p.copy_(r * (2.0 / p[0].numel()) ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * r)
+            else:
+                p.copy_(0.2 * r)
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    vae = AutoencoderKL(**VAE_CONFIG).eval()
+    randomize(vae, 1)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean
+        decoded = vae.decode(z).sample
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
+    save_file(
+        {"x": x, "moments": posterior.parameters.contiguous(), "z": z.contiguous(), "decoded": decoded.contiguous()},
+        str(out / "vae_reference.safetensors"),
+    )
+    import diffusers
+
+    (out / "versions.txt").write_text(f"torch {torch.__version__}\ndiffusers {diffusers.__version__}\n")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
