@@ -89,6 +89,13 @@ fn quick_run_writes_figures_and_weights_that_the_subcommands_read() {
     assert_user_error(&draw("sample", &["--prompt", "zebra"]), "\"zebra\"");
     assert_user_error(&draw("sample", &["--prompt", "7", "--sampler", "magic"]), "unknown sampler");
     assert_user_error(&draw("sample", &["--prompt", "7", "--sampler", "pc"]), "predictor");
+
+    // --resume: the finished autoencoder is reloaded, the latent UNet continues from its checkpoint at step 10
+    let resumed = ["--quick", "--vae-steps", "8", "--steps", "12", "--eval-samples", "2", "--sample-steps", "3"];
+    assert_ok(&run_lesson(BIN, &[&resumed[..], &["--resume", "--out", d]].concat()));
+    let m = metrics(dir.path());
+    assert_eq!((m["unet"]["steps"].as_i64(), m["unet"]["resumed_from"].as_i64()), (Some(12), Some(10)));
+    assert_eq!(m["vae"]["psnr_db"].as_f64(), Some(psnr), "the same autoencoder, reloaded");
 }
 
 #[test]
