@@ -1,7 +1,9 @@
-//! Parity with the reference implementation: `tests/parity/make_reference.py` builds diffusers' `AutoencoderKL` from
-//! a tiny SD-shaped config with random weights and writes the weights and its outputs for a fixed input; our
-//! `AutoencoderKl` loads the same file (diffusers' names, no key map) and must agree to 1e-4 in f32. The test skips,
-//! saying why, when Python or diffusers is missing (`./run.sh setup` installs diffusers into .venv).
+//! Parity with the reference implementation: `tests/parity/make_reference.py` builds diffusers' `AutoencoderKL` and
+//! `UNet2DConditionModel` from tiny SD-shaped configs with random weights and writes the weights and their outputs
+//! for fixed inputs; our `AutoencoderKl` and `UNet` load the same files (diffusers' names, no key map) and must agree
+//! to 1e-4 in f32. The tests skip, saying why, when Python or diffusers is missing (`./run.sh test` installs diffusers
+//! into .venv).
+use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
 use scratch_diffusion::train::checkpoint;
 use std::collections::HashMap;
@@ -74,4 +76,33 @@ fn our_autoencoder_matches_diffusers_autoencoder_kl() {
         assert!(de <= 1e-4, "encoder moments differ by {de}");
         assert!(dd <= 1e-4, "decoder output differs by {dd}");
     });
+}
+
+#[test]
+fn our_unet_matches_diffusers_unet_2d_condition_model() {
+    let Some(dir) = reference() else { return };
+    tch::set_num_threads(1);
+    // UNET_CONFIG of make_reference.py: CrossAttnDownBlock2D + DownBlock2D, UpBlock2D + CrossAttnUpBlock2D
+    let config = UNetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        block_out_channels: vec![64, 128],
+        layers_per_block: 1,
+        attention: vec![true, false],
+        head_dim: 32,
+        dropout: 0.0,
+        cross_attention_dim: Some(32),
+        attention_heads: Some(2),
+        pooled_context_embedding: false,
+    };
+    let mut vs = VarStore::new(Device::Cpu);
+    let unet = UNet::new(vs.root(), config);
+    let weights = dir.path().join("unet.safetensors");
+    checkpoint::load(&mut vs, &weights).expect("diffusers' state_dict loads under our names");
+    assert_eq!(read(&weights).len(), vs.variables().len(), "the file and our model have the same tensors");
+    let r = read(&dir.path().join("unet_reference.safetensors"));
+    let eps = tch::no_grad(|| unet.forward_cond(&r["sample"], &r["timestep"], Some(&r["context"]), None, false));
+    let d = max_diff(&eps, &r["eps"]);
+    println!("max |ours − diffusers|: UNet output {d:.2e}");
+    assert!(d <= 1e-4, "UNet output differs by {d}");
 }

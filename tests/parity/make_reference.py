@@ -1,12 +1,14 @@
 """Reference outputs from diffusers for the Rust parity tests (tests/parity.rs).
 
-Builds diffusers' AutoencoderKL from a tiny SD-shaped config with random weights (every parameter, norms included,
-drawn at random so that no term can hide behind a zero or a one), runs it on a fixed input, and writes the weights
-and the outputs as safetensors into the folder given as the only argument:
+Builds diffusers' AutoencoderKL and UNet2DConditionModel from tiny SD-shaped configs with random weights (every
+parameter, norms included, drawn at random so that no term can hide behind a zero or a one), runs them on fixed
+inputs, and writes the weights and the outputs as safetensors into the folder given as the only argument:
 
-    vae.safetensors             the state_dict, under diffusers' own names
+    vae.safetensors             the VAE's state_dict, under diffusers' own names
     vae_reference.safetensors   x (the input), moments (quant_conv(encoder(x)): mean and log-variance), z (the
                                 posterior mean) and decoded (vae.decode(z))
+    unet.safetensors            the UNet's state_dict
+    unet_reference.safetensors  sample, timestep, context and eps (the UNet's output)
     versions.txt                torch and diffusers versions
 
 Run from the venv that provides libtorch, with diffusers installed (./run.sh setup installs it).
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 
 # The tiny config; tests/parity.rs builds VaeConfig with the same numbers.
@@ -29,6 +31,20 @@ VAE_CONFIG = dict(
     latent_channels=4,
     norm_num_groups=4,
     sample_size=16,
+)
+
+# SD 1.5's UNet layout shrunk: a cross-attention level and a plain one, 2 heads, context width 32.
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=2,  # diffusers' name for the number of heads in SD 1.x configs
+    norm_num_groups=32,
 )
 
 
@@ -60,6 +76,18 @@ def main(out: Path) -> None:
     save_file(
         {"x": x, "moments": posterior.parameters.contiguous(), "z": z.contiguous(), "decoded": decoded.contiguous()},
         str(out / "vae_reference.safetensors"),
+    )
+    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    randomize(unet, 3)
+    g = torch.Generator().manual_seed(4)
+    sample, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    timestep = torch.tensor([10, 700])
+    with torch.no_grad():
+        eps = unet(sample, timestep, encoder_hidden_states=context).sample
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(out / "unet.safetensors"))
+    save_file(
+        {"sample": sample, "timestep": timestep, "context": context, "eps": eps.contiguous()},
+        str(out / "unet_reference.safetensors"),
     )
     import diffusers
 
