@@ -1,11 +1,13 @@
 //! Parity with the reference implementations: `tests/parity/make_reference.py` builds diffusers' `AutoencoderKL` and
 //! `UNet2DConditionModel` and transformers' `CLIPTextModel` from tiny SD-shaped configs with random weights and
 //! writes the weights and their outputs for fixed inputs; our `AutoencoderKl`, `UNet` and `TextEncoder` load the
-//! same files (the references' names, no key map) and must agree to 1e-4 in f32. The tests skip, saying why, when
-//! Python, diffusers or transformers is missing (`./run.sh test` installs both into .venv).
+//! same files (the references' names, no key map) and must agree to 1e-4 in f32. Our CLIP tokenizer, with the
+//! vocabulary in data/clip, must give OpenAI's `simple_tokenizer` ids on `tests/parity/tokenizer_corpus.txt`. The
+//! tests skip, saying why, when Python or a reference is missing (`./run.sh test` installs them into .venv).
 use scratch_diffusion::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
+use scratch_diffusion::text::Bpe;
 use scratch_diffusion::train::checkpoint;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -136,4 +138,24 @@ fn our_text_encoder_matches_transformers_clip_text_model() {
     let d = max_diff(&hidden, &r["hidden"]);
     println!("max |ours − transformers|: last hidden state {d:.2e}");
     assert!(d <= 1e-4, "text encoder output differs by {d}");
+}
+
+#[test]
+fn our_tokenizer_matches_openai_simple_tokenizer_on_the_corpus() {
+    let Some(dir) = reference() else { return };
+    let path = dir.path().join("tokens.json");
+    if !path.exists() {
+        println!("skipped: clip-anytorch's simple_tokenizer.py or ftfy is not installed (./run.sh test installs them)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bpe = Bpe::load_clip_vocab_gz(root.join("data/clip/bpe_simple_vocab_16e6.txt.gz")).unwrap();
+    assert_eq!(bpe.vocab_size(), 49_408);
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(lines.len() >= 16, "the whole corpus was tokenised");
+    for line in &lines {
+        let text = line["text"].as_str().unwrap();
+        let want: Vec<i64> = line["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert_eq!(bpe.encode(text), want, "token ids of {text:?}");
+    }
 }

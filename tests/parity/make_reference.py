@@ -11,6 +11,9 @@ inputs, and writes the weights and the outputs as safetensors into the folder gi
     unet_reference.safetensors  sample, timestep, context and eps (the UNet's output)
     text_encoder.safetensors    transformers' CLIPTextModel state_dict (text_model.* in transformers 4, bare in 5)
     text_reference.safetensors  ids and hidden (the last hidden state, after final_layer_norm)
+    tokens.json                 OpenAI's simple_tokenizer ids of each line of tests/parity/tokenizer_corpus.txt, with
+                                data/clip/bpe_simple_vocab_16e6.txt.gz (when clip-anytorch's simple_tokenizer.py and
+                                ftfy are installed)
     versions.txt                torch, diffusers and transformers versions
 
 Run from the venv that provides libtorch, with diffusers installed (./run.sh setup installs it).
@@ -122,5 +125,24 @@ def main(out: Path) -> None:
     (out / "versions.txt").write_text(versions)
 
 
+def tokenize_corpus(out: Path) -> None:
+    """OpenAI's tokenizer, loaded from the clip-anytorch package's file (its __init__ would import torchvision)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("clip")
+    if spec is None or spec.submodule_search_locations is None:
+        return
+    path = Path(list(spec.submodule_search_locations)[0]) / "simple_tokenizer.py"
+    module_spec = importlib.util.spec_from_file_location("simple_tokenizer", path)
+    simple = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(simple)
+    root = Path(__file__).resolve().parents[2]
+    tok = simple.SimpleTokenizer(str(root / "data/clip/bpe_simple_vocab_16e6.txt.gz"))
+    lines = (root / "tests/parity/tokenizer_corpus.txt").read_text(encoding="utf-8").splitlines()
+    (out / "tokens.json").write_text(json.dumps([{"text": t, "ids": tok.encode(t)} for t in lines]))
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    tokenize_corpus(Path(sys.argv[1]))
