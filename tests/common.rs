@@ -43,3 +43,20 @@ pub fn assert_files(dir: &Path, names: &[&str]) {
         }
     }
 }
+
+/// (width, height, bit depth, colour type) from a PNG's IHDR chunk.
+pub fn png_header(path: &Path) -> (u32, u32, u8, u8) {
+    let bytes = std::fs::read(path).unwrap_or_else(|_| panic!("{} missing", path.display()));
+    assert_eq!((&bytes[..8], &bytes[12..16]), (&b"\x89PNG\r\n\x1a\n"[..], &b"IHDR"[..]), "{}", path.display());
+    let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+    (be(16), be(20), bytes[24], bytes[25])
+}
+
+/// `dir` holds exactly `n` 28×28 8-bit grayscale PNGs sample_000.png … and a grid.png (what `sample` writes).
+pub fn assert_grayscale_digits(dir: &Path, n: usize) {
+    for i in 0..n {
+        assert_eq!(png_header(&dir.join(format!("sample_{i:03}.png"))), (28, 28, 8, 0), "8-bit grayscale 28×28");
+    }
+    assert!(!dir.join(format!("sample_{n:03}.png")).exists(), "exactly {n} images");
+    assert_files(dir, &["grid.png"]);
+}
