@@ -45,6 +45,16 @@ fn read(path: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(path).unwrap().into_iter().collect()
 }
 
+/// Loads the reference's `NAME.safetensors` into `vs` (our model already built on it) and returns its
+/// `NAME_reference.safetensors`. Every tensor of the file must be used: the names match both ways.
+fn load_reference(dir: &Path, name: &str, vs: &mut VarStore) -> HashMap<String, Tensor> {
+    let weights = dir.join(format!("{name}.safetensors"));
+    checkpoint::load(vs, &weights)
+        .unwrap_or_else(|e| panic!("{name}: the reference's weights load under our names: {e:#}"));
+    assert_eq!(read(&weights).len(), vs.variables().len(), "{name}: the file and our model have the same tensors");
+    read(&dir.join(format!("{name}_reference.safetensors")))
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
     (a - b).abs().max().double_value(&[])
@@ -66,11 +76,7 @@ fn our_autoencoder_matches_diffusers_autoencoder_kl() {
     };
     let mut vs = VarStore::new(Device::Cpu);
     let vae = AutoencoderKl::new(vs.root(), config);
-    let weights = dir.path().join("vae.safetensors");
-    checkpoint::load(&mut vs, &weights).expect("diffusers' state_dict loads under our names");
-    // every tensor of the file is used: the names match both ways
-    assert_eq!(read(&weights).len(), vs.variables().len(), "the file and our model have the same tensors");
-    let r = read(&dir.path().join("vae_reference.safetensors"));
+    let r = load_reference(dir.path(), "vae", &mut vs);
     tch::no_grad(|| {
         let q = vae.encode(&r["x"]);
         let moments = Tensor::cat(&[&q.mean, &q.logvar], 1);
@@ -100,10 +106,7 @@ fn our_unet_matches_diffusers_unet_2d_condition_model() {
     };
     let mut vs = VarStore::new(Device::Cpu);
     let unet = UNet::new(vs.root(), config);
-    let weights = dir.path().join("unet.safetensors");
-    checkpoint::load(&mut vs, &weights).expect("diffusers' state_dict loads under our names");
-    assert_eq!(read(&weights).len(), vs.variables().len(), "the file and our model have the same tensors");
-    let r = read(&dir.path().join("unet_reference.safetensors"));
+    let r = load_reference(dir.path(), "unet", &mut vs);
     let eps = tch::no_grad(|| unet.forward_cond(&r["sample"], &r["timestep"], Some(&r["context"]), None, false));
     let d = max_diff(&eps, &r["eps"]);
     println!("max |ours − diffusers|: UNet output {d:.2e}");
@@ -127,13 +130,10 @@ fn our_text_encoder_matches_transformers_clip_text_model() {
         layer_norm_eps: 1e-5,
     };
     // transformers 4 saves CLIPTextModel under `text_model.`, transformers 5 without it: ours goes where the file has it
-    let weights = dir.path().join("text_encoder.safetensors");
-    let prefixed = read(&weights).keys().any(|k| k.starts_with("text_model."));
+    let prefixed = read(&dir.path().join("text_encoder.safetensors")).keys().any(|k| k.starts_with("text_model."));
     let mut vs = VarStore::new(Device::Cpu);
     let encoder = TextEncoder::new(if prefixed { vs.root() / "text_model" } else { vs.root() }, config);
-    checkpoint::load(&mut vs, &weights).expect("CLIPTextModel's state_dict loads under our names");
-    assert_eq!(read(&weights).len(), vs.variables().len(), "the file and our model have the same tensors");
-    let r = read(&dir.path().join("text_reference.safetensors"));
+    let r = load_reference(dir.path(), "text_encoder", &mut vs);
     let hidden = tch::no_grad(|| encoder.forward(&r["ids"], None));
     let d = max_diff(&hidden, &r["hidden"]);
     println!("max |ours − transformers|: last hidden state {d:.2e}");

@@ -172,13 +172,15 @@ fn one(args: &Args, model_name: &str, dtype: &str, threads: i32) -> Result<()> {
     let z = draw(args.timed_reverse_steps as usize);
     let per_step = t0.elapsed().as_secs_f64() / args.timed_reverse_steps as f64;
     // lesson 08 decodes each sampled latent once, with its f32 VAE
-    let vae_vs = VarStore::new(Device::Cpu);
-    let vae = AutoencoderKl::new(vae_vs.root(), VaeConfig::mnist());
-    let t0 = std::time::Instant::now();
-    if latent {
+    let decode = if latent {
+        let vae_vs = VarStore::new(Device::Cpu);
+        let vae = AutoencoderKl::new(vae_vs.root(), VaeConfig::mnist());
+        let t0 = std::time::Instant::now();
         let _ = tch::no_grad(|| vae.decode(&z));
-    }
-    let decode = t0.elapsed().as_secs_f64();
+        t0.elapsed().as_secs_f64()
+    } else {
+        0.0
+    };
     let images_per_s = args.batch as f64 / (per_step * args.sample_steps as f64 + decode);
     println!(
         "{}",

@@ -22,6 +22,35 @@ pub fn new_digit(label: i64, i: i64) -> i64 {
     (label + 1 + i % 9) % 10
 }
 
+/// An edit of a batch of images for one prompt with one draw, returning one or more (B, 1, S, S) outputs.
+type Edit<'a> = dyn FnMut(&Tensor, &str, &Draw) -> Result<Vec<Tensor>> + 'a;
+
+/// Runs `edit(rows of images, prompt, draw)` once per prompt: image i goes to phrasing i mod 5 of [`eval_prompts`]
+/// for digit `digits[i]`, each group with its own seed (`draw.seed` + 10·digit + phrasing). Returns the edited
+/// images, each output (B, 1, S, S) back in its image's row: as many tensors as `edit` returns.
+fn edit_by_prompt(images: &Tensor, digits: &[i64], draw: &Draw, edit: &mut Edit) -> Result<Vec<Tensor>> {
+    let mut outputs: Vec<Tensor> = Vec::new();
+    for digit in 0..10 {
+        for (k, prompt) in eval_prompts(digit).iter().enumerate() {
+            let rows: Vec<i64> =
+                (0..digits.len() as i64).filter(|&i| digits[i as usize] == digit && i % 5 == k as i64).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let index = Tensor::from_slice(&rows);
+            let draw = Draw { seed: draw.seed + (10 * digit) as u64 + k as u64, ..*draw };
+            let edited = edit(&images.index_select(0, &index), prompt, &draw)?;
+            if outputs.is_empty() {
+                outputs = edited.iter().map(|_| images.zeros_like()).collect(); // (N, 1, S, S) each
+            }
+            for (out, x) in outputs.iter_mut().zip(&edited) {
+                *out = out.index_copy(0, &index, x);
+            }
+        }
+    }
+    Ok(outputs)
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Img2ImgPoint {
     pub strength: f64,
@@ -49,20 +78,8 @@ pub fn img2img_study(
     let targets: Vec<i64> = labels.iter().enumerate().map(|(i, &l)| new_digit(l, i as i64)).collect();
     let (mut points, mut columns) = (Vec::new(), Vec::new());
     for &strength in strengths {
-        let mut out = images.zeros_like(); // (N, 1, S, S)
-        for digit in 0..10 {
-            for (k, prompt) in eval_prompts(digit).iter().enumerate() {
-                let rows: Vec<i64> =
-                    (0..labels.len() as i64).filter(|&i| targets[i as usize] == digit && i % 5 == k as i64).collect();
-                if rows.is_empty() {
-                    continue;
-                }
-                let index = Tensor::from_slice(&rows);
-                let draw = Draw { seed: draw.seed + (10 * digit) as u64 + k as u64, ..*draw };
-                let x = pipe.img2img(&images.index_select(0, &index), prompt, None, strength, &draw)?;
-                out = out.index_copy(0, &index, &x);
-            }
-        }
+        let mut img2img = |x: &Tensor, prompt: &str, d: &Draw| Ok(vec![pipe.img2img(x, prompt, None, strength, d)?]);
+        let out = edit_by_prompt(images, &targets, draw, &mut img2img)?.remove(0); // (N, 1, S, S)
         let predicted = Vec::<i64>::try_from(clf.probabilities(&out).argmax(-1, false).to_device(Device::Cpu))?;
         let frac = |want: &[i64]| predicted.iter().zip(want).filter(|(p, w)| p == w).count() as f64 / want.len() as f64;
         points.push(Img2ImgPoint { strength, new_digit: frac(&targets), old_digit: frac(&labels) });
@@ -114,29 +131,20 @@ pub fn inpaint_study(
     let (n, s) = (images.size()[0], images.size()[2]);
     let mask = Tensor::zeros([1, 1, s, s], (Kind::Float, Device::Cpu));
     let _ = mask.narrow(2, s / 2, s - s / 2).fill_(1.0); // redraw rows S/2..S
-    let label_vec = Vec::<i64>::try_from(labels)?;
-    let (mut decoded, mut pasted) = (images.zeros_like(), images.zeros_like());
-    for digit in 0..10 {
-        for (k, prompt) in eval_prompts(digit).iter().enumerate() {
-            let rows: Vec<i64> = (0..n).filter(|&i| label_vec[i as usize] == digit && i % 5 == k as i64).collect();
-            if rows.is_empty() {
-                continue;
-            }
-            let index = Tensor::from_slice(&rows);
-            let draw = Draw { seed: draw.seed + (10 * digit) as u64 + k as u64, ..*draw };
-            let (d, p) = pipe.inpaint(&images.index_select(0, &index), &mask, prompt, None, &draw)?;
-            decoded = decoded.index_copy(0, &index, &d);
-            pasted = pasted.index_copy(0, &index, &p);
-        }
-    }
+    let mut inpaint = |x: &Tensor, prompt: &str, d: &Draw| {
+        let (decoded, pasted) = pipe.inpaint(x, &mask, prompt, None, d)?;
+        Ok(vec![decoded, pasted])
+    };
+    let outputs = edit_by_prompt(images, &Vec::<i64>::try_from(labels)?, draw, &mut inpaint)?;
+    let (decoded, pasted) = (&outputs[0], &outputs[1]); // (N, 1, S, S) each
     let keep = 1.0 - &mask;
     let reconstruction = pipe.decode(&pipe.encode(images));
-    let accuracy = clf.accuracy(&pasted, labels);
+    let accuracy = clf.accuracy(pasted, labels);
     let report = InpaintReport {
         n,
-        unmasked_mae: masked_mae(&decoded, images, &keep),
+        unmasked_mae: masked_mae(decoded, images, &keep),
         unmasked_mae_reconstruction: masked_mae(&reconstruction, images, &keep),
-        unmasked_mae_pasted: masked_mae(&pasted, images, &keep),
+        unmasked_mae_pasted: masked_mae(pasted, images, &keep),
         accuracy,
     };
     let k = shown.min(n);

@@ -194,16 +194,6 @@ impl LatentDiffusion {
     pub fn new(
         config: LatentPipelineConfig,
         text: PromptEncoder,
-        unet: (VarStore, TextUNet),
-        vae: (VarStore, AutoencoderKl),
-        bins: Option<AttributeBins>,
-    ) -> Result<Self> {
-        Self::assemble(config, text, unet, vae, bins)
-    }
-
-    fn assemble(
-        config: LatentPipelineConfig,
-        text: PromptEncoder,
         (unet_vs, unet): (VarStore, TextUNet),
         (mut vae_vs, vae): (VarStore, AutoencoderKl),
         bins: Option<AttributeBins>,
@@ -436,7 +426,7 @@ impl LatentDiffusion {
         checkpoint::load(&mut vae_vs, &vae_path)?;
         let bins_path = dir.join("attribute_bins.json");
         let bins = bins_path.exists().then(|| AttributeBins::load(&bins_path)).transpose()?;
-        Self::assemble(config, text, (unet_vs, unet), (vae_vs, vae), bins)
+        Self::new(config, text, (unet_vs, unet), (vae_vs, vae), bins)
     }
 }
 

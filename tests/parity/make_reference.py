@@ -10,7 +10,7 @@ inputs, and writes the weights and the outputs as safetensors into the folder gi
     unet.safetensors            the UNet's state_dict
     unet_reference.safetensors  sample, timestep, context and eps (the UNet's output)
     text_encoder.safetensors    transformers' CLIPTextModel state_dict (text_model.* in transformers 4, bare in 5)
-    text_reference.safetensors  ids and hidden (the last hidden state, after final_layer_norm)
+    text_encoder_reference.safetensors  ids and hidden (the last hidden state, after final_layer_norm)
     tokens.json                 OpenAI's simple_tokenizer ids of each line of tests/parity/tokenizer_corpus.txt, with
                                 data/clip/bpe_simple_vocab_16e6.txt.gz (when clip-anytorch's simple_tokenizer.py and
                                 ftfy are installed)
@@ -84,6 +84,14 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.2 * r)
 
 
+def save(out: Path, name: str, model: torch.nn.Module, reference: dict) -> None:
+    """NAME.safetensors: the model's state_dict (without transformers' position_ids buffer); NAME_reference: the
+    inputs and outputs."""
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    save_file(weights, str(out / f"{name}.safetensors"))
+    save_file({k: v.contiguous() for k, v in reference.items()}, str(out / f"{name}_reference.safetensors"))
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL(**VAE_CONFIG).eval()
@@ -93,11 +101,7 @@ def main(out: Path) -> None:
         posterior = vae.encode(x).latent_dist
         z = posterior.mean
         decoded = vae.decode(z).sample
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out / "vae.safetensors"))
-    save_file(
-        {"x": x, "moments": posterior.parameters.contiguous(), "z": z.contiguous(), "decoded": decoded.contiguous()},
-        str(out / "vae_reference.safetensors"),
-    )
+    save(out, "vae", vae, {"x": x, "moments": posterior.parameters, "z": z, "decoded": decoded})
     unet = UNet2DConditionModel(**UNET_CONFIG).eval()
     randomize(unet, 3)
     g = torch.Generator().manual_seed(4)
@@ -105,19 +109,13 @@ def main(out: Path) -> None:
     timestep = torch.tensor([10, 700])
     with torch.no_grad():
         eps = unet(sample, timestep, encoder_hidden_states=context).sample
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(out / "unet.safetensors"))
-    save_file(
-        {"sample": sample, "timestep": timestep, "context": context, "eps": eps.contiguous()},
-        str(out / "unet_reference.safetensors"),
-    )
+    save(out, "unet", unet, {"sample": sample, "timestep": timestep, "context": context, "eps": eps})
     text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
     randomize(text, 5)
     ids = torch.randint(0, 99, (2, 16), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         hidden = text(input_ids=ids).last_hidden_state
-    weights = {k: v.contiguous() for k, v in text.state_dict().items() if not k.endswith("position_ids")}
-    save_file(weights, str(out / "text_encoder.safetensors"))
-    save_file({"ids": ids, "hidden": hidden.contiguous()}, str(out / "text_reference.safetensors"))
+    save(out, "text_encoder", text, {"ids": ids, "hidden": hidden})
     import diffusers
     import transformers
 
