@@ -12,6 +12,8 @@
 //! - [`eval`]: score errors against the analytic score, energy distance and mode weights of samples.
 //! - [`train`]: atomic safetensors checkpoints with their resolved config beside them.
 //! - [`text`]: a byte-level BPE tokenizer in the style of CLIP's (trainable on captions, loads CLIP's merges).
+//! - [`sd`]: Stable Diffusion 1.x: its weights (diffusers folders, original single files through one key map) and
+//!   its txt2img / img2img pipeline with the UIs' samplers.
 //! - [`plot`]: loss curves, scatter / density / histogram, vector fields and image grids, with an embedded font.
 pub mod cli;
 pub mod data;
@@ -20,5 +22,6 @@ pub mod eval;
 pub mod nn;
 pub mod plot;
 pub mod sampling;
+pub mod sd;
 pub mod text;
 pub mod train;

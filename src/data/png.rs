@@ -1,13 +1,22 @@
 //! Reading a PNG a user gives (img2img and inpainting inputs) as one grayscale image in [0, 1]. Any colour type and
 //! bit depth the `png` crate decodes is accepted: palette, low and 16-bit depths are expanded to 8 bits; colour is
 //! turned to luma with ITU-R BT.601's weights (0.299 R + 0.587 G + 0.114 B); transparency is composited over black,
-//! MNIST's background. Writing is [`crate::train::text_to_image::write_png_gray`].
+//! MNIST's background. Writing grayscale is [`crate::train::text_to_image::write_png_gray`]; RGB with a text chunk
+//! (Stable Diffusion's `parameters`) is [`write_png_rgb_with_text`].
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::Tensor;
 
 /// The image at `path` as (1, 1, H, W) f32 in [0, 1]; errors name the file and what is wrong with it.
 pub fn read_png_gray(path: &Path) -> Result<Tensor> {
+    let rgb = read_png_rgb(path)?; // (1, 3, H, W)
+    // ITU-R BT.601 luma: 0.299 R + 0.587 G + 0.114 B
+    let weights = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
+    Ok((rgb * weights).sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Float)) // (1, 1, H, W)
+}
+
+/// The image at `path` as (1, 3, H, W) f32 RGB in [0, 1] (grayscale repeated; alpha composited over black).
+pub fn read_png_rgb(path: &Path) -> Result<Tensor> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}: check the path", path.display()))?;
     let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
@@ -24,21 +33,57 @@ pub fn read_png_gray(path: &Path) -> Result<Tensor> {
         other => bail!("{}: unsupported PNG colour type {other:?}", path.display()),
     };
     let stride = info.line_size;
-    let mut gray = Vec::with_capacity(w * h);
+    let mut rgb = Vec::with_capacity(3 * w * h);
     for row in 0..h {
         let line = &bytes[row * stride..row * stride + w * channels];
         for px in line.chunks_exact(channels) {
             let f = |i: usize| px[i] as f32 / 255.0;
-            let (luma, alpha) = match channels {
-                1 => (f(0), 1.0),
-                2 => (f(0), f(1)),
-                3 => (0.299 * f(0) + 0.587 * f(1) + 0.114 * f(2), 1.0),
-                _ => (0.299 * f(0) + 0.587 * f(1) + 0.114 * f(2), f(3)),
+            let (colour, alpha) = match channels {
+                1 => ([f(0); 3], 1.0),
+                2 => ([f(0); 3], f(1)),
+                3 => ([f(0), f(1), f(2)], 1.0),
+                _ => ([f(0), f(1), f(2)], f(3)),
             };
-            gray.push(luma * alpha);
+            rgb.extend(colour.map(|c| c * alpha));
         }
     }
-    Ok(Tensor::from_slice(&gray).view([1, 1, h as i64, w as i64]))
+    // (H, W, 3) -> (1, 3, H, W)
+    Ok(Tensor::from_slice(&rgb).view([h as i64, w as i64, 3]).permute([2, 0, 1]).unsqueeze(0).contiguous())
+}
+
+/// Writes `image` (3, H, W) in [0, 1] as an 8-bit RGB PNG with one text chunk `key` = `text` (tEXt when the text is
+/// Latin-1, as PNG requires, else iTXt in UTF-8 — what PIL's `PngInfo.add_text` does), atomically.
+pub fn write_png_rgb_with_text(path: &Path, image: &Tensor, key: &str, text: &str) -> Result<()> {
+    let (c, h, w) = image.size3().context("an RGB image (3, H, W)")?;
+    anyhow::ensure!(c == 3, "an RGB image has 3 channels, not {c}");
+    // (3, H, W) -> (H, W, 3) bytes
+    let bytes = (image.clamp(0.0, 1.0) * 255.0).round().to_kind(tch::Kind::Uint8).permute([1, 2, 0]).contiguous();
+    let data = Vec::<u8>::try_from(bytes.flatten(0, -1))?;
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, w as u32, h as u32);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        if text.chars().all(|ch| (ch as u32) < 256) {
+            encoder.add_text_chunk(key.to_string(), text.to_string())?;
+        } else {
+            encoder.add_itxt_chunk(key.to_string(), text.to_string())?;
+        }
+        encoder.write_header()?.write_image_data(&data)?;
+    }
+    crate::cli::write_atomic(path, &out)
+}
+
+/// The text of chunk `key` (tEXt, zTXt or iTXt) of the PNG at `path`, if it has one.
+pub fn read_png_text(path: &Path, key: &str) -> Result<Option<String>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}: check the path", path.display()))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .with_context(|| format!("{} is not a readable PNG file", path.display()))?;
+    let info = reader.info();
+    let latin1 = info.uncompressed_latin1_text.iter().find(|t| t.keyword == key).map(|t| t.text.clone());
+    let utf8 = info.utf8_text.iter().find(|t| t.keyword == key).and_then(|t| t.get_text().ok());
+    Ok(latin1.or(utf8))
 }
 
 #[cfg(test)]
@@ -65,6 +110,15 @@ mod tests {
         encoder.write_header().unwrap().write_image_data(&[255, 0, 0, 255, 255, 255, 255, 51]).unwrap();
         let v = Vec::<f32>::try_from(read_png_gray(&rgba).unwrap().flatten(0, -1)).unwrap();
         assert!((v[0] - 0.299).abs() < 1e-6 && (v[1] - 0.2).abs() < 1e-6, "{v:?}");
+        // RGB with the generation parameters in a text chunk, Latin-1 and not
+        let rgb = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.5, 0.0, 1.0]).view([3, 1, 2]);
+        for text in ["a cat\nSteps: 20, Seed: 1", "ein Kätzchen 猫\nSteps: 4"] {
+            let p = dir.path().join("rgb.png");
+            write_png_rgb_with_text(&p, &rgb, "parameters", text).unwrap();
+            assert_eq!(read_png_text(&p, "parameters").unwrap().as_deref(), Some(text));
+            assert_eq!(read_png_text(&p, "other").unwrap(), None);
+            assert!((read_png_rgb(&p).unwrap().squeeze_dim(0) - &rgb).abs().max().double_value(&[]) < 0.5 / 255.0 + 1e-6);
+        }
         std::fs::write(dir.path().join("bad.png"), b"not a png").unwrap();
         let bad = format!("{:#}", read_png_gray(&dir.path().join("bad.png")).unwrap_err());
         assert!(bad.contains("bad.png") && bad.contains("not a readable PNG"), "{bad}");

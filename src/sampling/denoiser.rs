@@ -90,8 +90,10 @@ pub enum Prediction {
 
 /// A discrete-time VP model (an [`EpsModel`], whatever its [`Prediction`]) as a σ-space denoiser.
 ///
-/// The network only knows its T training timesteps and is called with an integer t, so a σ between two of them
-/// is mapped to the NEAREST timestep in log σ (no interpolation: the trait takes i64 timesteps). The input is
+/// The network only knows its T training timesteps, so by default a σ between two of them is mapped to the NEAREST
+/// timestep in log σ and the model is called with an integer t. [`Self::with_interpolated_timesteps`] instead passes
+/// the fractional t that interpolates log σ linearly (k-diffusion's `DiscreteSchedule.sigma_to_t`, what Stable
+/// Diffusion UIs feed SD's UNet, whose sinusoidal time embedding takes any real t). The input is
 /// scaled with the requested σ, c_in = 1/√(σ² + 1), and x̂₀ is formed with it too; on the model's own grid (see
 /// [`crate::sampling::grids::timestep_sigmas`]) σ is exactly σ_t and the adapter is exact. Grids that fall between
 /// timesteps (Karras, log-SNR) see a σ_t up to half a timestep off, which is small for T = 1000.
@@ -102,6 +104,8 @@ pub struct EpsDenoiser<'a> {
     pub sigmas: Vec<f64>,
     /// log σ_t (T,) f64, for the nearest-timestep lookup.
     log_sigmas: Tensor,
+    /// Fractional timesteps (k-diffusion) instead of the nearest integer one.
+    interpolate: bool,
 }
 
 impl<'a> EpsDenoiser<'a> {
@@ -109,7 +113,12 @@ impl<'a> EpsDenoiser<'a> {
     pub fn new(model: &'a dyn EpsModel, sched: &NoiseSchedule) -> Self {
         let sigmas = sigmas_of_schedule(sched);
         let log_sigmas = Tensor::from_slice(&sigmas).log(); // (T,)
-        Self { model, prediction: Prediction::Epsilon, sigmas, log_sigmas }
+        Self { model, prediction: Prediction::Epsilon, sigmas, log_sigmas, interpolate: false }
+    }
+
+    /// The same model called with fractional timesteps ([`timestep_of_sigma`]).
+    pub fn with_interpolated_timesteps(self) -> Self {
+        Self { interpolate: true, ..self }
     }
 
     /// The same model read as x₀- or v-prediction.
@@ -122,13 +131,39 @@ impl<'a> EpsDenoiser<'a> {
         (self.sigmas[0], *self.sigmas.last().expect("a schedule has at least one step"))
     }
 
-    /// The training timestep nearest to each σ in log σ: (B,) -> (B,) i64.
+    /// The training timestep nearest to each σ in log σ: (B,) -> (B,) i64; or, interpolating, (B,) f64.
     pub fn timestep(&self, sigma: &Tensor) -> Tensor {
+        if self.interpolate {
+            let s = Vec::<f64>::try_from(sigma.to_kind(Kind::Double).to_device(tch::Device::Cpu)).expect("σ (B,)");
+            let t: Vec<f64> = s.iter().map(|&s| timestep_of_sigma(&self.sigmas, s)).collect();
+            return Tensor::from_slice(&t).to_device(sigma.device());
+        }
         let log_sigma = sigma.to_kind(Kind::Double).log().unsqueeze(1); // (B, 1)
         let table = self.log_sigmas.to_device(sigma.device()).unsqueeze(0); // (1, T)
         (log_sigma - table).abs().argmin(1, false) // (B,)
     }
 }
+
+// ANCHOR: sigma_to_t
+/// The fractional timestep of σ on an ascending table σ_t, linear in log σ between its neighbours and clamped to
+/// [0, T − 1] (k-diffusion `DiscreteSchedule.sigma_to_t`); [`sigma_of_timestep`] is its inverse.
+pub fn timestep_of_sigma(sigmas: &[f64], sigma: f64) -> f64 {
+    let log_sigma = sigma.ln();
+    // the last t with log σ_t ≤ log σ, kept below T − 1 so that t + 1 exists
+    let low = sigmas.iter().rposition(|s| s.ln() <= log_sigma).unwrap_or(0).min(sigmas.len() - 2);
+    let (lo, hi) = (sigmas[low].ln(), sigmas[low + 1].ln());
+    let w = ((lo - log_sigma) / (lo - hi)).clamp(0.0, 1.0);
+    low as f64 + w
+}
+
+/// σ at a fractional timestep t ∈ [0, T − 1]: log σ interpolated linearly (k-diffusion `t_to_sigma`).
+pub fn sigma_of_timestep(sigmas: &[f64], t: f64) -> f64 {
+    let low = (t.floor() as usize).min(sigmas.len() - 1);
+    let high = (low + 1).min(sigmas.len() - 1);
+    let w = t - low as f64;
+    ((1.0 - w) * sigmas[low].ln() + w * sigmas[high].ln()).exp()
+}
+// ANCHOR_END: sigma_to_t
 
 // ANCHOR: eps_denoiser
 impl Denoiser for EpsDenoiser<'_> {
@@ -184,6 +219,19 @@ impl Denoiser for CountingDenoiser<'_> {
 mod tests {
     use super::*;
     use crate::diffusion::forward::{eps_from_x0, q_sample};
+
+    #[test]
+    fn fractional_timesteps_invert_the_log_sigma_interpolation() {
+        let sigmas = sigmas_of_schedule(&NoiseSchedule::scaled_linear(1000));
+        for t in [0.0, 0.25, 1.0, 250.5, 998.75, 999.0] {
+            let s = sigma_of_timestep(&sigmas, t);
+            assert!((timestep_of_sigma(&sigmas, s) - t).abs() < 1e-9, "t = {t}");
+        }
+        // on the table: the integer timestep itself; outside it: clamped to the ends
+        assert_eq!(timestep_of_sigma(&sigmas, sigmas[751]), 751.0);
+        assert_eq!(timestep_of_sigma(&sigmas, 1e-4), 0.0);
+        assert_eq!(timestep_of_sigma(&sigmas, 1e3), 999.0);
+    }
     use crate::sampling::oracle::{EpsOfDenoiser, GaussianOracle};
     use tch::Device;
 

@@ -1,0 +1,439 @@
+//! Stable Diffusion 1.x, text to image: tokens → CLIP text states → a guided sampler over 4-channel latents →
+//! the VAE's decoder → pixels.
+//!
+//! [LDM] Rombach et al. 2022, arXiv:2112.10752 (sec. 3.3: the conditioned latent model; sec. 4.3.2: the scaling
+//! factor). [CFG] Ho & Salimans 2022, arXiv:2207.12598 (guidance, here as SD's `guidance_scale` w).
+//! [DDIM] Song et al. 2021, arXiv:2010.02502. [EDM] Karras et al. 2022, arXiv:2206.00364 (eq. 5, the Karras grid).
+//! [k-diffusion] Crowson, `k_diffusion/sampling.py` and `external.py`: the σ grids and the names Stable Diffusion UIs
+//! use. [SDEdit] Meng et al. 2022, arXiv:2108.01073 (img2img).
+//!
+//! SD 1.x was trained as a discrete-time ε-model on the "scaled linear" schedule (√β from √0.00085 to √0.012 over
+//! T = 1000 steps). Every sampler here is lesson 07's, in σ-space, on an [`EpsDenoiser`] with fractional timesteps
+//! (as k-diffusion feeds SD's UNet). Negative prompts are the ∅ branch of guidance. Image i of a call is drawn from
+//! its own seed, seed + i, by libtorch's CPU generator, which `torch.Generator().manual_seed` also is: diffusers on
+//! the CPU draws the same starting latents for the same seed.
+use super::weights::SdModels;
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::eval::nfe_study::Sampler;
+use crate::sampling::denoiser::{sigma_of_timestep, sigmas_of_schedule, EpsDenoiser, SamplerStep};
+use crate::sampling::grids::{karras_sigmas, spaced_timesteps, TimestepSpacing, KARRAS_RHO};
+use crate::sampling::guidance::ClassifierFreeGuidance;
+use crate::text::bpe::CLIP_CONTEXT_LEN;
+use crate::text::Bpe;
+use crate::train::conditional::CondEpsModel;
+use anyhow::{ensure, Context, Result};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// SD 1.x's training schedule: T and the scaled-linear β range ([LDM] configs `v1-inference.yaml`:
+/// linear_start 0.00085, linear_end 0.012, timesteps 1000).
+pub const NUM_TRAIN_TIMESTEPS: usize = 1000;
+/// diffusers' SD 1.5 scheduler config: `steps_offset` 1 (DDIM's timesteps are k·T/S + 1, as CompVis' `ddim_discretize="uniform"`).
+pub const DDIM_STEPS_OFFSET: usize = 1;
+/// Where the CLIP vocabulary lives (see data/clip/README.md).
+pub const CLIP_VOCAB: &str = "data/clip/bpe_simple_vocab_16e6.txt.gz";
+/// Width and height must be multiples of the VAE's 8× (latents of whole cells) and lie in this range.
+pub const MIN_SIZE: i64 = 64;
+pub const MAX_SIZE: i64 = 2048;
+
+/// The samplers under the names Stable Diffusion UIs give them (AUTOMATIC1111, ComfyUI), each one of lesson 07's
+/// on the σ grid those UIs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SdSampler {
+    /// DDIM (η = 0) on SD's own timesteps k·⌊T/S⌋ + 1, ending at ᾱ₀ (diffusers' SD 1.5 `DDIMScheduler`).
+    Ddim,
+    /// Euler on k-diffusion's default grid: S timesteps evenly spaced from T − 1 to 0 (fractional), then σ = 0.
+    Euler,
+    /// Euler ancestral (η = 1) on the same grid.
+    EulerA,
+    /// DPM-Solver++(2M) on the same grid.
+    DpmPp2m,
+    /// DPM-Solver++(2M) on the Karras grid (ρ = 7) from σ_max = σ_{T−1} to σ_min = σ_0.
+    DpmPp2mKarras,
+}
+
+impl SdSampler {
+    pub const ALL: [SdSampler; 5] =
+        [SdSampler::Ddim, SdSampler::Euler, SdSampler::EulerA, SdSampler::DpmPp2m, SdSampler::DpmPp2mKarras];
+
+    /// The UI name, written into the PNG's parameters.
+    pub fn name(self) -> &'static str {
+        match self {
+            SdSampler::Ddim => "DDIM",
+            SdSampler::Euler => "Euler",
+            SdSampler::EulerA => "Euler a",
+            SdSampler::DpmPp2m => "DPM++ 2M",
+            SdSampler::DpmPp2mKarras => "DPM++ 2M Karras",
+        }
+    }
+
+    /// The sampler of a UI name (any case; `_` or `-` for spaces: "euler_a", "dpm++-2m-karras").
+    pub fn from_name(name: &str) -> Result<Self> {
+        let norm = |s: &str| s.trim().to_lowercase().replace(['_', '-'], " ");
+        Self::ALL.into_iter().find(|s| norm(s.name()) == norm(name)).ok_or_else(|| {
+            let names: Vec<String> = Self::ALL.iter().map(|s| format!("\"{}\"", s.name())).collect();
+            anyhow::anyhow!("unknown sampler \"{name}\": use one of {}", names.join(", "))
+        })
+    }
+
+    /// Lesson 07's sampler that runs it.
+    pub fn sampler(self) -> Sampler {
+        match self {
+            SdSampler::Ddim => Sampler::Ddim,
+            SdSampler::Euler => Sampler::Euler,
+            SdSampler::EulerA => Sampler::EulerAncestral,
+            SdSampler::DpmPp2m | SdSampler::DpmPp2mKarras => Sampler::DpmSolverPp2m,
+        }
+    }
+
+    // ANCHOR: sd_grids
+    /// The σ grid of `steps` steps on `sched` (descending, `steps` + 1 levels).
+    pub fn sigmas(self, sched: &NoiseSchedule, steps: usize) -> Vec<f64> {
+        let table = sigmas_of_schedule(sched); // σ_t, t = 0..T−1
+        let t_max = (table.len() - 1) as f64;
+        match self {
+            SdSampler::Ddim => {
+                let mut s: Vec<f64> = spaced_timesteps(table.len(), steps, TimestepSpacing::Leading)
+                    .into_iter()
+                    .map(|t| table[(t + DDIM_STEPS_OFFSET).min(table.len() - 1)])
+                    .collect();
+                // the last step goes to ᾱ₀ (diffusers `set_alpha_to_one=False`, CompVis' alphas_prev[0]), not to σ = 0
+                s.push(table[0]);
+                s
+            }
+            SdSampler::Euler | SdSampler::EulerA | SdSampler::DpmPp2m => {
+                // k-diffusion `get_sigmas`: t = linspace(T − 1, 0, S), σ(t) by log-linear interpolation, then 0
+                let mut s: Vec<f64> = (0..steps)
+                    .map(|i| if steps == 1 { t_max } else { t_max * (1.0 - i as f64 / (steps - 1) as f64) })
+                    .map(|t| sigma_of_timestep(&table, t))
+                    .collect();
+                s.push(0.0);
+                s
+            }
+            // [EDM] eq. 5 between the model's own σ_min and σ_max
+            SdSampler::DpmPp2mKarras => karras_sigmas(steps, table[0], table[table.len() - 1], KARRAS_RHO),
+        }
+    }
+    // ANCHOR_END: sd_grids
+}
+
+/// What to draw; the fields Stable Diffusion UIs show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// The ∅ branch of guidance ("" is SD's unconditional prompt).
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Guidance scale w: ε̃ = ε_∅ + w (ε_c − ε_∅); 1 turns guidance off.
+    pub cfg_scale: f64,
+    /// Image i uses seed + i.
+    pub seed: u64,
+    pub width: i64,
+    pub height: i64,
+    pub sampler: SdSampler,
+    pub batch: usize,
+}
+
+impl GenerateParams {
+    /// SD 1.5's usual settings: 512², 20 steps of Euler a, w = 7.
+    pub fn new(prompt: &str) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            steps: 20,
+            cfg_scale: 7.0,
+            seed: 0,
+            width: 512,
+            height: 512,
+            sampler: SdSampler::EulerA,
+            batch: 1,
+        }
+    }
+
+    /// Rejects what cannot run, each with its fix.
+    pub fn check(&self) -> Result<()> {
+        for (what, v) in [("width", self.width), ("height", self.height)] {
+            ensure!(
+                v % 8 == 0 && (MIN_SIZE..=MAX_SIZE).contains(&v),
+                "--{what} {v} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE} (the VAE works on 8×8 cells): \
+                 try {}",
+                (v.clamp(MIN_SIZE, MAX_SIZE) / 8) * 8
+            );
+        }
+        ensure!(
+            (1..=NUM_TRAIN_TIMESTEPS).contains(&self.steps),
+            "--steps {} must lie in 1..={NUM_TRAIN_TIMESTEPS}: 20 is SD's usual number",
+            self.steps
+        );
+        ensure!(self.cfg_scale.is_finite(), "--cfg-scale must be a number (SD's usual is 7), got {}", self.cfg_scale);
+        ensure!(self.batch >= 1, "--batch must be at least 1");
+        Ok(())
+    }
+
+    /// The `parameters` text AUTOMATIC1111's web UI writes into its PNGs (and reads back with "PNG Info"):
+    /// the prompt, a "Negative prompt:" line when there is one, then the settings of image `index` of the batch.
+    pub fn infotext(&self, index: usize, model: &str, strength: Option<f64>) -> String {
+        let mut s = self.prompt.clone();
+        if !self.negative_prompt.is_empty() {
+            s += &format!("\nNegative prompt: {}", self.negative_prompt);
+        }
+        s += &format!(
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
+            self.steps,
+            self.sampler.name(),
+            self.cfg_scale,
+            self.seed + index as u64,
+            self.width,
+            self.height
+        );
+        if let Some(strength) = strength {
+            s += &format!(", Denoising strength: {strength}");
+        }
+        s
+    }
+}
+
+/// SD's UNet as the conditional ε-model of lesson 06's guidance: latents and context cast to the weights' dtype at
+/// the door, ε̂ back to the latents' (f32) dtype.
+struct SdUNet<'a>(&'a SdModels, Kind);
+
+impl CondEpsModel for SdUNet<'_> {
+    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, _train: bool) -> Tensor {
+        let eps = self.0.unet.forward_cond(&x_t.to_kind(self.1), t, Some(&context.to_kind(self.1)), None, false);
+        eps.to_kind(x_t.kind())
+    }
+}
+
+/// The pipeline: the three networks, the CLIP tokenizer and the training schedule.
+pub struct StableDiffusion {
+    pub models: SdModels,
+    pub tokenizer: Bpe,
+    pub schedule: NoiseSchedule,
+    /// Written into the PNGs' parameters ("Model: …").
+    pub model_name: String,
+}
+
+/// Images and what the run noticed.
+pub struct Generated {
+    /// (B, 3, H, W) in [0, 1] on the CPU.
+    pub images: Tensor,
+    /// E.g. a prompt cut at 77 tokens.
+    pub warnings: Vec<String>,
+}
+
+/// `data/clip/…` under the working directory if it is there, else under the crate root.
+pub fn clip_vocab_path() -> PathBuf {
+    let local = PathBuf::from(CLIP_VOCAB);
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(CLIP_VOCAB)
+    }
+}
+
+impl StableDiffusion {
+    pub fn new(models: SdModels, model_name: &str) -> Result<Self> {
+        let tokenizer = Bpe::load_clip_vocab_gz(clip_vocab_path())?;
+        ensure!(
+            tokenizer.vocab_size() as i64 == models.config.text.vocab_size
+                && models.config.text.max_position_embeddings == CLIP_CONTEXT_LEN as i64,
+            "the text encoder reads {} tokens of a {}-token vocabulary; SD 1.x's CLIP reads {CLIP_CONTEXT_LEN} of {}",
+            models.config.text.max_position_embeddings,
+            models.config.text.vocab_size,
+            tokenizer.vocab_size()
+        );
+        let schedule = NoiseSchedule::scaled_linear(NUM_TRAIN_TIMESTEPS);
+        Ok(Self { models, tokenizer, schedule, model_name: model_name.into() })
+    }
+
+    /// Loads weights from a diffusers folder or a single file and names the model after it.
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        let models = SdModels::load(path, device)?;
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
+        Self::new(models, &name)
+    }
+
+    pub fn device(&self) -> Device {
+        self.models.unet_vs.device()
+    }
+
+    // ANCHOR: encode_prompt
+    /// τ(y): the CLIP text encoder's last hidden state (1, 77, D) of `prompt`, tokenised as SD 1.x does (start
+    /// token, at most 75 tokens, end token, padded with the end token); the flag says whether the prompt was cut.
+    pub fn encode_prompt(&self, prompt: &str) -> (Tensor, bool) {
+        let encoded = self.tokenizer.encode_padded(prompt, CLIP_CONTEXT_LEN);
+        let ids = Tensor::from_slice(&encoded.ids).view([1, CLIP_CONTEXT_LEN as i64]).to_device(self.device());
+        // SD 1.x attends to all 77 states, the padding's too: no mask
+        let hidden = tch::no_grad(|| self.models.text_encoder.forward(&ids, None)); // (1, 77, D)
+        (hidden.to_kind(Kind::Float), encoded.truncated)
+    }
+    // ANCHOR_END: encode_prompt
+
+    /// Latents (1, 4, H/8, W/8) ~ N(0, I) from `seed` alone (libtorch's CPU generator, as torch's): the VP x_T.
+    pub fn initial_noise(&self, seed: u64, width: i64, height: i64) -> Tensor {
+        let f = self.models.config.vae.downsample_factor();
+        tch::manual_seed(seed as i64);
+        let c = self.models.config.vae.latent_channels;
+        Tensor::randn([1, c, height / f, width / f], (Kind::Float, Device::Cpu)).to_device(self.device())
+    }
+
+    /// Scaled latents -> pixels (B, 3, H, W) in [0, 1] on the CPU: x = D(z / s), mapped from [−1, 1].
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        let vae = &self.models.vae;
+        let kind = self.models.kind();
+        // [LDM] sec. 4.3.2: the UNet's latents are s · z, s = scaling_factor
+        let z = (latents / vae.config.scaling_factor).to_kind(kind);
+        let x = tch::no_grad(|| vae.decode(&z)).to_kind(Kind::Float);
+        ((x + 1.0) / 2.0).clamp(0.0, 1.0).to_device(Device::Cpu)
+    }
+
+    /// Pixels (B, 3, H, W) in [0, 1] -> scaled latents s · μ (the posterior mean).
+    pub fn encode(&self, images: &Tensor) -> Tensor {
+        let x = (images.to_device(self.device()) * 2.0 - 1.0).to_kind(self.models.kind());
+        let mean = tch::no_grad(|| self.models.vae.encode(&x).mean).to_kind(Kind::Float);
+        mean * self.models.vae.config.scaling_factor
+    }
+
+    fn contexts(&self, p: &GenerateParams, warnings: &mut Vec<String>) -> (Tensor, Tensor) {
+        let (cond, cut) = self.encode_prompt(&p.prompt);
+        let (uncond, cut_negative) = self.encode_prompt(&p.negative_prompt);
+        for (what, cut) in [("prompt", cut), ("negative prompt", cut_negative)] {
+            if cut {
+                warnings.push(format!("the {what} is longer than CLIP's 75 tokens: the rest was cut off"));
+            }
+        }
+        (cond, uncond)
+    }
+
+    // ANCHOR: denoise_loop
+    /// Runs `p.sampler` with guidance from `x` (1, 4, h, w), already at the first level of `sigmas`, and returns
+    /// the VP latents at the last level (= x̂₀ when it is 0).
+    fn denoise(
+        &self,
+        p: &GenerateParams,
+        cond: &Tensor,
+        uncond: &Tensor,
+        x: Tensor,
+        sigmas: &[f64],
+        cb: &mut dyn FnMut(SamplerStep),
+    ) -> Tensor {
+        let unet = SdUNet(&self.models, self.models.kind());
+        // [CFG] ε̃ = ε_∅ + w (ε_c − ε_∅), one batch of 2 per step (∅ = the negative prompt)
+        let guided = ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), uncond.shallow_clone(), p.cfg_scale);
+        let denoiser = EpsDenoiser::new(&guided, &self.schedule).with_interpolated_timesteps();
+        let x = tch::no_grad(|| p.sampler.sampler().run(&denoiser, x, sigmas, cb));
+        // σ-space -> VP latents: x_vp = x / √(1 + σ²) (DDIM ends at σ_0 = √((1 − ᾱ₀)/ᾱ₀), the others at 0)
+        let last = sigmas[sigmas.len() - 1];
+        x / (1.0 + last * last).sqrt()
+    }
+
+    /// txt2img: `p.batch` images; `cb(i, step)` sees every sampler step of image i.
+    pub fn txt2img(&self, p: &GenerateParams, cb: &mut dyn FnMut(usize, SamplerStep)) -> Result<Generated> {
+        p.check()?;
+        let mut warnings = Vec::new();
+        let (cond, uncond) = self.contexts(p, &mut warnings);
+        let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
+        let mut images = Vec::new();
+        for i in 0..p.batch {
+            let z_t = self.initial_noise(p.seed + i as u64, p.width, p.height); // VP x_T ~ N(0, I)
+            let x = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt(); // σ-space: x = x_T √(1 + σ₀²) = x_T / √ᾱ
+            let latents = self.denoise(p, &cond, &uncond, x, &sigmas, &mut |s| cb(i, s));
+            images.push(self.decode(&latents));
+        }
+        Ok(Generated { images: Tensor::cat(&images, 0), warnings })
+    }
+    // ANCHOR_END: denoise_loop
+
+    // ANCHOR: img2img
+    /// [SDEdit] img2img from `image` (1, 3, H, W) in [0, 1] (H, W multiples of 8): encode, noise to the level that
+    /// `strength` picks on the sampler's grid (the last ⌊steps · strength⌋ steps run, as diffusers), denoise.
+    pub fn img2img(
+        &self,
+        image: &Tensor,
+        strength: f64,
+        p: &GenerateParams,
+        cb: &mut dyn FnMut(usize, SamplerStep),
+    ) -> Result<Generated> {
+        ensure!((0.0..=1.0).contains(&strength), "--strength must lie in [0, 1] (0 keeps the image), got {strength}");
+        let size = image.size();
+        ensure!(size.len() == 4 && size[..2] == [1, 3], "the input image is {size:?}: one RGB image (1, 3, H, W)");
+        let p = GenerateParams { width: size[3], height: size[2], ..p.clone() };
+        p.check().context("the input image's size")?;
+        let mut warnings = Vec::new();
+        let (cond, uncond) = self.contexts(&p, &mut warnings);
+        let z0 = self.encode(image);
+        let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
+        let run = ((p.steps as f64 * strength) as usize).min(p.steps);
+        let tail = &sigmas[p.steps - run..]; // the last `run` steps
+        let mut images = Vec::new();
+        for i in 0..p.batch {
+            let latents = if run == 0 {
+                z0.shallow_clone()
+            } else {
+                let noise = self.initial_noise(p.seed + i as u64, p.width, p.height);
+                let x = &z0 + noise * tail[0]; // q(z_σ | z₀) in σ-space: z₀ + σ ε
+                self.denoise(&p, &cond, &uncond, x, tail, &mut |s| cb(i, s))
+            };
+            images.push(self.decode(&latents));
+        }
+        Ok(Generated { images: Tensor::cat(&images, 0), warnings })
+    }
+    // ANCHOR_END: img2img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_match_the_reference_schedulers() {
+        let sched = NoiseSchedule::scaled_linear(NUM_TRAIN_TIMESTEPS);
+        let table = sigmas_of_schedule(&sched);
+        // diffusers DDIMScheduler (SD 1.5 config), 4 steps: timesteps 751, 501, 251, 1, then ᾱ₀
+        let ddim = SdSampler::Ddim.sigmas(&sched, 4);
+        assert_eq!(ddim, [table[751], table[501], table[251], table[1], table[0]]);
+        // k-diffusion get_sigmas: σ_max = σ_999 ≈ 14.6146, σ_min = σ_0 ≈ 0.0292 (SD 1.x's published range)
+        let euler = SdSampler::EulerA.sigmas(&sched, 10);
+        assert_eq!(euler.len(), 11);
+        assert!((euler[0] - 14.6146).abs() < 1e-3 && (euler[9] - 0.0292).abs() < 1e-4 && euler[10] == 0.0, "{euler:?}");
+        let karras = SdSampler::DpmPp2mKarras.sigmas(&sched, 10);
+        assert!((karras[0] - euler[0]).abs() < 1e-12 && (karras[9] - euler[9]).abs() < 1e-12);
+        assert!(karras.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn sampler_names_and_bad_settings_are_explained() {
+        for s in SdSampler::ALL {
+            assert_eq!(SdSampler::from_name(s.name()).unwrap(), s);
+        }
+        assert_eq!(SdSampler::from_name("euler_a").unwrap(), SdSampler::EulerA);
+        assert_eq!(SdSampler::from_name("dpm++-2m-karras").unwrap(), SdSampler::DpmPp2mKarras);
+        let e = SdSampler::from_name("PLMS").unwrap_err().to_string();
+        assert!(e.contains("PLMS") && e.contains("\"Euler a\""), "{e}");
+        let ok = GenerateParams::new("a cat");
+        ok.check().unwrap();
+        let e = GenerateParams { width: 500, ..ok.clone() }.check().unwrap_err().to_string();
+        assert!(e.contains("--width 500") && e.contains("multiple of 8") && e.contains("try 496"), "{e}");
+        let e = GenerateParams { steps: 0, ..ok.clone() }.check().unwrap_err().to_string();
+        assert!(e.contains("--steps 0"), "{e}");
+        assert!(GenerateParams { cfg_scale: f64::NAN, ..ok }.check().is_err());
+    }
+
+    #[test]
+    fn infotext_is_automatic1111s_format() {
+        let p = GenerateParams {
+            negative_prompt: "blurry".into(),
+            seed: 42,
+            sampler: SdSampler::DpmPp2mKarras,
+            ..GenerateParams::new("a photo of a cat")
+        };
+        assert_eq!(
+            p.infotext(1, "v1-5-pruned-emaonly", None),
+            "a photo of a cat\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 43, \
+             Size: 512x512, Model: v1-5-pruned-emaonly"
+        );
+        let p = GenerateParams { cfg_scale: 7.5, ..GenerateParams::new("x") };
+        let text = p.infotext(0, "m", Some(0.75));
+        assert!(!text.contains("Negative prompt") && text.ends_with("CFG scale: 7.5, Seed: 0, Size: 512x512, Model: m, Denoising strength: 0.75"), "{text}");
+    }
+}

@@ -1,0 +1,210 @@
+//! Reading weight files a user hands us, checked before any tensor is built.
+//!
+//! [safetensors] Hugging Face, "safetensors" format: 8 bytes little-endian N, then N bytes of JSON
+//! `{"name": {"dtype": "F16", "shape": [320, 4, 3, 3], "data_offsets": [begin, end]}, ..., "__metadata__": {...}}`,
+//! then the data; offsets count from the end of the header, tensors are little-endian and row-major.
+//!
+//! libtorch's own reader aborts or reports only "invalid header" on a damaged file; this one says what is wrong
+//! (header longer than the file, a tensor whose bytes run past the end, a dtype it cannot hold) and names the tensor.
+//! It reads one tensor at a time, so loading a 4 GB single-file checkpoint needs the model's memory plus one tensor,
+//! not twice the file. `.ckpt`/`.pt`/`.bin` files are Python pickles, which can run arbitrary code when loaded: they
+//! are refused with the command that converts them ([`refuse_pickle`]), never opened.
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// A header larger than this is not a weights file (SD 1.5's single file has a ~150 kB header).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// One tensor's entry in the header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub kind: Kind,
+    pub shape: Vec<i64>,
+    /// Byte range in the data section.
+    pub begin: u64,
+    pub end: u64,
+}
+
+/// An open safetensors file with its validated header.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    file: File,
+    data_start: u64,
+    entries: BTreeMap<String, Entry>,
+}
+
+/// safetensors dtype -> (kind, bytes per element); None for dtypes weights never use.
+fn dtype(name: &str) -> Option<(Kind, u64)> {
+    Some(match name {
+        "F32" => (Kind::Float, 4),
+        "F16" => (Kind::Half, 2),
+        "BF16" => (Kind::BFloat16, 2),
+        "F64" => (Kind::Double, 8),
+        "I64" => (Kind::Int64, 8),
+        "I32" => (Kind::Int, 4),
+        _ => return None,
+    })
+}
+
+impl SafetensorsFile {
+    /// Opens `path` and checks its header against the file's size: every tensor's bytes must lie inside the data
+    /// section and match its dtype and shape.
+    pub fn open(path: &Path) -> Result<Self> {
+        refuse_pickle(path)?;
+        let mut file = File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+        let size = file.metadata().with_context(|| format!("cannot read {}", path.display()))?.len();
+        let damaged = |what: String| {
+            anyhow::anyhow!(
+                "{} is not a valid safetensors file ({what}): it is truncated or damaged; download it again",
+                path.display()
+            )
+        };
+        ensure!(size >= 8, damaged(format!("{size} bytes, shorter than the 8-byte header length")));
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > MAX_HEADER_BYTES || 8 + header_len > size {
+            return Err(damaged(format!("its header claims {header_len} bytes, the file has {size}")));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header)?;
+        let json: serde_json::Value = serde_json::from_slice(&header)
+            .map_err(|e| damaged(format!("its header is not JSON: {e}")))?;
+        let obj = json.as_object().ok_or_else(|| damaged("its header is not a JSON object".into()))?;
+        let data_len = size - 8 - header_len;
+        let mut entries = BTreeMap::new();
+        for (name, v) in obj {
+            if name == "__metadata__" {
+                continue;
+            }
+            let bad = |what: &str| damaged(format!("tensor '{name}': {what}"));
+            let dt = v["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
+            let (kind, elem) = dtype(dt).ok_or_else(|| bad(&format!("dtype {dt} is not supported (F32, F16, BF16)")))?;
+            let shape: Vec<i64> = v["shape"]
+                .as_array()
+                .and_then(|a| a.iter().map(|d| d.as_i64().filter(|&d| d >= 0)).collect())
+                .ok_or_else(|| bad("no valid shape"))?;
+            let offsets: Vec<u64> = v["data_offsets"]
+                .as_array()
+                .and_then(|a| a.iter().map(|d| d.as_u64()).collect())
+                .filter(|o: &Vec<u64>| o.len() == 2)
+                .ok_or_else(|| bad("no valid data_offsets"))?;
+            let (begin, end) = (offsets[0], offsets[1]);
+            let want = shape.iter().product::<i64>() as u64 * elem;
+            ensure!(begin <= end && end - begin == want, bad(&format!("{} bytes for {shape:?} {dt}", end - begin)));
+            ensure!(end <= data_len, bad(&format!("its bytes end at {end}, past the data's {data_len}")));
+            entries.insert(name.clone(), Entry { kind, shape, begin, end });
+        }
+        Ok(Self { path: path.to_path_buf(), file, data_start: 8 + header_len, entries })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Reads tensor `name` (on the CPU, in the file's dtype).
+    pub fn tensor(&mut self, name: &str) -> Result<Tensor> {
+        let e = self.entries.get(name).with_context(|| format!("{} has no tensor '{name}'", self.path.display()))?;
+        let mut bytes = vec![0u8; (e.end - e.begin) as usize];
+        self.file.seek(SeekFrom::Start(self.data_start + e.begin))?;
+        self.file
+            .read_exact(&mut bytes)
+            .with_context(|| format!("cannot read tensor '{name}' of {}", self.path.display()))?;
+        Ok(Tensor::from_data_size(&bytes, &e.shape, e.kind))
+    }
+}
+
+/// Refuses pickled PyTorch files (`.ckpt`, `.pt`, `.pth`, `.bin`, or any file that starts like a zip or a pickle):
+/// loading one runs whatever code it holds. The message gives the conversion command.
+pub fn refuse_pickle(path: &Path) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_lowercase();
+    let mut magic = [0u8; 4];
+    let starts_like_pickle = File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map(|_| magic == *b"PK\x03\x04" || magic[0] == 0x80)
+        .unwrap_or(false);
+    if ["ckpt", "pt", "pth", "bin"].contains(&ext.as_str()) || starts_like_pickle {
+        bail!(
+            "{} is a pickled PyTorch checkpoint, which can run arbitrary code when loaded, so it is never opened here: \
+             convert it once with python -c \"import torch; from safetensors.torch import save_file; \
+             sd = torch.load('{0}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); \
+             save_file({{k: v.contiguous() for k, v in sd.items() if hasattr(v, 'contiguous')}}, 'model.safetensors')\" \
+             (or download the .safetensors version)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn write(dir: &Path, name: &str, tensors: &[(&str, Tensor)]) -> PathBuf {
+        let path = dir.join(name);
+        Tensor::write_safetensors(tensors, &path).unwrap();
+        path
+    }
+
+    #[test]
+    fn reads_what_libtorch_wrote_in_every_float_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        let tensors = [("a", a.shallow_clone()), ("h", a.to_kind(Kind::Half)), ("b", a.to_kind(Kind::BFloat16))];
+        let mut f = SafetensorsFile::open(&write(dir.path(), "w.safetensors", &tensors)).unwrap();
+        assert_eq!(f.len(), 3);
+        assert_eq!(f.entry("h").unwrap().shape, [3, 4]);
+        for (name, t) in &tensors {
+            let got = f.tensor(name).unwrap();
+            assert_eq!(got.kind(), t.kind());
+            assert!(got.equal(t), "{name}");
+        }
+        assert!(format!("{:#}", f.tensor("missing").unwrap_err()).contains("no tensor 'missing'"));
+    }
+
+    #[test]
+    fn damaged_headers_and_pickles_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = write(dir.path(), "w.safetensors", &[("weight", Tensor::ones([64, 64], (Kind::Float, Device::Cpu)))]);
+        let bytes = std::fs::read(&good).unwrap();
+        let err = |b: &[u8]| {
+            let p = dir.path().join("bad.safetensors");
+            std::fs::write(&p, b).unwrap();
+            format!("{:#}", SafetensorsFile::open(&p).unwrap_err())
+        };
+        // truncated inside the data: the tensor whose bytes run past the end is named
+        let e = err(&bytes[..bytes.len() - 100]);
+        assert!(e.contains("tensor 'weight'") && e.contains("past the data"), "{e}");
+        // truncated inside the header
+        assert!(err(&bytes[..20]).contains("its header claims"), "{}", err(&bytes[..20]));
+        assert!(err(&bytes[..5]).contains("shorter than the 8-byte header length"));
+        // a header that is not JSON
+        let mut garbled = bytes.clone();
+        garbled[8] = b'#';
+        assert!(err(&garbled).contains("not JSON"), "{}", err(&garbled));
+        // pickles: by extension and by content
+        let ckpt = dir.path().join("v1-5-pruned.ckpt");
+        std::fs::write(&ckpt, b"PK\x03\x04rest").unwrap();
+        let e = format!("{:#}", SafetensorsFile::open(&ckpt).unwrap_err());
+        assert!(e.contains("pickled") && e.contains("v1-5-pruned.ckpt") && e.contains("save_file"), "{e}");
+        assert!(err(b"\x80\x02}q\x00hello-world-pickle").contains("pickled"));
+    }
+}

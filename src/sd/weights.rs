@@ -1,0 +1,383 @@
+//! Stable Diffusion 1.x's three networks and their weights: a diffusers folder (`unet/`, `vae/`, `text_encoder/`,
+//! each a config.json and a safetensors file, fp32 or fp16) or an original single file (`model.diffusion_model.*`,
+//! `first_stage_model.*`, `cond_stage_model.transformer.*`, through [`KeyMap`]).
+//!
+//! Loading is strict: every tensor of our model must be in the file with its shape; a missing tensor, a wrong shape
+//! (an SD 2.x or SDXL file, whose context is 1024 or 2048 wide), a damaged file or a pickle each stop with a message
+//! that names the file and the tensor. Tensors are converted to the model's dtype one at a time as they are read.
+use super::keymap::KeyMap;
+use super::safetensors::{refuse_pickle, SafetensorsFile};
+use crate::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
+use crate::nn::unet::{UNet, UNetConfig};
+use crate::nn::vae::{AutoencoderKl, VaeConfig, SD_SCALING_FACTOR};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// The shapes of the three networks.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SdConfig {
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub text: TextEncoderConfig,
+}
+
+impl SdConfig {
+    /// runwayml/stable-diffusion-v1-5: CLIP ViT-L/14's text tower, the 860 M-parameter UNet, the 84 M VAE.
+    pub fn sd15() -> Self {
+        Self { unet: UNetConfig::sd15(), vae: VaeConfig::sd15(), text: TextEncoderConfig::clip_vit_l14() }
+    }
+
+    /// SD 1.5's layout shrunk for tests and the lesson's tour: the same four UNet levels (cross-attention at the first
+    /// three, two resnets each, 8 heads, widths doubling then held as 320/640/1280/1280 do), the same four VAE levels
+    /// (8× smaller latents, 4 channels), and a 2-layer CLIP text tower over the real 49 408-token vocabulary and 77
+    /// positions. Every UNet and VAE key of SD 1.5 exists in it (a shortcut conv wherever the width changes); only
+    /// the widths and the text encoder's depth differ.
+    pub fn tiny() -> Self {
+        Self {
+            unet: UNetConfig {
+                block_out_channels: vec![32, 64, 128, 128],
+                cross_attention_dim: Some(32),
+                ..UNetConfig::sd15()
+            },
+            vae: VaeConfig { block_out_channels: vec![8, 16, 32, 32], norm_num_groups: 4, ..VaeConfig::sd15() },
+            text: TextEncoderConfig {
+                hidden_size: 32,
+                intermediate_size: 64,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                ..TextEncoderConfig::clip_vit_l14()
+            },
+        }
+    }
+
+    /// Checks that the three fit together (the UNet reads the text encoder's width and the VAE's latents).
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.unet.cross_attention_dim == Some(self.text.hidden_size),
+            "the UNet cross-attends to width {:?}, the text encoder gives {}: these parts are not one SD 1.x model",
+            self.unet.cross_attention_dim,
+            self.text.hidden_size
+        );
+        ensure!(
+            self.unet.in_channels == self.vae.latent_channels && self.unet.out_channels == self.vae.latent_channels,
+            "the UNet takes {} channels, the VAE's latents have {}: these parts are not one SD 1.x model",
+            self.unet.in_channels,
+            self.vae.latent_channels
+        );
+        Ok(())
+    }
+}
+
+/// The networks, each on its own VarStore (so each can be loaded and cast alone).
+pub struct SdModels {
+    pub config: SdConfig,
+    pub text_encoder: TextEncoder,
+    pub unet: UNet,
+    pub vae: AutoencoderKl,
+    pub text_vs: VarStore,
+    pub unet_vs: VarStore,
+    pub vae_vs: VarStore,
+}
+
+impl SdModels {
+    /// Networks with libtorch's default random initialisation (the tiny tour; benchmarks of the full size).
+    pub fn new(config: SdConfig, device: Device) -> Result<Self> {
+        config.check()?;
+        let (mut text_vs, mut unet_vs, mut vae_vs) = (VarStore::new(device), VarStore::new(device), VarStore::new(device));
+        let text_encoder = TextEncoder::new(text_vs.root() / "text_model", config.text.clone());
+        let unet = UNet::new(unet_vs.root(), config.unet.clone());
+        let vae = AutoencoderKl::new(vae_vs.root(), config.vae.clone());
+        for vs in [&mut text_vs, &mut unet_vs, &mut vae_vs] {
+            vs.freeze();
+        }
+        Ok(Self { config, text_encoder, unet, vae, text_vs, unet_vs, vae_vs })
+    }
+
+    /// (component prefix, VarStore) of the three, as in [`KeyMap`]'s names.
+    fn stores(&mut self) -> [(&'static str, &mut VarStore); 3] {
+        [("text_encoder", &mut self.text_vs), ("unet", &mut self.unet_vs), ("vae", &mut self.vae_vs)]
+    }
+
+    /// Casts every weight to `kind` (f32 or bf16; the samplers keep f32 latents and cast at the UNet's door).
+    pub fn set_kind(&mut self, kind: Kind) {
+        for (_, vs) in self.stores() {
+            vs.set_kind(kind);
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.unet_vs.variables().values().next().map_or(Kind::Float, |t| t.kind())
+    }
+
+    pub fn num_parameters(&self) -> [i64; 3] {
+        let count = |vs: &VarStore| vs.variables().values().map(|t| t.numel() as i64).sum();
+        [count(&self.text_vs), count(&self.unet_vs), count(&self.vae_vs)]
+    }
+
+    /// Loads SD 1.x weights from `path`: a diffusers folder (its configs decide the shapes) or a single
+    /// `.safetensors` file (SD 1.5's shapes). f16 and bf16 files are converted to f32.
+    pub fn load(path: &Path, device: Device) -> Result<Self> {
+        if path.is_dir() {
+            return Self::load_diffusers(path, device);
+        }
+        ensure!(
+            path.exists(),
+            "weights {} not found: pass a diffusers folder (with unet/, vae/, text_encoder/) or a .safetensors file",
+            path.display()
+        );
+        let mut models = Self::new(SdConfig::sd15(), device)?;
+        models.load_single_file(path)?;
+        Ok(models)
+    }
+
+    /// A diffusers folder: `unet/config.json` + `unet/diffusion_pytorch_model[.fp16].safetensors`, the same for `vae/`,
+    /// and `text_encoder/config.json` + `text_encoder/model[.fp16].safetensors`.
+    pub fn load_diffusers(dir: &Path, device: Device) -> Result<Self> {
+        let config = SdConfig {
+            unet: unet_config(&read_config(dir, "unet")?).with_context(|| format!("{}/unet/config.json", dir.display()))?,
+            vae: vae_config(&read_config(dir, "vae")?).with_context(|| format!("{}/vae/config.json", dir.display()))?,
+            text: text_config(&read_config(dir, "text_encoder")?)
+                .with_context(|| format!("{}/text_encoder/config.json", dir.display()))?,
+        };
+        let mut models = Self::new(config, device)?;
+        for (component, vs) in models.stores() {
+            let stem = if component == "text_encoder" { "model" } else { "diffusion_pytorch_model" };
+            let mut file = SafetensorsFile::open(&weights_file(dir, component, stem)?)?;
+            // transformers 5 saves CLIPTextModel without the text_model. level
+            load_strict(vs, &mut file, &|name| vec![name.to_string(), name.trim_start_matches("text_model.").to_string()], &|_| false)?;
+        }
+        Ok(models)
+    }
+
+    /// An original single file, mapped through [`KeyMap`] built from this model's configs.
+    pub fn load_single_file(&mut self, path: &Path) -> Result<()> {
+        let map = KeyMap::new(&self.config.unet, &self.config.vae);
+        let mut file = SafetensorsFile::open(path)?;
+        let has = |prefix: &str| file.names().any(|n| n.starts_with(prefix));
+        if !has(super::keymap::UNET_ORIGINAL) && has("down_blocks.") {
+            bail!(
+                "{} holds a diffusers UNet alone, not a whole single-file checkpoint: pass the diffusers folder that contains it",
+                path.display()
+            );
+        }
+        for (component, vs) in self.stores() {
+            let original = |name: &str| {
+                let ours = format!("{component}.{name}");
+                let key = map.to_original(&ours).unwrap_or_else(|| panic!("the key map covers {ours}"));
+                // the pre-4.x transformers layout has no text_model. level
+                let old = key.replacen("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.", 1);
+                vec![key, old]
+            };
+            load_strict(vs, &mut file, &original, &|name| map.is_conv_as_linear(&format!("{component}.{name}")))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the three networks as one original-layout single file (the VAE's attention projections as 1×1
+    /// convolutions), f32: what [`Self::load_single_file`] reads.
+    pub fn save_single_file(&mut self, path: &Path) -> Result<()> {
+        let map = KeyMap::new(&self.config.unet, &self.config.vae);
+        let mut named: Vec<(String, Tensor)> = Vec::new();
+        for (component, vs) in self.stores() {
+            for (name, t) in vs.variables() {
+                let ours = format!("{component}.{name}");
+                let key = map.to_original(&ours).with_context(|| format!("no original key for {ours}"))?;
+                let t = t.to_kind(Kind::Float).to_device(Device::Cpu);
+                let t = if map.is_conv_as_linear(&ours) && t.dim() == 2 { t.unsqueeze(-1).unsqueeze(-1) } else { t };
+                named.push((key, t));
+            }
+        }
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Tensor::write_safetensors(&named, path).with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+fn read_config(dir: &Path, component: &str) -> Result<Value> {
+    let path = dir.join(component).join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("{} not found: a diffusers folder has unet/, vae/ and text_encoder/, each with its config.json", path.display())
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+/// `dir/component/stem.safetensors`, else its `.fp16` variant; a pickled `.bin` is refused with the fix.
+fn weights_file(dir: &Path, component: &str, stem: &str) -> Result<PathBuf> {
+    let base = dir.join(component);
+    for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+        if base.join(&name).exists() {
+            return Ok(base.join(name));
+        }
+    }
+    for name in [format!("{stem}.bin"), format!("{stem}.fp16.bin")] {
+        if base.join(&name).exists() {
+            refuse_pickle(&base.join(name))?;
+        }
+    }
+    bail!("{} has no {stem}.safetensors: download the safetensors weights of this model", base.display())
+}
+
+// ANCHOR: load_strict
+/// Fills every variable of `vs` from `file`: `names(ours)` lists the keys it may have there (first found wins);
+/// `conv_as_linear(ours)` allows a (C, C, 1, 1) tensor for a (C, C) weight. Missing tensors and wrong shapes stop the
+/// load, naming the file, the key and both shapes.
+fn load_strict(
+    vs: &mut VarStore,
+    file: &mut SafetensorsFile,
+    names: &dyn Fn(&str) -> Vec<String>,
+    conv_as_linear: &dyn Fn(&str) -> bool,
+) -> Result<()> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let path = file.path.display().to_string();
+    for (name, var) in &mut vars {
+        let keys = names(name);
+        let Some(key) = keys.iter().find(|k| file.entry(k).is_some()) else {
+            bail!(
+                "{path} has no tensor '{}' ({} tensors in the file): it is not a complete Stable Diffusion 1.x checkpoint; \
+                 download it again or pass an SD 1.x model",
+                keys[0],
+                file.len()
+            );
+        };
+        let found = file.entry(key).expect("just found").shape.clone();
+        let want = var.size();
+        let squeezed = conv_as_linear(name) && found.len() == 4 && found[2..] == [1, 1] && found[..2] == want[..];
+        if found != want && !squeezed {
+            bail!(
+                "{path}: tensor '{key}' is {found:?}, Stable Diffusion 1.x expects {want:?}: this checkpoint has another \
+                 architecture (SD 2.x and SDXL are not supported by lesson 09)"
+            );
+        }
+        let t = file.tensor(key)?.reshape(&want).to_kind(var.kind()).to_device(var.device());
+        tch::no_grad(|| var.copy_(&t));
+    }
+    Ok(())
+}
+// ANCHOR_END: load_strict
+
+fn get_i64(v: &Value, key: &str) -> Result<i64> {
+    v[key].as_i64().with_context(|| format!("no integer \"{key}\""))
+}
+
+fn get_list(v: &Value, key: &str) -> Result<Vec<i64>> {
+    v[key].as_array().and_then(|a| a.iter().map(Value::as_i64).collect()).with_context(|| format!("no list \"{key}\""))
+}
+
+/// diffusers' UNet2DConditionModel config -> ours; SD 2.x / SDXL features are refused.
+fn unet_config(v: &Value) -> Result<UNetConfig> {
+    ensure!(
+        !v["use_linear_projection"].as_bool().unwrap_or(false),
+        "use_linear_projection is true: this is an SD 2.x/SDXL UNet; lesson 09 loads SD 1.x"
+    );
+    ensure!(v["addition_embed_type"].is_null(), "addition_embed_type is set: an SDXL UNet; lesson 09 loads SD 1.x");
+    ensure!(v["norm_num_groups"].as_i64().unwrap_or(32) == 32, "norm_num_groups must be 32 (SD 1.x)");
+    let types: Vec<&str> =
+        v["down_block_types"].as_array().context("no down_block_types")?.iter().filter_map(Value::as_str).collect();
+    let heads = match &v["attention_head_dim"] {
+        Value::Number(n) => n.as_i64().context("attention_head_dim")?,
+        other => bail!("attention_head_dim {other} differs per level (SD 2.x); lesson 09 loads SD 1.x"),
+    };
+    Ok(UNetConfig {
+        in_channels: get_i64(v, "in_channels")?,
+        out_channels: get_i64(v, "out_channels")?,
+        block_out_channels: get_list(v, "block_out_channels")?,
+        layers_per_block: get_i64(v, "layers_per_block")? as usize,
+        attention: types.iter().map(|t| t.starts_with("CrossAttn")).collect(),
+        cross_attention_dim: Some(get_i64(v, "cross_attention_dim")?),
+        // SD 1.x configs misname the number of heads "attention_head_dim" (diffusers keeps it for compatibility)
+        attention_heads: Some(heads),
+        ..UNetConfig::sd15()
+    })
+}
+
+fn vae_config(v: &Value) -> Result<VaeConfig> {
+    Ok(VaeConfig {
+        in_channels: get_i64(v, "in_channels")?,
+        out_channels: get_i64(v, "out_channels")?,
+        block_out_channels: get_list(v, "block_out_channels")?,
+        layers_per_block: get_i64(v, "layers_per_block")? as usize,
+        latent_channels: get_i64(v, "latent_channels")?,
+        norm_num_groups: get_i64(v, "norm_num_groups")?,
+        scaling_factor: v["scaling_factor"].as_f64().unwrap_or(SD_SCALING_FACTOR),
+    })
+}
+
+fn text_config(v: &Value) -> Result<TextEncoderConfig> {
+    let act = v["hidden_act"].as_str().unwrap_or("quick_gelu");
+    Ok(TextEncoderConfig {
+        vocab_size: get_i64(v, "vocab_size")?,
+        max_position_embeddings: get_i64(v, "max_position_embeddings")?,
+        hidden_size: get_i64(v, "hidden_size")?,
+        intermediate_size: get_i64(v, "intermediate_size")?,
+        num_hidden_layers: get_i64(v, "num_hidden_layers")? as usize,
+        num_attention_heads: get_i64(v, "num_attention_heads")?,
+        hidden_act: match act {
+            "quick_gelu" => Activation::QuickGelu,
+            "gelu" => Activation::Gelu,
+            other => bail!("hidden_act \"{other}\" is not CLIP's (quick_gelu or gelu)"),
+        },
+        causal: true,
+        layer_norm_eps: v["layer_norm_eps"].as_f64().unwrap_or(1e-5),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every tensor of the tiny SD (which has every module of SD 1.5) maps to an original key and back, no two to the
+    /// same key; the counts are SD 1.5's (686 UNet and 248 VAE tensors in v1-5-pruned-emaonly.safetensors; the text
+    /// encoder's 196 are 4 + 16 per layer, and tiny has 2 layers of 12).
+    #[test]
+    fn key_map_round_trips_every_key_of_the_sd15_layout() {
+        let mut models = SdModels::new(SdConfig::tiny(), Device::Cpu).unwrap();
+        let map = KeyMap::new(&models.config.unet, &models.config.vae);
+        let mut originals = std::collections::HashSet::new();
+        let mut counts = vec![];
+        for (component, vs) in models.stores() {
+            let vars = vs.variables();
+            counts.push(vars.len());
+            for name in vars.keys() {
+                let ours = format!("{component}.{name}");
+                let original = map.to_original(&ours).unwrap_or_else(|| panic!("{ours} has an original key"));
+                assert_eq!(map.to_ours(&original).as_deref(), Some(ours.as_str()), "{original}");
+                assert!(originals.insert(original.clone()), "two names map to {original}");
+            }
+        }
+        assert_eq!(counts, [4 + 16 * 2, 686, 248]);
+    }
+
+    #[test]
+    fn single_file_round_trip_and_errors_name_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny-sd.safetensors");
+        let mut a = SdModels::new(SdConfig::tiny(), Device::Cpu).unwrap();
+        a.save_single_file(&path).unwrap();
+        let mut b = SdModels::new(SdConfig::tiny(), Device::Cpu).unwrap();
+        b.load_single_file(&path).unwrap();
+        for (x, y) in [(&a.unet_vs, &b.unet_vs), (&a.vae_vs, &b.vae_vs), (&a.text_vs, &b.text_vs)] {
+            for (name, t) in x.variables() {
+                assert!(t.equal(&y.variables()[&name]), "{name}");
+            }
+        }
+        // a file without one tensor, and one with a wrong shape
+        let mut named: Vec<(String, Tensor)> = Tensor::read_safetensors(&path).unwrap();
+        let gone = "model.diffusion_model.middle_block.1.proj_out.weight";
+        let without: Vec<_> = named.iter().filter(|(k, _)| k != gone).map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        Tensor::write_safetensors(&without, &path).unwrap();
+        let e = format!("{:#}", b.load_single_file(&path).unwrap_err());
+        assert!(e.contains(gone) && e.contains("tiny-sd.safetensors"), "{e}");
+        let key = "first_stage_model.decoder.conv_in.weight";
+        for (k, t) in named.iter_mut() {
+            if k == key {
+                *t = Tensor::zeros([3, 3], (Kind::Float, Device::Cpu));
+            }
+        }
+        Tensor::write_safetensors(&named, &path).unwrap();
+        let e = format!("{:#}", b.load_single_file(&path).unwrap_err());
+        assert!(e.contains(key) && e.contains("[3, 3]"), "{e}");
+    }
+}
