@@ -2,7 +2,9 @@
 //! `UNet2DConditionModel` and transformers' `CLIPTextModel` from tiny SD-shaped configs with random weights and
 //! writes the weights and their outputs for fixed inputs; our `AutoencoderKl`, `UNet` and `TextEncoder` load the
 //! same files (the references' names, no key map) and must agree to 1e-4 in f32. Our CLIP tokenizer, with the
-//! vocabulary in data/clip, must give OpenAI's `simple_tokenizer` ids on `tests/parity/tokenizer_corpus.txt`. The
+//! vocabulary in data/clip, must give OpenAI's `simple_tokenizer` ids on `tests/parity/tokenizer_corpus.txt`. A whole
+//! `StableDiffusionPipeline` of SD 1.5's layout shrunk, saved as a diffusers folder, must load into our pipeline and
+//! give the same 4-step txt2img from the same seeds. The
 //! tests skip, saying why, when Python or a reference is missing (`./run.sh test` installs them into .venv).
 use scratch_diffusion::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
@@ -26,19 +28,25 @@ fn python() -> PathBuf {
     }
 }
 
-/// Runs the reference script into a temporary folder; None (and a message) when diffusers is not available.
-fn reference() -> Option<tempfile::TempDir> {
-    let py = python();
-    let has = Command::new(&py).args(["-c", "import diffusers, transformers, safetensors"]).output();
-    if !matches!(&has, Ok(o) if o.status.success()) {
-        println!("skipped: {} cannot import diffusers and transformers (./run.sh test installs them)", py.display());
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/make_reference.py");
-    let out = Command::new(&py).arg(script).arg(dir.path()).output().expect("python runs");
-    assert!(out.status.success(), "make_reference.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    Some(dir)
+/// Runs the reference script once per test run into a folder under cargo's target tmpdir (the tests share it);
+/// None (and a message) when diffusers is not available.
+fn reference() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let py = python();
+        let has = Command::new(&py).args(["-c", "import diffusers, transformers, safetensors"]).output();
+        if !matches!(&has, Ok(o) if o.status.success()) {
+            println!("skipped: {} cannot import diffusers and transformers (./run.sh test installs them)", py.display());
+            return None;
+        }
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity-reference");
+        let _ = std::fs::remove_dir_all(&dir);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/make_reference.py");
+        let out = Command::new(&py).arg(script).arg(&dir).output().expect("python runs");
+        assert!(out.status.success(), "make_reference.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        Some(dir)
+    })
+    .as_deref()
 }
 
 fn read(path: &Path) -> HashMap<String, Tensor> {
@@ -76,7 +84,7 @@ fn our_autoencoder_matches_diffusers_autoencoder_kl() {
     };
     let mut vs = VarStore::new(Device::Cpu);
     let vae = AutoencoderKl::new(vs.root(), config);
-    let r = load_reference(dir.path(), "vae", &mut vs);
+    let r = load_reference(dir, "vae", &mut vs);
     tch::no_grad(|| {
         let q = vae.encode(&r["x"]);
         let moments = Tensor::cat(&[&q.mean, &q.logvar], 1);
@@ -106,7 +114,7 @@ fn our_unet_matches_diffusers_unet_2d_condition_model() {
     };
     let mut vs = VarStore::new(Device::Cpu);
     let unet = UNet::new(vs.root(), config);
-    let r = load_reference(dir.path(), "unet", &mut vs);
+    let r = load_reference(dir, "unet", &mut vs);
     let eps = tch::no_grad(|| unet.forward_cond(&r["sample"], &r["timestep"], Some(&r["context"]), None, false));
     let d = max_diff(&eps, &r["eps"]);
     println!("max |ours − diffusers|: UNet output {d:.2e}");
@@ -130,10 +138,10 @@ fn our_text_encoder_matches_transformers_clip_text_model() {
         layer_norm_eps: 1e-5,
     };
     // transformers 4 saves CLIPTextModel under `text_model.`, transformers 5 without it: ours goes where the file has it
-    let prefixed = read(&dir.path().join("text_encoder.safetensors")).keys().any(|k| k.starts_with("text_model."));
+    let prefixed = read(&dir.join("text_encoder.safetensors")).keys().any(|k| k.starts_with("text_model."));
     let mut vs = VarStore::new(Device::Cpu);
     let encoder = TextEncoder::new(if prefixed { vs.root() / "text_model" } else { vs.root() }, config);
-    let r = load_reference(dir.path(), "text_encoder", &mut vs);
+    let r = load_reference(dir, "text_encoder", &mut vs);
     let hidden = tch::no_grad(|| encoder.forward(&r["ids"], None));
     let d = max_diff(&hidden, &r["hidden"]);
     println!("max |ours − transformers|: last hidden state {d:.2e}");
@@ -143,7 +151,7 @@ fn our_text_encoder_matches_transformers_clip_text_model() {
 #[test]
 fn our_tokenizer_matches_openai_simple_tokenizer_on_the_corpus() {
     let Some(dir) = reference() else { return };
-    let path = dir.path().join("tokens.json");
+    let path = dir.join("tokens.json");
     if !path.exists() {
         println!("skipped: clip-anytorch's simple_tokenizer.py or ftfy is not installed (./run.sh test installs them)");
         return;
@@ -158,4 +166,47 @@ fn our_tokenizer_matches_openai_simple_tokenizer_on_the_corpus() {
         let want: Vec<i64> = line["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
         assert_eq!(bpe.encode(text), want, "token ids of {text:?}");
     }
+}
+
+/// The whole pipeline: make_reference.py saves a StableDiffusionPipeline of SD 1.5's layout shrunk as a diffusers
+/// folder (tokenizer built from data/clip's vocabulary, SD 1.5's DDIMScheduler config) and runs a 4-step txt2img
+/// with a negative prompt and w = 7.5 for seeds 7 and 8. Ours loads the folder (its configs give SdConfig::tiny),
+/// draws the same starting noise from the same seeds, and must give the same latents and pixels.
+#[test]
+fn our_pipeline_matches_diffusers_stable_diffusion_pipeline() {
+    use scratch_diffusion::sd::{GenerateParams, SdConfig, SdSampler, StableDiffusion};
+    let Some(dir) = reference() else { return };
+    let r = read(&dir.join("pipeline_reference.safetensors"));
+    if r.is_empty() {
+        println!("skipped: clip-anytorch is not installed, so the reference pipeline has no tokenizer");
+        return;
+    }
+    tch::set_num_threads(1);
+    let sd = StableDiffusion::load(&dir.join("tiny-sd"), Device::Cpu).unwrap();
+    assert_eq!(sd.models.config, SdConfig::tiny(), "the folder's configs read as our tiny preset");
+    // make_reference.py's PROMPT, NEGATIVE, SEED, STEPS, GUIDANCE
+    let p = GenerateParams {
+        negative_prompt: "blurry, low quality".into(),
+        steps: 4,
+        cfg_scale: 7.5,
+        seed: 7,
+        width: 64,
+        height: 64,
+        sampler: SdSampler::Ddim,
+        batch: 2,
+        ..GenerateParams::new("a photo of an astronaut riding a horse on mars, 4k")
+    };
+    let noise = Tensor::cat(&[sd.initial_noise(7, 64, 64), sd.initial_noise(8, 64, 64)], 0);
+    assert_eq!(max_diff(&noise, &r["latents"]), 0.0, "seed s draws torch.Generator().manual_seed(s)'s noise");
+    let (latents, warnings) = sd.txt2img_latents(&p, &mut |_, _| {}).unwrap();
+    assert!(warnings.is_empty());
+    let images = sd.decode(&latents).permute([0, 2, 3, 1]); // (B, H, W, 3) as diffusers' "np" output
+    // random weights and w = 7.5 make the latents large (|z| up to ~56): they are compared relative to their size
+    let scale = r["final_latents"].abs().max().double_value(&[]);
+    let (dl, di) = (max_diff(&latents, &r["final_latents"]) / scale, max_diff(&images, &r["images"]));
+    println!("max |ours − diffusers|: final latents {dl:.2e} of their largest value ({scale:.1}), images {di:.2e}");
+    let inside = r["images"].gt(0.0).logical_and(&r["images"].lt(1.0)).to_kind(tch::Kind::Float).mean(None);
+    assert!(inside.double_value(&[]) > 0.5, "most pixels are not clamped, so the comparison sees them");
+    assert!(dl <= 1e-5, "final latents differ by {dl} of their size");
+    assert!(di <= 1e-4, "images differ by {di}");
 }

@@ -329,18 +329,27 @@ impl StableDiffusion {
 
     /// txt2img: `p.batch` images; `cb(i, step)` sees every sampler step of image i.
     pub fn txt2img(&self, p: &GenerateParams, cb: &mut dyn FnMut(usize, SamplerStep)) -> Result<Generated> {
+        let (latents, warnings) = self.txt2img_latents(p, cb)?;
+        Ok(Generated { images: self.decode(&latents), warnings })
+    }
+
+    /// txt2img up to the VAE: the final latents (B, 4, H/8, W/8) and the warnings.
+    pub fn txt2img_latents(
+        &self,
+        p: &GenerateParams,
+        cb: &mut dyn FnMut(usize, SamplerStep),
+    ) -> Result<(Tensor, Vec<String>)> {
         p.check()?;
         let mut warnings = Vec::new();
         let (cond, uncond) = self.contexts(p, &mut warnings);
         let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
-        let mut images = Vec::new();
+        let mut latents = Vec::new();
         for i in 0..p.batch {
             let z_t = self.initial_noise(p.seed + i as u64, p.width, p.height); // VP x_T ~ N(0, I)
             let x = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt(); // σ-space: x = x_T √(1 + σ₀²) = x_T / √ᾱ
-            let latents = self.denoise(p, &cond, &uncond, x, &sigmas, &mut |s| cb(i, s));
-            images.push(self.decode(&latents));
+            latents.push(self.denoise(p, &cond, &uncond, x, &sigmas, &mut |s| cb(i, s)));
         }
-        Ok(Generated { images: Tensor::cat(&images, 0), warnings })
+        Ok((Tensor::cat(&latents, 0), warnings))
     }
     // ANCHOR_END: denoise_loop
 

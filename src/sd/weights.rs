@@ -31,14 +31,14 @@ impl SdConfig {
     }
 
     /// SD 1.5's layout shrunk for tests and the lesson's tour: the same four UNet levels (cross-attention at the first
-    /// three, two resnets each, 8 heads, widths doubling then held as 320/640/1280/1280 do), the same four VAE levels
+    /// three, two resnets each, 8 heads, widths growing then held as 320/640/1280/1280 do; at least 64, where GroupNorm has SD's 32 groups), the same four VAE levels
     /// (8× smaller latents, 4 channels), and a 2-layer CLIP text tower over the real 49 408-token vocabulary and 77
     /// positions. Every UNet and VAE key of SD 1.5 exists in it (a shortcut conv wherever the width changes); only
     /// the widths and the text encoder's depth differ.
     pub fn tiny() -> Self {
         Self {
             unet: UNetConfig {
-                block_out_channels: vec![32, 64, 128, 128],
+                block_out_channels: vec![64, 128, 192, 192],
                 cross_attention_dim: Some(32),
                 ..UNetConfig::sd15()
             },

@@ -14,6 +14,12 @@ inputs, and writes the weights and the outputs as safetensors into the folder gi
     tokens.json                 OpenAI's simple_tokenizer ids of each line of tests/parity/tokenizer_corpus.txt, with
                                 data/clip/bpe_simple_vocab_16e6.txt.gz (when clip-anytorch's simple_tokenizer.py and
                                 ftfy are installed)
+    tiny-sd/                    a whole diffusers StableDiffusionPipeline folder (unet/, vae/, text_encoder/,
+                                tokenizer/ made from data/clip's vocabulary, scheduler/: SD 1.5's DDIMScheduler) of
+                                SD 1.5's layout shrunk (the SdConfig::tiny of src/sd/weights.rs), random weights
+    pipeline_reference.safetensors  latents (the starting noise of seeds 7 and 8), final_latents (before the VAE) and
+                                images (the pipeline's output, (2, 64, 64, 3) in [0, 1]) of a 4-step DDIM txt2img
+                                with a negative prompt, w = 7.5
     versions.txt                torch, diffusers and transformers versions
 
 Run from the venv that provides libtorch, with diffusers installed (./run.sh setup installs it).
@@ -25,6 +31,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # The tiny config; tests/parity.rs builds VaeConfig with the same numbers.
 VAE_CONFIG = dict(
@@ -123,24 +131,136 @@ def main(out: Path) -> None:
     (out / "versions.txt").write_text(versions)
 
 
-def tokenize_corpus(out: Path) -> None:
-    """OpenAI's tokenizer, loaded from the clip-anytorch package's file (its __init__ would import torchvision)."""
+def openai_tokenizer():
+    """OpenAI's tokenizer with data/clip's vocabulary, loaded from the clip-anytorch package's file (its __init__
+    would import torchvision); None when clip-anytorch is not installed."""
     import importlib.util
-    import json
 
     spec = importlib.util.find_spec("clip")
     if spec is None or spec.submodule_search_locations is None:
-        return
+        return None
     path = Path(list(spec.submodule_search_locations)[0]) / "simple_tokenizer.py"
     module_spec = importlib.util.spec_from_file_location("simple_tokenizer", path)
     simple = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(simple)
-    root = Path(__file__).resolve().parents[2]
-    tok = simple.SimpleTokenizer(str(root / "data/clip/bpe_simple_vocab_16e6.txt.gz"))
-    lines = (root / "tests/parity/tokenizer_corpus.txt").read_text(encoding="utf-8").splitlines()
+    return simple.SimpleTokenizer(str(ROOT / "data/clip/bpe_simple_vocab_16e6.txt.gz"))
+
+
+# The pipeline test's prompt, negative prompt, seed, guidance and steps (tests/parity.rs uses the same).
+PROMPT = "a photo of an astronaut riding a horse on mars, 4k"
+NEGATIVE = "blurry, low quality"
+SEED, STEPS, GUIDANCE = 7, 4, 7.5
+
+
+def pipeline(out: Path) -> None:
+    """A whole StableDiffusionPipeline of SD 1.5's layout shrunk (SdConfig::tiny), saved as a diffusers folder, and its
+    4-step DDIM txt2img output for two images (seeds SEED and SEED + 1)."""
+    import json
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tok = openai_tokenizer()
+    if tok is None:
+        return
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(64, 128, 192, 192),
+        layers_per_block=2,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.18215,
+    ).eval()
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            **{
+                **TEXT_CONFIG,
+                "vocab_size": 49408,
+                "max_position_embeddings": 77,
+                "pad_token_id": 49407,
+                "bos_token_id": 49406,
+                "eos_token_id": 49407,
+            }
+        )
+    ).eval()
+    for i, model in enumerate([unet, vae, text]):
+        randomize(model, 10 + i)
+    # SD 1.5's tokenizer is OpenAI's BPE: vocab.json and merges.txt written from the same vocabulary file
+    tok_dir = out / "tokenizer_files"
+    tok_dir.mkdir(exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(tok.encoder))
+    ranked = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+    (tok_dir / "merges.txt").write_text("\n".join(["#version: 0.2"] + [" ".join(m) for m in ranked]) + "\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    # runwayml/stable-diffusion-v1-5's scheduler_config.json
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(out / "tiny-sd")
+    # the starting noise of image i comes from seed SEED + i alone, as our pipeline draws it
+    latents = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(SEED + i)) for i in range(2)])
+    def run(output_type):
+        with torch.no_grad():
+            return pipe(
+                [PROMPT] * 2,
+                negative_prompt=[NEGATIVE] * 2,
+                height=64,
+                width=64,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                latents=latents,
+                output_type=output_type,
+            ).images
+
+    reference = {"latents": latents, "final_latents": run("latent"), "images": torch.from_numpy(run("np"))}
+    save_file({k: v.contiguous() for k, v in reference.items()}, str(out / "pipeline_reference.safetensors"))
+
+
+def tokenize_corpus(out: Path) -> None:
+    """OpenAI's tokenizer's ids of every line of the corpus."""
+    import json
+
+    tok = openai_tokenizer()
+    if tok is None:
+        return
+    lines = (ROOT / "tests/parity/tokenizer_corpus.txt").read_text(encoding="utf-8").splitlines()
     (out / "tokens.json").write_text(json.dumps([{"text": t, "ids": tok.encode(t)} for t in lines]))
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
     tokenize_corpus(Path(sys.argv[1]))
+    pipeline(Path(sys.argv[1]))
