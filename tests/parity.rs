@@ -36,7 +36,10 @@ fn reference() -> Option<&'static Path> {
         let py = python();
         let has = Command::new(&py).args(["-c", "import diffusers, transformers, safetensors"]).output();
         if !matches!(&has, Ok(o) if o.status.success()) {
-            println!("skipped: {} cannot import diffusers and transformers (./run.sh test installs them)", py.display());
+            println!(
+                "skipped: {} cannot import diffusers and transformers (./run.sh test installs them)",
+                py.display()
+            );
             return None;
         }
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity-reference");
@@ -201,7 +204,7 @@ fn our_pipeline_matches_diffusers_stable_diffusion_pipeline() {
     let (latents, warnings) = sd.txt2img_latents(&p, &mut |_, _| {}).unwrap();
     assert!(warnings.is_empty());
     let images = sd.decode(&latents).permute([0, 2, 3, 1]); // (B, H, W, 3) as diffusers' "np" output
-    // random weights and w = 7.5 make the latents large (|z| up to ~56): they are compared relative to their size
+                                                            // random weights and w = 7.5 make the latents large (|z| up to ~56): they are compared relative to their size
     let scale = r["final_latents"].abs().max().double_value(&[]);
     let (dl, di) = (max_diff(&latents, &r["final_latents"]) / scale, max_diff(&images, &r["images"]));
     println!("max |ours − diffusers|: final latents {dl:.2e} of their largest value ({scale:.1}), images {di:.2e}");

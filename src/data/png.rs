@@ -10,9 +10,10 @@ use tch::Tensor;
 /// The image at `path` as (1, 1, H, W) f32 in [0, 1]; errors name the file and what is wrong with it.
 pub fn read_png_gray(path: &Path) -> Result<Tensor> {
     let rgb = read_png_rgb(path)?; // (1, 3, H, W)
-    // ITU-R BT.601 luma: 0.299 R + 0.587 G + 0.114 B
+                                   // ITU-R BT.601 luma: 0.299 R + 0.587 G + 0.114 B
     let weights = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
-    Ok((rgb * weights).sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Float)) // (1, 1, H, W)
+    Ok((rgb * weights).sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Float))
+    // (1, 1, H, W)
 }
 
 /// The image at `path` as (1, 3, H, W) f32 RGB in [0, 1] (grayscale repeated; alpha composited over black).
@@ -117,7 +118,9 @@ mod tests {
             write_png_rgb_with_text(&p, &rgb, "parameters", text).unwrap();
             assert_eq!(read_png_text(&p, "parameters").unwrap().as_deref(), Some(text));
             assert_eq!(read_png_text(&p, "other").unwrap(), None);
-            assert!((read_png_rgb(&p).unwrap().squeeze_dim(0) - &rgb).abs().max().double_value(&[]) < 0.5 / 255.0 + 1e-6);
+            assert!(
+                (read_png_rgb(&p).unwrap().squeeze_dim(0) - &rgb).abs().max().double_value(&[]) < 0.5 / 255.0 + 1e-6
+            );
         }
         std::fs::write(dir.path().join("bad.png"), b"not a png").unwrap();
         let bad = format!("{:#}", read_png_gray(&dir.path().join("bad.png")).unwrap_err());

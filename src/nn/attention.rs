@@ -22,6 +22,14 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Op
 }
 // ANCHOR_END: sdpa
 
+/// The same attention through libtorch's fused kernel (`at::scaled_dot_product_attention`, which picks a
+/// flash-attention kernel on the CPU: it never holds the (Lq, Lk) score matrix, and SD's 4096 × 4096 self-attention at
+/// 64 × 64 latents is where that matters). The networks call this one; [`scaled_dot_product_attention`] is the formula
+/// the book reads, and a test holds the two together.
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, false, None, false)
+}
+
 /// Multi-head attention, [Transformer] sec. 3.2.2: h heads of width d_k, Q from `x`, K and V from `context` (cross-
 /// attention) or from `x` itself (self-attention). Names as diffusers' `Attention`: to_q, to_k, to_v, to_out.0.
 #[derive(Debug)]
@@ -56,7 +64,7 @@ impl MultiHeadAttention {
             t.view([b, l, self.heads, inner / self.heads]).transpose(1, 2) // (B, heads, L, d_k)
         };
         let (q, k, v) = (split(self.to_q.forward(x)), split(self.to_k.forward(ctx)), split(self.to_v.forward(ctx)));
-        let out = scaled_dot_product_attention(&q, &k, &v, mask); // (B, heads, Lq, d_k)
+        let out = fused_attention(&q, &k, &v, mask); // (B, heads, Lq, d_k)
         let (b, h, l, d) = out.size4().expect("(B, heads, L, d_k)");
         self.to_out.forward(&out.transpose(1, 2).reshape([b, l, h * d])) // (B, Lq, dim)
     }

@@ -43,6 +43,15 @@ pub struct ResBlock {
     dropout: f64,
 }
 
+/// The same (B, C, H, W) tensor with channels-last strides (NHWC in memory): oneDNN's convolutions, GroupNorm and
+/// nearest upsampling run natively on it, and libtorch's ops keep the layout, so one conversion of the input and of
+/// the conv weights carries through a network. PyTorch's "channels last" guide recommends it for CPU inference;
+/// measured on SD 1.5 (chapter 09), it takes a sixth off the UNet step and a fifth off the VAE decode. Values are
+/// unchanged; only the order of the reductions inside a convolution can differ.
+pub fn channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]) // (B, C, H, W), strides (HWC, 1, WC, C)
+}
+
 /// Groups for GroupNorm: 32 as in [DDPM], fewer for narrow layers (it must divide the channel count).
 pub fn groups_for(channels: i64) -> i64 {
     [32, 16, 8, 4, 2, 1].into_iter().find(|g| channels % g == 0 && channels / g >= 2).unwrap_or(1)

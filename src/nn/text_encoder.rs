@@ -10,7 +10,7 @@
 //! Names follow transformers' `CLIPTextModel` without its `text_model.` prefix (the caller picks the root path):
 //! embeddings.{token,position}_embedding, encoder.layers.i.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2,
 //! mlp.fc1, mlp.fc2}, final_layer_norm.
-use super::attention::scaled_dot_product_attention;
+use super::attention::fused_attention;
 use super::transformer::key_padding_mask;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -127,7 +127,7 @@ impl SelfAttention {
         let (b, l, d) = x.size3().expect("(B, L, D)");
         let split = |t: Tensor| t.view([b, l, self.heads, d / self.heads]).transpose(1, 2); // (B, heads, L, d_k)
         let (q, k, v) = (split(self.q_proj.forward(x)), split(self.k_proj.forward(x)), split(self.v_proj.forward(x)));
-        let out = scaled_dot_product_attention(&q, &k, &v, mask); // (B, heads, L, d_k)
+        let out = fused_attention(&q, &k, &v, mask); // (B, heads, L, d_k)
         self.out_proj.forward(&out.transpose(1, 2).reshape([b, l, d])) // (B, L, D)
     }
 }

@@ -518,7 +518,8 @@ mod tests {
         assert_eq!(net.forward(&x, &t, false).size(), [2, 1, 16, 16]);
         // the maps come from the same forward pass: down_blocks.1 (8×8), mid (8×8), up_blocks.0 (two, 8×8)
         let (with_maps, maps) = net.forward_with_maps(&x, &t, &ctx, None);
-        assert!((with_maps - &out).abs().max().double_value(&[]) < 1e-6);
+        // (forward runs libtorch's fused attention kernel, the maps need the formula's weights: round-off apart)
+        assert!((with_maps - &out).abs().max().double_value(&[]) < 1e-5);
         let blocks: Vec<&str> = maps.iter().map(|m| m.block.as_str()).collect();
         assert_eq!(
             blocks,

@@ -11,7 +11,7 @@
 //! encoder.conv_norm_out, encoder.conv_out, quant_conv, post_quant_conv, decoder.… with up_blocks.i.upsamplers.0),
 //! so the same code loads Stable Diffusion's VAE (lesson 09).
 //! Notation (code -> paper): mean, logvar -> μ, log σ²; moments -> the encoder's 2·C output; scaling_factor -> 1/σ̂.
-use super::attention::scaled_dot_product_attention;
+use super::attention::fused_attention;
 use super::layers::{ResBlock, Upsample};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -148,7 +148,7 @@ impl VaeAttention {
         let (b, c, h, w) = x.size4().expect("(B, C, H, W)");
         let tokens = self.group_norm.forward(x).view([b, c, h * w]).transpose(1, 2); // (B, HW, C)
         let (q, k, v) = (self.to_q.forward(&tokens), self.to_k.forward(&tokens), self.to_v.forward(&tokens));
-        let out = self.to_out.forward(&scaled_dot_product_attention(&q, &k, &v, None)); // (B, HW, C)
+        let out = self.to_out.forward(&fused_attention(&q, &k, &v, None)); // (B, HW, C)
         x + out.transpose(1, 2).reshape([b, c, h, w])
     }
 }

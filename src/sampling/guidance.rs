@@ -233,8 +233,10 @@ mod tests {
         let (x, t) = (Tensor::randn([3, 1, 16, 16], opts), Tensor::from_slice(&[5i64, 400, 900]));
         let (c, u) = (Tensor::randn([1, 4, 6], opts), Tensor::randn([1, 4, 6], opts));
         let guided = |w: f64| ClassifierFreeGuidance::new(&net, c.copy(), u.copy(), w).eps(&x, &t, false);
-        let (eps_c, eps_u) =
-            (net.eps_cond(&x, &t, &c.expand([3, 4, 6], false), false), net.eps_cond(&x, &t, &u, false));
+        let (eps_c, eps_u) = (
+            net.eps_cond(&x, &t, &c.expand([3, 4, 6], false), false),
+            net.eps_cond(&x, &t, &u.expand([3, 4, 6], false), false),
+        );
         assert!(guided(1.0).equal(&eps_c));
         assert!(guided(0.0).equal(&eps_u));
         // the batched 2B evaluation is linear in w: ε̃(w) = ε_∅ + w (ε_c − ε_∅), to f32 round-off of ε's size

@@ -42,7 +42,8 @@ fn through(table: &HashMap<String, String>, key: &str) -> Option<String> {
 
 impl KeyMap {
     pub fn new(unet: &UNetConfig, vae: &VaeConfig) -> Self {
-        let mut pairs: Vec<(String, String)> = vec![(format!("{TEXT_ORIGINAL}.text_model"), "text_encoder.text_model".into())];
+        let mut pairs: Vec<(String, String)> =
+            vec![(format!("{TEXT_ORIGINAL}.text_model"), "text_encoder.text_model".into())];
         let mut conv_as_linear = HashSet::new();
         unet_pairs(unet, &mut pairs);
         vae_pairs(vae, &mut pairs, &mut conv_as_linear);
@@ -178,21 +179,33 @@ fn vae_pairs(config: &VaeConfig, pairs: &mut Vec<(String, String)>, conv_as_line
     }
     for i in 0..n {
         for j in 0..config.layers_per_block {
-            let (a, b) = (format!("{o}.encoder.down.{i}.block.{j}"), format!("{d}.encoder.down_blocks.{i}.resnets.{j}"));
+            let (a, b) =
+                (format!("{o}.encoder.down.{i}.block.{j}"), format!("{d}.encoder.down_blocks.{i}.resnets.{j}"));
             vae_resnet(pairs, &a, &b);
         }
         if i + 1 < n {
-            let (a, b) = (format!("{o}.encoder.down.{i}.downsample.conv"), format!("{d}.encoder.down_blocks.{i}.downsamplers.0.conv"));
+            let (a, b) = (
+                format!("{o}.encoder.down.{i}.downsample.conv"),
+                format!("{d}.encoder.down_blocks.{i}.downsamplers.0.conv"),
+            );
             pair(pairs, a, b);
         }
     }
     for r in 0..n {
         let level = n - 1 - r;
         for j in 0..=config.layers_per_block {
-            vae_resnet(pairs, &format!("{o}.decoder.up.{level}.block.{j}"), &format!("{d}.decoder.up_blocks.{r}.resnets.{j}"));
+            vae_resnet(
+                pairs,
+                &format!("{o}.decoder.up.{level}.block.{j}"),
+                &format!("{d}.decoder.up_blocks.{r}.resnets.{j}"),
+            );
         }
         if r + 1 < n {
-            pair(pairs, format!("{o}.decoder.up.{level}.upsample.conv"), format!("{d}.decoder.up_blocks.{r}.upsamplers.0.conv"));
+            pair(
+                pairs,
+                format!("{o}.decoder.up.{level}.upsample.conv"),
+                format!("{d}.decoder.up_blocks.{r}.upsamplers.0.conv"),
+            );
         }
     }
 }
@@ -214,19 +227,34 @@ mod tests {
                 "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight",
             ),
             ("model.diffusion_model.input_blocks.9.0.op.bias", "unet.down_blocks.2.downsamplers.0.conv.bias"),
-            ("model.diffusion_model.input_blocks.11.0.emb_layers.1.weight", "unet.down_blocks.3.resnets.1.time_emb_proj.weight"),
+            (
+                "model.diffusion_model.input_blocks.11.0.emb_layers.1.weight",
+                "unet.down_blocks.3.resnets.1.time_emb_proj.weight",
+            ),
             ("model.diffusion_model.middle_block.1.proj_in.weight", "unet.mid_block.attentions.0.proj_in.weight"),
             ("model.diffusion_model.middle_block.2.out_layers.3.weight", "unet.mid_block.resnets.1.conv2.weight"),
             ("model.diffusion_model.output_blocks.2.1.conv.weight", "unet.up_blocks.0.upsamplers.0.conv.weight"),
-            ("model.diffusion_model.output_blocks.3.0.skip_connection.weight", "unet.up_blocks.1.resnets.0.conv_shortcut.weight"),
+            (
+                "model.diffusion_model.output_blocks.3.0.skip_connection.weight",
+                "unet.up_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
             ("model.diffusion_model.output_blocks.5.2.conv.bias", "unet.up_blocks.1.upsamplers.0.conv.bias"),
             ("model.diffusion_model.output_blocks.11.1.norm.weight", "unet.up_blocks.3.attentions.2.norm.weight"),
             ("model.diffusion_model.out.2.weight", "unet.conv_out.weight"),
-            ("first_stage_model.encoder.down.0.downsample.conv.weight", "vae.encoder.down_blocks.0.downsamplers.0.conv.weight"),
-            ("first_stage_model.encoder.down.1.block.0.nin_shortcut.weight", "vae.encoder.down_blocks.1.resnets.0.conv_shortcut.weight"),
+            (
+                "first_stage_model.encoder.down.0.downsample.conv.weight",
+                "vae.encoder.down_blocks.0.downsamplers.0.conv.weight",
+            ),
+            (
+                "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+                "vae.encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
             ("first_stage_model.decoder.up.0.block.2.conv2.bias", "vae.decoder.up_blocks.3.resnets.2.conv2.bias"),
             ("first_stage_model.decoder.up.3.upsample.conv.weight", "vae.decoder.up_blocks.0.upsamplers.0.conv.weight"),
-            ("first_stage_model.decoder.mid.attn_1.proj_out.weight", "vae.decoder.mid_block.attentions.0.to_out.0.weight"),
+            (
+                "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+                "vae.decoder.mid_block.attentions.0.to_out.0.weight",
+            ),
             ("first_stage_model.encoder.norm_out.bias", "vae.encoder.conv_norm_out.bias"),
             ("first_stage_model.post_quant_conv.weight", "vae.post_quant_conv.weight"),
             (

@@ -15,6 +15,7 @@
 use super::weights::SdModels;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::eval::nfe_study::Sampler;
+use crate::nn::layers::channels_last;
 use crate::sampling::denoiser::{sigma_of_timestep, sigmas_of_schedule, EpsDenoiser, SamplerStep};
 use crate::sampling::grids::{karras_sigmas, spaced_timesteps, TimestepSpacing, KARRAS_RHO};
 use crate::sampling::guidance::ClassifierFreeGuidance;
@@ -199,7 +200,8 @@ struct SdUNet<'a>(&'a SdModels, Kind);
 
 impl CondEpsModel for SdUNet<'_> {
     fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, _train: bool) -> Tensor {
-        let eps = self.0.unet.forward_cond(&x_t.to_kind(self.1), t, Some(&context.to_kind(self.1)), None, false);
+        let x = channels_last(&x_t.to_kind(self.1)); // (B, 4, h, w) in NHWC memory, as the conv weights
+        let eps = self.0.unet.forward_cond(&x, t, Some(&context.to_kind(self.1)), None, false);
         eps.to_kind(x_t.kind())
     }
 }
@@ -282,14 +284,14 @@ impl StableDiffusion {
         let vae = &self.models.vae;
         let kind = self.models.kind();
         // [LDM] sec. 4.3.2: the UNet's latents are s · z, s = scaling_factor
-        let z = (latents / vae.config.scaling_factor).to_kind(kind);
+        let z = channels_last(&(latents / vae.config.scaling_factor).to_kind(kind));
         let x = tch::no_grad(|| vae.decode(&z)).to_kind(Kind::Float);
         ((x + 1.0) / 2.0).clamp(0.0, 1.0).to_device(Device::Cpu)
     }
 
     /// Pixels (B, 3, H, W) in [0, 1] -> scaled latents s · μ (the posterior mean).
     pub fn encode(&self, images: &Tensor) -> Tensor {
-        let x = (images.to_device(self.device()) * 2.0 - 1.0).to_kind(self.models.kind());
+        let x = channels_last(&(images.to_device(self.device()) * 2.0 - 1.0).to_kind(self.models.kind()));
         let mean = tch::no_grad(|| self.models.vae.encode(&x).mean).to_kind(Kind::Float);
         mean * self.models.vae.config.scaling_factor
     }
@@ -443,6 +445,10 @@ mod tests {
         );
         let p = GenerateParams { cfg_scale: 7.5, ..GenerateParams::new("x") };
         let text = p.infotext(0, "m", Some(0.75));
-        assert!(!text.contains("Negative prompt") && text.ends_with("CFG scale: 7.5, Seed: 0, Size: 512x512, Model: m, Denoising strength: 0.75"), "{text}");
+        assert!(
+            !text.contains("Negative prompt")
+                && text.ends_with("CFG scale: 7.5, Seed: 0, Size: 512x512, Model: m, Denoising strength: 0.75"),
+            "{text}"
+        );
     }
 }

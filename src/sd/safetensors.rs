@@ -73,8 +73,8 @@ impl SafetensorsFile {
         }
         let mut header = vec![0u8; header_len as usize];
         file.read_exact(&mut header)?;
-        let json: serde_json::Value = serde_json::from_slice(&header)
-            .map_err(|e| damaged(format!("its header is not JSON: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&header).map_err(|e| damaged(format!("its header is not JSON: {e}")))?;
         let obj = json.as_object().ok_or_else(|| damaged("its header is not a JSON object".into()))?;
         let data_len = size - 8 - header_len;
         let mut entries = BTreeMap::new();
@@ -84,7 +84,8 @@ impl SafetensorsFile {
             }
             let bad = |what: &str| damaged(format!("tensor '{name}': {what}"));
             let dt = v["dtype"].as_str().ok_or_else(|| bad("no dtype"))?;
-            let (kind, elem) = dtype(dt).ok_or_else(|| bad(&format!("dtype {dt} is not supported (F32, F16, BF16)")))?;
+            let (kind, elem) =
+                dtype(dt).ok_or_else(|| bad(&format!("dtype {dt} is not supported (F32, F16, BF16)")))?;
             let shape: Vec<i64> = v["shape"]
                 .as_array()
                 .and_then(|a| a.iter().map(|d| d.as_i64().filter(|&d| d >= 0)).collect())
@@ -183,7 +184,8 @@ mod tests {
     #[test]
     fn damaged_headers_and_pickles_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let good = write(dir.path(), "w.safetensors", &[("weight", Tensor::ones([64, 64], (Kind::Float, Device::Cpu)))]);
+        let good =
+            write(dir.path(), "w.safetensors", &[("weight", Tensor::ones([64, 64], (Kind::Float, Device::Cpu)))]);
         let bytes = std::fs::read(&good).unwrap();
         let err = |b: &[u8]| {
             let p = dir.path().join("bad.safetensors");

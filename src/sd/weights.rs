@@ -7,6 +7,7 @@
 //! that names the file and the tensor. Tensors are converted to the model's dtype one at a time as they are read.
 use super::keymap::KeyMap;
 use super::safetensors::{refuse_pickle, SafetensorsFile};
+use crate::nn::layers::channels_last;
 use crate::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use crate::nn::unet::{UNet, UNetConfig};
 use crate::nn::vae::{AutoencoderKl, VaeConfig, SD_SCALING_FACTOR};
@@ -86,13 +87,22 @@ impl SdModels {
     /// Networks with libtorch's default random initialisation (the tiny tour; benchmarks of the full size).
     pub fn new(config: SdConfig, device: Device) -> Result<Self> {
         config.check()?;
-        let (mut text_vs, mut unet_vs, mut vae_vs) = (VarStore::new(device), VarStore::new(device), VarStore::new(device));
+        let (mut text_vs, mut unet_vs, mut vae_vs) =
+            (VarStore::new(device), VarStore::new(device), VarStore::new(device));
         let text_encoder = TextEncoder::new(text_vs.root() / "text_model", config.text.clone());
         let unet = UNet::new(unet_vs.root(), config.unet.clone());
         let vae = AutoencoderKl::new(vae_vs.root(), config.vae.clone());
         for vs in [&mut text_vs, &mut unet_vs, &mut vae_vs] {
             vs.freeze();
         }
+        // the convolutions' weights channels-last, as the pipeline feeds its latents (nn::layers::channels_last)
+        tch::no_grad(|| {
+            for vs in [&unet_vs, &vae_vs] {
+                for (_, mut w) in vs.variables().into_iter().filter(|(_, w)| w.dim() == 4) {
+                    w.set_data(&channels_last(&w));
+                }
+            }
+        });
         Ok(Self { config, text_encoder, unet, vae, text_vs, unet_vs, vae_vs })
     }
 
@@ -137,7 +147,8 @@ impl SdModels {
     /// and `text_encoder/config.json` + `text_encoder/model[.fp16].safetensors`.
     pub fn load_diffusers(dir: &Path, device: Device) -> Result<Self> {
         let config = SdConfig {
-            unet: unet_config(&read_config(dir, "unet")?).with_context(|| format!("{}/unet/config.json", dir.display()))?,
+            unet: unet_config(&read_config(dir, "unet")?)
+                .with_context(|| format!("{}/unet/config.json", dir.display()))?,
             vae: vae_config(&read_config(dir, "vae")?).with_context(|| format!("{}/vae/config.json", dir.display()))?,
             text: text_config(&read_config(dir, "text_encoder")?)
                 .with_context(|| format!("{}/text_encoder/config.json", dir.display()))?,
@@ -147,7 +158,12 @@ impl SdModels {
             let stem = if component == "text_encoder" { "model" } else { "diffusion_pytorch_model" };
             let mut file = SafetensorsFile::open(&weights_file(dir, component, stem)?)?;
             // transformers 5 saves CLIPTextModel without the text_model. level
-            load_strict(vs, &mut file, &|name| vec![name.to_string(), name.trim_start_matches("text_model.").to_string()], &|_| false)?;
+            load_strict(
+                vs,
+                &mut file,
+                &|name| vec![name.to_string(), name.trim_start_matches("text_model.").to_string()],
+                &|_| false,
+            )?;
         }
         Ok(models)
     }
@@ -185,8 +201,8 @@ impl SdModels {
             for (name, t) in vs.variables() {
                 let ours = format!("{component}.{name}");
                 let key = map.to_original(&ours).with_context(|| format!("no original key for {ours}"))?;
-                let t = t.to_kind(Kind::Float).to_device(Device::Cpu);
-                let t = if map.is_conv_as_linear(&ours) && t.dim() == 2 { t.unsqueeze(-1).unsqueeze(-1) } else { t };
+                let t = t.to_kind(Kind::Float).to_device(Device::Cpu).contiguous();
+                let t = if map.is_conv_as_linear(&ours) && t.dim() == 2 { t.view([t.size()[0], -1, 1, 1]) } else { t };
                 named.push((key, t));
             }
         }
@@ -198,7 +214,10 @@ impl SdModels {
 fn read_config(dir: &Path, component: &str) -> Result<Value> {
     let path = dir.join(component).join("config.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
-        format!("{} not found: a diffusers folder has unet/, vae/ and text_encoder/, each with its config.json", path.display())
+        format!(
+            "{} not found: a diffusers folder has unet/, vae/ and text_encoder/, each with its config.json",
+            path.display()
+        )
     })?;
     serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
 }
@@ -366,7 +385,8 @@ mod tests {
         // a file without one tensor, and one with a wrong shape
         let mut named: Vec<(String, Tensor)> = Tensor::read_safetensors(&path).unwrap();
         let gone = "model.diffusion_model.middle_block.1.proj_out.weight";
-        let without: Vec<_> = named.iter().filter(|(k, _)| k != gone).map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        let without: Vec<_> =
+            named.iter().filter(|(k, _)| k != gone).map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
         Tensor::write_safetensors(&without, &path).unwrap();
         let e = format!("{:#}", b.load_single_file(&path).unwrap_err());
         assert!(e.contains(gone) && e.contains("tiny-sd.safetensors"), "{e}");

@@ -1,0 +1,86 @@
+"""The diffusers side of `cargo run --release --bin bench_sd`: SD 1.5's networks at full size with random weights
+(diffusers' UNet2DConditionModel and AutoencoderKL, transformers' CLIPTextModel, built from runwayml's configs),
+timed on the same inputs as ours. Prints one JSON object.
+
+    python tests/parity/bench_diffusers.py DTYPE THREADS REPS [--full-image STEPS]
+
+DTYPE is f32 or bf16 (weights and inputs cast, as our bf16 path does); each timing is the median of REPS runs after
+one warm-up run.
+"""
+import json
+import resource
+import sys
+import time
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+)
+TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
+
+
+def median_time(fn, reps):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    dtype_name, threads, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET).eval().to(dtype)
+    vae = AutoencoderKL(**VAE).eval().to(dtype)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT)).eval().to(dtype)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 49408, (2, 77), generator=g)
+    latents = torch.randn(2, 4, 64, 64, generator=g).to(dtype)
+    context = torch.randn(2, 77, 768, generator=g).to(dtype)
+    t = torch.tensor([500, 500])
+    z = torch.randn(1, 4, 64, 64, generator=g).to(dtype)
+    out = {"dtype": dtype_name, "threads": threads, "torch": torch.__version__}
+    with torch.no_grad():
+        out["text_encode_s"] = median_time(lambda: text(ids), reps)
+        out["unet_cfg_step_s"] = median_time(lambda: unet(latents, t, encoder_hidden_states=context), reps)
+        out["vae_decode_512_s"] = median_time(lambda: vae.decode(z), reps)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
