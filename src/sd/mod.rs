@@ -2,6 +2,7 @@
 //! ([`crate::nn::unet::UNetConfig::sd15`], [`crate::nn::vae::VaeConfig::sd15`],
 //! [`crate::nn::text_encoder::TextEncoderConfig::clip_vit_l14`]); this module reads their weights (a diffusers folder
 //! or an original single file, through one key map) and runs the text-to-image and image-to-image pipeline.
+pub mod flops;
 pub mod keymap;
 pub mod pipeline;
 pub mod safetensors;

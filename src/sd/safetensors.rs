@@ -136,10 +136,14 @@ impl SafetensorsFile {
 /// loading one runs whatever code it holds. The message gives the conversion command.
 pub fn refuse_pickle(path: &Path) -> Result<()> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_lowercase();
-    let mut magic = [0u8; 4];
+    // a safetensors file has its JSON header's '{' at byte 8; PyTorch's files are zip archives ("PK\3\4") or raw
+    // pickles (0x80, then the protocol 2..=5)
+    let mut magic = [0u8; 9];
     let starts_like_pickle = File::open(path)
         .and_then(|mut f| f.read_exact(&mut magic))
-        .map(|_| magic == *b"PK\x03\x04" || magic[0] == 0x80)
+        .map(|_| {
+            magic[8] != b'{' && (magic[..4] == *b"PK\x03\x04" || (magic[0] == 0x80 && (2..=5).contains(&magic[1])))
+        })
         .unwrap_or(false);
     if ["ckpt", "pt", "pth", "bin"].contains(&ext.as_str()) || starts_like_pickle {
         bail!(
@@ -208,5 +212,14 @@ mod tests {
         let e = format!("{:#}", SafetensorsFile::open(&ckpt).unwrap_err());
         assert!(e.contains("pickled") && e.contains("v1-5-pruned.ckpt") && e.contains("save_file"), "{e}");
         assert!(err(b"\x80\x02}q\x00hello-world-pickle").contains("pickled"));
+        // a safetensors file whose header length happens to start with 0x80 0x02 is read, not refused
+        let mut header = br#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#.to_vec();
+        header.resize(0x0280, b' ');
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(&header);
+        file.extend(1.5f32.to_le_bytes());
+        let p = dir.path().join("lucky.safetensors");
+        std::fs::write(&p, &file).unwrap();
+        assert_eq!(SafetensorsFile::open(&p).unwrap().tensor("w").unwrap().double_value(&[0]), 1.5);
     }
 }

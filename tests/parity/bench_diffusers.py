@@ -5,7 +5,8 @@ timed on the same inputs as ours. Prints one JSON object.
     python tests/parity/bench_diffusers.py DTYPE THREADS REPS [--full-image STEPS]
 
 DTYPE is f32 or bf16 (weights and inputs cast, as our bf16 path does); each timing is the median of REPS runs after
-one warm-up run.
+one warm-up run. --full-image also times one whole 512x512 StableDiffusionPipeline call (Euler a, w = 7, SD 1.5's
+scheduler config, the tokenizer built from data/clip's vocabulary as make_reference.py builds it).
 """
 import json
 import resource
@@ -59,6 +60,36 @@ def median_time(fn, reps):
     return sorted(times)[len(times) // 2]
 
 
+def full_image(unet, vae, text, steps):
+    import tempfile
+    from pathlib import Path
+
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    from make_reference import clip_tokenizer
+
+    scheduler = EulerAncestralDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = clip_tokenizer(Path(tmp))
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pipe("a photo of an astronaut riding a horse", num_inference_steps=steps, guidance_scale=7.0,
+                 height=512, width=512, generator=torch.Generator().manual_seed(0), output_type="np")
+        return time.perf_counter() - t0
+
+
 def main():
     dtype_name, threads, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -78,6 +109,9 @@ def main():
         out["text_encode_s"] = median_time(lambda: text(ids), reps)
         out["unet_cfg_step_s"] = median_time(lambda: unet(latents, t, encoder_hidden_states=context), reps)
         out["vae_decode_512_s"] = median_time(lambda: vae.decode(z), reps)
+    if "--full-image" in sys.argv:
+        steps = int(sys.argv[sys.argv.index("--full-image") + 1])
+        out["txt2img_512_s"] = full_image(unet, vae, text, steps)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 

@@ -152,16 +152,29 @@ NEGATIVE = "blurry, low quality"
 SEED, STEPS, GUIDANCE = 7, 4, 7.5
 
 
-def pipeline(out: Path) -> None:
-    """A whole StableDiffusionPipeline of SD 1.5's layout shrunk (SdConfig::tiny), saved as a diffusers folder, and its
-    4-step DDIM txt2img output for two images (seeds SEED and SEED + 1)."""
+def clip_tokenizer(folder: Path):
+    """SD 1.5's tokenizer, transformers' CLIPTokenizer, from OpenAI's BPE: vocab.json and merges.txt written into
+    `folder` from data/clip's vocabulary file."""
     import json
 
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     tok = openai_tokenizer()
-    if tok is None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tok.encoder))
+    ranked = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2"] + [" ".join(m) for m in ranked]) + "\n")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
+
+
+def pipeline(out: Path) -> None:
+    """A whole StableDiffusionPipeline of SD 1.5's layout shrunk (SdConfig::tiny), saved as a diffusers folder, and its
+    4-step DDIM txt2img output for two images (seeds SEED and SEED + 1)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    if openai_tokenizer() is None:
         return
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -200,13 +213,7 @@ def pipeline(out: Path) -> None:
     ).eval()
     for i, model in enumerate([unet, vae, text]):
         randomize(model, 10 + i)
-    # SD 1.5's tokenizer is OpenAI's BPE: vocab.json and merges.txt written from the same vocabulary file
-    tok_dir = out / "tokenizer_files"
-    tok_dir.mkdir(exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(tok.encoder))
-    ranked = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
-    (tok_dir / "merges.txt").write_text("\n".join(["#version: 0.2"] + [" ".join(m) for m in ranked]) + "\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    tokenizer = clip_tokenizer(out / "tokenizer_files")
     # runwayml/stable-diffusion-v1-5's scheduler_config.json
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,

@@ -1,0 +1,206 @@
+//! Benchmark (not a test): Stable Diffusion 1.5 at full size with random weights, ours against diffusers on the same
+//! machine in the same run, with the same threads: one UNet step with classifier-free guidance (batch 2, 64 × 64
+//! latents, 77 context tokens), the VAE decode of one 512² image, the text encoding of a prompt and its negative
+//! (batch 2), and optionally a whole 512² txt2img (Euler a, w = 7), in f32 and bf16; peak resident memory of each
+//! process.
+//!
+//! `cargo run --release --bin bench_sd` (after `./run.sh test`, which installs diffusers into .venv) prints a table
+//! and writes out/bench_sd/bench_sd.json. Each side runs in its own process, ours and diffusers' alternating, for
+//! `--rounds` rounds; a time is the median of `--reps` runs after a warm-up run, and the table shows the median over
+//! the rounds. Compare numbers only within one run: the machine's load changes from minute to minute.
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use scratch_diffusion::nn::layers::channels_last;
+use scratch_diffusion::sd::{GenerateParams, SdConfig, SdModels, SdSampler, StableDiffusion};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Benchmark SD 1.5 (random weights, full size): our UNet step, VAE decode and text encoder against diffusers'"
+)]
+struct Args {
+    /// Timed runs per part (after one warm-up run); the median is kept.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    reps: u64,
+    /// Rounds of (ours, diffusers), alternating.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// Threads for both sides.
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+    /// Dtypes to run, comma-separated: f32, bf16.
+    #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
+    dtypes: Vec<String>,
+    /// Also time a whole 512² txt2img of this many Euler a steps (0: skip; 20 is SD's usual; minutes per image here).
+    #[arg(long, default_value_t = 0)]
+    full_image_steps: usize,
+    /// Where to write bench_sd.json.
+    #[arg(long, default_value = "out/bench_sd")]
+    out: PathBuf,
+    /// Internal: run our side for one dtype in this process and print its JSON.
+    #[arg(long, hide = true)]
+    one: Option<String>,
+}
+
+fn main() {
+    scratch_diffusion::cli::lesson_main(|| {
+        let args = Args::parse();
+        match &args.one {
+            Some(dtype) => ours(&args, dtype),
+            None => all(&args),
+        }
+    })
+}
+
+fn kind_of(dtype: &str) -> Result<Kind> {
+    match dtype {
+        "f32" => Ok(Kind::Float),
+        "bf16" => Ok(Kind::BFloat16),
+        other => bail!("unknown dtype \"{other}\": use f32 or bf16"),
+    }
+}
+
+/// Median of `reps` timed runs of `f` after one warm-up run, in seconds.
+fn median_time(reps: u64, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1));
+    kib.and_then(|k| k.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1024.0
+}
+
+// ANCHOR: ours
+/// Our side: the same inputs as tests/parity/bench_diffusers.py.
+fn ours(args: &Args, dtype: &str) -> Result<()> {
+    tch::set_num_threads(args.threads);
+    tch::manual_seed(0);
+    let mut models = SdModels::new(SdConfig::sd15(), Device::Cpu)?;
+    let kind = kind_of(dtype)?;
+    models.set_kind(kind);
+    let ids = Tensor::randint(49_408, [2, 77], (Kind::Int64, Device::Cpu));
+    let latents = channels_last(&Tensor::randn([2, 4, 64, 64], (kind, Device::Cpu)));
+    let context = Tensor::randn([2, 77, 768], (kind, Device::Cpu));
+    let t = Tensor::from_slice(&[500i64, 500]);
+    let z = channels_last(&Tensor::randn([1, 4, 64, 64], (kind, Device::Cpu)));
+    let mut out = json!({"dtype": dtype, "threads": args.threads});
+    tch::no_grad(|| {
+        out["text_encode_s"] = json!(median_time(args.reps, || drop(models.text_encoder.forward(&ids, None))));
+        out["unet_cfg_step_s"] = json!(median_time(args.reps, || {
+            drop(models.unet.forward_cond(&latents, &t, Some(&context), None, false))
+        }));
+        out["vae_decode_512_s"] = json!(median_time(args.reps, || drop(models.vae.decode(&z))));
+    });
+    if args.full_image_steps > 0 {
+        let sd = StableDiffusion::new(models, "random")?;
+        let p = GenerateParams {
+            steps: args.full_image_steps,
+            sampler: SdSampler::EulerA,
+            ..GenerateParams::new("a photo of an astronaut riding a horse")
+        };
+        let t0 = Instant::now();
+        sd.txt2img(&p, &mut |_, _| {})?;
+        out["txt2img_512_s"] = json!(t0.elapsed().as_secs_f64());
+    }
+    out["peak_rss_mib"] = json!(peak_rss_mib());
+    println!("{out}");
+    Ok(())
+}
+// ANCHOR_END: ours
+
+/// The last line of a child's stdout as JSON.
+fn run_json(cmd: &mut Command, what: &str) -> Result<Value> {
+    let output = cmd.output().with_context(|| format!("cannot start {what}"))?;
+    if !output.status.success() {
+        bail!("{what} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let last = stdout.lines().rev().find(|l| l.starts_with('{')).with_context(|| format!("{what} printed no JSON"))?;
+    serde_json::from_str(last).with_context(|| format!("{what} printed bad JSON: {last}"))
+}
+
+fn python() -> Result<PathBuf> {
+    let venv = std::env::var("SCRATCH_DIFFUSION_VENV").unwrap_or_else(|_| ".venv".into());
+    let py = Path::new(&venv).join("bin/python");
+    let ok =
+        Command::new(&py).args(["-c", "import diffusers, transformers"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        bail!(
+            "{} cannot import diffusers: run ./run.sh test once (it installs the references into .venv)",
+            py.display()
+        );
+    }
+    Ok(py)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn all(args: &Args) -> Result<()> {
+    let py = python()?;
+    let exe = std::env::current_exe()?;
+    let parts = ["text_encode_s", "unet_cfg_step_s", "vae_decode_512_s", "txt2img_512_s", "peak_rss_mib"];
+    let mut report = json!({"threads": args.threads, "reps": args.reps, "rounds": args.rounds, "runs": []});
+    println!(
+        "SD 1.5, random weights, {} threads; medians of {} runs, median over {} rounds",
+        args.threads, args.reps, args.rounds
+    );
+    println!("{:<6} {:<18} {:>10} {:>10} {:>8}", "dtype", "part", "ours", "diffusers", "ratio");
+    for dtype in &args.dtypes {
+        kind_of(dtype)?;
+        let mut runs: Vec<(Value, Value)> = Vec::new();
+        for round in 0..args.rounds {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--one", dtype, "--reps", &args.reps.to_string(), "--threads", &args.threads.to_string()]);
+            cmd.args(["--full-image-steps", &args.full_image_steps.to_string()]);
+            let o = run_json(&mut cmd, "our side")?;
+            let mut cmd = Command::new(&py);
+            cmd.arg("tests/parity/bench_diffusers.py").args([
+                dtype.as_str(),
+                &args.threads.to_string(),
+                &args.reps.to_string(),
+            ]);
+            if args.full_image_steps > 0 {
+                cmd.args(["--full-image", &args.full_image_steps.to_string()]);
+            }
+            let d = run_json(&mut cmd, "tests/parity/bench_diffusers.py")?;
+            println!("  round {round} ({dtype}): ours {o}\n  round {round} ({dtype}): diffusers {d}");
+            report["runs"]
+                .as_array_mut()
+                .expect("array")
+                .push(json!({"dtype": dtype, "round": round, "ours": o, "diffusers": d}));
+            runs.push((o, d));
+        }
+        for part in parts {
+            let mut ours: Vec<f64> = runs.iter().filter_map(|(o, _)| o[part].as_f64()).collect();
+            let mut theirs: Vec<f64> = runs.iter().filter_map(|(_, d)| d[part].as_f64()).collect();
+            if ours.is_empty() || theirs.is_empty() {
+                continue;
+            }
+            let (a, b) = (median(&mut ours), median(&mut theirs));
+            println!("{dtype:<6} {part:<18} {a:>10.2} {b:>10.2} {:>8.3}", a / b);
+            report["summary"][dtype][part] = json!({"ours": a, "diffusers": b, "ratio": a / b});
+        }
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let path = args.out.join("bench_sd.json");
+    scratch_diffusion::cli::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+    println!("wrote {}", path.display());
+    Ok(())
+}

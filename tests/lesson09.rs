@@ -1,0 +1,110 @@
+//! Lesson 09 end to end on the tiny random SD 1.5-layout model: `--quick` runs the tour (tokens to pixels) and writes
+//! a PNG whose `parameters` chunk is the web UIs' infotext; `generate` draws image i from seed + i whatever the batch;
+//! `img2img` at strength 0 is the VAE round trip; bad sizes, steps, samplers and weight files (a pickle, a truncated
+//! file, a file with a tensor missing or of another shape) each exit with one line that names the problem.
+mod common;
+use common::*;
+use scratch_diffusion::data::png::{read_png_rgb, read_png_text};
+use scratch_diffusion::sd::{SdConfig, SdModels};
+use std::path::Path;
+use tch::{Device, Tensor};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lesson09");
+
+fn png(dir: &Path, name: &str) -> Tensor {
+    read_png_rgb(&dir.join(name)).unwrap()
+}
+
+#[test]
+fn quick_tour_runs_every_stage_and_writes_its_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_ok(&run_lesson(BIN, &["--quick", "--prompt", "a red fox, 4k", "--out", dir.path().to_str().unwrap()]));
+    let m = metrics(dir.path());
+    // <|startoftext|> a red fox , 4 k <|endoftext|>
+    assert_eq!(m["tokens"]["ids"].as_array().unwrap().first().and_then(|v| v.as_i64()), Some(49406));
+    assert_eq!(m["tokens"]["pieces"][3].as_str(), Some("fox"));
+    assert_eq!(m["sigmas"].as_array().unwrap().len(), 5, "4 steps: 5 levels");
+    let text = read_png_text(&dir.path().join("image_00_seed0.png"), "parameters").unwrap().unwrap();
+    assert_eq!(text, m["infotext"].as_str().unwrap());
+    assert!(
+        text.starts_with("a red fox, 4k\nSteps: 4, Sampler: Euler a, CFG scale: 7, Seed: 0, Size: 64x64"),
+        "{text}"
+    );
+    assert_eq!(png(dir.path(), "image_00_seed0.png").size(), [1, 3, 64, 64]);
+}
+
+#[test]
+fn image_i_of_a_batch_is_the_image_of_seed_plus_i() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let common = ["generate", "--steps", "3", "--sampler", "DPM++ 2M Karras", "--negative-prompt", "blurry"];
+    let a_args = [&common[..], &["--seed", "5", "--batch", "2", "--out", a.to_str().unwrap()]].concat();
+    assert_ok(&run_lesson(BIN, &a_args));
+    assert_ok(&run_lesson(BIN, &[&common[..], &["--seed", "6", "--out", b.to_str().unwrap()]].concat()));
+    // the same noise and the same network: equal up to float round-off (MKL's sums depend on memory alignment), far
+    // below the difference between two seeds
+    let diff = |x: Tensor, y: Tensor| (x - y).abs().max().double_value(&[]);
+    let same_seed = diff(png(&a, "image_01_seed6.png"), png(&b, "image_00_seed6.png"));
+    let other_seed = diff(png(&a, "image_00_seed5.png"), png(&a, "image_01_seed6.png"));
+    assert!(
+        same_seed <= 2.0 / 255.0 + 1e-6 && other_seed > 0.2,
+        "seed 6 twice: {same_seed}, seeds 5 and 6: {other_seed}"
+    );
+    let text = read_png_text(&a.join("image_01_seed6.png"), "parameters").unwrap().unwrap();
+    assert!(text.contains("\nNegative prompt: blurry\n") && text.contains("Seed: 6,"), "{text}");
+}
+
+#[test]
+fn img2img_at_strength_zero_is_the_vae_round_trip_and_sizes_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    assert_ok(&run_lesson(BIN, &["generate", "--steps", "2", "--width", "72", "--out", d]));
+    let input = dir.path().join("image_00_seed0.png");
+    let out = dir.path().join("edit");
+    let args = ["img2img", "--image", input.to_str().unwrap(), "--strength", "0", "--out", out.to_str().unwrap()];
+    assert_ok(&run_lesson(BIN, &args));
+    assert_eq!(png(&out, "image_00_seed0.png").size(), [1, 3, 64, 72], "the input's size");
+    let text = read_png_text(&out.join("image_00_seed0.png"), "parameters").unwrap().unwrap();
+    assert!(text.ends_with("Denoising strength: 0"), "{text}");
+    // an image whose sides are not multiples of 8
+    let odd = dir.path().join("odd.png");
+    scratch_diffusion::data::png::write_png_rgb_with_text(
+        &odd,
+        &Tensor::zeros([3, 60, 64], (tch::Kind::Float, Device::Cpu)),
+        "k",
+        "v",
+    )
+    .unwrap();
+    assert_user_error(&run_lesson(BIN, &["img2img", "--image", odd.to_str().unwrap(), "--out", d]), "--height 60");
+    assert_user_error(
+        &run_lesson(BIN, &["img2img", "--image", input.to_str().unwrap(), "--strength", "1.5", "--out", d]),
+        "--strength",
+    );
+}
+
+#[test]
+fn bad_settings_and_weight_files_get_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let gen = |extra: &[&str]| run_lesson(BIN, &[&["generate", "--out", d][..], extra].concat());
+    assert_user_error(&gen(&["--width", "500"]), "--width 500 must be a multiple of 8");
+    assert_user_error(&gen(&["--steps", "0"]), "--steps 0");
+    assert_user_error(&gen(&["--sampler", "PLMS"]), "unknown sampler \"PLMS\"");
+    assert_user_error(&gen(&["--dtype", "f16"]), "--dtype f16");
+    let file = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    assert_user_error(&gen(&["--weights", &file("v1-5.ckpt", b"PK\x03\x04...")]), "pickled PyTorch checkpoint");
+    assert_user_error(&gen(&["--weights", &dir.path().join("none.safetensors").to_string_lossy()]), "not found");
+    // a single file of the tiny layout: read as SD 1.5, its first tensor of another shape is named
+    let tiny = dir.path().join("tiny.safetensors");
+    SdModels::new(SdConfig::tiny(), Device::Cpu).unwrap().save_single_file(&tiny).unwrap();
+    let t = tiny.to_str().unwrap();
+    assert_user_error(&gen(&["--weights", t]), "cond_stage_model.transformer.text_model.");
+    assert_user_error(&gen(&["--weights", t]), "SD 2.x and SDXL are not supported");
+    // the same file truncated
+    let bytes = std::fs::read(&tiny).unwrap();
+    assert_user_error(&gen(&["--weights", &file("cut.safetensors", &bytes[..bytes.len() / 2])]), "past the data");
+}
