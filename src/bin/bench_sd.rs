@@ -26,8 +26,8 @@ struct Args {
     /// Timed runs per part (after one warm-up run); the median is kept.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
     reps: u64,
-    /// Rounds of (ours, diffusers), alternating.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Rounds of (ours, diffusers), alternating (odd, so that the median is one of them).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     rounds: u64,
     /// Threads for both sides.
     #[arg(long, default_value_t = 2)]

@@ -64,25 +64,11 @@ def full_image(unet, vae, text, steps):
     import tempfile
     from pathlib import Path
 
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
-    from make_reference import clip_tokenizer
+    from diffusers import EulerAncestralDiscreteScheduler
+    from make_reference import SD15_SCHEDULER, clip_tokenizer, sd_pipeline
 
-    scheduler = EulerAncestralDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = clip_tokenizer(Path(tmp))
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
+        pipe = sd_pipeline(unet, vae, text, clip_tokenizer(Path(tmp)), EulerAncestralDiscreteScheduler(**SD15_SCHEDULER))
         t0 = time.perf_counter()
         with torch.no_grad():
             pipe("a photo of an astronaut riding a horse", num_inference_steps=steps, guidance_scale=7.0,

@@ -169,10 +169,34 @@ def clip_tokenizer(folder: Path):
     )
 
 
+# SD 1.5's training schedule, as its scheduler_config.json gives it
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+)
+
+
+def sd_pipeline(unet, vae, text, tokenizer, scheduler):
+    """diffusers' StableDiffusionPipeline of these parts, without the safety checker, progress bar off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def pipeline(out: Path) -> None:
     """A whole StableDiffusionPipeline of SD 1.5's layout shrunk (SdConfig::tiny), saved as a diffusers folder, and its
     4-step DDIM txt2img output for two images (seeds SEED and SEED + 1)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     if openai_tokenizer() is None:
         return
@@ -213,29 +237,10 @@ def pipeline(out: Path) -> None:
     ).eval()
     for i, model in enumerate([unet, vae, text]):
         randomize(model, 10 + i)
-    tokenizer = clip_tokenizer(out / "tokenizer_files")
     # runwayml/stable-diffusion-v1-5's scheduler_config.json
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    # runwayml/stable-diffusion-v1-5's scheduler_config.json
+    scheduler = DDIMScheduler(**SD15_SCHEDULER, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
+    pipe = sd_pipeline(unet, vae, text, clip_tokenizer(out / "tokenizer_files"), scheduler)
     pipe.save_pretrained(out / "tiny-sd")
     # the starting noise of image i comes from seed SEED + i alone, as our pipeline draws it
     latents = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(SEED + i)) for i in range(2)])
