@@ -170,6 +170,7 @@ fn all(args: &Args) -> Result<()> {
             cmd.args(["--one", dtype, "--reps", &args.reps.to_string(), "--threads", &args.threads.to_string()]);
             cmd.args(["--full-image-steps", &args.full_image_steps.to_string()]);
             let o = run_json(&mut cmd, "our side")?;
+            println!("  round {round} ({dtype}): ours {o}"); // now: the diffusers side can take long (bf16)
             let mut cmd = Command::new(&py);
             cmd.arg("tests/parity/bench_diffusers.py").args([
                 dtype.as_str(),
@@ -180,7 +181,7 @@ fn all(args: &Args) -> Result<()> {
                 cmd.args(["--full-image", &args.full_image_steps.to_string()]);
             }
             let d = run_json(&mut cmd, "tests/parity/bench_diffusers.py")?;
-            println!("  round {round} ({dtype}): ours {o}\n  round {round} ({dtype}): diffusers {d}");
+            println!("  round {round} ({dtype}): diffusers {d}");
             report["runs"]
                 .as_array_mut()
                 .expect("array")

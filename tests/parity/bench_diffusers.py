@@ -91,6 +91,7 @@ def main():
     t = torch.tensor([500, 500])
     z = torch.randn(1, 4, 64, 64, generator=g).to(dtype)
     out = {"dtype": dtype_name, "threads": threads, "torch": torch.__version__}
+    out["parameters"] = [sum(p.numel() for p in m.parameters()) for m in (text, unet, vae)]
     with torch.no_grad():
         out["text_encode_s"] = median_time(lambda: text(ids), reps)
         out["unet_cfg_step_s"] = median_time(lambda: unet(latents, t, encoder_hidden_states=context), reps)
