@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::cli::{lesson_main, CommonArgs, Run};
 use scratch_diffusion::data::png::{read_png_rgb, read_png_text, write_png_rgb_with_text};
 use scratch_diffusion::sd::flops::{unet_flops, BlockFlops};
+use scratch_diffusion::sd::weights::kind_of_dtype;
 use scratch_diffusion::sd::{GenerateParams, SdConfig, SdModels, SdSampler, StableDiffusion};
 use scratch_diffusion::text::bpe::CLIP_CONTEXT_LEN;
 use serde_json::json;
@@ -117,11 +118,7 @@ fn main() {
 // ANCHOR: load
 /// The pipeline of `--weights` (or the tiny random one), in `--dtype`, and the settings of `flags`.
 fn pipeline(run: &Run, flags: &DrawFlags) -> Result<(StableDiffusion, GenerateParams)> {
-    let kind = match flags.dtype.as_str() {
-        "f32" => Kind::Float,
-        "bf16" => Kind::BFloat16,
-        other => anyhow::bail!("--dtype {other}: use f32 or bf16"),
-    };
+    let kind = kind_of_dtype(&flags.dtype)?;
     let mut sd = match &flags.weights {
         Some(path) => {
             println!("loading SD weights from {} ...", path.display());

@@ -186,3 +186,17 @@ pub fn lesson_main(body: impl FnOnce() -> Result<()>) {
         std::process::exit(2);
     }
 }
+
+/// Peak resident memory of this process so far (VmHWM of /proc/self/status) in MiB; NaN where there is no /proc.
+pub fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1));
+    kib.and_then(|k| k.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1024.0
+}
+
+/// The python of the venv that `./run.sh` creates (`$SCRATCH_DIFFUSION_VENV`, else `.venv` in the crate root), where
+/// the parity tests and `bench_sd` find diffusers and transformers.
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var("SCRATCH_DIFFUSION_VENV").unwrap_or_else(|_| ".venv".into());
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(venv).join("bin/python")
+}

@@ -18,9 +18,7 @@ use tch::{nn::VarStore, Device, Tensor};
 
 /// The venv's python (SCRATCH_DIFFUSION_VENV or .venv, as run.sh), else python3 on the PATH.
 fn python() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = std::env::var("SCRATCH_DIFFUSION_VENV").unwrap_or_else(|_| ".venv".into());
-    let p = root.join(venv).join("bin/python");
+    let p = scratch_diffusion::cli::venv_python();
     if p.exists() {
         p
     } else {

@@ -8,6 +8,7 @@
 //! Compare numbers only within one run: the machine's load changes from minute to minute.
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use scratch_diffusion::cli::peak_rss_mib;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
@@ -63,17 +64,6 @@ fn main() {
             None => all(&args),
         }
     })
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|k| k.parse::<f64>().ok())
-        .unwrap_or(f64::NAN)
-        / 1024.0
 }
 
 /// One configuration, in this process.

@@ -10,7 +10,9 @@
 //! the rounds. Compare numbers only within one run: the machine's load changes from minute to minute.
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use scratch_diffusion::cli::{peak_rss_mib, venv_python};
 use scratch_diffusion::nn::layers::channels_last;
+use scratch_diffusion::sd::weights::kind_of_dtype;
 use scratch_diffusion::sd::{GenerateParams, SdConfig, SdModels, SdSampler, StableDiffusion};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -56,14 +58,6 @@ fn main() {
     })
 }
 
-fn kind_of(dtype: &str) -> Result<Kind> {
-    match dtype {
-        "f32" => Ok(Kind::Float),
-        "bf16" => Ok(Kind::BFloat16),
-        other => bail!("unknown dtype \"{other}\": use f32 or bf16"),
-    }
-}
-
 /// Median of `reps` timed runs of `f` after one warm-up run, in seconds.
 fn median_time(reps: u64, mut f: impl FnMut()) -> f64 {
     f();
@@ -74,14 +68,7 @@ fn median_time(reps: u64, mut f: impl FnMut()) -> f64 {
             t0.elapsed().as_secs_f64()
         })
         .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1));
-    kib.and_then(|k| k.parse::<f64>().ok()).unwrap_or(f64::NAN) / 1024.0
+    median(&mut times)
 }
 
 // ANCHOR: ours
@@ -90,7 +77,7 @@ fn ours(args: &Args, dtype: &str) -> Result<()> {
     tch::set_num_threads(args.threads);
     tch::manual_seed(0);
     let mut models = SdModels::new(SdConfig::sd15(), Device::Cpu)?;
-    let kind = kind_of(dtype)?;
+    let kind = kind_of_dtype(dtype)?;
     models.set_kind(kind);
     let ids = Tensor::randint(49_408, [2, 77], (Kind::Int64, Device::Cpu));
     let latents = channels_last(&Tensor::randn([2, 4, 64, 64], (kind, Device::Cpu)));
@@ -134,8 +121,7 @@ fn run_json(cmd: &mut Command, what: &str) -> Result<Value> {
 }
 
 fn python() -> Result<PathBuf> {
-    let venv = std::env::var("SCRATCH_DIFFUSION_VENV").unwrap_or_else(|_| ".venv".into());
-    let py = Path::new(&venv).join("bin/python");
+    let py = venv_python();
     let ok =
         Command::new(&py).args(["-c", "import diffusers, transformers"]).output().is_ok_and(|o| o.status.success());
     if !ok {
@@ -163,7 +149,7 @@ fn all(args: &Args) -> Result<()> {
     );
     println!("{:<6} {:<18} {:>10} {:>10} {:>8}", "dtype", "part", "ours", "diffusers", "ratio");
     for dtype in &args.dtypes {
-        kind_of(dtype)?;
+        kind_of_dtype(dtype)?;
         let mut runs: Vec<(Value, Value)> = Vec::new();
         for round in 0..args.rounds {
             let mut cmd = Command::new(&exe);
@@ -172,7 +158,7 @@ fn all(args: &Args) -> Result<()> {
             let o = run_json(&mut cmd, "our side")?;
             println!("  round {round} ({dtype}): ours {o}"); // now: the diffusers side can take long (bf16)
             let mut cmd = Command::new(&py);
-            cmd.arg("tests/parity/bench_diffusers.py").args([
+            cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/bench_diffusers.py")).args([
                 dtype.as_str(),
                 &args.threads.to_string(),
                 &args.reps.to_string(),

@@ -17,6 +17,15 @@ use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+/// The weights' dtype a user names: `f32` or `bf16` (what `--dtype` takes).
+pub fn kind_of_dtype(name: &str) -> Result<Kind> {
+    match name {
+        "f32" => Ok(Kind::Float),
+        "bf16" => Ok(Kind::BFloat16),
+        other => bail!("--dtype {other}: use f32 or bf16"),
+    }
+}
+
 /// The shapes of the three networks.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SdConfig {

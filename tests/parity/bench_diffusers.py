@@ -14,40 +14,7 @@ import sys
 import time
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
-
-UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-)
-TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-)
+from make_reference import sd15_text, sd15_unet, sd15_vae
 
 
 def median_time(fn, reps):
@@ -81,9 +48,7 @@ def main():
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET).eval().to(dtype)
-    vae = AutoencoderKL(**VAE).eval().to(dtype)
-    text = CLIPTextModel(CLIPTextConfig(**TEXT)).eval().to(dtype)
+    unet, vae, text = sd15_unet().to(dtype), sd15_vae().to(dtype), sd15_text().to(dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 49408, (2, 77), generator=g)
     latents = torch.randn(2, 4, 64, 64, generator=g).to(dtype)

@@ -175,6 +175,58 @@ SD15_SCHEDULER = dict(
 )
 
 
+def sd15_unet(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, sample_size=64):
+    """UNet2DConditionModel of SD 1.5's layout (runwayml's unet/config.json), at these widths."""
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=block_out_channels,
+        layers_per_block=2,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+    ).eval()
+
+
+def sd15_vae(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512):
+    """AutoencoderKL of SD 1.5's layout (vae/config.json), at these widths."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=block_out_channels,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    ).eval()
+
+
+# CLIP ViT-L/14's text tower (text_encoder/config.json), over the real vocabulary and 77 positions.
+SD15_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    pad_token_id=49407,
+    bos_token_id=49406,
+    eos_token_id=49407,
+)
+
+
+def sd15_text(**widths):
+    """CLIPTextModel of SD 1.5's text encoder, with `widths` overriding its sizes."""
+    return CLIPTextModel(CLIPTextConfig(**{**SD15_TEXT, **widths})).eval()
+
+
 def sd_pipeline(unet, vae, text, tokenizer, scheduler):
     """diffusers' StableDiffusionPipeline of these parts, without the safety checker, progress bar off."""
     from diffusers import StableDiffusionPipeline
@@ -200,44 +252,11 @@ def pipeline(out: Path) -> None:
 
     if openai_tokenizer() is None:
         return
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(64, 128, 192, 192),
-        layers_per_block=2,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.18215,
-    ).eval()
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            **{
-                **TEXT_CONFIG,
-                "vocab_size": 49408,
-                "max_position_embeddings": 77,
-                "pad_token_id": 49407,
-                "bos_token_id": 49406,
-                "eos_token_id": 49407,
-            }
-        )
-    ).eval()
+    unet = sd15_unet(block_out_channels=(64, 128, 192, 192), cross_attention_dim=32, sample_size=8)
+    vae = sd15_vae(block_out_channels=(8, 16, 32, 32), norm_num_groups=4, sample_size=64)
+    text = sd15_text(**{k: TEXT_CONFIG[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")})
     for i, model in enumerate([unet, vae, text]):
         randomize(model, 10 + i)
-    # runwayml/stable-diffusion-v1-5's scheduler_config.json
     # runwayml/stable-diffusion-v1-5's scheduler_config.json
     scheduler = DDIMScheduler(**SD15_SCHEDULER, clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading")
     pipe = sd_pipeline(unet, vae, text, clip_tokenizer(out / "tokenizer_files"), scheduler)
