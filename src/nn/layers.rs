@@ -52,6 +52,20 @@ pub fn channels_last(t: &Tensor) -> Tensor {
     t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]) // (B, C, H, W), strides (HWC, 1, WC, C)
 }
 
+/// SiLU of a fresh activation (one that nothing else holds), computed in its own memory when no gradient will flow
+/// back through it: the same values as `x.silu()`, one activation-sized allocation fewer. Under autograd SiLU's
+/// backward needs its input, so a tensor that requires grad takes the copying path. The residual sums of the networks
+/// are added into their fresh left-hand side (`h += x`) for the same reason; that one is safe under autograd too,
+/// since neither a convolution's nor a linear layer's backward reads its output. Measured on SD 1.5 (chapter 09).
+pub fn silu_fresh(mut x: Tensor) -> Tensor {
+    if x.requires_grad() {
+        x.silu()
+    } else {
+        let _ = x.silu_();
+        x
+    }
+}
+
 /// Groups for GroupNorm: 32 as in [DDPM], fewer for narrow layers (it must divide the channel count).
 pub fn groups_for(channels: i64) -> i64 {
     [32, 16, 8, 4, 2, 1].into_iter().find(|g| channels % g == 0 && channels / g >= 2).unwrap_or(1)
@@ -101,15 +115,16 @@ impl ResBlock {
     // ANCHOR: resblock_forward
     /// x: (B, C_in, H, W), emb: (B, emb_dim) or None (a block without an embedding) -> (B, C_out, H, W).
     pub fn forward_opt(&self, x: &Tensor, emb: Option<&Tensor>, train: bool) -> Tensor {
-        let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
+        let mut h = self.conv1.forward(&silu_fresh(self.norm1.forward(x)));
         if let (Some(proj), Some(emb)) = (&self.time_emb_proj, emb) {
             h += proj.forward(&emb.silu()).unsqueeze(-1).unsqueeze(-1); // (B, C_out, 1, 1)
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu().dropout(self.dropout, train));
+        let mut h = self.conv2.forward(&silu_fresh(self.norm2.forward(&h)).dropout(self.dropout, train));
         match &self.conv_shortcut {
-            Some(c) => c.forward(x) + h,
-            None => x + h,
+            Some(c) => h += c.forward(x), // the skip, into the fresh output (see `silu_fresh`)
+            None => h += x,
         }
+        h
     }
     // ANCHOR_END: resblock_forward
 }
@@ -189,5 +204,28 @@ mod tests {
         ] {
             assert!(names.iter().any(|n| n == k), "missing {k} in {names:?}");
         }
+    }
+
+    #[test]
+    fn inference_in_place_gives_the_training_values_and_training_still_back_propagates() {
+        tch::manual_seed(4);
+        let vs = VarStore::new(Device::Cpu);
+        for (name, c_out) in [("same", 8), ("wider", 16)] {
+            let rb = ResBlock::new(vs.root() / name, 8, c_out, 12, 0.0);
+            let x = Tensor::randn([2, 8, 5, 5], (Kind::Float, Device::Cpu));
+            let emb = Tensor::randn([2, 12], (Kind::Float, Device::Cpu));
+            let train = rb.forward(&x, &emb, false); // requires grad: SiLU copies
+            let infer = tch::no_grad(|| rb.forward(&x, &emb, false)); // SiLU and the skip sum in place
+            assert!(train.requires_grad() && !infer.requires_grad());
+            assert_eq!((&train - &infer).abs().max().double_value(&[]), 0.0, "{name}");
+            train.sum(Kind::Float).backward();
+        }
+        for (name, var) in vs.variables() {
+            assert!(var.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "no gradient for {name}");
+        }
+        // silu_fresh itself: x·σ(x), either way
+        let x = Tensor::randn([7], (Kind::Float, Device::Cpu));
+        let want = &x * x.sigmoid();
+        assert!((silu_fresh(x.copy()) - &want).abs().max().double_value(&[]) < 1e-6);
     }
 }

@@ -43,8 +43,16 @@ impl GeGlu {
     // ANCHOR: geglu
     /// x: (…, dim) -> (…, inner).
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let halves = self.proj.forward(x).chunk(2, -1); // 2 × (…, inner)
-        &halves[0] * halves[1].gelu("none")
+        let mut halves = self.proj.forward(x).chunk(2, -1); // 2 × (…, inner), views of one (…, 2·inner)
+        if halves[1].requires_grad() {
+            return &halves[0] * halves[1].gelu("none");
+        }
+        // inference: the same values, written over the projection's own memory (no new (…, inner) tensors; the
+        // next Linear reads the strided half directly)
+        let (mut value, mut gate) = (halves.remove(0), halves.remove(0));
+        let _ = gate.gelu_("none");
+        value *= &gate;
+        value
     }
     // ANCHOR_END: geglu
 }
@@ -117,17 +125,27 @@ impl BasicTransformerBlock {
 
     // ANCHOR: transformer_block
     fn run(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&Tensor>, keep: bool) -> (Tensor, Option<Tensor>) {
-        let x = self.attn1.forward(&self.norm1.forward(x), None, None) + x; // (B, N, dim)
+        // each residual sum is added into the fresh left-hand side (see `layers::silu_fresh`)
+        let mut h = self.attn1.forward(&self.norm1.forward(x), None, None);
+        h += x; // (B, N, dim)
+        let x = h;
         let mask = mask.map(key_padding_mask); // (B, 1, 1, L)
         let (x, map) = match context {
-            Some(ctx) if keep => {
-                let (h, w) = self.attn2.forward_with_weights(&self.norm2.forward(&x), Some(ctx), mask.as_ref());
-                (h + x, Some(w))
+            Some(ctx) => {
+                let (mut h, w) = if keep {
+                    let (h, w) = self.attn2.forward_with_weights(&self.norm2.forward(&x), Some(ctx), mask.as_ref());
+                    (h, Some(w))
+                } else {
+                    (self.attn2.forward(&self.norm2.forward(&x), Some(ctx), mask.as_ref()), None)
+                };
+                h += &x;
+                (h, w)
             }
-            Some(ctx) => (self.attn2.forward(&self.norm2.forward(&x), Some(ctx), mask.as_ref()) + x, None),
             None => (x, None),
         };
-        (self.ff.forward(&self.norm3.forward(&x)) + x, map)
+        let mut h = self.ff.forward(&self.norm3.forward(&x));
+        h += &x;
+        (h, map)
     }
     // ANCHOR_END: transformer_block
 }
@@ -189,7 +207,9 @@ impl SpatialTransformer {
             maps.extend(map);
         }
         let hidden = tokens.reshape([b, h, w, inner]).permute([0, 3, 1, 2]); // (B, inner, H, W), channels-last strides
-        (self.proj_out.forward(&hidden) + x, maps)
+        let mut out = self.proj_out.forward(&hidden);
+        out += x;
+        (out, maps)
     }
     // ANCHOR_END: spatial_transformer_forward
 }
@@ -216,6 +236,26 @@ mod tests {
         // GELU(z) = z · Φ(z) = z · (1 + erf(z/√2)) / 2
         let want = &a * &gate * ((&gate / 2f64.sqrt()).erf() + 1.0) * 0.5;
         assert!(max_diff(&g.forward(&x), &want) < 1e-6);
+        // inference writes over the projection's memory and hands the next layer a strided half: same values
+        let y = tch::no_grad(|| g.forward(&x));
+        assert!(!y.requires_grad() && max_diff(&y, &want) < 1e-6);
+    }
+
+    #[test]
+    fn inference_in_place_gives_the_training_values_and_training_still_back_propagates() {
+        tch::manual_seed(3);
+        let vs = VarStore::new(Device::Cpu);
+        let st = SpatialTransformer::new(vs.root(), 8, 2, 4, 6, 2);
+        let x = Tensor::randn([2, 8, 4, 4], (Kind::Float, Device::Cpu));
+        let ctx = Tensor::randn([2, 5, 6], (Kind::Float, Device::Cpu));
+        let train = st.forward(&x, Some(&ctx), None); // requires grad: GELU copies
+        let infer = tch::no_grad(|| st.forward(&x, Some(&ctx), None)); // GEGLU and residual sums in place
+        assert!(train.requires_grad() && !infer.requires_grad());
+        assert!(max_diff(&train, &infer) < 1e-6);
+        train.sum(Kind::Float).backward();
+        for (name, var) in vs.variables() {
+            assert!(var.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0, "no gradient for {name}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! [SDXL] Podell et al. 2023, arXiv:2307.01952, sec. 2.1: besides cross-attention, the pooled text embedding is
 //! projected and added to the time embedding (diffusers: `class_embed_type="projection"`, module `class_embedding`).
 use super::attention::SpatialSelfAttention;
-use super::layers::{groups_for, timestep_embedding, Downsample, ResBlock, Upsample};
+use super::layers::{groups_for, silu_fresh, timestep_embedding, Downsample, ResBlock, Upsample};
 use super::transformer::SpatialTransformer;
 use tch::nn::{self, Module};
 use tch::Tensor;
@@ -382,7 +382,7 @@ impl UNet {
             }
         }
         // (B, C_out, H, W)
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&silu_fresh(self.conv_norm_out.forward(&h)))
         // ANCHOR_END: unet_forward
     }
 

@@ -12,7 +12,7 @@
 //! so the same code loads Stable Diffusion's VAE (lesson 09).
 //! Notation (code -> paper): mean, logvar -> μ, log σ²; moments -> the encoder's 2·C output; scaling_factor -> 1/σ̂.
 use super::attention::fused_attention;
-use super::layers::{ResBlock, Upsample};
+use super::layers::{silu_fresh, ResBlock, Upsample};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -241,7 +241,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h);
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&silu_fresh(self.conv_norm_out.forward(&h)))
     }
 }
 
@@ -294,7 +294,7 @@ impl Decoder {
                 h = u.forward(&h);
             }
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&h).silu())
+        self.conv_out.forward(&silu_fresh(self.conv_norm_out.forward(&h)))
     }
 }
 
