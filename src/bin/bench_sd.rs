@@ -37,9 +37,16 @@ struct Args {
     /// Dtypes to run, comma-separated: f32, bf16.
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
     dtypes: Vec<String>,
+    /// Networks to time, comma-separated: text, unet, vae (a shorter run for more rounds).
+    #[arg(long, value_delimiter = ',', default_value = "text,unet,vae", value_parser = ["text", "unet", "vae"])]
+    parts: Vec<String>,
     /// Also time a whole 512² txt2img of this many Euler a steps (0: skip; 20 is SD's usual; minutes per image here).
     #[arg(long, default_value_t = 0)]
     full_image_steps: usize,
+    /// Also time diffusers with our malloc settings (`cli::keep_freed_memory`, through glibc's environment
+    /// variables): a third process per round, reported as "diffusers, same malloc".
+    #[arg(long)]
+    diffusers_same_malloc: bool,
     /// Where to write bench_sd.json.
     #[arg(long, default_value = "out/bench_sd")]
     out: PathBuf,
@@ -85,12 +92,19 @@ fn ours(args: &Args, dtype: &str) -> Result<()> {
     let t = Tensor::from_slice(&[500i64, 500]);
     let z = channels_last(&Tensor::randn([1, 4, 64, 64], (kind, Device::Cpu)));
     let mut out = json!({"dtype": dtype, "threads": args.threads});
+    let timed = |part: &str| args.parts.iter().any(|p| p == part);
     tch::no_grad(|| {
-        out["text_encode_s"] = json!(median_time(args.reps, || drop(models.text_encoder.forward(&ids, None))));
-        out["unet_cfg_step_s"] = json!(median_time(args.reps, || {
-            drop(models.unet.forward_cond(&latents, &t, Some(&context), None, false))
-        }));
-        out["vae_decode_512_s"] = json!(median_time(args.reps, || drop(models.vae.decode(&z))));
+        if timed("text") {
+            out["text_encode_s"] = json!(median_time(args.reps, || drop(models.text_encoder.forward(&ids, None))));
+        }
+        if timed("unet") {
+            out["unet_cfg_step_s"] = json!(median_time(args.reps, || {
+                drop(models.unet.forward_cond(&latents, &t, Some(&context), None, false))
+            }));
+        }
+        if timed("vae") {
+            out["vae_decode_512_s"] = json!(median_time(args.reps, || drop(models.vae.decode(&z))));
+        }
     });
     if args.full_image_steps > 0 {
         let sd = StableDiffusion::new(models, "random")?;
@@ -150,39 +164,59 @@ fn all(args: &Args) -> Result<()> {
     println!("{:<6} {:<18} {:>10} {:>10} {:>8}", "dtype", "part", "ours", "diffusers", "ratio");
     for dtype in &args.dtypes {
         kind_of_dtype(dtype)?;
-        let mut runs: Vec<(Value, Value)> = Vec::new();
+        let mut runs: Vec<Value> = Vec::new();
         for round in 0..args.rounds {
             let mut cmd = Command::new(&exe);
             cmd.args(["--one", dtype, "--reps", &args.reps.to_string(), "--threads", &args.threads.to_string()]);
-            cmd.args(["--full-image-steps", &args.full_image_steps.to_string()]);
+            cmd.args(["--full-image-steps", &args.full_image_steps.to_string(), "--parts", &args.parts.join(",")]);
             let o = run_json(&mut cmd, "our side")?;
             println!("  round {round} ({dtype}): ours {o}"); // now: the diffusers side can take long (bf16)
-            let mut cmd = Command::new(&py);
-            cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/bench_diffusers.py")).args([
-                dtype.as_str(),
-                &args.threads.to_string(),
-                &args.reps.to_string(),
-            ]);
-            if args.full_image_steps > 0 {
-                cmd.args(["--full-image", &args.full_image_steps.to_string()]);
-            }
-            let d = run_json(&mut cmd, "tests/parity/bench_diffusers.py")?;
+            let diffusers = |same_malloc: bool| -> Result<Value> {
+                let mut cmd = Command::new(&py);
+                cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/bench_diffusers.py")).args([
+                    dtype.as_str(),
+                    &args.threads.to_string(),
+                    &args.reps.to_string(),
+                ]);
+                if args.full_image_steps > 0 {
+                    cmd.args(["--full-image", &args.full_image_steps.to_string()]);
+                }
+                cmd.args(["--parts", &args.parts.join(",")]);
+                if same_malloc {
+                    cmd.envs([("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647")]);
+                }
+                run_json(&mut cmd, "tests/parity/bench_diffusers.py")
+            };
+            let d = diffusers(false)?;
             println!("  round {round} ({dtype}): diffusers {d}");
-            report["runs"]
-                .as_array_mut()
-                .expect("array")
-                .push(json!({"dtype": dtype, "round": round, "ours": o, "diffusers": d}));
-            runs.push((o, d));
+            let mut run = json!({"dtype": dtype, "round": round, "ours": o, "diffusers": d});
+            if args.diffusers_same_malloc {
+                let m = diffusers(true)?;
+                println!("  round {round} ({dtype}): diffusers, same malloc {m}");
+                run["diffusers_same_malloc"] = m;
+            }
+            report["runs"].as_array_mut().expect("array").push(run.clone());
+            runs.push(run);
         }
         for part in parts {
-            let mut ours: Vec<f64> = runs.iter().filter_map(|(o, _)| o[part].as_f64()).collect();
-            let mut theirs: Vec<f64> = runs.iter().filter_map(|(_, d)| d[part].as_f64()).collect();
-            if ours.is_empty() || theirs.is_empty() {
-                continue;
+            let med = |side: &str| {
+                let mut v: Vec<f64> = runs.iter().filter_map(|r| r[side][part].as_f64()).collect();
+                (!v.is_empty()).then(|| median(&mut v))
+            };
+            let (Some(a), Some(b)) = (med("ours"), med("diffusers")) else { continue };
+            print!("{dtype:<6} {part:<18} {a:>10.2} {b:>10.2} {:>8.3}", a / b);
+            // each round's ratio too: the two sides of a round ran minutes apart, not hours
+            let per_round: Vec<f64> =
+                runs.iter().filter_map(|r| Some(r["ours"][part].as_f64()? / r["diffusers"][part].as_f64()?)).collect();
+            let shown: Vec<String> = per_round.iter().map(|r| format!("{r:.3}")).collect();
+            print!("   rounds {}", shown.join(" "));
+            report["summary"][dtype][part] =
+                json!({"ours": a, "diffusers": b, "ratio": a / b, "ratio_per_round": per_round});
+            if let Some(m) = med("diffusers_same_malloc") {
+                print!("   diffusers, same malloc {m:.2} (ratio {:.3})", a / m);
+                report["summary"][dtype][part]["diffusers_same_malloc"] = json!(m);
             }
-            let (a, b) = (median(&mut ours), median(&mut theirs));
-            println!("{dtype:<6} {part:<18} {a:>10.2} {b:>10.2} {:>8.3}", a / b);
-            report["summary"][dtype][part] = json!({"ours": a, "diffusers": b, "ratio": a / b});
+            println!();
         }
     }
     std::fs::create_dir_all(&args.out)?;

@@ -2,10 +2,10 @@
 (diffusers' UNet2DConditionModel and AutoencoderKL, transformers' CLIPTextModel, built from runwayml's configs),
 timed on the same inputs as ours. Prints one JSON object.
 
-    python tests/parity/bench_diffusers.py DTYPE THREADS REPS [--full-image STEPS]
+    python tests/parity/bench_diffusers.py DTYPE THREADS REPS [--full-image STEPS] [--parts text,unet,vae]
 
 DTYPE is f32 or bf16 (weights and inputs cast, as our bf16 path does); each timing is the median of REPS runs after
-one warm-up run. --full-image also times one whole 512x512 StableDiffusionPipeline call (Euler a, w = 7, SD 1.5's
+one warm-up run; --parts times only those networks (all three by default). --full-image also times one whole 512x512 StableDiffusionPipeline call (Euler a, w = 7, SD 1.5's
 scheduler config, the tokenizer built from data/clip's vocabulary as make_reference.py builds it).
 """
 import json
@@ -57,10 +57,14 @@ def main():
     z = torch.randn(1, 4, 64, 64, generator=g).to(dtype)
     out = {"dtype": dtype_name, "threads": threads, "torch": torch.__version__}
     out["parameters"] = [sum(p.numel() for p in m.parameters()) for m in (text, unet, vae)]
+    parts = sys.argv[sys.argv.index("--parts") + 1].split(",") if "--parts" in sys.argv else ["text", "unet", "vae"]
     with torch.no_grad():
-        out["text_encode_s"] = median_time(lambda: text(ids), reps)
-        out["unet_cfg_step_s"] = median_time(lambda: unet(latents, t, encoder_hidden_states=context), reps)
-        out["vae_decode_512_s"] = median_time(lambda: vae.decode(z), reps)
+        if "text" in parts:
+            out["text_encode_s"] = median_time(lambda: text(ids), reps)
+        if "unet" in parts:
+            out["unet_cfg_step_s"] = median_time(lambda: unet(latents, t, encoder_hidden_states=context), reps)
+        if "vae" in parts:
+            out["vae_decode_512_s"] = median_time(lambda: vae.decode(z), reps)
     if "--full-image" in sys.argv:
         steps = int(sys.argv[sys.argv.index("--full-image") + 1])
         out["txt2img_512_s"] = full_image(unet, vae, text, steps)
