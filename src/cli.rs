@@ -197,8 +197,8 @@ pub fn lesson_main(body: impl FnOnce() -> Result<()>) {
 /// kernel must zero first: about 4 GB of fresh pages per SD 1.5 UNet step. With no mmap'd blocks and no trimming,
 /// freed blocks are reused from the heap. Measured on a process that builds SD 1.5's UNet and runs 4 guided steps
 /// (chapter 09): page faults 3.9–4.8 M → 1.4 M (most of those left are the weights' first touch), CPU time 6–14 %
-/// lower, peak memory 0.9–1.2 GB higher (the heap fragments). The same settings reach a Python process through glibc's environment
-/// variables `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`; `bench_sd --diffusers-same-malloc` times that.
+/// lower, peak memory 0.9–1.2 GB higher (the heap fragments). Other processes get the same settings through
+/// [`KEEP_FREED_MEMORY_ENV`].
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes malloc's parameters; called before the program allocates tensors.
@@ -207,6 +207,11 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+/// [`keep_freed_memory`]'s settings as glibc's environment variables, for a child process that is not ours (a Python
+/// one: `bench_sd --diffusers-same-malloc` runs diffusers with them).
+pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] =
+    [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647")];
 // ANCHOR_END: keep_freed_memory
 
 /// Peak resident memory of this process so far (VmHWM of /proc/self/status) in MiB; NaN where there is no /proc.

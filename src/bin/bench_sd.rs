@@ -10,7 +10,7 @@
 //! the rounds. Compare numbers only within one run: the machine's load changes from minute to minute.
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{peak_rss_mib, venv_python};
+use scratch_diffusion::cli::{peak_rss_mib, venv_python, KEEP_FREED_MEMORY_ENV};
 use scratch_diffusion::nn::layers::channels_last;
 use scratch_diffusion::sd::weights::kind_of_dtype;
 use scratch_diffusion::sd::{GenerateParams, SdConfig, SdModels, SdSampler, StableDiffusion};
@@ -165,10 +165,11 @@ fn all(args: &Args) -> Result<()> {
     for dtype in &args.dtypes {
         kind_of_dtype(dtype)?;
         let mut runs: Vec<Value> = Vec::new();
+        let parts_arg = args.parts.join(",");
         for round in 0..args.rounds {
             let mut cmd = Command::new(&exe);
             cmd.args(["--one", dtype, "--reps", &args.reps.to_string(), "--threads", &args.threads.to_string()]);
-            cmd.args(["--full-image-steps", &args.full_image_steps.to_string(), "--parts", &args.parts.join(",")]);
+            cmd.args(["--full-image-steps", &args.full_image_steps.to_string(), "--parts", &parts_arg]);
             let o = run_json(&mut cmd, "our side")?;
             println!("  round {round} ({dtype}): ours {o}"); // now: the diffusers side can take long (bf16)
             let diffusers = |same_malloc: bool| -> Result<Value> {
@@ -181,9 +182,9 @@ fn all(args: &Args) -> Result<()> {
                 if args.full_image_steps > 0 {
                     cmd.args(["--full-image", &args.full_image_steps.to_string()]);
                 }
-                cmd.args(["--parts", &args.parts.join(",")]);
+                cmd.args(["--parts", &parts_arg]);
                 if same_malloc {
-                    cmd.envs([("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647")]);
+                    cmd.envs(KEEP_FREED_MEMORY_ENV);
                 }
                 run_json(&mut cmd, "tests/parity/bench_diffusers.py")
             };

@@ -5,8 +5,9 @@ timed on the same inputs as ours. Prints one JSON object.
     python tests/parity/bench_diffusers.py DTYPE THREADS REPS [--full-image STEPS] [--parts text,unet,vae]
 
 DTYPE is f32 or bf16 (weights and inputs cast, as our bf16 path does); each timing is the median of REPS runs after
-one warm-up run; --parts times only those networks (all three by default). --full-image also times one whole 512x512 StableDiffusionPipeline call (Euler a, w = 7, SD 1.5's
-scheduler config, the tokenizer built from data/clip's vocabulary as make_reference.py builds it).
+one warm-up run; --parts times only those networks (all three by default). --full-image also times one whole
+512x512 StableDiffusionPipeline call (Euler a, w = 7, SD 1.5's scheduler config, the tokenizer built from data/clip's
+vocabulary as make_reference.py builds it).
 """
 import json
 import resource
