@@ -7,16 +7,19 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use plotters::style::{Color, BLUE, RED, WHITE};
+use scratch_diffusion::checkpoint;
 use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run};
-use scratch_diffusion::data::{mnist, toy2d::GaussianMixture};
+use scratch_diffusion::data::mnist;
+use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::ladder;
 use scratch_diffusion::eval::sample_quality::{energy_distance, mode_weight_error, mode_weights};
 use scratch_diffusion::nn::ncsn::{Ncsn, NcsnConfig};
 use scratch_diffusion::nn::score_mlp::ScoreMlpConfig;
 use scratch_diffusion::plot::{self, Layer, Panel};
 use scratch_diffusion::sampling::langevin::{annealed_langevin, langevin};
+use scratch_diffusion::train::ema::Ema;
 use scratch_diffusion::train::toy_score::{ToyScoreConfig, ToyScoreModel};
-use scratch_diffusion::train::{checkpoint, ema::Ema, train_dsm, TrainOpts};
+use scratch_diffusion::train::{train_dsm, TrainOpts};
 use serde_json::json;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 

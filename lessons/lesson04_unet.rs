@@ -10,14 +10,17 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs};
 use scratch_diffusion::data::mnist;
+use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
-use scratch_diffusion::eval::{classifier::MnistClassifier, frechet::evaluate_samples};
+use scratch_diffusion::eval::frechet::evaluate_samples;
+use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
+use scratch_diffusion::pipelines::ddpm::{save_unet, SavedUNet, SHIPPED_UNET};
 use scratch_diffusion::plot;
+use scratch_diffusion::sampling::ddpm::sample;
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
-use scratch_diffusion::train::ddpm::{
-    sample, save_unet, to_unit, train_eps_model, LossWeight, SavedUNet, Trajectory, SHIPPED_UNET,
-};
+use scratch_diffusion::studies::trajectory::Trajectory;
+use scratch_diffusion::train::ddpm::{train_eps_model, LossWeight};
 use scratch_diffusion::train::recipe;
 use serde_json::json;
 use tch::{Device, Tensor};
@@ -107,7 +110,7 @@ fn run(args: Args) -> Result<()> {
     let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
     let snapshot_at: Vec<usize> = [1, 2, 3].iter().map(|k| k * steps / 4).collect(); // and the EMA model at the end
     let mut snapshots: Vec<(usize, Tensor)> = Vec::new();
-    let snapshot = |net: &dyn scratch_diffusion::train::ddpm::EpsModel| {
+    let snapshot = |net: &dyn scratch_diffusion::model::EpsModel| {
         tch::manual_seed(1234); // the same starting noise at every snapshot
         let x = sample(
             net,
@@ -237,7 +240,7 @@ fn ship(
     seconds: f64,
     seed: u64,
 ) -> Result<()> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(SHIPPED_UNET);
+    let path = scratch_diffusion::cli::crate_root().join(SHIPPED_UNET);
     save_unet(vs, &path, saved)?;
     let readme = format!(
         "# Lesson 04 UNet\n\nThe EMA weights of lesson 04's DDPM UNet ({:?} channels, {} schedule, T = {}), which \

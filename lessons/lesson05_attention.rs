@@ -10,18 +10,19 @@ use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run};
 use scratch_diffusion::data::mnist;
+use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
-use scratch_diffusion::eval::classifier::MnistClassifier;
 use scratch_diffusion::nn::attention::scaled_dot_product_attention;
+use scratch_diffusion::nn::class_cond::{ClassCondConfig, LabelConditioned};
+use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::layers::timestep_embedding;
 use scratch_diffusion::nn::unet::UNet;
 use scratch_diffusion::plot;
+use scratch_diffusion::sampling::ddpm::sample;
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
-use scratch_diffusion::sampling::guidance::{grade_guided, plot_tradeoff};
-use scratch_diffusion::train::conditional::{
-    train_cond_eps_model, ClassCondConfig, LabelConditioned, DEFAULT_P_UNCOND,
-};
-use scratch_diffusion::train::ddpm::{sample, to_unit, LossWeight};
+use scratch_diffusion::studies::guidance::{grade_guided, plot_tradeoff};
+use scratch_diffusion::train::conditional::{train_cond_eps_model, DEFAULT_P_UNCOND};
+use scratch_diffusion::train::ddpm::LossWeight;
 use scratch_diffusion::train::recipe;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};

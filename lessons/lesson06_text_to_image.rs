@@ -14,23 +14,28 @@ use scratch_diffusion::cli::{
 };
 use scratch_diffusion::data::captions::Attribute;
 use scratch_diffusion::data::mnist;
+use scratch_diffusion::data::png::write_png_gray;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
-use scratch_diffusion::eval::classifier::MnistClassifier;
 use scratch_diffusion::eval::frechet::evaluate_samples;
 use scratch_diffusion::eval::prompt_accuracy as grade;
-use scratch_diffusion::nn::clip::{
-    digit_prompts, tokenize, train_mini_clip, zero_shot_accuracy, ClipTargets, MiniClipConfig,
-};
+use scratch_diffusion::nn::class_cond::ClassCondConfig;
+use scratch_diffusion::nn::classifier::MnistClassifier;
+use scratch_diffusion::nn::clip::{digit_prompts, tokenize, zero_shot_accuracy, ClipTargets, MiniClipConfig};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
-use scratch_diffusion::train::conditional::{ClassCondConfig, DEFAULT_P_UNCOND};
+use scratch_diffusion::studies::prompts as figures;
+use scratch_diffusion::train::clip::train_mini_clip;
+use scratch_diffusion::train::conditional::DEFAULT_P_UNCOND;
 use scratch_diffusion::train::ddpm::LossWeight;
-use scratch_diffusion::train::recipe::{self, BATCH, LOSS_WEIGHT, SCHEDULE, STEPS}; // lessons 04–06 share it
-use scratch_diffusion::train::text_cond::{caption_images, lens_to_mask, train_text_cond_unet, CONTEXT_LEN};
-use scratch_diffusion::train::text_to_image::{self as t2i, PipelineConfig, TextToImage, DEFAULT_GUIDANCE};
+// lessons 04–06 share the recipe
+use scratch_diffusion::nn::text_unet::lens_to_mask;
+use scratch_diffusion::pipelines::text_to_image::{self as t2i, PipelineConfig, TextToImage, DEFAULT_GUIDANCE};
+use scratch_diffusion::text::captions::{caption_images, CONTEXT_LEN};
+use scratch_diffusion::train::recipe::{self, BATCH, LOSS_WEIGHT, SCHEDULE, STEPS};
+use scratch_diffusion::train::text_cond::train_text_cond_unet;
 use scratch_diffusion::train::trainer::TrainerConfig;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::Device;
 
 /// Captions drawn per training image; each step reads one of them at random.
@@ -187,7 +192,7 @@ fn sample_cmd(args: SampleArgs) -> Result<()> {
     // ANCHOR_END: sample_cmd
     ensure_writable_dir(&args.out)?;
     for i in 0..args.num {
-        t2i::write_png_gray(&args.out.join(format!("sample_{i:03}.png")), &images.get(i))?;
+        write_png_gray(&args.out.join(format!("sample_{i:03}.png")), &images.get(i))?;
     }
     let negative = args.negative.as_deref().map_or(String::new(), |n| format!(", negative \"{n}\""));
     let title =
@@ -350,12 +355,12 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         format!("thickness and slant follow the prompt in {thickness_slant:.0} % of digit × attribute pairs"),
     );
     let sweep_png = run.path("guidance_sweep.png");
-    let sweep = grade::guidance_sweep(&mut generate, &clf, &args.sweep, 2, 1000 * run.seed + 200, &sweep_png)?;
+    let sweep = figures::guidance_sweep(&mut generate, &clf, &args.sweep, 2, 1000 * run.seed + 200, &sweep_png)?;
     bar.finish_and_clear();
-    grade::plot_prompt_samples(&run.path("prompt_samples.png"), &samples, &accuracy, 2)?;
-    grade::plot_attribute_pairs(&run.path("attribute_control.png"), &attributes, &pairs, 3)?;
+    figures::plot_prompt_samples(&run.path("prompt_samples.png"), &samples, &accuracy, 2)?;
+    figures::plot_attribute_pairs(&run.path("attribute_control.png"), &attributes, &pairs, 3)?;
     let prompt = "a bold 7 leaning right";
-    grade::plot_token_attention(&run.path("cross_attention.png"), &pipe, prompt, args.guidance, sample_steps, 9000)?;
+    figures::plot_token_attention(&run.path("cross_attention.png"), &pipe, prompt, args.guidance, sample_steps, 9000)?;
     if args.ship {
         let (seed, batch, lr, threads) = (run.seed, args.batch, args.lr, tch::get_num_threads());
         let how = format!(
@@ -384,7 +389,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
 
 /// --ship: the pipeline into data/lesson06/, with a README that says how it was made.
 fn ship(pipe: &TextToImage, how: &str, threads: i32) -> Result<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(t2i::SHIPPED_DIR);
+    let dir = scratch_diffusion::cli::crate_root().join(t2i::SHIPPED_DIR);
     pipe.save(&dir)?;
     let readme = format!(
         "# Lesson 06 pipeline\n\nWhat `lesson06 sample` loads by default: BPE merges, the frozen mini-CLIP text \

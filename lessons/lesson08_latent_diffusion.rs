@@ -14,27 +14,29 @@ use scratch_diffusion::cli::{
 use scratch_diffusion::data::captions::Attribute;
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::png::read_png_gray;
+use scratch_diffusion::data::png::write_png_gray;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
-use scratch_diffusion::eval::classifier::MnistClassifier;
 use scratch_diffusion::eval::frechet::evaluate_samples;
-use scratch_diffusion::eval::latent_edits::{img2img_study, inpaint_study, sampling_speed};
-use scratch_diffusion::eval::nfe_study::Sampler;
+use scratch_diffusion::eval::image_metrics::psnr;
 use scratch_diffusion::eval::prompt_accuracy as grade;
+use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::unet::UNetConfig;
 use scratch_diffusion::nn::vae::{scaling_factor, VaeConfig};
+use scratch_diffusion::pipelines::latent_diffusion::{self as ld, Draw, LatentDiffusion, LatentPipelineConfig};
+use scratch_diffusion::pipelines::prompt_encoder::PromptEncoder;
+use scratch_diffusion::pipelines::text_to_image::{self as t2i, TextToImage};
 use scratch_diffusion::plot;
+use scratch_diffusion::sampling::registry::Sampler;
+use scratch_diffusion::studies::latent_edits::{img2img_study, inpaint_study, sampling_speed};
+use scratch_diffusion::studies::prompts as figures;
+use scratch_diffusion::text::captions::{caption_images_with, CONTEXT_LEN};
 use scratch_diffusion::train::conditional::DEFAULT_P_UNCOND;
-use scratch_diffusion::train::latent_diffusion::{
-    self as ld, encode_moments, psnr, train_latent_unet, train_vae, Draw, LatentDiffusion, LatentPipelineConfig,
-    VaeLoss,
-};
-use scratch_diffusion::train::prompt_encoder::PromptEncoder;
+use scratch_diffusion::train::latent_diffusion::{encode_moments, train_latent_unet, train_vae, VaeLoss};
 use scratch_diffusion::train::recipe::{self, LOSS_WEIGHT, SCHEDULE};
-use scratch_diffusion::train::text_cond::{caption_images_with, TextData, CONTEXT_LEN};
-use scratch_diffusion::train::text_to_image::{self as t2i, write_png_gray, TextToImage};
+use scratch_diffusion::train::text_cond::TextData;
 use scratch_diffusion::train::trainer::TrainerConfig;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::{Device, Tensor};
 
 // ANCHOR: budget
@@ -400,7 +402,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let by_prompt = samples.view([-1, eval_n, 1, 28, 28]); // (50 prompts, eval_n, 1, 28, 28)
     let fd_samples = by_prompt.narrow(1, 0, per_prompt).reshape([-1, 1, 28, 28]);
     let quality = evaluate_samples(&clf, &fd_samples, &data.test_images);
-    let sweep = grade::guidance_sweep(
+    let sweep = figures::guidance_sweep(
         &mut generate,
         &clf,
         &[0.0, 1.0, 2.0, 3.0, 5.0],
@@ -418,8 +420,8 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         quality.frechet_floor,
         quality.n
     );
-    grade::plot_prompt_samples(&run.path("prompt_samples.png"), &samples, &accuracy, 2)?;
-    grade::plot_attribute_pairs(&run.path("attribute_control.png"), &attributes, &pairs, 3)?;
+    figures::plot_prompt_samples(&run.path("prompt_samples.png"), &samples, &accuracy, 2)?;
+    figures::plot_attribute_pairs(&run.path("attribute_control.png"), &attributes, &pairs, 3)?;
 
     // ANCHOR: edits
     let edit_n = q(20, 200) as i64;
@@ -473,7 +475,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
 
 /// --ship: the pipeline into data/lesson08/, with a README that says how it was made.
 fn ship(pipe: &LatentDiffusion, how: &str) -> Result<()> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(ld::SHIPPED_DIR);
+    let dir = scratch_diffusion::cli::crate_root().join(ld::SHIPPED_DIR);
     pipe.save(&dir)?;
     let readme = format!(
         "# Lesson 08 pipeline\n\nWhat `lesson08 sample`, `img2img` and `inpaint` load by default: lesson 06's BPE \

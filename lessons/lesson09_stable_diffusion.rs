@@ -10,9 +10,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::cli::{lesson_main, CommonArgs, Run};
 use scratch_diffusion::data::png::{read_png_rgb, read_png_text, write_png_rgb_with_text};
+use scratch_diffusion::pipelines::stable_diffusion::{GenerateParams, SdSampler, StableDiffusion};
 use scratch_diffusion::sd::flops::{unet_flops, BlockFlops};
 use scratch_diffusion::sd::weights::kind_of_dtype;
-use scratch_diffusion::sd::{GenerateParams, SdConfig, SdModels, SdSampler, StableDiffusion};
+use scratch_diffusion::sd::{SdConfig, SdModels};
 use scratch_diffusion::text::bpe::CLIP_CONTEXT_LEN;
 use serde_json::json;
 use std::path::PathBuf;
@@ -178,7 +179,7 @@ fn draw(common: CommonArgs, flags: DrawFlags, edit: Option<(PathBuf, f64)>) -> R
     }
     let started = Instant::now();
     let mut last = Instant::now();
-    let mut on_step = |i: usize, s: scratch_diffusion::sampling::denoiser::SamplerStep| {
+    let mut on_step = |i: usize, s: scratch_diffusion::sampling::SamplerStep| {
         println!(
             "image {i} step {:>3}: σ {:>8.4} -> {:>8.4} ({:.1} s)",
             s.i,
@@ -247,10 +248,10 @@ fn tour(args: TourArgs) -> Result<()> {
 
     // 4. The sampler's σ grid and the fractional timesteps the UNet is called with.
     let sigmas = p.sampler.sigmas(&sd.schedule, p.steps);
-    let table = scratch_diffusion::sampling::denoiser::sigmas_of_schedule(&sd.schedule);
+    let table = scratch_diffusion::model::sigmas_of_schedule(&sd.schedule);
     let ts: Vec<String> = sigmas[..p.steps]
         .iter()
-        .map(|&s| format!("{:.1}", scratch_diffusion::sampling::denoiser::timestep_of_sigma(&table, s)))
+        .map(|&s| format!("{:.1}", scratch_diffusion::model::timestep_of_sigma(&table, s)))
         .collect();
     println!(
         "4. {} with {} steps: σ {:?}\n   timesteps {:?}",

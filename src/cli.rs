@@ -88,7 +88,7 @@ impl CommonArgs {
             device,
             seed: self.seed,
             quick: self.quick,
-            data_dir: crate::data::mnist::resolve_dir(self.data_dir.as_deref()),
+            data_dir: self.data_dir.clone().unwrap_or_else(|| shipped_path(MNIST_DIR, "train-images-idx3-ubyte.gz")),
             started: std::time::Instant::now(),
         })
     }
@@ -226,4 +226,22 @@ pub fn peak_rss_mib() -> f64 {
 pub fn venv_python() -> PathBuf {
     let venv = std::env::var("SCRATCH_DIFFUSION_VENV").unwrap_or_else(|_| ".venv".into());
     Path::new(env!("CARGO_MANIFEST_DIR")).join(venv).join("bin/python")
+}
+/// Where MNIST lives in the repository (`data/mnist/fetch.sh` fills it).
+pub const MNIST_DIR: &str = "data/mnist";
+
+/// The crate's root folder, where `--ship` writes the files the repository ships.
+pub fn crate_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A file or folder the repository ships (`relative` to the crate root, such as `data/lesson06`): under the working
+/// directory when `marker` is there (a file inside the folder, or "" for the path itself), else under the crate root,
+/// so a binary run from anywhere inside the clone finds it. The one resolver of shipped paths.
+pub fn shipped_path(relative: &str, marker: &str) -> PathBuf {
+    let local = PathBuf::from(relative);
+    if local.join(marker).exists() {
+        return local;
+    }
+    crate_root().join(relative)
 }

@@ -1,27 +1,39 @@
 //! scratch-diffusion: diffusion models from scratch, lesson by lesson.
 //!
 //! The lessons in `lessons/` are thin binaries that read top to bottom like a notebook; everything they share lives
-//! here, one concept per file:
+//! here, one concept per file, in layers whose imports run one way, top to bottom (`tests/layering.rs` holds them):
 //!
-//! - [`cli`]: the flags every lesson takes (`--quick`, `--out`, `--seed`, `--threads`, `--device`, `--data-dir`),
-//!   the run context, metrics.json / loss.csv writers and progress bars.
-//! - [`data`]: MNIST (a verifying IDX reader) and 2-D Gaussian mixtures with an analytic density and score.
-//! - [`diffusion`]: noise ladders and the denoising-score-matching objective.
-//! - [`sampling`]: Langevin dynamics and annealed Langevin.
-//! - [`nn`]: the networks (a noise-conditional MLP for 2-D data, a small noise-conditional score network for MNIST).
-//! - [`eval`]: score errors against the analytic score, energy distance and mode weights of samples.
-//! - [`train`]: atomic safetensors checkpoints with their resolved config beside them.
-//! - [`text`]: a byte-level BPE tokenizer in the style of CLIP's (trainable on captions, loads CLIP's merges).
-//! - [`sd`]: Stable Diffusion 1.x: its weights (diffusers folders, original single files through one key map) and
-//!   its txt2img / img2img pipeline with the UIs' samplers.
-//! - [`plot`]: loss curves, scatter / density / histogram, vector fields and image grids, with an embedded font.
+//! - [`data`]: MNIST (a verifying IDX reader), 2-D Gaussian mixtures with an analytic score, captions written from
+//!   each digit's measured strokes, PNG in and out.
+//! - [`text`]: a byte-level BPE tokenizer in the style of CLIP's (trainable on captions, loads CLIP's merges), and
+//!   captioned MNIST as token ids.
+//! - [`diffusion`]: noise schedules, the forward process, noise ladders, the denoising-score-matching objective.
+//! - [`model`]: the traits networks and samplers share: ε-models (plain and conditional) and the denoiser
+//!   D(x, σ) → x̂₀ with its adapters.
+//! - [`nn`]: the networks only: MLPs, the UNet (unconditional, class- and text-conditioned), attention, the text
+//!   encoder, the mini-CLIP, the VAE, the graders' classifier.
+//! - [`sampling`]: samplers as plain functions over a σ grid, one registry with the UIs' names, and the denoisers
+//!   that wrap a denoiser (guidance, clamping, inpainting).
+//! - [`sd`]: Stable Diffusion 1.x weight files: safetensors, the key map of original single files, loaders.
+//! - [`train`]: one training loop and the objectives and recipes of each lesson.
+//! - [`pipelines`]: trained networks put together for inference, each saved and loaded as one bundle.
+//! - [`eval`]: metrics only.
+//! - [`studies`]: the lessons' experiments and figures.
+//!
+//! Three utilities import nothing else of the crate, so every layer may use them: [`cli`] (the flags every lesson
+//! takes, the run context, metrics.json / loss.csv writers, progress bars, atomic writes, paths of shipped files),
+//! [`plot`] (figures with an embedded font) and [`checkpoint`] (weights with their config beside them, atomically).
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod diffusion;
 pub mod eval;
+pub mod model;
 pub mod nn;
+pub mod pipelines;
 pub mod plot;
 pub mod sampling;
 pub mod sd;
+pub mod studies;
 pub mod text;
 pub mod train;

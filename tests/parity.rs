@@ -6,11 +6,11 @@
 //! `StableDiffusionPipeline` of SD 1.5's layout shrunk, saved as a diffusers folder, must load into our pipeline and
 //! give the same 4-step txt2img from the same seeds. The
 //! tests skip, saying why, when Python or a reference is missing (`./run.sh test` installs them into .venv).
+use scratch_diffusion::checkpoint;
 use scratch_diffusion::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
 use scratch_diffusion::text::Bpe;
-use scratch_diffusion::train::checkpoint;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -175,7 +175,8 @@ fn our_tokenizer_matches_openai_simple_tokenizer_on_the_corpus() {
 /// draws the same starting noise from the same seeds, and must give the same latents and pixels.
 #[test]
 fn our_pipeline_matches_diffusers_stable_diffusion_pipeline() {
-    use scratch_diffusion::sd::{GenerateParams, SdConfig, SdSampler, StableDiffusion};
+    use scratch_diffusion::pipelines::stable_diffusion::{GenerateParams, SdSampler, StableDiffusion};
+    use scratch_diffusion::sd::SdConfig;
     let Some(dir) = reference() else { return };
     let r = read(&dir.join("pipeline_reference.safetensors"));
     if r.is_empty() {

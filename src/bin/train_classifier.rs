@@ -3,10 +3,11 @@
 //! `cargo run --release --bin train_classifier` (see data/classifier/README.md).
 use anyhow::Result;
 use clap::Parser;
+use scratch_diffusion::checkpoint;
 use scratch_diffusion::cli::{lesson_main, positive, progress, CommonArgs};
 use scratch_diffusion::data::mnist::{self, Mnist};
-use scratch_diffusion::eval::classifier::{steps_per_epoch, train_classifier, ClassifierConfig, MnistClassifier};
-use scratch_diffusion::train::checkpoint;
+use scratch_diffusion::nn::classifier::{ClassifierConfig, MnistClassifier};
+use scratch_diffusion::train::classifier::{steps_per_epoch, train_classifier};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -45,7 +46,7 @@ fn run(args: Args) -> Result<()> {
         if run.quick {
             run.path("mnist_cnn.safetensors") // never overwrite the shipped weights from a smoke test
         } else {
-            PathBuf::from(scratch_diffusion::eval::classifier::SHIPPED_WEIGHTS)
+            PathBuf::from(scratch_diffusion::nn::classifier::SHIPPED_WEIGHTS)
         }
     });
     let mut data = mnist::load(&run.data_dir)?;

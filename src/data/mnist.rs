@@ -12,6 +12,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
+/// Digits 0–9.
+pub const MNIST_CLASSES: i64 = 10;
+
 /// The four files with the MD5 of their uncompressed contents (the canonical values; see data/mnist/README.md).
 pub const FILES: [(&str, &str); 4] = [
     ("train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb"),
@@ -35,14 +38,10 @@ pub struct Mnist {
 /// The directory to read MNIST from: the flag or environment variable if given, else `data/mnist` under the working
 /// directory, else the crate's own `data/mnist` (so a lesson run from anywhere inside the clone finds it).
 pub fn resolve_dir(explicit: Option<&Path>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p.to_path_buf();
+    match explicit {
+        Some(p) => p.to_path_buf(),
+        None => crate::cli::shipped_path(crate::cli::MNIST_DIR, FILES[0].0),
     }
-    let local = PathBuf::from("data/mnist");
-    if local.join(FILES[0].0).exists() {
-        return local;
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mnist")
 }
 
 /// Reads and gunzips one file, naming it in every error.

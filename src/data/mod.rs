@@ -3,3 +3,10 @@ pub mod captions;
 pub mod mnist;
 pub mod png;
 pub mod toy2d;
+
+use tch::Tensor;
+
+/// Images in [−1, 1] -> [0, 1] (for figures and the classifier).
+pub fn to_unit(x: &Tensor) -> Tensor {
+    ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+}

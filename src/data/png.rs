@@ -1,11 +1,12 @@
 //! Reading a PNG a user gives (img2img and inpainting inputs) as one grayscale image in [0, 1]. Any colour type and
 //! bit depth the `png` crate decodes is accepted: palette, low and 16-bit depths are expanded to 8 bits; colour is
 //! turned to luma with ITU-R BT.601's weights (0.299 R + 0.587 G + 0.114 B); transparency is composited over black,
-//! MNIST's background. Writing grayscale is [`crate::train::text_to_image::write_png_gray`]; RGB with a text chunk
+//! MNIST's background. Writing grayscale is [`crate::data::png::write_png_gray`]; RGB with a text chunk
 //! (Stable Diffusion's `parameters`) is [`write_png_rgb_with_text`].
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use std::io::Write;
 use std::path::Path;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// The image at `path` as (1, 1, H, W) f32 in [0, 1]; errors name the file and what is wrong with it.
 pub fn read_png_gray(path: &Path) -> Result<Tensor> {
@@ -87,10 +88,40 @@ pub fn read_png_text(path: &Path, key: &str) -> Result<Option<String>> {
     Ok(latin1.or(utf8))
 }
 
+// ANCHOR: png
+/// Writes `image` ((H, W), (1, H, W) or (1, 1, H, W), values in [0, 1]) as an 8-bit grayscale PNG, atomically.
+pub fn write_png_gray(path: &Path, image: &Tensor) -> Result<()> {
+    let size = image.size();
+    ensure!(size.len() >= 2 && size[..size.len() - 2].iter().all(|&d| d == 1), "one image (H, W), got {size:?}");
+    let (h, w) = (size[size.len() - 2] as usize, size[size.len() - 1] as usize);
+    let scaled = (image.to_kind(Kind::Float).clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8);
+    let pixels = Vec::<u8>::try_from(scaled.to_device(Device::Cpu).flatten(0, -1)).context("image to bytes")?;
+    // [PNG] 9.2: each scanline starts with its filter type, 0 = None
+    let raw: Vec<u8> = pixels.chunks(w).flat_map(|row| std::iter::once(0).chain(row.iter().copied())).collect();
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&raw)?;
+    // [PNG] 11.2.2 IHDR: width, height, bit depth 8, colour type 0 (greyscale), compression, filter, interlace 0
+    let mut ihdr = Vec::from((w as u32).to_be_bytes());
+    ihdr.extend((h as u32).to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec(); // [PNG] 5.2 signature
+    for (kind, data) in [(b"IHDR", ihdr), (b"IDAT", z.finish()?), (b"IEND", vec![])] {
+        // [PNG] 5.3: length, type, data, CRC-32 of type and data
+        png.extend((data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(&data);
+        png.extend(kind.iter().chain(&data));
+        png.extend(crc.sum().to_be_bytes());
+    }
+    crate::cli::write_atomic(path, &png)
+}
+// ANCHOR_END: png
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::text_to_image::write_png_gray;
+    use std::io::Read;
 
     #[test]
     fn a_written_png_reads_back_and_bad_files_are_named() {
@@ -125,5 +156,28 @@ mod tests {
         std::fs::write(dir.path().join("bad.png"), b"not a png").unwrap();
         let bad = format!("{:#}", read_png_gray(&dir.path().join("bad.png")).unwrap_err());
         assert!(bad.contains("bad.png") && bad.contains("not a readable PNG"), "{bad}");
+    }
+
+    #[test]
+    fn png_files_hold_the_pixels_with_valid_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.png");
+        let image = Tensor::from_slice(&[0.0f32, 0.5, 1.0, 2.0, 0.25, -1.0]).view([1, 1, 2, 3]);
+        write_png_gray(&path, &image).unwrap();
+        let png = std::fs::read(&path).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(&png[12..16], b"IHDR");
+        assert_eq!(
+            (&png[16..20], &png[20..24], &png[24..29]),
+            (&[0, 0, 0, 3][..], &[0, 0, 0, 2][..], &[8, 0, 0, 0, 0][..])
+        );
+        // IEND is the last chunk, with its well-known CRC AE 42 60 82
+        assert_eq!(&png[png.len() - 12..], &[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82]);
+        let idat_len = u32::from_be_bytes(png[33..37].try_into().unwrap()) as usize;
+        assert_eq!(&png[37..41], b"IDAT");
+        let mut raw = Vec::new();
+        flate2::read::ZlibDecoder::new(&png[41..41 + idat_len]).read_to_end(&mut raw).unwrap();
+        assert_eq!(raw, [0, 0, 128, 255, 0, 255, 64, 0]); // per row: filter 0, then the clamped, rounded pixels
+        assert!(write_png_gray(&path, &Tensor::zeros([2, 1, 2, 2], tch::kind::FLOAT_CPU)).is_err());
     }
 }

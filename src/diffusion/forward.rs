@@ -7,8 +7,8 @@
 //! Timesteps are array indices into the schedule (see `schedule.rs`): t = 0 is the first noising step.
 //! Tensors are batch-first, f32 in the library (the functions are kind-agnostic); per-sample ᾱ are (B,) and
 //! broadcast over the other dimensions with [`append_dims`].
-use super::append_dims;
-use super::schedule::NoiseSchedule;
+use crate::diffusion::append_dims;
+use crate::diffusion::schedule::NoiseSchedule;
 use tch::Tensor;
 
 /// A per-sample value (B,) reshaped to (B, 1, ...) to broadcast against `like`; anything else (a 0-dim scalar, an

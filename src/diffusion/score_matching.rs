@@ -7,7 +7,7 @@
 //! [DSM] eq. (in sec. 4.2): matching s_θ to the score of the noised data p_σ is, up to a constant, the same as
 //! matching it to the score of the noising kernel, ∇ log q_σ(x̃ | x) = −(x̃ − x)/σ² = −z/σ, which needs only samples.
 //! [NCSN] eq. 5–6 with the weight λ(σ) = σ²:   ℓ(θ; σ) = ½ E ‖σ s_θ(x̃, σ) + z‖².
-use super::append_dims;
+use crate::diffusion::append_dims;
 use tch::{Kind, Tensor};
 
 /// The σ²-weighted denoising-score-matching loss of [NCSN] eq. 6 for a batch `x0` (B, ...) with per-sample noise

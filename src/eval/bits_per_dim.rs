@@ -5,7 +5,7 @@
 //! (Hutchinson's trace estimator with a probe fixed along each trajectory, an unbiased estimate of log p).
 //! [Flow++] Ho et al. 2019, arXiv:1902.00275, sec. 3.1 (uniform dequantisation: the continuous density of x + u,
 //! u ~ U[0, 1)/256, lower-bounds the discrete log-likelihood).
-use crate::sampling::denoiser::Denoiser;
+use crate::model::Denoiser;
 use crate::sampling::likelihood::{bits_per_dim, dequantize, gaussian_log_prior, pf_ode_log_likelihood};
 use crate::sampling::likelihood::{Divergence, Probe};
 use tch::{Device, Kind, Tensor};

@@ -1,5 +1,5 @@
 //! The Fréchet distance between two sets of features, and a report card for generated MNIST digits built on the
-//! crate's own classifier ([`super::classifier`]): a "Fréchet LeNet distance" in the spirit of FID, with the
+//! crate's own classifier ([`crate::nn::classifier`]): a "Fréchet LeNet distance" in the spirit of FID, with the
 //! real-vs-real floor it should be read against, the class histogram and the classifier's confidence.
 //!
 //! [FID] Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
@@ -9,7 +9,7 @@
 //!
 //! Notation (code -> paper): mu -> μ, the mean of the features; sigma -> Σ, their covariance (1/(N−1)
 //! normalisation, as numpy's `cov` in the reference FID code); sqrt_psd(A) -> A^{1/2}, the symmetric square root.
-use super::classifier::MnistClassifier;
+use crate::nn::classifier::MnistClassifier;
 use tch::{Kind, Tensor};
 
 /// Seed of the fixed permutation that picks the reference test images (the year of [FID]; any constant works, but

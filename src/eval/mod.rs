@@ -1,10 +1,8 @@
-//! Measuring what a model learned: score errors against an analytic score, and distances between sample sets.
+//! Metrics only: how far samples are from the data (Fréchet distance with the crate classifier's features, energy
+//! distance, mode weights), how well a model follows its prompt, score errors, image distances and bits/dim.
 pub mod bits_per_dim;
-pub mod classifier;
 pub mod frechet;
-pub mod latent_edits;
-pub mod nfe_study;
+pub mod image_metrics;
 pub mod prompt_accuracy;
 pub mod sample_quality;
-pub mod sampler_figures;
 pub mod score_error;

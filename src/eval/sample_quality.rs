@@ -27,6 +27,29 @@ pub fn mode_weight_error(p: &GaussianMixture, x: &Tensor) -> f64 {
     0.5 * mode_weights(p, x).iter().zip(&p.weights).map(|(a, b)| (a - b).abs()).sum::<f64>()
 }
 
+/// Mean Euclidean distance ‖f_i − f_j‖ over all pairs i ≠ j of the rows of f (N, F), N ≥ 2.
+pub fn mean_pairwise_distance(f: &Tensor) -> f64 {
+    let n = f.size()[0];
+    assert!(n >= 2, "a pairwise distance needs two rows, got {n}");
+    let f = f.to_kind(Kind::Double);
+    // compute mode 2: direct differences, not the matmul expansion (exact zeros on the diagonal)
+    let d = Tensor::cdist(&f, &f, 2.0, 2); // (N, N)
+    d.sum(Kind::Double).double_value(&[]) / (n * (n - 1)) as f64
+}
+
+/// Mean over the digits present in `labels` (N,) (with two samples or more) of the mean pairwise feature distance
+/// within the digit.
+pub fn within_class_diversity(features: &Tensor, labels: &Tensor) -> f64 {
+    let labels = labels.to_device(features.device());
+    let per_class: Vec<f64> = (0..10)
+        .filter_map(|k| {
+            let idx = labels.eq(k).nonzero().squeeze_dim(1); // (n_k,)
+            (idx.size()[0] >= 2).then(|| mean_pairwise_distance(&features.index_select(0, &idx)))
+        })
+        .collect();
+    per_class.iter().sum::<f64>() / per_class.len().max(1) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +76,16 @@ mod tests {
         assert!(mode_weight_error(&p, &x) < 0.01);
         let only_big = x.index(&[Some(p.assign(&x).eq(1).nonzero().squeeze_dim(1))]);
         assert!((mode_weight_error(&p, &only_big) - 0.2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn mean_pairwise_distance_of_known_points() {
+        // three corners of a 3-4-5 right triangle: pair distances 3, 4, 5
+        let f = Tensor::from_slice(&[0.0, 0.0, 3.0, 0.0, 0.0, 4.0]).view([3, 2]);
+        assert!((mean_pairwise_distance(&f) - 4.0).abs() < 1e-12);
+        // per class: class 0 has the triangle (mean 4), class 1 two points 10 apart, class 2 one point (left out)
+        let g = Tensor::cat(&[f, Tensor::from_slice(&[0.0, 0.0, 6.0, 8.0, 9.0, 9.0]).view([3, 2])], 0);
+        let labels = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 2]);
+        assert!((within_class_diversity(&g, &labels) - 7.0).abs() < 1e-12);
     }
 }

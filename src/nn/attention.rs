@@ -4,7 +4,7 @@
 //! [Transformer] Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762, eq. 1 and sec. 3.2.2.
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, appendix B: self-attention at the 16×16 resolution.
 //! Notation (code -> paper): q, k, v -> Q, K, V; head_dim -> d_k; heads -> h.
-use super::layers::groups_for;
+use crate::nn::layers::groups_for;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 

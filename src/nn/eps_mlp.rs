@@ -6,7 +6,7 @@
 //! replaces it with a UNet at the same training budget.
 //!
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239: ε_θ(x_t, t), trained with L_simple (eq. 14).
-use super::layers::timestep_embedding;
+use crate::nn::layers::timestep_embedding;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -73,6 +73,12 @@ impl EpsMlp {
         }
         self.out.forward(&self.norm_out.forward(&h).silu()).view(shape.as_slice())
         // (B, ...)
+    }
+}
+
+impl crate::model::EpsModel for EpsMlp {
+    fn eps(&self, x_t: &Tensor, t: &Tensor, _train: bool) -> Tensor {
+        self.forward(x_t, t)
     }
 }
 

@@ -4,7 +4,7 @@
 //! [NCSN] Song & Ermon 2019, arXiv:1907.05600 (noise-conditional score network, trained with [DSM]).
 //! [NCSNv2] Song & Ermon 2020, arXiv:2006.09011, technique 3: s_θ(x, σ) = F_θ(x, σ)/σ.
 //! [EDM] Karras et al. 2022, arXiv:2206.00364, Table 1: input scaling c_in(σ) = 1/√(σ² + σ_data²).
-use super::layers::{noise_embedding, Downsample, ResBlock, Upsample};
+use crate::nn::layers::{noise_embedding, Downsample, ResBlock, Upsample};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -61,7 +61,7 @@ impl Ncsn {
             mid: rb("mid", 0, c2, c2),
             up: [rb("up", 0, c0 + c0, c0), rb("up", 1, c1 + c1, c0), rb("up", 2, c2 + c2, c1)],
             upsample: [Upsample::new(&vs / "upsample" / 0, c0), Upsample::new(&vs / "upsample" / 1, c1)],
-            norm_out: nn::group_norm(&vs / "conv_norm_out", super::layers::groups_for(c0), c0, Default::default()),
+            norm_out: nn::group_norm(&vs / "conv_norm_out", crate::nn::layers::groups_for(c0), c0, Default::default()),
             conv_out: nn::conv2d(&vs / "conv_out", c0, 1, 3, pad),
             config,
         }

@@ -6,7 +6,7 @@
 //! Two scalings keep the network's job the same size at every σ:
 //! - input: c_in(σ) = 1/√(σ² + σ_data²) ([EDM] Table 1), so the network sees unit-variance inputs;
 //! - output: s_θ(x, σ) = F_θ(c_in x, σ)/σ ([NCSNv2] sec. 3.3, technique 3), because ‖∇ log p_σ‖ ∝ 1/σ.
-use super::layers::noise_embedding;
+use crate::nn::layers::noise_embedding;
 use tch::nn::{self, Module};
 use tch::Tensor;
 

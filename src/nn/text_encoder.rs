@@ -10,8 +10,8 @@
 //! Names follow transformers' `CLIPTextModel` without its `text_model.` prefix (the caller picks the root path):
 //! embeddings.{token,position}_embedding, encoder.layers.i.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2,
 //! mlp.fc1, mlp.fc2}, final_layer_norm.
-use super::attention::fused_attention;
-use super::transformer::key_padding_mask;
+use crate::nn::attention::fused_attention;
+use crate::nn::transformer::key_padding_mask;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 

@@ -12,8 +12,8 @@
 //! inner -> d_ε = heads · head_dim; heads -> h; head_dim -> d.
 //! Names follow diffusers' `Transformer2DModel` for SD 1.x (use_linear_projection = false): norm, proj_in,
 //! transformer_blocks.i.{norm1, attn1, norm2, attn2, norm3, ff.net.0.proj, ff.net.2}, proj_out.
-use super::attention::MultiHeadAttention;
-use super::layers::groups_for;
+use crate::nn::attention::MultiHeadAttention;
+use crate::nn::layers::groups_for;
 use tch::nn::{self, Module};
 use tch::Tensor;
 

@@ -12,9 +12,9 @@
 //! with a context its `UNet2DConditionModel` (the same, with down_blocks.i.attentions.j a `Transformer2DModel`).
 //! [SDXL] Podell et al. 2023, arXiv:2307.01952, sec. 2.1: besides cross-attention, the pooled text embedding is
 //! projected and added to the time embedding (diffusers: `class_embed_type="projection"`, module `class_embedding`).
-use super::attention::SpatialSelfAttention;
-use super::layers::{groups_for, silu_fresh, timestep_embedding, Downsample, ResBlock, Upsample};
-use super::transformer::SpatialTransformer;
+use crate::nn::attention::SpatialSelfAttention;
+use crate::nn::layers::{groups_for, silu_fresh, timestep_embedding, Downsample, ResBlock, Upsample};
+use crate::nn::transformer::SpatialTransformer;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -429,6 +429,19 @@ pub fn pooled_context(context: &Tensor, mask: Option<&Tensor>) -> Tensor {
     context.gather(1, &index, false).squeeze_dim(1) // (B, D)
 }
 // ANCHOR_END: pooled_context
+
+impl crate::model::EpsModel for UNet {
+    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
+        self.forward(x_t, t, train)
+    }
+}
+
+/// A bare UNet reads its context without a padding mask (a label sequence has none).
+impl crate::model::CondEpsModel for UNet {
+    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor {
+        self.forward_cond(x_t, t, Some(context), None, train)
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -11,8 +11,8 @@
 //! encoder.conv_norm_out, encoder.conv_out, quant_conv, post_quant_conv, decoder.… with up_blocks.i.upsamplers.0),
 //! so the same code loads Stable Diffusion's VAE (lesson 09).
 //! Notation (code -> paper): mean, logvar -> μ, log σ²; moments -> the encoder's 2·C output; scaling_factor -> 1/σ̂.
-use super::attention::fused_attention;
-use super::layers::{silu_fresh, ResBlock, Upsample};
+use crate::nn::attention::fused_attention;
+use crate::nn::layers::{silu_fresh, ResBlock, Upsample};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 

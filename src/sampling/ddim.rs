@@ -13,7 +13,8 @@
 //!     [DDIM] eq. 12:  x' = x̂₀ + √(σ'² − λ²) ε̂ + λ z
 //! With η = 0 the last line is x' = x̂₀ + σ'(x − x̂₀)/σ = x + (σ' − σ)(x − x̂₀)/σ: one Euler step of the
 //! probability-flow ODE ([EDM] eq. 4). That is why DDIM is an ODE solver.
-use super::denoiser::{denoise_at, to_d, Denoiser, SamplerStep};
+use crate::model::{denoise_at, Denoiser};
+use crate::sampling::{to_d, SamplerStep};
 use tch::{Kind, Tensor};
 
 /// The variance of each ancestral step.
@@ -120,12 +121,13 @@ mod tests {
     use super::*;
     use crate::diffusion::forward::posterior_mean;
     use crate::diffusion::schedule::NoiseSchedule;
+    use crate::model::EpsDenoiser;
+    use crate::model::EpsModel;
     use crate::sampling::ddpm::{ddpm_sample, PosteriorVariance};
-    use crate::sampling::denoiser::{randn_like, EpsDenoiser};
     use crate::sampling::grids::{karras_sigmas, EDM_SIGMA_MAX};
     use crate::sampling::karras::sample_euler;
     use crate::sampling::oracle::{EpsOfDenoiser, GaussianOracle};
-    use crate::train::ddpm::EpsModel;
+    use crate::sampling::randn_like;
     use tch::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {

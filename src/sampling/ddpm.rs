@@ -13,6 +13,8 @@
 //! (substitute x̂₀ = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t into eq. 7; a test checks it).
 use crate::diffusion::forward::{posterior_mean, predict_x0_from_eps};
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::model::EpsModel;
+use tch::Device;
 use tch::{Kind, Tensor};
 
 /// σ_t² of the reverse process, [DDPM] sec. 3.2: β_t or β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t) β_t. The first is the
@@ -85,6 +87,37 @@ pub fn ddpm_sample(
     x
 }
 // ANCHOR_END: ddpm_sample
+
+/// Draws `n` samples with DDPM ancestral sampling ([DDPM] Algorithm 2) over `steps` evenly respaced timesteps
+/// (`steps` = T is Algorithm 2 itself), the predicted x̂₀ clipped to `clip` (images: the data range [−1, 1]).
+/// `cb` sees every step.
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    model: &dyn EpsModel,
+    sched: &NoiseSchedule,
+    steps: usize,
+    shape: &[i64],
+    variance: PosteriorVariance,
+    clip: Option<(f64, f64)>,
+    batch: i64,
+    device: Device,
+    cb: &mut dyn FnMut(i64, DdpmStep),
+) -> Tensor {
+    let (timesteps, respaced) = sched.respaced(steps.min(sched.num_steps()));
+    let n = shape[0];
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let b = batch.min(n - start);
+        let mut s = shape.to_vec();
+        s[0] = b;
+        let x_t = Tensor::randn(s.as_slice(), (Kind::Float, device)); // x_T ~ N(0, I)
+        let eps = |x: &Tensor, t: &Tensor| tch::no_grad(|| model.eps(x, t, false));
+        chunks.push(ddpm_sample(eps, &respaced, &timesteps, x_t, variance, clip, &mut |st| cb(start, st)));
+        start += b;
+    }
+    Tensor::cat(&chunks, 0)
+}
 
 #[cfg(test)]
 mod tests {

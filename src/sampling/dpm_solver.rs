@@ -15,7 +15,8 @@
 //!
 //! A step onto σ' = 0 (λ = ∞) is taken as the final denoising x' = D(x; σ) (first order, one evaluation), as in
 //! [k-diffusion]'s DPM-Solver samplers; the papers stop at a small σ_min instead.
-use super::denoiser::{denoise_at, to_d, Denoiser, SamplerStep};
+use crate::model::{denoise_at, Denoiser};
+use crate::sampling::{to_d, SamplerStep};
 use tch::Tensor;
 
 /// ε_θ(x, σ) = (x − D(x; σ))/σ.
@@ -101,7 +102,7 @@ pub fn sample_dpm_solver_3(d: &dyn Denoiser, x: Tensor, sigmas: &[f64], cb: &mut
 
 /// DPM-Solver++(2M), [DPM-Solver++] Algorithm 2: the data-prediction form (eq. 9) with the previous step's x_θ as
 /// a second point, so one evaluation per step and second order. The first step (and the step onto σ = 0) is first
-/// order. Stable Diffusion UIs call it "DPM++ 2M" ("DPM++ 2M Karras" on [`super::grids::karras_sigmas`]).
+/// order. Stable Diffusion UIs call it "DPM++ 2M" ("DPM++ 2M Karras" on [`crate::sampling::grids::karras_sigmas`]).
 // ANCHOR: dpm_solver_pp_2m
 pub fn sample_dpm_solver_pp_2m(d: &dyn Denoiser, x: Tensor, sigmas: &[f64], cb: &mut dyn FnMut(SamplerStep)) -> Tensor {
     let mut x = x;
@@ -135,7 +136,7 @@ pub fn sample_dpm_solver_pp_2m(d: &dyn Denoiser, x: Tensor, sigmas: &[f64], cb: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampling::denoiser::CountingDenoiser;
+    use crate::model::CountingDenoiser;
     use crate::sampling::grids::karras_sigmas;
     use crate::sampling::karras::sample_euler;
     use crate::sampling::oracle::GaussianOracle;

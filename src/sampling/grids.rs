@@ -9,8 +9,8 @@
 //!
 //! A grid of N steps is N + 1 numbers: N noise levels, then 0 (k-diffusion's `get_sigmas_*` convention). Timesteps
 //! here are 0-based (t = 0 is the first noising step; [Flawed] counts from 1).
-use super::denoiser::sigmas_of_schedule;
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::model::sigmas_of_schedule;
 
 /// [EDM] Table 1 (and sec. 5): σ_min = 0.002, σ_max = 80, ρ = 7.
 pub const EDM_SIGMA_MIN: f64 = 0.002;

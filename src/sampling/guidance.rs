@@ -1,5 +1,5 @@
-//! Classifier-free guidance as an ε-model that wraps a conditional one, and the two numbers that show what it trades:
-//! how often the samples are the class asked for, and how varied they are within a class.
+//! Classifier-free guidance as an ε-model that wraps a conditional one (lesson 05's study of what it trades is
+//! [`crate::studies::guidance`]).
 //!
 //! [CFG] Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", arXiv:2207.12598, eq. 6:
 //! ε̃_θ(z, c) = (1 + w') ε_θ(z, c) − w' ε_θ(z). We use Stable Diffusion's convention (the CompVis/diffusers
@@ -8,14 +8,9 @@
 //! [Guidance] Dhariwal & Nichol 2021, arXiv:2105.05233, sec. 4: with ε = −σ_t ∇log p_t, the guided ε is the ε of
 //! p_t(x) p_t(c | x)^w: ∇log p_t(x | c) = ∇log p_t(x) + ∇log p_t(c | x) (Bayes), and guidance scales the second term.
 //! Notation (code -> paper): eps_cond -> ε_θ(z, c); eps_uncond -> ε_θ(z) = ε_θ(z, ∅); scale -> w (= 1 + w' of [CFG]).
-use crate::eval::classifier::MnistClassifier;
-use crate::eval::frechet::{evaluate_samples, SampleReport};
-use crate::plot::{self, LinePanel};
-use crate::train::conditional::{CondEpsModel, LabelConditioned};
-use crate::train::ddpm::EpsModel;
-use anyhow::Result;
-use std::path::Path;
-use tch::{Kind, Tensor};
+use crate::model::{CondEpsModel, EpsModel};
+use crate::nn::class_cond::LabelConditioned;
+use tch::Tensor;
 
 /// ε̃ = ε_∅ + w (ε_c − ε_∅) from a conditional model and two contexts, (1 or B, L, D) each: one for the condition,
 /// one for ∅. A context with batch 1 serves every image.
@@ -73,114 +68,10 @@ impl<M: CondEpsModel + ?Sized> EpsModel for ClassifierFreeGuidance<'_, M> {
 }
 // ANCHOR_END: cfg_eps
 
-/// How the samples of one guidance scale grade: [`grade_guided`].
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct GuidanceReport {
-    pub scale: f64,
-    /// Fraction of samples the classifier reads as the digit that was asked for.
-    pub accuracy: f64,
-    /// Mean over samples of the classifier's probability for the digit that was asked for.
-    pub mean_p_requested: f64,
-    /// Within-class diversity: per requested digit, the mean distance between the classifier features of two
-    /// different samples, averaged over digits.
-    pub diversity: f64,
-    /// The same measure on as many real test images per digit: what "as varied as real digits" scores.
-    pub diversity_real: f64,
-    /// diversity / diversity_real: about 1 for real-like variety, below 1 when guidance collapses each class.
-    pub diversity_over_real: f64,
-    /// The class-blind report of lessons 03–04 on all samples of this scale (FD against the test set, its floor,
-    /// class histogram, confidence).
-    pub samples: SampleReport,
-}
-
-/// Mean Euclidean distance ‖f_i − f_j‖ over all pairs i ≠ j of the rows of f (N, F), N ≥ 2.
-pub fn mean_pairwise_distance(f: &Tensor) -> f64 {
-    let n = f.size()[0];
-    assert!(n >= 2, "a pairwise distance needs two rows, got {n}");
-    let f = f.to_kind(Kind::Double);
-    // compute mode 2: direct differences, not the matmul expansion (exact zeros on the diagonal)
-    let d = Tensor::cdist(&f, &f, 2.0, 2); // (N, N)
-    d.sum(Kind::Double).double_value(&[]) / (n * (n - 1)) as f64
-}
-
-/// Mean over the digits present in `labels` (N,) (with two samples or more) of the mean pairwise feature distance
-/// within the digit.
-fn within_class_diversity(features: &Tensor, labels: &Tensor) -> f64 {
-    let labels = labels.to_device(features.device());
-    let per_class: Vec<f64> = (0..10)
-        .filter_map(|k| {
-            let idx = labels.eq(k).nonzero().squeeze_dim(1); // (n_k,)
-            (idx.size()[0] >= 2).then(|| mean_pairwise_distance(&features.index_select(0, &idx)))
-        })
-        .collect();
-    per_class.iter().sum::<f64>() / per_class.len().max(1) as f64
-}
-
-/// Grades samples (N, 1, 28, 28) in [0, 1] drawn for the digits `labels` (N,) at guidance `scale`: accuracy and
-/// probability of the requested digit under the shipped classifier, within-class diversity of its penultimate
-/// features against real test digits (the first n_k test images of each digit, n_k as many as samples of it), and
-/// the class-blind [`evaluate_samples`] report.
-pub fn grade_guided(
-    clf: &MnistClassifier,
-    samples: &Tensor,
-    labels: &Tensor,
-    test_images: &Tensor,
-    test_labels: &Tensor,
-    scale: f64,
-) -> GuidanceReport {
-    let labels = labels.to_device(tch::Device::Cpu);
-    let probs = clf.probabilities(samples).to_device(tch::Device::Cpu); // (N, 10)
-    let correct = probs.argmax(-1, false).eq_tensor(&labels).to_kind(Kind::Double);
-    let p_requested = probs.gather(1, &labels.unsqueeze(1), false).to_kind(Kind::Double); // (N, 1)
-    let diversity = within_class_diversity(&clf.features(samples), &labels);
-    let mut real = Vec::new();
-    let mut real_labels = Vec::new();
-    for k in 0..10 {
-        let n_k = labels.eq(k).sum(Kind::Int64).int64_value(&[]);
-        let idx = test_labels.eq(k).nonzero().squeeze_dim(1).narrow(0, 0, n_k); // (n_k,)
-        real.push(test_images.index_select(0, &idx.to_device(test_images.device())));
-        real_labels.push(Tensor::full([n_k], k, (Kind::Int64, tch::Device::Cpu)));
-    }
-    let diversity_real = within_class_diversity(&clf.features(&Tensor::cat(&real, 0)), &Tensor::cat(&real_labels, 0));
-    GuidanceReport {
-        scale,
-        accuracy: correct.mean(Kind::Double).double_value(&[]),
-        mean_p_requested: p_requested.mean(Kind::Double).double_value(&[]),
-        diversity,
-        diversity_real,
-        diversity_over_real: diversity / diversity_real,
-        samples: evaluate_samples(clf, samples, test_images),
-    }
-}
-
-/// guidance_tradeoff.png: fidelity (accuracy, probability of the asked-for digit), within-digit diversity and the
-/// Fréchet ratio, each against the guidance scale.
-pub fn plot_tradeoff(path: &Path, reports: &[GuidanceReport]) -> Result<()> {
-    let line = |f: &dyn Fn(&GuidanceReport) -> f64| reports.iter().map(|r| (r.scale, f(r))).collect::<Vec<_>>();
-    let panel = |title: &str, y: &str, series: Vec<(&str, Vec<(f64, f64)>)>| LinePanel {
-        title: title.into(),
-        x_desc: "guidance scale w".into(),
-        y_desc: y.into(),
-        log_y: false,
-        series: series.into_iter().map(|(name, points)| (name.to_string(), points)).collect(),
-    };
-    let fidelity = vec![("accuracy", line(&|r| r.accuracy)), ("p(asked digit)", line(&|r| r.mean_p_requested))];
-    let panels = [
-        panel("fidelity", "fraction of samples / mean probability", fidelity),
-        panel(
-            "within-digit diversity",
-            "feature distance, samples / real",
-            vec![("diversity", line(&|r| r.diversity_over_real))],
-        ),
-        panel("Fréchet distance", "FD / real-vs-real floor", vec![("FD / floor", line(&|r| r.samples.fd_over_floor))]),
-    ];
-    plot::line_panels(path, "Classifier-free guidance: the asked-for digit more often, less variety", 420, 340, &panels)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     /// The exact ε of 1-D data x₀ | c ~ N(μ_c, s²) for two equally likely classes at one noise level ᾱ: the context
     /// (B, 1, 1) holds the class, or −1 for ∅ (then the ε of the two-class mixture).
@@ -271,16 +162,5 @@ mod tests {
             let want = &eps_uncond - &grad_log_post * (w * sigma); // −σ(∇log p(x) + w ∇log p(c | x))
             assert!((guided - want).abs().max().double_value(&[]) < 1e-9, "w = {w}");
         }
-    }
-
-    #[test]
-    fn mean_pairwise_distance_of_known_points() {
-        // three corners of a 3-4-5 right triangle: pair distances 3, 4, 5
-        let f = Tensor::from_slice(&[0.0, 0.0, 3.0, 0.0, 0.0, 4.0]).view([3, 2]);
-        assert!((mean_pairwise_distance(&f) - 4.0).abs() < 1e-12);
-        // per class: class 0 has the triangle (mean 4), class 1 two points 10 apart, class 2 one point (left out)
-        let g = Tensor::cat(&[f, Tensor::from_slice(&[0.0, 0.0, 6.0, 8.0, 9.0, 9.0]).view([3, 2])], 0);
-        let labels = Tensor::from_slice(&[0i64, 0, 0, 1, 1, 2]);
-        assert!((within_class_diversity(&g, &labels) - 7.0).abs() < 1e-12);
     }
 }

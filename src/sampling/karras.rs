@@ -7,7 +7,8 @@
 //! "Euler" and "Euler a" of Stable Diffusion UIs.
 //! Notation (code -> paper): sigma -> t_i, sigma_next -> t_{i+1}, d -> d_i, d_next -> d'_i, gamma -> γ_i,
 //! sigma_hat -> t̂_i, s_churn/s_tmin/s_tmax/s_noise -> S_churn/S_tmin/S_tmax/S_noise.
-use super::denoiser::{denoise_at, to_d, Denoiser, SamplerStep};
+use crate::model::{denoise_at, Denoiser};
+use crate::sampling::{to_d, SamplerStep};
 use tch::Tensor;
 
 /// Euler's method on the PF-ODE: x' = x + (σ' − σ) d, d = (x − D(x; σ))/σ ([EDM] Alg. 1 without the correction;
@@ -148,10 +149,11 @@ pub fn sample_edm(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::CountingDenoiser;
     use crate::sampling::ddim::{sample_ddpm, AncestralVariance};
-    use crate::sampling::denoiser::{randn_like, CountingDenoiser};
     use crate::sampling::grids::{karras_sigmas, EDM_SIGMA_MAX, EDM_SIGMA_MIN};
     use crate::sampling::oracle::GaussianOracle;
+    use crate::sampling::randn_like;
     use tch::{Device, Kind};
 
     /// Asserts each coordinate's mean and variance of `out` (n, D) match N(μ_k, s²) within 5 standard errors.

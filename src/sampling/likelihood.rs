@@ -16,7 +16,7 @@
 //! It is integrated from the data at σ_min up to σ_max with classical Runge–Kutta (RK4), in fixed steps uniform in
 //! log σ (four evaluations of F and its divergence per step), fourth order in the step. The result is the density
 //! of the data noised at σ_min; σ_min ≈ 0 (the σ of a model's first timestep) makes that the data density.
-use super::denoiser::{denoise_at, Denoiser};
+use crate::model::{denoise_at, Denoiser};
 use std::f64::consts::{LN_2, PI};
 use tch::{Kind, Tensor};
 

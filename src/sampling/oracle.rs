@@ -12,14 +12,17 @@
 //!     x(σ₁) − μ = (x(σ₀) − μ) √((s² + σ₁²)/(s² + σ₀²)).
 //! For an isotropic Gaussian mixture each component contributes its own posterior mean, weighted by its posterior
 //! probability w_k(x) ∝ π_k N(x; μ_k, (s_k² + σ²) I).
-use super::ddim::sample_ddim;
-use super::denoiser::{randn_like, Denoiser, SamplerStep};
-use super::dpm_solver::{sample_dpm_solver_1, sample_dpm_solver_2, sample_dpm_solver_3, sample_dpm_solver_pp_2m};
-use super::grids::karras_sigmas;
-use super::karras::{sample_euler, sample_heun};
 use crate::data::toy2d::GaussianMixture;
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::train::ddpm::EpsModel;
+use crate::model::Denoiser;
+use crate::model::EpsModel;
+use crate::sampling::ddim::sample_ddim;
+use crate::sampling::dpm_solver::{
+    sample_dpm_solver_1, sample_dpm_solver_2, sample_dpm_solver_3, sample_dpm_solver_pp_2m,
+};
+use crate::sampling::grids::karras_sigmas;
+use crate::sampling::karras::{sample_euler, sample_heun};
+use crate::sampling::{randn_like, SamplerStep};
 use std::f64::consts::PI;
 use tch::{Device, Kind, Tensor};
 
@@ -166,7 +169,7 @@ pub struct EpsOfDenoiser<'a> {
 
 impl<'a> EpsOfDenoiser<'a> {
     pub fn new(denoiser: &'a dyn Denoiser, sched: &NoiseSchedule) -> Self {
-        Self { denoiser, sigmas: Tensor::from_slice(&super::denoiser::sigmas_of_schedule(sched)) }
+        Self { denoiser, sigmas: Tensor::from_slice(&crate::model::sigmas_of_schedule(sched)) }
     }
 }
 
@@ -293,7 +296,8 @@ pub fn order_study(setup: &OrderSetup, solvers: &[(&str, f64, OdeSolver)]) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampling::denoiser::{denoise_at, to_d};
+    use crate::model::denoise_at;
+    use crate::sampling::to_d;
 
     /// Every deterministic solver converges at its theoretical order (±0.15) on the Gaussian oracle.
     #[test]

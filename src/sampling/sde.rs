@@ -12,7 +12,8 @@
 //! Both SDEs are σ-space diffusions in disguise: x/α(t) = x₀ + σ(t) ε, so the score every sampler needs comes from
 //! the same denoiser, ∇ₓ log p_t(x) = (α D(x/α; σ) − x)/std². The Langevin corrector is lesson 02's annealed
 //! Langevin, one level per time step, with the step size set by a target signal-to-noise ratio.
-use super::denoiser::{denoise_at, Denoiser, SamplerStep};
+use crate::model::{denoise_at, Denoiser};
+use crate::sampling::SamplerStep;
 use tch::{Kind, Tensor};
 
 /// A forward SDE on t ∈ [0, 1].
@@ -170,8 +171,8 @@ fn mean_norm(v: &Tensor) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampling::denoiser::randn_like;
     use crate::sampling::oracle::GaussianOracle;
+    use crate::sampling::randn_like;
 
     /// The marginals solve the SDE's moment equations: for x(0) = 0, Var(x(t)) = std² obeys
     /// dVar/dt = 2f Var + g² (central differences), VP preserves α² + std² = 1, and σ = std/α.

@@ -4,9 +4,7 @@
 //! or an original single file, through one key map) and runs the text-to-image and image-to-image pipeline.
 pub mod flops;
 pub mod keymap;
-pub mod pipeline;
 pub mod safetensors;
 pub mod weights;
 
-pub use pipeline::{GenerateParams, SdSampler, StableDiffusion};
 pub use weights::{SdConfig, SdModels};

@@ -5,12 +5,12 @@
 //! Loading is strict: every tensor of our model must be in the file with its shape; a missing tensor, a wrong shape
 //! (an SD 2.x or SDXL file, whose context is 1024 or 2048 wide), a damaged file or a pickle each stop with a message
 //! that names the file and the tensor. Tensors are converted to the model's dtype one at a time as they are read.
-use super::keymap::KeyMap;
-use super::safetensors::{refuse_pickle, SafetensorsFile};
 use crate::nn::layers::channels_last;
 use crate::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use crate::nn::unet::{UNet, UNetConfig};
 use crate::nn::vae::{AutoencoderKl, VaeConfig, SD_SCALING_FACTOR};
+use crate::sd::keymap::KeyMap;
+use crate::sd::safetensors::{refuse_pickle, SafetensorsFile};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -182,7 +182,7 @@ impl SdModels {
         let map = KeyMap::new(&self.config.unet, &self.config.vae);
         let mut file = SafetensorsFile::open(path)?;
         let has = |prefix: &str| file.names().any(|n| n.starts_with(prefix));
-        if !has(super::keymap::UNET_ORIGINAL) && has("down_blocks.") {
+        if !has(crate::sd::keymap::UNET_ORIGINAL) && has("down_blocks.") {
             bail!(
                 "{} holds a diffusers UNet alone, not a whole single-file checkpoint: pass the diffusers folder that contains it",
                 path.display()

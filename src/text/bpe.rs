@@ -18,7 +18,7 @@
 //! The vocabulary, id by id ([CLIP] `SimpleTokenizer.__init__`): the 256 byte symbols in `bytes_to_unicode` order,
 //! the same 256 with `</w>`, one token per merge (the pair concatenated) in merge order, then `<|startoftext|>` and
 //! `<|endoftext|>`: 512 + merges + 2 tokens (49 408 for CLIP's 48 894 merges).
-use super::{Coverage, Encoded};
+use crate::text::{Coverage, Encoded};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;

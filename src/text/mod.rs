@@ -6,6 +6,7 @@
 //! hands a model: [`Encoded`] prompts padded to a context length, stacked by [`ids_tensor`], and [`Coverage`], which
 //! tells which words of a prompt a model trained on captions has never seen.
 pub mod bpe;
+pub mod captions;
 
 pub use bpe::Bpe;
 use tch::Tensor;

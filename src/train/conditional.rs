@@ -1,6 +1,6 @@
 //! Training a conditional ε-model with condition dropout, the recipe of classifier-free guidance: one network learns
 //! both ε_θ(x_t, t, c) and, when the label is replaced by the null label ∅ with probability p_uncond, ε_θ(x_t, t, ∅).
-//! It runs through the same trainer and the same loss as [`super::ddpm::train_eps_model`]; only the batches carry
+//! It runs through the same trainer and the same loss as [`crate::train::ddpm::train_eps_model`]; only the batches carry
 //! labels, which become a context sequence ([`LabelContext`]) the UNet cross-attends to.
 //!
 //! [CFG] Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", arXiv:2207.12598, Algorithm 1 (joint training:
@@ -8,11 +8,12 @@
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, eq. 14 (L_simple).
 //! [LDM] Rombach et al. 2022, arXiv:2112.10752, sec. 3.3 (conditioning through cross-attention to τ_θ(y)).
 //! Notation (code -> paper): p_uncond -> p_uncond; null label -> ∅; context -> τ_θ(y); eps_cond -> ε_θ(z_λ, c).
-use super::ddpm::{EpsModel, EpsObjective, LossWeight};
-use super::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::nn::label_context::LabelContext;
-use crate::nn::unet::{UNet, UNetConfig};
+use crate::model::CondEpsModel;
+use crate::model::WithContext;
+use crate::nn::class_cond::LabelConditioned;
+use crate::train::ddpm::{EpsObjective, LossWeight};
+use crate::train::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
 use anyhow::{ensure, Result};
 use std::path::Path;
 use tch::nn::{self, VarStore};
@@ -20,109 +21,6 @@ use tch::{Device, Kind, Tensor};
 
 /// [CFG] sec. 4: the probability of training on ∅ that the paper found best together with 0.2.
 pub const DEFAULT_P_UNCOND: f64 = 0.1;
-/// Digits 0–9.
-pub const MNIST_CLASSES: i64 = 10;
-
-/// A network that predicts ε from x_t, the timestep t (B,) and a context sequence (B or 1, L, D) that it reads with
-/// cross-attention.
-pub trait CondEpsModel {
-    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor;
-}
-
-impl CondEpsModel for UNet {
-    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor {
-        self.forward_cond(x_t, t, Some(context), None, train)
-    }
-}
-
-/// A conditional model with its context fixed: an ordinary [`EpsModel`], so the DDPM losses and sampler take it.
-pub struct WithContext<'a, M: CondEpsModel + ?Sized> {
-    pub model: &'a M,
-    /// (B, L, D): one context per image of the batches it will see.
-    pub context: &'a Tensor,
-}
-
-impl<M: CondEpsModel + ?Sized> EpsModel for WithContext<'_, M> {
-    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
-        self.model.eps_cond(x_t, t, self.context, train)
-    }
-}
-
-/// A conditional ε-model and the label table it reads: what trains together and is saved together.
-#[derive(Debug)]
-pub struct LabelConditioned<M> {
-    pub net: M,
-    pub labels: LabelContext,
-}
-
-impl<M: CondEpsModel> LabelConditioned<M> {
-    /// ε_θ(x_t, t, τ_θ(y)) for labels y (B,) i64 (the null label gives the unconditional prediction).
-    pub fn eps_labels(&self, x_t: &Tensor, t: &Tensor, labels: &Tensor, train: bool) -> Tensor {
-        self.net.eps_cond(x_t, t, &self.labels.forward(labels), train)
-    }
-}
-
-impl LabelConditioned<UNet> {
-    /// How the pixels of the lowest-resolution feature maps share their cross-attention among the label tokens of
-    /// `label`, for x_t (1, C, H, W) at timestep t: (tokens, 1, h, w), the weights averaged over heads and over the
-    /// blocks at that resolution (the tokens' weights at each pixel sum to 1).
-    pub fn label_attention_maps(&self, x_t: &Tensor, t: i64, label: i64) -> Tensor {
-        // ANCHOR: maps
-        let context = self.labels.forward(&Tensor::from_slice(&[label])); // (1, tokens, dim)
-        let t = Tensor::from_slice(&[t]).to_device(x_t.device());
-        let (_, maps) = tch::no_grad(|| self.net.forward_with_maps(x_t, &t, &context, None));
-        let lowest = maps.iter().map(|m| m.height).min().expect("a class-conditional UNet has cross-attention");
-        let at_lowest: Vec<Tensor> = maps
-            .iter()
-            .filter(|m| m.height == lowest)
-            .map(|m| m.weights.get(0).mean_dim(0, false, Kind::Float)) // (h·w, tokens): mean over heads
-            .collect();
-        let weights = Tensor::stack(&at_lowest, 0).mean_dim(0, false, Kind::Float); // (h·w, tokens)
-        let width = maps.iter().find(|m| m.height == lowest).map_or(lowest, |m| m.width);
-        // (tokens, 1, h, w)
-        weights.tr().reshape([-1, 1, lowest, width])
-        // ANCHOR_END: maps
-    }
-}
-
-/// The class-conditional UNet: the UNet's config (with `cross_attention_dim` = the context width) and the shape of
-/// the label sequence. Saved in metrics.json as the resolved network.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ClassCondConfig {
-    pub unet: UNetConfig,
-    pub num_classes: i64,
-    /// Context tokens per label (M of τ_θ(y) ∈ ℝ^{M×d_τ}).
-    pub tokens: i64,
-}
-
-impl ClassCondConfig {
-    /// Lesson 04's MNIST UNet whose four 7×7 attention blocks become spatial transformers cross-attending to 4
-    /// label tokens of width 64 (the channel count at 7×7), with the pooled context also added to the time
-    /// embedding (`UNetConfig::pooled_context_embedding`, chapter 05 measures what it buys).
-    pub fn mnist() -> Self {
-        Self {
-            unet: UNetConfig { cross_attention_dim: Some(64), pooled_context_embedding: true, ..UNetConfig::mnist() },
-            num_classes: MNIST_CLASSES,
-            tokens: 4,
-        }
-    }
-
-    /// The tiny UNet with cross-attention to 4 tokens of width 16, for tests and `--quick`.
-    pub fn tiny() -> Self {
-        let unet = UNetConfig { pooled_context_embedding: true, ..UNetConfig::tiny_cond(16) };
-        Self { unet, num_classes: MNIST_CLASSES, tokens: 4 }
-    }
-
-    /// Builds the UNet on `vs` (its names those of diffusers' UNet2DConditionModel) and the label table on
-    /// `vs / "label_context"`.
-    pub fn build(&self, vs: nn::Path) -> LabelConditioned<UNet> {
-        let dim = self.unet.cross_attention_dim.expect("a class-conditional UNet needs cross_attention_dim");
-        LabelConditioned {
-            labels: LabelContext::new(&vs / "label_context", self.num_classes, self.tokens, dim),
-            net: UNet::new(vs, self.unet.clone()),
-        }
-    }
-}
 
 // ANCHOR: drop_labels
 /// Condition dropout, [CFG] Algorithm 1 line 3: each label (B,) i64 is replaced by `null_label` with probability
@@ -133,7 +31,7 @@ pub fn drop_labels(labels: &Tensor, p_uncond: f64, null_label: i64) -> Tensor {
 }
 // ANCHOR_END: drop_labels
 
-/// [`super::ddpm::train_eps_model`] for a conditional model: builds it with `build` (and a bf16 copy when
+/// [`crate::train::ddpm::train_eps_model`] for a conditional model: builds it with `build` (and a bf16 copy when
 /// `cfg.bf16`), trains ε_θ(x_t, t, τ_θ(y)) with the `weight`ed L_simple on `images` (N, C, H, W) in [−1, 1] and
 /// their `labels` (N,) i64, dropping each label to ∅ with probability `p_uncond`, and returns the f32 VarStore
 /// with the EMA weights (or the last ones), the model on it and the outcome. The trainer slices `[images, labels]`
@@ -169,6 +67,7 @@ pub fn train_cond_eps_model<M: CondEpsModel>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::class_cond::ClassCondConfig;
 
     #[test]
     fn condition_dropout_replaces_labels_at_rate_p_and_keeps_the_rest() {
@@ -181,38 +80,6 @@ mod tests {
         assert!(dropped.masked_select(&is_null.logical_not()).equal(&labels.masked_select(&is_null.logical_not())));
         assert!(drop_labels(&labels, 0.0, 10).equal(&labels));
         assert!(drop_labels(&labels, 1.0, 10).eq(10).all().int64_value(&[]) == 1);
-    }
-
-    #[test]
-    fn the_class_conditional_unet_reads_its_label_and_names_mirror_diffusers() {
-        tch::manual_seed(1);
-        let vs = VarStore::new(Device::Cpu);
-        let model = ClassCondConfig::tiny().build(vs.root());
-        let (x, t) = (Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[300i64, 300]));
-        let x = x.get(0).unsqueeze(0).repeat([2, 1, 1, 1]); // the same image twice
-        let out = tch::no_grad(|| model.eps_labels(&x, &t, &Tensor::from_slice(&[3i64, 8]), false));
-        assert!((out.get(0) - out.get(1)).abs().max().double_value(&[]) > 1e-5, "the label changes ε̂");
-        let vars = vs.variables();
-        assert!(vars.contains_key("label_context.label_embedding.weight"));
-        assert!(vars.contains_key("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"));
-        let mnist = ClassCondConfig::mnist();
-        assert_eq!(
-            (mnist.unet.block_out_channels.clone(), mnist.unet.cross_attention_dim),
-            (vec![16, 32, 64], Some(64))
-        );
-    }
-
-    #[test]
-    fn label_attention_maps_cover_the_lowest_resolution_and_sum_to_one_over_tokens() {
-        tch::manual_seed(3);
-        let vs = VarStore::new(Device::Cpu);
-        let model = ClassCondConfig::tiny().build(vs.root());
-        let x = Tensor::randn([1, 1, 28, 28], (Kind::Float, Device::Cpu));
-        let maps = model.label_attention_maps(&x, 500, 4);
-        assert_eq!(maps.size(), [4, 1, 14, 14]); // tiny: attention at 14×14 only
-        let sums = maps.sum_dim_intlist(0, false, Kind::Float); // (1, 14, 14)
-        assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-5);
-        assert!(!maps.equal(&model.label_attention_maps(&x, 500, 9)), "another label, other maps");
     }
 
     #[test]

@@ -3,31 +3,14 @@
 //!
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239. Notation (code -> paper): alpha_bar -> ᾱ_t, eps -> ε,
 //! eps_hat -> ε_θ(x_t, t), x0 -> x₀.
-use super::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
 use crate::diffusion::forward::q_sample;
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::sampling::ddpm::{ddpm_sample, DdpmStep, PosteriorVariance};
+use crate::model::EpsModel;
+use crate::train::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
 use anyhow::Result;
 use std::path::Path;
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
-
-/// A network that predicts the noise ε in x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε from x_t and the timestep t (B,).
-pub trait EpsModel {
-    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor;
-}
-
-impl EpsModel for crate::nn::eps_mlp::EpsMlp {
-    fn eps(&self, x_t: &Tensor, t: &Tensor, _train: bool) -> Tensor {
-        self.forward(x_t, t)
-    }
-}
-
-impl EpsModel for crate::nn::unet::UNet {
-    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
-        self.forward(x_t, t, train)
-    }
-}
 
 /// How the squared noise errors of different timesteps are weighted in the loss.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -135,148 +118,11 @@ pub fn train_eps_model<M: EpsModel>(
     train_model(build, &[images], cfg, device, ckpt, resume, cb, &mut loss_fn)
 }
 
-/// Draws `n` samples with DDPM ancestral sampling ([DDPM] Algorithm 2) over `steps` evenly respaced timesteps
-/// (`steps` = T is Algorithm 2 itself), the predicted x̂₀ clipped to `clip` (images: the data range [−1, 1]).
-/// `cb` sees every step.
-#[allow(clippy::too_many_arguments)]
-pub fn sample(
-    model: &dyn EpsModel,
-    sched: &NoiseSchedule,
-    steps: usize,
-    shape: &[i64],
-    variance: PosteriorVariance,
-    clip: Option<(f64, f64)>,
-    batch: i64,
-    device: Device,
-    cb: &mut dyn FnMut(i64, DdpmStep),
-) -> Tensor {
-    let (timesteps, respaced) = sched.respaced(steps.min(sched.num_steps()));
-    let n = shape[0];
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    while start < n {
-        let b = batch.min(n - start);
-        let mut s = shape.to_vec();
-        s[0] = b;
-        let x_t = Tensor::randn(s.as_slice(), (Kind::Float, device)); // x_T ~ N(0, I)
-        let eps = |x: &Tensor, t: &Tensor| tch::no_grad(|| model.eps(x, t, false));
-        chunks.push(ddpm_sample(eps, &respaced, &timesteps, x_t, variance, clip, &mut |st| cb(start, st)));
-        start += b;
-    }
-    Tensor::cat(&chunks, 0)
-}
-
-/// What a trained ε-prediction UNet needs besides its weights: its shape and the noise schedule it learned,
-/// saved as the JSON beside `unet.safetensors` (lesson 04 writes one; lesson 07 samples from it).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SavedUNet {
-    pub unet: crate::nn::unet::UNetConfig,
-    /// A name [`NoiseSchedule::by_name`] knows.
-    pub schedule: String,
-    /// T, the number of training timesteps.
-    pub timesteps: usize,
-}
-
-/// Where lesson 04's trained UNet is shipped (`lesson04 --ship`), for lesson 07 to sample from on a fresh clone.
-pub const SHIPPED_UNET: &str = "data/lesson04/unet.safetensors";
-
-/// [`SHIPPED_UNET`] under the working directory if it is there, else under the crate root.
-pub fn shipped_unet() -> std::path::PathBuf {
-    let local = std::path::PathBuf::from(SHIPPED_UNET);
-    if local.exists() {
-        return local;
-    }
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(SHIPPED_UNET)
-}
-
-/// Saves the UNet weights of `vs` to `path` (safetensors, atomically) with `saved` beside it.
-pub fn save_unet(vs: &VarStore, path: &Path, saved: &SavedUNet) -> Result<()> {
-    super::checkpoint::save(vs, path, saved)
-}
-
-/// Loads a UNet saved by [`save_unet`]: its weights (strictly: names and shapes must match the config), the model
-/// and its noise schedule.
-pub fn load_unet(path: &Path, device: Device) -> Result<(VarStore, crate::nn::unet::UNet, NoiseSchedule)> {
-    let saved: SavedUNet = super::checkpoint::load_config(path)?;
-    let sched = NoiseSchedule::by_name(&saved.schedule, saved.timesteps)?;
-    let mut vs = VarStore::new(device);
-    let net = crate::nn::unet::UNet::new(vs.root(), saved.unet);
-    super::checkpoint::load(&mut vs, path)?;
-    vs.freeze();
-    Ok((vs, net, sched))
-}
-
-/// Images in [−1, 1] -> [0, 1] (for figures and the classifier).
-pub fn to_unit(x: &Tensor) -> Tensor {
-    ((x + 1.0) / 2.0).clamp(0.0, 1.0)
-}
-
-/// Snapshots of the first few chains of a reverse process: x_t and the model's x̂₀ at `keep` evenly spaced steps,
-/// for the "reverse trajectory" figure.
-pub struct Trajectory {
-    chains: i64,
-    every: usize,
-    steps: usize,
-    pub x_t: Vec<Tensor>,
-    pub x0_hat: Vec<Tensor>,
-    pub t: Vec<usize>,
-}
-
-impl Trajectory {
-    pub fn new(chains: i64, steps: usize, keep: usize) -> Self {
-        Self { chains, every: (steps / keep.max(1)).max(1), steps, x_t: vec![], x0_hat: vec![], t: vec![] }
-    }
-
-    /// Records step `st` of the batch that starts at sample `start` (only the first batch is kept).
-    pub fn record(&mut self, start: i64, st: &DdpmStep) {
-        if start == 0 && ((self.steps - 1 - st.i) % self.every == 0 || st.i == 0) && !self.t.contains(&st.t) {
-            let n = self.chains.min(st.x_t.size()[0]);
-            self.x_t.push(to_unit(&st.x_t.narrow(0, 0, n)).to_device(Device::Cpu));
-            self.x0_hat.push(to_unit(&st.x0_hat.narrow(0, 0, n)).to_device(Device::Cpu));
-            self.t.push(st.t);
-        }
-    }
-
-    /// Draws rows (x_t of chain k, then x̂₀ of chain k) against columns (the recorded steps, noisiest first).
-    pub fn draw(&self, path: &Path, title: &str) -> Result<()> {
-        let cols = self.t.len();
-        let mut tiles = Vec::new();
-        let mut labels = Vec::new();
-        for k in 0..self.x_t.first().map_or(0, |x| x.size()[0]) {
-            for (row, name) in [(&self.x_t, "x_t"), (&self.x0_hat, "x̂₀")] {
-                for (c, x) in row.iter().enumerate() {
-                    tiles.push(x.get(k));
-                    labels.push(format!("{name} t={}", self.t[c]));
-                }
-            }
-        }
-        anyhow::ensure!(!tiles.is_empty(), "no trajectory was recorded");
-        crate::plot::image_grid(path, title, &Tensor::stack(&tiles, 0), cols, 3, &labels)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_saved_unet_loads_with_its_schedule_and_gives_the_same_output() {
-        tch::manual_seed(0);
-        let vs = VarStore::new(Device::Cpu);
-        let net = crate::nn::unet::UNet::new(vs.root(), crate::nn::unet::UNetConfig::tiny());
-        let dir = std::env::temp_dir().join(format!("sd_saved_unet_{}", std::process::id()));
-        let path = dir.join("unet.safetensors");
-        let saved = SavedUNet { unet: net.config.clone(), schedule: "cosine".into(), timesteps: 1000 };
-        save_unet(&vs, &path, &saved).unwrap();
-        let (_vs2, net2, sched) = load_unet(&path, Device::Cpu).unwrap();
-        assert_eq!(sched.num_steps(), 1000);
-        assert!((sched.alpha_bar(500) - NoiseSchedule::cosine(1000).alpha_bar(500)).abs() < 1e-12);
-        let x = Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu));
-        let t = Tensor::from_slice(&[3i64, 700]);
-        let (a, b) = tch::no_grad(|| (net.forward(&x, &t, false), net2.forward(&x, &t, false)));
-        assert!(a.equal(&b));
-        std::fs::remove_dir_all(&dir).ok();
-    }
+    use crate::sampling::ddpm::sample;
+    use crate::sampling::ddpm::PosteriorVariance;
 
     /// An exact ε-predictor for x₀ ~ N(μ, s²): E[ε | x_t] = √(1−ᾱ)(x_t − √ᾱ μ)/(ᾱ s² + 1 − ᾱ).
     struct GaussianOracle {

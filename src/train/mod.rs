@@ -1,13 +1,13 @@
-//! Training: the denoising-score-matching loop shared by lessons 01–02, the 2-D score model, atomic checkpoints.
-pub mod checkpoint;
+//! Training: one loop ([`trainer`]: AdamW, warm-up and cosine decay, clipping, EMA, bf16 with f32 master weights,
+//! atomic checkpoints that resume exactly), the objectives of each lesson on top of it, and named recipes.
+pub mod classifier;
+pub mod clip;
 pub mod conditional;
 pub mod ddpm;
 pub mod ema;
 pub mod latent_diffusion;
-pub mod prompt_encoder;
 pub mod recipe;
 pub mod text_cond;
-pub mod text_to_image;
 pub mod toy_score;
 pub mod trainer;
 

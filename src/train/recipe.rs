@@ -7,8 +7,8 @@
 //! Chapter 04 measures what each choice buys: on the same 64 000 training images, the cosine schedule with Min-SNR
 //! weighting and no dropout took the UNet's Fréchet distance from 101 to about 70, and batches of 32 at a six times
 //! higher learning rate (with the narrower top level of `UNetConfig::mnist`) from 70 to about 34.
-use super::ddpm::LossWeight;
-use super::trainer::TrainerConfig;
+use crate::train::ddpm::LossWeight;
+use crate::train::trainer::TrainerConfig;
 
 // ANCHOR: recipe
 /// Training steps of the full runs (a step is one batch of BATCH images): 64 000 images, about one pass over MNIST.

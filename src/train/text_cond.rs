@@ -9,150 +9,21 @@
 //! sec. 4.4 (cross-attending to the sequence of token embeddings beats mean- or attention-pooling them).
 //! [CFG] Ho & Salimans 2022, arXiv:2207.12598, Algorithm 1 (condition dropout: c ← ∅ with probability p_uncond).
 //! Notation (code -> paper): hidden -> τ_θ(y), the text encoder's last hidden state; empty prompt -> ∅.
-use super::conditional::{CondEpsModel, WithContext};
-use super::ddpm::{EpsObjective, LossWeight};
-use super::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
-use crate::data::captions::{caption_corpus, captions_for, stroke_stats, AttributeBins, Attributes};
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::model::WithContext;
 use crate::nn::text_encoder::TextEncoder;
+use crate::nn::text_unet::encode_context;
+use crate::nn::text_unet::lens_to_mask;
+use crate::nn::text_unet::TextUNet;
 use crate::nn::unet::{UNet, UNetConfig};
-use crate::text::{Bpe, Encoded};
+use crate::text::captions::CaptionIds;
+use crate::text::Encoded;
+use crate::train::ddpm::{EpsObjective, LossWeight};
+use crate::train::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
 use anyhow::{ensure, Result};
-use rand::{rngs::StdRng, SeedableRng};
-use std::collections::HashMap;
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
-
-/// Tokens a prompt may have, start and end included. The longest caption [`crate::data::captions::caption`] writes
-/// ("an image of the digit 1 in a thin pen, leaning to the right and drawn large") is 20 tokens; 24 leaves room for a
-/// few extra words. (SD 1.x: 77, [`crate::text::bpe::CLIP_CONTEXT_LEN`].)
-pub const CONTEXT_LEN: usize = 24;
-/// The tokenizer learns from this many random captions (plus every evaluation prompt), with at most
-/// `BPE_MAX_MERGES` merges: it stops earlier (about 110 merges), once no pair of symbols occurs twice.
-pub const BPE_CORPUS: usize = 20_000;
-pub const BPE_MAX_MERGES: usize = 1000;
-
-// ANCHOR: text_unet
-/// The UNet reading a text context: the token states with their key-padding mask packed as one extra channel,
-/// (B, L, D + 1), last channel 1 for a real token and 0 for padding ([`pack_context`]). Packed, the mask travels
-/// with its context through everything that handles contexts, [`WithContext`] and the guidance wrapper (which
-/// concatenates the conditional and unconditional contexts along the batch), so the padding of each prompt stays
-/// hidden from the cross-attention.
-#[derive(Debug)]
-pub struct TextUNet(pub UNet);
-
-impl CondEpsModel for TextUNet {
-    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor {
-        let (hidden, mask) = unpack_context(context); // (B, L, D), (B, L) bool
-        self.0.forward_cond(x_t, t, Some(&hidden), Some(&mask), train)
-    }
-}
-
-/// hidden (B, L, D), mask (B, L) bool -> (B, L, D + 1).
-pub fn pack_context(hidden: &Tensor, mask: &Tensor) -> Tensor {
-    let flag = mask.to_kind(hidden.kind()).unsqueeze(-1); // (B, L, 1): 1 real, 0 padding (exact in bf16 too)
-    Tensor::cat(&[hidden, &flag], -1) // (B, L, D + 1)
-}
-
-/// (B, L, D + 1) -> the token states (B, L, D) and the mask (B, L) bool.
-pub fn unpack_context(context: &Tensor) -> (Tensor, Tensor) {
-    let d = context.size()[2] - 1;
-    (context.narrow(2, 0, d), context.select(2, d).gt(0.5))
-}
-// ANCHOR_END: text_unet
-
-/// τ(y) of token ids (B, L) with their key-padding mask (B, L), packed for [`TextUNet`]: the frozen encoder runs
-/// without gradients, on the ids' device.
-pub fn encode_context(text_encoder: &TextEncoder, ids: &Tensor, mask: &Tensor) -> Tensor {
-    tch::no_grad(|| pack_context(&text_encoder.forward(ids, Some(mask)), mask)) // (B, L, D + 1)
-}
-
-/// The key-padding mask (B, L) bool of prompts with `lens` (B,) real tokens each (start and end included).
-pub fn lens_to_mask(lens: &Tensor, context_len: i64) -> Tensor {
-    let positions = Tensor::arange(context_len, (Kind::Int64, lens.device())).unsqueeze(0); // (1, L)
-    positions.lt_tensor(&lens.unsqueeze(1)) // (B, L)
-}
-
-/// K tokenised captions per image: `ids` (N, K, L) i64 and `lens` (N, K) i64, the real tokens of each (start and end
-/// included). The trainer slices both with the images' rows, so every image keeps its own captions.
-#[derive(Debug)]
-pub struct CaptionIds {
-    pub ids: Tensor,
-    pub lens: Tensor,
-}
-
-impl CaptionIds {
-    /// Tokenises `captions`, K per image (image i's are `captions[i]`), to `context_len` tokens. A caption that does
-    /// not fit is an error (the text encoder would never see its end). Captions repeat a lot ("7", "seven"), so each
-    /// distinct text is encoded once.
-    pub fn tokenize(bpe: &Bpe, captions: &[Vec<String>], context_len: usize) -> Result<Self> {
-        let k = captions.first().map_or(0, Vec::len);
-        let same = captions.iter().all(|c| c.len() == k);
-        ensure!(k > 0 && same, "every image needs the same number (≥ 1) of captions");
-        let mut cache: HashMap<&str, Encoded> = HashMap::new();
-        let (mut ids, mut lens) = (Vec::new(), Vec::new());
-        for text in captions.iter().flatten() {
-            let e = cache.entry(text.as_str()).or_insert_with(|| bpe.encode_padded(text, context_len));
-            ensure!(!e.truncated, "caption {text:?} is longer than {context_len} tokens: raise the context length");
-            ids.extend_from_slice(&e.ids);
-            lens.push(e.len as i64);
-        }
-        let (n, k) = (captions.len() as i64, k as i64);
-        Ok(Self {
-            ids: Tensor::from_slice(&ids).view([n, k, context_len as i64]), // (N, K, L)
-            lens: Tensor::from_slice(&lens).view([n, k]),                   // (N, K)
-        })
-    }
-
-    /// Every token id the captions use (start and end included), sorted.
-    pub fn seen_tokens(&self) -> Vec<i64> {
-        let mut seen = Vec::<i64>::try_from(self.ids.flatten(0, -1)).expect("i64 ids");
-        seen.sort_unstable();
-        seen.dedup();
-        seen
-    }
-}
-
-/// A captioned image set: the attribute bins its captions were written with, the tokenizer and the token ids.
-pub struct CaptionedImages {
-    pub bins: AttributeBins,
-    pub tokenizer: Bpe,
-    pub captions: CaptionIds,
-    /// The first image's captions, for the log.
-    pub example: Vec<String>,
-}
-
-// ANCHOR: caption_images
-/// Captions for images (N, 1, H, W) in [0, 1] with digit `labels` (N,): measures every image ([`stroke_stats`]),
-/// fits the attribute terciles on them, draws `k` captions per image from a generator seeded with `seed`, trains the
-/// BPE tokenizer on [`BPE_CORPUS`] random captions and tokenises every caption to [`CONTEXT_LEN`].
-pub fn caption_images(images: &Tensor, labels: &Tensor, k: usize, seed: u64) -> Result<CaptionedImages> {
-    let tokenizer = Bpe::train(&caption_corpus(BPE_CORPUS, seed), BPE_MAX_MERGES);
-    caption_images_with(images, labels, k, seed, tokenizer)
-}
-// ANCHOR_END: caption_images
-
-/// [`caption_images`] with a given tokenizer (lesson 08 reuses lesson 06's tokenizer and text encoder): the same
-/// captions for the same images and seed.
-pub fn caption_images_with(
-    images: &Tensor,
-    labels: &Tensor,
-    k: usize,
-    seed: u64,
-    tokenizer: Bpe,
-) -> Result<CaptionedImages> {
-    let labels = Vec::<i64>::try_from(labels)?;
-    let stats = stroke_stats(images)?;
-    let bins = AttributeBins::fit(&stats, &labels)?;
-    let attributes: Vec<Attributes> = stats.iter().zip(&labels).map(|(s, &d)| bins.attributes(s, d)).collect();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let drawn: Vec<Vec<String>> = (0..k).map(|_| captions_for(&labels, &attributes, &mut rng)).collect(); // k × N
-    let mut per_image: Vec<Vec<String>> =
-        (0..labels.len()).map(|i| drawn.iter().map(|c| c[i].clone()).collect()).collect();
-    let captions = CaptionIds::tokenize(&tokenizer, &per_image, CONTEXT_LEN)?; // ids (N, k, L), lens (N, k)
-    Ok(CaptionedImages { bins, tokenizer, captions, example: per_image.swap_remove(0) })
-}
 
 // ANCHOR: pick_captions
 /// One caption per image for this step: for ids (B, K, L) and lens (B, K), caption k ~ U{0..K−1} of each image, then
@@ -172,7 +43,7 @@ pub fn pick_captions(ids: &Tensor, lens: &Tensor, empty: &Encoded, p_uncond: f64
 }
 // ANCHOR_END: pick_captions
 
-/// [`super::conditional::train_cond_eps_model`] with text: builds the UNet `config` (its `cross_attention_dim` the
+/// [`crate::train::conditional::train_cond_eps_model`] with text: builds the UNet `config` (its `cross_attention_dim` the
 /// text encoder's hidden size; a bf16 copy when `cfg.bf16`) and trains it with the `weight`ed L_simple on `images`
 /// (N, C, H, W) in [−1, 1], each step reading one of each image's `captions` through the frozen `text_encoder`
 /// (which is not on the trainer's VarStore, so it never changes), dropped to `empty` (the tokenised "") with
@@ -254,9 +125,12 @@ pub fn train_text_cond_unet_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{CondEpsModel, EpsModel};
     use crate::nn::text_encoder::TextEncoderConfig;
+    use crate::nn::text_unet::pack_context;
+    use crate::nn::text_unet::unpack_context;
     use crate::sampling::guidance::ClassifierFreeGuidance;
-    use crate::train::ddpm::EpsModel;
+    use crate::text::Bpe;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])
@@ -375,7 +249,7 @@ mod tests {
         let brightness = |text: &str| {
             tch::manual_seed(6);
             let guided = ClassifierFreeGuidance::new(&model, context(text), context(""), 3.0);
-            let x = crate::train::ddpm::sample(
+            let x = crate::sampling::ddpm::sample(
                 &guided,
                 &sched,
                 20,

@@ -1,8 +1,9 @@
 //! The 2-D score model of lessons 01–02 as one unit: the mixture it learns, its noise ladder, the network and how it
 //! was trained. Saved as `score_mlp.safetensors` + `score_mlp.json`, so lesson 02 can reuse lesson 01's model.
-use super::{checkpoint, train_dsm, TrainOpts};
+use crate::checkpoint;
 use crate::data::toy2d::GaussianMixture;
 use crate::nn::score_mlp::{ScoreMlp, ScoreMlpConfig};
+use crate::train::{train_dsm, TrainOpts};
 use anyhow::Result;
 use std::path::Path;
 use tch::nn::VarStore;

@@ -15,7 +15,9 @@
 //! Epoch e's data order is a permutation drawn from a seed mixed from (seed, e); step s reseeds libtorch's generator
 //! with a seed mixed from (seed, s) before the loss, so what `loss_fn` draws (`randn_like`, timesteps) depends on s
 //! alone. A checkpoint holds everything else that changes: weights, AdamW's m and v, the EMA, the step, the losses.
-use super::{checkpoint, ema::Ema, lr_at, TrainOpts};
+use crate::checkpoint;
+use crate::train::ema::Ema;
+use crate::train::{lr_at, TrainOpts};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use std::collections::{BTreeMap, HashMap};

@@ -1,5 +1,8 @@
-//! One interface between models and samplers: the denoiser D(x, σ) → x̂₀ in σ-space.
+//! The traits every network and every sampler share, so that neither depends on the other: what a network
+//! predicts ([`EpsModel`], [`CondEpsModel`]) and the one interface samplers call, the denoiser D(x, σ) → x̂₀ in
+//! σ-space, with the adapters that turn an ε-, x₀- or v-model (or a score) into one.
 //!
+//! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, eq. 14 (the ε-prediction network ε_θ(x_t, t)).
 //! [EDM] Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
 //! arXiv:2206.00364 (eq. 1: x = x₀ + σ ε; Table 1: the preconditioning c_skip, c_out, c_in of VP models).
 //! [Tweedie] Efron 2011, "Tweedie's Formula and Selection Bias", JASA 106(496): E[x₀ | x] = x + σ² ∇ log p_σ(x).
@@ -7,19 +10,41 @@
 //! sec. 4 and appendix D: v = √ᾱ ε − √(1 − ᾱ) x₀.
 //! Notation (code -> paper): x -> x (noised, σ-space), sigma -> σ, denoised -> D(x; σ), eps -> ε̂, c_in -> c_in(σ).
 //!
-//! Every sampler here works in σ-space ("variance exploding"): x = x₀ + σ ε, σ running from σ_max down to 0.
+//! Every sampler works in σ-space ("variance exploding"): x = x₀ + σ ε, σ running from σ_max down to 0.
 //! A DDPM-style model sees x_vp = √ᾱ_t x₀ + √(1 − ᾱ_t) ε instead; dividing by √ᾱ_t gives x₀ + σ_t ε with
 //! σ_t = √((1 − ᾱ_t)/ᾱ_t), so x_vp = x/√(1 + σ²) ([EDM] Table 1, VP: c_in = 1/√(σ² + 1)). Conditioning (a label
 //! context, classifier-free guidance) lives inside the model the adapter wraps: [`WithContext`] and
 //! [`ClassifierFreeGuidance`] are ordinary [`EpsModel`]s.
 //!
-//! [`WithContext`]: crate::train::conditional::WithContext
 //! [`ClassifierFreeGuidance`]: crate::sampling::guidance::ClassifierFreeGuidance
 use crate::diffusion::append_dims;
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::train::ddpm::EpsModel;
 use std::cell::Cell;
 use tch::{Kind, Tensor};
+
+/// A network that predicts the noise ε in x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε from x_t and the timestep t (B,).
+pub trait EpsModel {
+    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor;
+}
+
+/// A network that predicts ε from x_t, the timestep t (B,) and a context sequence (B or 1, L, D) that it reads with
+/// cross-attention.
+pub trait CondEpsModel {
+    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor;
+}
+
+/// A conditional model with its context fixed: an ordinary [`EpsModel`], so the DDPM losses and sampler take it.
+pub struct WithContext<'a, M: CondEpsModel + ?Sized> {
+    pub model: &'a M,
+    /// (B, L, D): one context per image of the batches it will see.
+    pub context: &'a Tensor,
+}
+
+impl<M: CondEpsModel + ?Sized> EpsModel for WithContext<'_, M> {
+    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
+        self.model.eps_cond(x_t, t, self.context, train)
+    }
+}
 
 // ANCHOR: denoiser_trait
 /// D(x, σ) → x̂₀: the model's estimate of the clean data from x = x₀ + σ ε, with σ (B,) one level per sample.
@@ -43,33 +68,6 @@ pub fn sigma_like(x: &Tensor, sigma: f64) -> Tensor {
 /// D(x, σ) at one noise level for the whole batch.
 pub fn denoise_at(d: &dyn Denoiser, x: &Tensor, sigma: f64) -> Tensor {
     d.denoise(x, &sigma_like(x, sigma))
-}
-
-/// The probability-flow ODE's derivative dx/dσ = (x − D(x; σ))/σ ([EDM] eq. 4 with σ(t) = t, s(t) = 1; Alg. 1
-/// line 4). It is also the noise estimate ε̂ = (x − x̂₀)/σ.
-pub fn to_d(x: &Tensor, denoised: &Tensor, sigma: f64) -> Tensor {
-    (x - denoised) / sigma
-}
-
-/// What every sampler reports once per step (for progress bars and trajectory plots).
-pub struct SamplerStep<'a> {
-    /// Step index, 0 for the step from `sigmas[0]`.
-    pub i: usize,
-    /// The noise level of `x` (for EDM's stochastic sampler, σ̂ after the churn).
-    pub sigma: f64,
-    /// The level this step goes to.
-    pub sigma_next: f64,
-    /// The state at `sigma`.
-    pub x: &'a Tensor,
-    /// D(x; σ), the model's x̂₀ at this step.
-    pub denoised: &'a Tensor,
-}
-
-/// Draws z ~ N(0, I) shaped like x from libtorch's generator (seeded by `tch::manual_seed`): the default noise
-/// source of the stochastic samplers, which take `noise: &mut dyn FnMut(&Tensor) -> Tensor` so that a test (or a
-/// figure comparing two samplers) can replay the same noise.
-pub fn randn_like(x: &Tensor) -> Tensor {
-    x.randn_like()
 }
 
 /// σ_t = √((1 − ᾱ_t)/ᾱ_t) for t = 0..T−1 (ascending): the σ-space noise level of each training timestep.
@@ -218,7 +216,6 @@ impl Denoiser for CountingDenoiser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::forward::{eps_from_x0, q_sample};
 
     #[test]
     fn fractional_timesteps_invert_the_log_sigma_interpolation() {
@@ -232,63 +229,6 @@ mod tests {
         assert_eq!(timestep_of_sigma(&sigmas, 1e-4), 0.0);
         assert_eq!(timestep_of_sigma(&sigmas, 1e3), 999.0);
     }
-    use crate::sampling::oracle::{EpsOfDenoiser, GaussianOracle};
-    use tch::Device;
-
-    /// On the model's own timesteps the adapter undoes the VP scaling exactly: an ε-model built from a σ-space
-    /// oracle ([`EpsOfDenoiser`]) and adapted back gives the oracle's x̂₀, for ε-, x₀- and v-prediction.
-    #[test]
-    fn eps_x0_and_v_adapters_recover_the_denoiser_on_the_grid() {
-        tch::manual_seed(1);
-        let sched = NoiseSchedule::cosine(1000);
-        let oracle = GaussianOracle::isotropic(&[0.3, -0.2, 0.1], 0.5);
-        let eps_model = EpsOfDenoiser::new(&oracle, &sched);
-        for t in [0usize, 10, 300, 700, 999] {
-            let sigma = sched.sigma(t);
-            let x = Tensor::randn([8, 3], (Kind::Double, Device::Cpu)) * (1.0 + sigma);
-            let want = denoise_at(&oracle, &x, sigma);
-            let d = EpsDenoiser::new(&eps_model, &sched);
-            assert_eq!(d.timestep(&sigma_like(&x, sigma)).int64_value(&[0]), t as i64);
-            let got = denoise_at(&d, &x, sigma);
-            assert!((&got - &want).abs().max().double_value(&[]) < 1e-9 * (1.0 + sigma), "ε, t={t}");
-            // the same network output read as x₀ or v: build those outputs from the ε model and compare
-            let a = sched.alpha_bar(t);
-            let x_vp = &x * a.sqrt();
-            let eps = eps_model.eps(&x_vp, &Tensor::full([8], t as i64, (Kind::Int64, Device::Cpu)), false);
-            let x0 = (&x_vp - &eps * (1.0 - a).sqrt()) / a.sqrt();
-            let v = &eps * a.sqrt() - &x0 * (1.0 - a).sqrt(); // [v-pred] v = √ᾱ ε − √(1 − ᾱ) x₀
-            for (prediction, output) in [(Prediction::Sample, x0), (Prediction::V, v)] {
-                let fixed = move |_: &Tensor, _: &Tensor, _: bool| output.shallow_clone();
-                let m = FixedOutput(Box::new(fixed));
-                let got = denoise_at(&EpsDenoiser::new(&m, &sched).with_prediction(prediction), &x, sigma);
-                let err = (&got - &want).abs().max().double_value(&[]);
-                assert!(err < 1e-8 * (1.0 + sigma), "{prediction:?}, t={t}: {err}");
-            }
-        }
-    }
-
-    /// An "ε-model" that returns whatever its closure gives (to feed the adapter x₀ or v outputs).
-    type OutputFn = Box<dyn Fn(&Tensor, &Tensor, bool) -> Tensor>;
-    struct FixedOutput(OutputFn);
-    impl EpsModel for FixedOutput {
-        fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
-            (self.0)(x_t, t, train)
-        }
-    }
-
-    /// Off the grid the model is called at the nearest timestep in log σ; ties and the ends behave.
-    #[test]
-    fn nearest_timestep_in_log_sigma() {
-        let sched = NoiseSchedule::ddpm(1000);
-        let zeros = FixedOutput(Box::new(|x, _, _| x.zeros_like()));
-        let d = EpsDenoiser::new(&zeros, &sched);
-        let s = &d.sigmas;
-        let between = |t: usize, frac: f64| (s[t].ln() * (1.0 - frac) + s[t + 1].ln() * frac).exp();
-        let sig = Tensor::from_slice(&[between(100, 0.4), between(100, 0.6), 1e-6, 1e6, s[500]]);
-        let t: Vec<i64> = Vec::try_from(d.timestep(&sig)).unwrap();
-        assert_eq!(t, vec![100, 101, 0, 999, 500]);
-        assert_eq!(d.sigma_range(), (s[0], s[999]));
-    }
 
     /// Tweedie: for x₀ ~ N(μ, s²) the exact score −(x − μ)/(s² + σ²) gives the exact posterior mean.
     #[test]
@@ -299,27 +239,5 @@ mod tests {
         let sigma = Tensor::from_slice(&[0.5f64, 2.0]);
         let want = (&x - mu) * (s2 / Tensor::from_slice(&[s2 + 0.25, s2 + 4.0]).view([2, 1])) + mu;
         assert!((d.denoise(&x, &sigma) - want).abs().max().double_value(&[]) < 1e-12);
-    }
-
-    /// The VP identities the adapter relies on: x_vp = x/√(1 + σ_t²) is q_sample's x_t, and ε̂ = (x − x̂₀)/σ_t.
-    #[test]
-    fn sigma_space_is_the_vp_process_rescaled() {
-        tch::manual_seed(2);
-        let sched = NoiseSchedule::ddpm(1000);
-        let t = 400usize;
-        let x0 = Tensor::randn([16, 2], (Kind::Double, Device::Cpu));
-        let eps = x0.randn_like();
-        let table = Tensor::from_slice(&sched.alphas_cumprod);
-        let x_vp = q_sample(&table, &x0, &Tensor::full([16], t as i64, (Kind::Int64, Device::Cpu)), &eps);
-        let sigma = sigmas_of_schedule(&sched)[t];
-        let x = &x0 + &eps * sigma;
-        assert!((&x / (1.0 + sigma * sigma).sqrt() - &x_vp).abs().max().double_value(&[]) < 1e-12);
-        let ab = Tensor::full([16], sched.alpha_bar(t), (Kind::Double, Device::Cpu));
-        let eps_back = eps_from_x0(&ab, &x_vp, &x0);
-        assert!((to_d(&x, &x0, sigma) - eps_back).abs().max().double_value(&[]) < 1e-9);
-        let counting = CountingDenoiser::new(&|x: &Tensor, _: &Tensor| x.shallow_clone());
-        let _ = denoise_at(&counting, &x, 1.0);
-        let _ = denoise_at(&counting, &x, 2.0);
-        assert_eq!(counting.calls.get(), 2);
     }
 }

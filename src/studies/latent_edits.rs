@@ -8,10 +8,11 @@
 //! - **Speed**: images per second of lesson 06's pixel-space pipeline and of the latent one, at the same number of
 //!   sampler steps (one guided UNet evaluation per step in both), measured one after the other in the same process.
 use crate::data::captions::eval_prompts;
-use crate::eval::classifier::MnistClassifier;
+use crate::eval::image_metrics::masked_mae;
+use crate::nn::classifier::MnistClassifier;
+use crate::pipelines::latent_diffusion::{Draw, LatentDiffusion};
+use crate::pipelines::text_to_image::TextToImage;
 use crate::plot;
-use crate::train::latent_diffusion::{masked_mae, Draw, LatentDiffusion};
-use crate::train::text_to_image::TextToImage;
 use anyhow::Result;
 use std::path::Path;
 use std::time::Instant;

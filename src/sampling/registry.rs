@@ -13,14 +13,14 @@
 //! corrector step: N predictor and N corrector evaluations and a final denoising). A budget B gets the most steps
 //! whose cost is ≤ B; the evaluations actually made are counted with [`CountingDenoiser`] and reported.
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::model::Denoiser;
 use crate::sampling::ddim::{sample_ddim, sample_ddpm, AncestralVariance};
-use crate::sampling::denoiser::{randn_like, CountingDenoiser, Denoiser, SamplerStep};
 use crate::sampling::dpm_solver::{sample_dpm_solver_2, sample_dpm_solver_3, sample_dpm_solver_pp_2m};
 use crate::sampling::grids::{karras_sigmas, timestep_sigmas, TimestepSpacing, EDM_SIGMA_MAX, KARRAS_RHO};
 use crate::sampling::karras::{sample_euler, sample_euler_ancestral, sample_heun};
 use crate::sampling::sde::{sample_pc, sde_times, LangevinCorrector, Sde};
-use anyhow::Result;
-use tch::{Device, Tensor};
+use crate::sampling::{randn_like, SamplerStep};
+use tch::Tensor;
 
 /// The corrector of the predictor–corrector sampler: [SDE]'s CIFAR-10 signal-to-noise ratio r = 0.16, one Langevin
 /// step per time step (M = 1, as in the paper's experiments).
@@ -205,141 +205,11 @@ pub fn karras_sigma_max(sched: &NoiseSchedule) -> f64 {
 }
 // ANCHOR_END: karras_sigma_max
 
-/// x̂₀ clamped to [lo, hi] around any denoiser ("static thresholding": lesson 04's DDPM sampler clips x̂₀ the same
-/// way). Every sampler of a study goes through the same wrapper, so the comparison stays fair.
-pub struct Clamped<'a> {
-    pub inner: &'a dyn Denoiser,
-    pub range: (f64, f64),
-}
-
-impl Denoiser for Clamped<'_> {
-    fn denoise(&self, x: &Tensor, sigma: &Tensor) -> Tensor {
-        self.inner.denoise(x, sigma).clamp(self.range.0, self.range.1)
-    }
-}
-
-/// One run of the study: which sampler, at which budget, what it cost and how it graded.
-#[derive(Debug, serde::Serialize)]
-pub struct NfeRow<G> {
-    pub sampler: &'static str,
-    pub name: &'static str,
-    pub budget: usize,
-    pub steps: usize,
-    /// Network evaluations actually made per sample (counted).
-    pub nfe: usize,
-    pub seconds: f64,
-    pub grade: G,
-    /// The first samples in [0, 1] (for figures).
-    #[serde(skip)]
-    pub preview: Tensor,
-}
-
-/// (sampler, budget, steps) for every sampler and budget that affords at least one step, budgets ascending.
-pub fn plan(samplers: &[Sampler], budgets: &[usize], sched: &NoiseSchedule) -> Vec<(Sampler, usize, usize)> {
-    let mut budgets = budgets.to_vec();
-    budgets.sort_unstable();
-    budgets.dedup();
-    let t = sched.num_steps();
-    samplers.iter().flat_map(|&s| budgets.iter().filter_map(move |&b| s.steps_for(b, t).map(|n| (s, b, n)))).collect()
-}
-
-/// Network evaluations per sample of a whole plan (for a time estimate).
-pub fn plan_nfe(plan: &[(Sampler, usize, usize)]) -> usize {
-    plan.iter().map(|&(s, _, n)| s.nfe(n)).sum()
-}
-
-// ANCHOR: run_study
-/// Runs `steps` steps of `sampler` (budget `budget`) from the noise `z` (the VP x_T, (B, ...)), after reseeding
-/// libtorch with `seed` so that stochastic samplers share their noise across runs too, and grades the samples mapped
-/// to [0, 1] with `grade`. `on_eval(B)` is called at every network evaluation (for a progress bar).
-pub fn run_one<G>(
-    d: &dyn Denoiser,
-    sched: &NoiseSchedule,
-    z: &Tensor,
-    (sampler, budget, steps): (Sampler, usize, usize),
-    seed: u64,
-    grade: &mut dyn FnMut(&Tensor) -> Result<G>,
-    on_eval: &dyn Fn(i64),
-) -> Result<NfeRow<G>> {
-    let watched = |x: &Tensor, sigma: &Tensor| {
-        on_eval(x.size()[0]);
-        d.denoise(x, sigma)
-    };
-    let counting = CountingDenoiser::new(&watched);
-    tch::manual_seed(seed as i64);
-    let started = std::time::Instant::now();
-    let x = tch::no_grad(|| sampler.sample(&counting, sched, z, steps, &mut |_| {}));
-    let seconds = started.elapsed().as_secs_f64();
-    let unit = crate::train::ddpm::to_unit(&x).to_device(Device::Cpu); // (B, C, H, W) in [0, 1]
-    let (name, nfe) = (sampler.name(), counting.calls.get());
-    let preview = unit.narrow(0, 0, unit.size()[0].min(8));
-    Ok(NfeRow { sampler: sampler.key(), name, budget, steps, nfe, seconds, grade: grade(&unit)?, preview })
-}
-// ANCHOR_END: run_study
-
-/// [`run_one`] for every entry of a [`plan`], from the same noise.
-pub fn run_study<G>(
-    d: &dyn Denoiser,
-    sched: &NoiseSchedule,
-    z: &Tensor,
-    plan: &[(Sampler, usize, usize)],
-    seed: u64,
-    grade: &mut dyn FnMut(&Tensor) -> Result<G>,
-    on_eval: &dyn Fn(i64),
-) -> Result<Vec<NfeRow<G>>> {
-    plan.iter().map(|&one| run_one(d, sched, z, one, seed, grade, on_eval)).collect()
-}
-
-/// A markdown table: a row per sampler, a column per budget, each cell "value (NFE)"; `value` picks the number.
-pub fn markdown_table<G>(rows: &[&NfeRow<G>], value: &dyn Fn(&G) -> f64, what: &str) -> String {
-    let mut budgets: Vec<usize> = rows.iter().map(|r| r.budget).collect();
-    budgets.sort_unstable();
-    budgets.dedup();
-    let head: Vec<String> = budgets.iter().map(|b| format!("NFE ≤ {b}")).collect();
-    let mut s = format!("| sampler | UI name | {} |\n|---|---|{}\n", head.join(" | "), "---|".repeat(budgets.len()));
-    let mut names: Vec<&'static str> = Vec::new();
-    for r in rows {
-        if !names.contains(&r.name) {
-            names.push(r.name);
-        }
-    }
-    for name in names {
-        let of: Vec<&&NfeRow<G>> = rows.iter().filter(|r| r.name == name).collect();
-        let ui = Sampler::ALL.iter().find(|s| s.name() == name).map_or("", |s| s.ui_name());
-        let cells: Vec<String> = budgets
-            .iter()
-            .map(|b| {
-                of.iter()
-                    .find(|r| r.budget == *b)
-                    .map_or("—".into(), |r| format!("{:.2} ({})", value(&r.grade), r.nfe))
-            })
-            .collect();
-        s.push_str(&format!("| {name} | {ui} | {} |\n", cells.join(" | ")));
-    }
-    format!("{s}\ncells: {what} (network evaluations actually made per sample)\n")
-}
-
-/// Seconds per image of one evaluation of `d` on `b` random 28×28 images at σ = 1: the fastest of three calls after
-/// a warm-up (for a time estimate; the minimum is the least disturbed by other work on the machine).
-pub fn seconds_per_image(d: &dyn Denoiser, b: i64, device: Device) -> f64 {
-    let x = Tensor::randn([b, 1, 28, 28], (tch::Kind::Float, device));
-    let sigma = Tensor::ones([b], (tch::Kind::Float, device));
-    tch::no_grad(|| {
-        let _ = d.denoise(&x, &sigma);
-        let time = |_| {
-            let started = std::time::Instant::now();
-            let _ = d.denoise(&x, &sigma);
-            started.elapsed().as_secs_f64()
-        };
-        (0..3).map(time).fold(f64::INFINITY, f64::min) / b as f64
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sampling::oracle::GaussianOracle;
-    use tch::Kind;
+    use tch::{Device, Kind};
 
     /// The cosine schedule's top level (ᾱ_{T−1} ≈ 2·10⁻⁹) is capped at [EDM]'s 80; Stable Diffusion's scaled-linear
     /// schedule (σ_max ≈ 14.6) and DDPM's linear one (≈ 157) are below or near it and keep their own.
@@ -355,33 +225,6 @@ mod tests {
         assert!(close(grid[0], EDM_SIGMA_MAX) && close(grid[9], cosine.sigma(0)) && grid[10] == 0.0, "{grid:?}");
         assert_eq!(Sampler::Ddim.grid(&cosine, 10)[0], cosine.sigma(999), "DDIM keeps the model's own timesteps");
     }
-
-    /// The budget rule gives the most steps that fit, and the counted evaluations equal the cost formula for every
-    /// sampler (on a Gaussian oracle, so nothing is trained).
-    #[test]
-    fn steps_fit_the_budget_and_nfe_is_counted() {
-        let sched = NoiseSchedule::ddpm(1000);
-        assert_eq!(Sampler::Heun.steps_for(10, 1000), Some(5)); // 2·5 − 1 = 9
-        assert_eq!(Sampler::DpmSolver3.steps_for(10, 1000), Some(4)); // 3·4 − 2 = 10
-        assert_eq!(Sampler::PredictorCorrector.steps_for(10, 1000), Some(4)); // 2·4 + 1 = 9
-        assert_eq!(Sampler::PredictorCorrector.steps_for(2, 1000), None);
-        assert_eq!(Sampler::Ddpm.steps_for(5000, 1000), Some(1000));
-        let p = plan(&Sampler::ALL, &[10, 5, 10], &sched);
-        assert_eq!(p.len(), 18);
-        assert!(p.iter().all(|&(s, b, n)| s.nfe(n) <= b && s.nfe(n + 1) > b));
-        let oracle = GaussianOracle::isotropic(&[0.3, -0.2], 0.5);
-        let z = Tensor::randn([4, 2], (Kind::Double, Device::Cpu));
-        // grade: all samples finite (the predictor–corrector at 2 and 4 steps once gave NaN)
-        let finite = |x: &Tensor| Ok(x.isfinite().all().int64_value(&[]) == 1);
-        let rows = run_study(&oracle, &sched, &z, &p, 0, &mut { finite }, &|_| {}).unwrap();
-        for (r, &(s, _, n)) in rows.iter().zip(&p) {
-            assert_eq!(r.nfe, s.nfe(n), "{}", r.name);
-            assert!(r.grade, "{} at {} steps: not finite", r.name, r.steps);
-        }
-        let table = markdown_table(&rows.iter().collect::<Vec<_>>(), &|g| *g as u8 as f64, "finite");
-        assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 1 + 9);
-    }
-
     /// Every sampler, from the same noise, recovers N(μ, s²) of an oracle with a generous budget (moments within
     /// 10 %: the ODE solvers map the noise deterministically, the SDE samplers add their own).
     #[test]

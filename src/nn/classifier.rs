@@ -1,5 +1,5 @@
 //! A small MNIST classifier, trained by this crate, that grades generated digits: its accuracy tells us it knows
-//! what a digit looks like, its penultimate features feed the Fréchet distance ([`super::frechet`]) and its class
+//! what a digit looks like, its penultimate features feed the Fréchet distance ([`crate::eval::frechet`]) and its class
 //! probabilities give the class histogram and confidence of a set of samples.
 //!
 //! [LeNet] LeCun et al. 1998, "Gradient-based learning applied to document recognition": convolutions and
@@ -8,11 +8,10 @@
 //!
 //! Notation (code -> meaning): x -> image (B, 1, 28, 28) in [0, 1]; features -> φ(x) ∈ ℝ^hidden, the ReLU output of
 //! the first fully connected layer; logits -> (B, 10); m -> max_shift, the augmentation's largest shift in pixels.
-use crate::data::mnist::Mnist;
-use crate::train::{checkpoint, lr_at, TrainOpts};
-use anyhow::{bail, ensure, Context, Result};
+use crate::checkpoint;
+use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
-use tch::nn::{self, Module, ModuleT, OptimizerConfig};
+use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 /// Where the shipped weights live, relative to the crate root (see data/classifier/README.md).
@@ -21,8 +20,6 @@ pub const SHIPPED_WEIGHTS: &str = "data/classifier/mnist_cnn.safetensors";
 pub const REPRODUCE: &str = "cargo run --release --bin train_classifier";
 /// Images per forward pass in evaluation: bounds memory (about 100 KB of activations per image).
 const EVAL_CHUNK: i64 = 1000;
-/// Linear learning-rate warm-up of Adam, in steps, before the cosine decay of [`crate::train::lr_at`].
-const WARMUP_STEPS: usize = 100;
 const NUM_CLASSES: i64 = 10;
 
 /// Sizes of the network and its augmentation; saved beside the weights.
@@ -61,11 +58,7 @@ pub struct MnistClassifier {
 /// `data/classifier/mnist_cnn.safetensors` under the working directory if it is there, else under the crate root
 /// (so a lesson run from anywhere inside the clone finds it), as [`crate::data::mnist::resolve_dir`] does.
 pub fn shipped_path() -> PathBuf {
-    let local = PathBuf::from(SHIPPED_WEIGHTS);
-    if local.exists() {
-        return local;
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(SHIPPED_WEIGHTS)
+    crate::cli::shipped_path(SHIPPED_WEIGHTS, "")
 }
 
 impl MnistClassifier {
@@ -168,97 +161,10 @@ impl MnistClassifier {
     }
 }
 
-/// Shifts each image of x (B, C, H, W) by its own random whole number of pixels in [−m, m] on each axis, filling
-/// with zeros (the MNIST background): pad by m, then crop an H×W window at a random offset.
-pub fn random_shift(x: &Tensor, m: i64) -> Tensor {
-    if m == 0 {
-        return x.shallow_clone();
-    }
-    let (b, c, h, w) = x.size4().expect("images (B, C, H, W)");
-    let dev = x.device();
-    let padded = x.constant_pad_nd([m, m, m, m]); // (B, C, H+2m, W+2m)
-    let dy = Tensor::randint(2 * m + 1, [b, 1], (Kind::Int64, dev)); // top-left corner of the window
-    let dx = Tensor::randint(2 * m + 1, [b, 1], (Kind::Int64, dev));
-    let rows = (dy + Tensor::arange(h, (Kind::Int64, dev))).view([b, 1, h, 1]).expand([b, c, h, w + 2 * m], false);
-    let cols = (dx + Tensor::arange(w, (Kind::Int64, dev))).view([b, 1, 1, w]).expand([b, c, h, w], false);
-    padded.gather(2, &rows, false).gather(3, &cols, false) // (B, C, H, W+2m) -> (B, C, H, W)
-}
-
-/// Optimiser steps in one epoch: the last partial batch is dropped (each epoch reshuffles, so no image is lost for
-/// good, and batch norm never sees a batch of one).
-pub fn steps_per_epoch(n: i64, batch: i64) -> usize {
-    (n / batch) as usize
-}
-
-/// Trains `model` on `data.train_images` with cross-entropy, [Adam] at peak rate `lr` (warm-up, then cosine decay
-/// to lr/10 over all steps, [`crate::train::lr_at`]), reshuffling and re-augmenting every epoch. Seeds libtorch's
-/// RNG with `seed` (shuffles, shifts, dropout), so a run on CPU is reproducible. `cb(epoch, step, loss)` is called
-/// after every step, with `step` counted within the epoch (the last is [`steps_per_epoch`] − 1).
-/// Returns the loss of every step; fails, naming the step, if the loss stops being finite.
-pub fn train_classifier(
-    model: &MnistClassifier,
-    data: &Mnist,
-    epochs: usize,
-    batch: i64,
-    lr: f64,
-    seed: u64,
-    cb: &mut dyn FnMut(usize, usize, f64),
-) -> Result<Vec<f64>> {
-    let dev = model.vs.device();
-    let (images, labels) = (data.train_images.to_device(dev), data.train_labels.to_device(dev));
-    let n = images.size()[0];
-    ensure!((2..=n).contains(&batch), "batch size {batch} must be between 2 and the {n} training images");
-    tch::manual_seed(seed as i64);
-    let steps = steps_per_epoch(n, batch);
-    let opts = TrainOpts { steps: epochs * steps, batch_size: batch, lr, warmup: WARMUP_STEPS.min(steps) };
-    let mut opt = nn::Adam::default().build(&model.vs, lr)?;
-    let mut losses = Vec::with_capacity(opts.steps);
-    for epoch in 0..epochs {
-        let order = Tensor::randperm(n, (Kind::Int64, dev));
-        for step in 0..steps {
-            let idx = order.narrow(0, step as i64 * batch, batch); // (batch,)
-            let x = random_shift(&images.index_select(0, &idx), model.config.max_shift);
-            let loss = model.logits(&x, true).cross_entropy_for_logits(&labels.index_select(0, &idx));
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
-                bail!(
-                    "classifier training diverged: the loss became {value} at epoch {epoch}, step {step}; lower --lr"
-                );
-            }
-            opt.set_lr(lr_at(&opts, losses.len()));
-            opt.backward_step(&loss);
-            losses.push(value);
-            cb(epoch, step, value);
-        }
-    }
-    Ok(losses)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::data::mnist;
-
-    #[test]
-    fn random_shift_moves_each_image_rigidly_within_m_pixels() {
-        tch::manual_seed(0);
-        let (b, m) = (400, 2);
-        let x = Tensor::zeros([b, 1, 28, 28], (Kind::Float, Device::Cpu));
-        let _ = x.narrow(2, 14, 1).narrow(3, 10, 1).fill_(1.0); // one bright pixel at (14, 10) in every image
-        let y = random_shift(&x, m);
-        assert_eq!(y.size(), [b, 1, 28, 28]);
-        let mut seen = std::collections::HashSet::new();
-        for i in 0..b {
-            let img = y.get(i).get(0);
-            assert_eq!(img.sum(Kind::Double).double_value(&[]), 1.0, "mass is kept: nothing falls off the edge");
-            let at = img.flatten(0, -1).argmax(0, false).int64_value(&[]);
-            let (dy, dx) = (at / 28 - 14, at % 28 - 10);
-            assert!(dy.abs() <= m && dx.abs() <= m, "shift ({dy}, {dx}) beyond ±{m}");
-            seen.insert((dy, dx));
-        }
-        assert_eq!(seen.len(), 25, "every shift in [−2, 2]² occurs");
-        assert!(random_shift(&x, 0).equal(&x));
-    }
 
     #[test]
     fn missing_or_corrupt_weights_name_the_file_and_the_command() {
@@ -287,23 +193,5 @@ mod tests {
         assert_eq!(clf.config, ClassifierConfig::mnist());
         let acc = clf.accuracy(&data.test_images, &data.test_labels);
         assert!(acc >= 0.99, "test accuracy {acc}");
-    }
-
-    #[test]
-    fn a_short_training_run_learns_to_classify() {
-        let data = mnist::load(&mnist::resolve_dir(None)).unwrap();
-        let small = Mnist {
-            train_images: data.train_images.narrow(0, 0, 2048),
-            train_labels: data.train_labels.narrow(0, 0, 2048),
-            test_images: data.test_images.narrow(0, 0, 1000),
-            test_labels: data.test_labels.narrow(0, 0, 1000),
-        };
-        let clf = MnistClassifier::new(ClassifierConfig::mnist(), Device::Cpu);
-        let losses = train_classifier(&clf, &small, 2, 64, 2e-3, 0, &mut |_, _, _| {}).unwrap();
-        assert_eq!(losses.len(), 2 * 32);
-        let acc = clf.accuracy(&small.test_images, &small.test_labels);
-        assert!(acc > 0.85, "accuracy after 64 steps on 2048 images: {acc}");
-        let (first, last) = (losses[..8].iter().sum::<f64>() / 8.0, losses[56..].iter().sum::<f64>() / 8.0);
-        assert!(last < 0.3 * first, "loss {first} -> {last}");
     }
 }

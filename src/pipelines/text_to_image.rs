@@ -7,19 +7,19 @@
 //! place of the empty prompt: ε̃ = ε_neg + w (ε_c − ε_neg) steers towards the prompt and away from the negative.
 //! [PNG] W3C, "Portable Network Graphics (PNG) Specification (Second Edition)", 2003: sec. 5.2–5.3 (signature, chunk
 //! layout with a CRC-32 over type and data), 11.2.2 (IHDR), 9.2 (filter type 0 per scanline), 10 (zlib stream).
-use super::checkpoint;
-use super::ddpm::{sample, to_unit};
-use super::prompt_encoder::PromptEncoder;
-use super::text_cond::TextUNet;
+use crate::checkpoint;
 use crate::data::captions::AttributeBins;
+use crate::data::to_unit;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::nn::text_encoder::TextEncoderConfig;
+use crate::nn::text_unet::TextUNet;
 use crate::nn::unet::{UNet, UNetConfig};
+use crate::pipelines::prompt_encoder::PromptEncoder;
+use crate::sampling::ddpm::sample;
 use crate::sampling::ddpm::{DdpmStep, PosteriorVariance};
 use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::text::{Bpe, Coverage, Encoded};
 use anyhow::{ensure, Context, Result};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -161,7 +161,7 @@ impl TextToImage {
     pub fn token_attention_maps(&self, x_t: &Tensor, t: usize, prompt: &str) -> Result<(Tensor, Vec<String>)> {
         self.check_prompt(prompt)?;
         let (e, context) = self.context(prompt);
-        let (hidden, mask) = super::text_cond::unpack_context(&context);
+        let (hidden, mask) = crate::nn::text_unet::unpack_context(&context);
         let t = Tensor::from_slice(&[t as i64]).to_device(self.device());
         let x = x_t.to_device(self.device());
         let (_, maps) = tch::no_grad(|| self.unet.0.forward_with_maps(&x, &t, &hidden, Some(&mask)));
@@ -215,47 +215,12 @@ impl TextToImage {
 
 /// `data/lesson06` under the working directory if it holds a bundle, else under the crate root.
 pub fn shipped_dir() -> PathBuf {
-    let local = PathBuf::from(SHIPPED_DIR);
-    if local.join("pipeline.json").exists() {
-        return local;
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(SHIPPED_DIR)
+    crate::cli::shipped_path(SHIPPED_DIR, "pipeline.json")
 }
-
-// ANCHOR: png
-/// Writes `image` ((H, W), (1, H, W) or (1, 1, H, W), values in [0, 1]) as an 8-bit grayscale PNG, atomically.
-pub fn write_png_gray(path: &Path, image: &Tensor) -> Result<()> {
-    let size = image.size();
-    ensure!(size.len() >= 2 && size[..size.len() - 2].iter().all(|&d| d == 1), "one image (H, W), got {size:?}");
-    let (h, w) = (size[size.len() - 2] as usize, size[size.len() - 1] as usize);
-    let scaled = (image.to_kind(Kind::Float).clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8);
-    let pixels = Vec::<u8>::try_from(scaled.to_device(Device::Cpu).flatten(0, -1)).context("image to bytes")?;
-    // [PNG] 9.2: each scanline starts with its filter type, 0 = None
-    let raw: Vec<u8> = pixels.chunks(w).flat_map(|row| std::iter::once(0).chain(row.iter().copied())).collect();
-    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    z.write_all(&raw)?;
-    // [PNG] 11.2.2 IHDR: width, height, bit depth 8, colour type 0 (greyscale), compression, filter, interlace 0
-    let mut ihdr = Vec::from((w as u32).to_be_bytes());
-    ihdr.extend((h as u32).to_be_bytes());
-    ihdr.extend([8, 0, 0, 0, 0]);
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec(); // [PNG] 5.2 signature
-    for (kind, data) in [(b"IHDR", ihdr), (b"IDAT", z.finish()?), (b"IEND", vec![])] {
-        // [PNG] 5.3: length, type, data, CRC-32 of type and data
-        png.extend((data.len() as u32).to_be_bytes());
-        let mut crc = flate2::Crc::new();
-        crc.update(kind);
-        crc.update(&data);
-        png.extend(kind.iter().chain(&data));
-        png.extend(crc.sum().to_be_bytes());
-    }
-    crate::cli::write_atomic(path, &png)
-}
-// ANCHOR_END: png
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
 
     /// A pipeline with random weights on 8×8 images and prompts about "zero" and "one".
     fn toy() -> TextToImage {
@@ -328,28 +293,5 @@ mod tests {
         let missing = format!("{:#}", TextToImage::load(dir.path(), Device::Cpu).err().unwrap());
         assert!(missing.contains("unet.safetensors"), "{missing}");
         tch::set_num_threads(threads);
-    }
-
-    #[test]
-    fn png_files_hold_the_pixels_with_valid_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.png");
-        let image = Tensor::from_slice(&[0.0f32, 0.5, 1.0, 2.0, 0.25, -1.0]).view([1, 1, 2, 3]);
-        write_png_gray(&path, &image).unwrap();
-        let png = std::fs::read(&path).unwrap();
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        assert_eq!(&png[12..16], b"IHDR");
-        assert_eq!(
-            (&png[16..20], &png[20..24], &png[24..29]),
-            (&[0, 0, 0, 3][..], &[0, 0, 0, 2][..], &[8, 0, 0, 0, 0][..])
-        );
-        // IEND is the last chunk, with its well-known CRC AE 42 60 82
-        assert_eq!(&png[png.len() - 12..], &[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82]);
-        let idat_len = u32::from_be_bytes(png[33..37].try_into().unwrap()) as usize;
-        assert_eq!(&png[37..41], b"IDAT");
-        let mut raw = Vec::new();
-        flate2::read::ZlibDecoder::new(&png[41..41 + idat_len]).read_to_end(&mut raw).unwrap();
-        assert_eq!(raw, [0, 0, 128, 255, 0, 255, 64, 0]); // per row: filter 0, then the clamped, rounded pixels
-        assert!(write_png_gray(&path, &Tensor::zeros([2, 1, 2, 2], tch::kind::FLOAT_CPU)).is_err());
     }
 }

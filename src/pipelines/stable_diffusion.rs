@@ -12,16 +12,17 @@
 //! (as k-diffusion feeds SD's UNet). Negative prompts are the ∅ branch of guidance. Image i of a call is drawn from
 //! its own seed, seed + i, by libtorch's CPU generator, which `torch.Generator().manual_seed` also is: diffusers on
 //! the CPU draws the same starting latents for the same seed.
-use super::weights::SdModels;
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::eval::nfe_study::Sampler;
+use crate::model::CondEpsModel;
+use crate::model::{sigma_of_timestep, sigmas_of_schedule, EpsDenoiser};
 use crate::nn::layers::channels_last;
-use crate::sampling::denoiser::{sigma_of_timestep, sigmas_of_schedule, EpsDenoiser, SamplerStep};
 use crate::sampling::grids::{karras_sigmas, spaced_timesteps, TimestepSpacing, KARRAS_RHO};
 use crate::sampling::guidance::ClassifierFreeGuidance;
+use crate::sampling::registry::Sampler;
+use crate::sampling::SamplerStep;
+use crate::sd::weights::SdModels;
 use crate::text::bpe::CLIP_CONTEXT_LEN;
 use crate::text::Bpe;
-use crate::train::conditional::CondEpsModel;
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -225,12 +226,7 @@ pub struct Generated {
 
 /// `data/clip/…` under the working directory if it is there, else under the crate root.
 pub fn clip_vocab_path() -> PathBuf {
-    let local = PathBuf::from(CLIP_VOCAB);
-    if local.exists() {
-        local
-    } else {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(CLIP_VOCAB)
-    }
+    crate::cli::shipped_path(CLIP_VOCAB, "")
 }
 
 impl StableDiffusion {

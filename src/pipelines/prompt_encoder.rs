@@ -2,9 +2,9 @@
 //! the frozen text encoder and the tokens its training captions used. It checks a prompt before any work and turns
 //! it into the context τ(y) the UNet cross-attends to (diffusers: the pipeline's `tokenizer` + `text_encoder` and
 //! its `encode_prompt`).
-use super::checkpoint;
-use super::text_cond::{encode_context, lens_to_mask};
+use crate::checkpoint;
 use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
+use crate::nn::text_unet::{encode_context, lens_to_mask};
 use crate::text::bpe::{END_OF_TEXT, END_OF_WORD, START_OF_TEXT};
 use crate::text::{Bpe, Coverage, Encoded};
 use anyhow::{bail, ensure, Context, Result};

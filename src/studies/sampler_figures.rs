@@ -1,15 +1,16 @@
 //! The figures of lesson 07: the convergence orders of the ODE solvers on an analytic Gaussian (from
 //! [`crate::sampling::oracle::order_study`]), 2-D trajectories of ODE and SDE samplers from the same starting points
 //! on a Gaussian mixture whose ideal denoiser is exact ([`MixtureOracle`]), and quality against NFE from the rows of
-//! an NFE study ([`super::nfe_study`]).
+//! an NFE study ([`crate::studies::nfe`]).
 //!
 //! [SDE] Song et al. 2021, arXiv:2011.13456, sec. 4.3: the probability-flow ODE and the reverse SDE have the same
 //! marginals p_t, but the ODE maps each starting point to one sample, the SDE to a distribution of them.
-use super::nfe_study::{NfeRow, Sampler};
 use crate::data::toy2d::GaussianMixture;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::plot::{self, Layer, LinePanel, Panel};
 use crate::sampling::oracle::{MixtureOracle, OrderResult};
+use crate::sampling::registry::Sampler;
+use crate::studies::nfe::NfeRow;
 use anyhow::Result;
 use plotters::style::{Color, RGBAColor, BLACK, WHITE};
 use std::path::Path;
@@ -79,7 +80,7 @@ pub fn ode_vs_sde_trajectories(
     let (mut panels, mut figure, mut first_modes) = (Vec::new(), Vec::new(), None);
     for &(sampler, steps) in runs {
         let mut states: Vec<Tensor> = vec![z.narrow(0, 0, drawn)];
-        let counting = crate::sampling::denoiser::CountingDenoiser::new(&oracle);
+        let counting = crate::model::CountingDenoiser::new(&oracle);
         let x0 = sampler.sample(&counting, &sched, &z, steps, &mut |st| {
             // the predictor–corrector's state is already in VP units
             let scale = if sampler == Sampler::PredictorCorrector { 1.0 } else { (1.0 + st.sigma * st.sigma).sqrt() };
@@ -208,13 +209,11 @@ mod tests {
         let sched = NoiseSchedule::ddpm(1000);
         let oracle = crate::sampling::oracle::GaussianOracle::isotropic(&[0.0; 4], 0.5);
         let z = Tensor::randn([8, 1, 2, 2], (Kind::Float, Device::Cpu));
-        let d = |x: &Tensor, s: &Tensor| {
-            crate::sampling::denoiser::Denoiser::denoise(&oracle, &x.flatten(1, -1), s).view_as(x)
-        };
+        let d = |x: &Tensor, s: &Tensor| crate::model::Denoiser::denoise(&oracle, &x.flatten(1, -1), s).view_as(x);
         let mean = &mut |x: &Tensor| Ok(x.mean(Kind::Double).double_value(&[]));
         for (samplers, budgets) in [(&Sampler::ALL[..], &[5, 10, 20][..]), (&Sampler::ALL[..3], &[5][..])] {
-            let plan = crate::eval::nfe_study::plan(samplers, budgets, &sched);
-            let rows = crate::eval::nfe_study::run_study(&d, &sched, &z, &plan, 0, mean, &|_| {}).unwrap();
+            let plan = crate::studies::nfe::plan(samplers, budgets, &sched);
+            let rows = crate::studies::nfe::run_study(&d, &sched, &z, &plan, 0, mean, &|_| {}).unwrap();
             let png = dir.path().join(format!("nfe{}.png", samplers.len()));
             plot_vs_nfe(&png, "t", "mean", &rows, &|g| *g, false, &[("ref".into(), 0.5)]).unwrap();
             plot_previews(&dir.path().join("previews.png"), "t", &rows.iter().collect::<Vec<_>>(), 4).unwrap();

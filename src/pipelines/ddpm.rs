@@ -1,0 +1,68 @@
+//! Lesson 04's unconditional pipeline: a trained ε-prediction UNet and the noise schedule it learned, saved
+//! together (lesson 07 samples from the shipped one).
+use crate::diffusion::schedule::NoiseSchedule;
+use anyhow::Result;
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::Device;
+
+/// What a trained ε-prediction UNet needs besides its weights: its shape and the noise schedule it learned,
+/// saved as the JSON beside `unet.safetensors` (lesson 04 writes one; lesson 07 samples from it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedUNet {
+    pub unet: crate::nn::unet::UNetConfig,
+    /// A name [`NoiseSchedule::by_name`] knows.
+    pub schedule: String,
+    /// T, the number of training timesteps.
+    pub timesteps: usize,
+}
+
+/// Where lesson 04's trained UNet is shipped (`lesson04 --ship`), for lesson 07 to sample from on a fresh clone.
+pub const SHIPPED_UNET: &str = "data/lesson04/unet.safetensors";
+
+/// [`SHIPPED_UNET`] under the working directory if it is there, else under the crate root.
+pub fn shipped_unet() -> std::path::PathBuf {
+    crate::cli::shipped_path(SHIPPED_UNET, "")
+}
+
+/// Saves the UNet weights of `vs` to `path` (safetensors, atomically) with `saved` beside it.
+pub fn save_unet(vs: &VarStore, path: &Path, saved: &SavedUNet) -> Result<()> {
+    crate::checkpoint::save(vs, path, saved)
+}
+
+/// Loads a UNet saved by [`save_unet`]: its weights (strictly: names and shapes must match the config), the model
+/// and its noise schedule.
+pub fn load_unet(path: &Path, device: Device) -> Result<(VarStore, crate::nn::unet::UNet, NoiseSchedule)> {
+    let saved: SavedUNet = crate::checkpoint::load_config(path)?;
+    let sched = NoiseSchedule::by_name(&saved.schedule, saved.timesteps)?;
+    let mut vs = VarStore::new(device);
+    let net = crate::nn::unet::UNet::new(vs.root(), saved.unet);
+    crate::checkpoint::load(&mut vs, path)?;
+    vs.freeze();
+    Ok((vs, net, sched))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Kind, Tensor};
+
+    #[test]
+    fn a_saved_unet_loads_with_its_schedule_and_gives_the_same_output() {
+        tch::manual_seed(0);
+        let vs = VarStore::new(Device::Cpu);
+        let net = crate::nn::unet::UNet::new(vs.root(), crate::nn::unet::UNetConfig::tiny());
+        let dir = std::env::temp_dir().join(format!("sd_saved_unet_{}", std::process::id()));
+        let path = dir.join("unet.safetensors");
+        let saved = SavedUNet { unet: net.config.clone(), schedule: "cosine".into(), timesteps: 1000 };
+        save_unet(&vs, &path, &saved).unwrap();
+        let (_vs2, net2, sched) = load_unet(&path, Device::Cpu).unwrap();
+        assert_eq!(sched.num_steps(), 1000);
+        assert!((sched.alpha_bar(500) - NoiseSchedule::cosine(1000).alpha_bar(500)).abs() < 1e-12);
+        let x = Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[3i64, 700]);
+        let (a, b) = tch::no_grad(|| (net.forward(&x, &t, false), net2.forward(&x, &t, false)));
+        assert!(a.equal(&b));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
