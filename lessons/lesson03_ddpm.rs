@@ -17,11 +17,10 @@ use scratch_diffusion::eval::sample_quality;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::eps_mlp::{EpsMlp, EpsMlpConfig};
 use scratch_diffusion::plot::{self, Layer, LinePanel, Panel};
-use scratch_diffusion::sampling::ddpm::sample;
-use scratch_diffusion::sampling::ddpm::PosteriorVariance;
+use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use scratch_diffusion::studies::trajectory::Trajectory;
-use scratch_diffusion::train::ddpm::{train_eps_model, LossWeight};
-use scratch_diffusion::train::trainer::TrainerConfig;
+use scratch_diffusion::train::ddpm::{train_eps_model, EpsObjective, LossWeight};
+use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -182,26 +181,18 @@ fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
     let (_vs, model, _) = train_eps_model(
         |p| EpsMlp::new(p, EpsMlpConfig::toy2d()),
         &data,
-        sched,
-        LossWeight::Uniform,
+        &EpsObjective::new(sched, LossWeight::Uniform, run.device),
         &cfg,
-        run.device,
-        None,
-        false,
-        &mut |_| bar.inc(1),
-        &[],
-        &mut |_, _| {},
+        TrainRun::new(run.device, &mut |_| bar.inc(1)),
+        (&[], &mut |_, _| {}),
     )?;
     bar.finish_and_clear();
     let n = 2000;
     let x = sample(
         &model,
         sched,
-        sched.num_steps(),
         &[n, 2],
-        PosteriorVariance::BetaTilde,
-        None,
-        n,
+        &AncestralSampling { steps: sched.num_steps(), variance: PosteriorVariance::BetaTilde, clip: None, batch: n },
         run.device,
         &mut |_, _| {},
     ) / SCALE;
@@ -244,21 +235,17 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
     let (_vs, model, outcome) = train_eps_model(
         |p| EpsMlp::new(p, config.clone()),
         &images,
-        sched,
-        args.loss_weight,
+        &EpsObjective::new(sched, args.loss_weight, run.device),
         &cfg,
-        run.device,
-        Some(&run.path("checkpoint.safetensors")),
-        args.resume,
-        &mut |s| {
+        TrainRun::new(run.device, &mut |s| {
             bar.inc(1);
             bar.set_message(format!("loss {:.4}", s.loss));
             if (s.step + 1) % (steps / 5).max(1) == 0 {
                 log_line(&bar, format!("step {:>5}/{steps}  L_simple {:.4}", s.step + 1, s.loss));
             }
-        },
-        &[],
-        &mut |_, _| {},
+        })
+        .checkpoint(&run.path("checkpoint.safetensors"), args.resume),
+        (&[], &mut |_, _| {}),
     )?;
     bar.finish_and_clear();
     // ANCHOR_END: train
@@ -273,11 +260,8 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
     let x = sample(
         &model,
         sched,
-        sample_steps,
         &[n, 1, 28, 28],
-        args.variance,
-        Some((-1.0, 1.0)),
-        250,
+        &AncestralSampling { steps: sample_steps, variance: args.variance, clip: Some((-1.0, 1.0)), batch: 250 },
         run.device,
         &mut |start, st| {
             traj.record(start, &st);

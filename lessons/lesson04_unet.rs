@@ -17,11 +17,12 @@ use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::pipelines::ddpm::{save_unet, SavedUNet, SHIPPED_UNET};
 use scratch_diffusion::plot;
-use scratch_diffusion::sampling::ddpm::sample;
-use scratch_diffusion::sampling::ddpm::PosteriorVariance;
+use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use scratch_diffusion::studies::trajectory::Trajectory;
+use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::ddpm::{train_eps_model, LossWeight};
 use scratch_diffusion::train::recipe;
+use scratch_diffusion::train::trainer::TrainRun;
 use serde_json::json;
 use tch::{Device, Tensor};
 
@@ -115,11 +116,8 @@ fn run(args: Args) -> Result<()> {
         let x = sample(
             net,
             &sched,
-            50,
             &[16, 1, 28, 28],
-            PosteriorVariance::Beta,
-            Some((-1.0, 1.0)),
-            16,
+            &AncestralSampling { steps: 50, variance: PosteriorVariance::Beta, clip: Some((-1.0, 1.0)), batch: 16 },
             run.device,
             &mut |_, _| {},
         );
@@ -129,23 +127,19 @@ fn run(args: Args) -> Result<()> {
     let (_vs, model, outcome) = train_eps_model(
         |p| UNet::new(p, config.clone()),
         &images,
-        &sched,
-        args.loss_weight,
+        &EpsObjective::new(&sched, args.loss_weight, run.device),
         &cfg,
-        run.device,
-        Some(&run.path("checkpoint.safetensors")),
-        args.resume,
-        &mut |s| {
+        TrainRun::new(run.device, &mut |s| {
             bar.inc(1);
             bar.set_message(format!("loss {:.4}", s.loss));
             if (s.step + 1) % (steps / 10).max(1) == 0 {
                 log_line(&bar, format!("step {:>5}/{steps}  L_simple {:.4}", s.step + 1, s.loss));
             }
-        },
-        &snapshot_at,
-        &mut |step, net| {
+        })
+        .checkpoint(&run.path("checkpoint.safetensors"), args.resume),
+        (&snapshot_at, &mut |step, net| {
             snapshots.push((step, snapshot(net)));
-        },
+        }),
     )?;
     bar.finish_and_clear();
     snapshots.push((steps, snapshot(&model)));
@@ -173,11 +167,8 @@ fn run(args: Args) -> Result<()> {
     let x = sample(
         &model,
         &sched,
-        sample_steps,
         &[n, 1, 28, 28],
-        args.variance,
-        Some((-1.0, 1.0)),
-        250,
+        &AncestralSampling { steps: sample_steps, variance: args.variance, clip: Some((-1.0, 1.0)), batch: 250 },
         run.device,
         &mut |start, st| {
             traj.record(start, &st);

@@ -18,12 +18,13 @@ use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::layers::timestep_embedding;
 use scratch_diffusion::nn::unet::UNet;
 use scratch_diffusion::plot;
-use scratch_diffusion::sampling::ddpm::sample;
-use scratch_diffusion::sampling::ddpm::PosteriorVariance;
+use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use scratch_diffusion::studies::guidance::{grade_guided, plot_tradeoff};
 use scratch_diffusion::train::conditional::{train_cond_eps_model, DEFAULT_P_UNCOND};
+use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::ddpm::LossWeight;
 use scratch_diffusion::train::recipe;
+use scratch_diffusion::train::trainer::TrainRun;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -110,19 +111,16 @@ fn run(args: Args) -> Result<()> {
         |p| config.build(p),
         &images,
         &labels,
-        &sched,
-        args.loss_weight,
+        &EpsObjective::new(&sched, args.loss_weight, run.device),
         args.p_uncond,
         &cfg,
-        run.device,
-        Some(&run.path("checkpoint.safetensors")),
-        args.resume,
-        &mut |s| {
+        TrainRun::new(run.device, &mut |s| {
             bar.inc(1);
             if (s.step + 1) % (steps / 10).max(1) == 0 {
                 log_line(&bar, format!("step {:>5}/{steps}  L_simple {:.4}", s.step + 1, s.loss));
             }
-        },
+        })
+        .checkpoint(&run.path("checkpoint.safetensors"), args.resume),
     )?;
     bar.finish_and_clear();
     // ANCHOR_END: train
@@ -153,11 +151,13 @@ fn run(args: Args) -> Result<()> {
             let x = sample(
                 &model.guided(digit, w),
                 &sched,
-                sample_steps,
                 &[per_class, 1, 28, 28],
-                args.variance,
-                Some((-1.0, 1.0)),
-                250,
+                &AncestralSampling {
+                    steps: sample_steps,
+                    variance: args.variance,
+                    clip: Some((-1.0, 1.0)),
+                    batch: 250,
+                },
                 run.device,
                 &mut |_, st| bar.inc(st.x_t.size()[0] as u64),
             );
@@ -272,11 +272,8 @@ fn cross_attention_figure(
         let _ = sample(
             &model.guided(digit, 3.0),
             sched,
-            steps,
             &[1, 1, 28, 28],
-            PosteriorVariance::Beta,
-            Some((-1.0, 1.0)),
-            1,
+            &AncestralSampling { steps, variance: PosteriorVariance::Beta, clip: Some((-1.0, 1.0)), batch: 1 },
             run.device,
             &mut |_, st| {
                 if keep.contains(&st.i) {

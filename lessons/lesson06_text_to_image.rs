@@ -26,14 +26,15 @@ use scratch_diffusion::sampling::ddpm::PosteriorVariance;
 use scratch_diffusion::studies::prompts as figures;
 use scratch_diffusion::train::clip::train_mini_clip;
 use scratch_diffusion::train::conditional::DEFAULT_P_UNCOND;
+use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::ddpm::LossWeight;
 // lessons 04–06 share the recipe
 use scratch_diffusion::nn::text_unet::lens_to_mask;
 use scratch_diffusion::pipelines::text_to_image::{self as t2i, PipelineConfig, TextToImage, DEFAULT_GUIDANCE};
 use scratch_diffusion::text::captions::{caption_images, CONTEXT_LEN};
 use scratch_diffusion::train::recipe::{self, BATCH, LOSS_WEIGHT, SCHEDULE, STEPS};
-use scratch_diffusion::train::text_cond::train_text_cond_unet;
-use scratch_diffusion::train::trainer::TrainerConfig;
+use scratch_diffusion::train::text_cond::{train_text_cond_unet, TextData};
+use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
 use std::path::PathBuf;
 use tch::Device;
@@ -250,10 +251,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         Some(&mask),
         ClipTargets::SameCaption,
         &clip_cfg,
-        run.device,
-        Some(&ckpt),
-        args.resume,
-        &mut |_| bar.inc(1),
+        TrainRun::new(run.device, &mut |_| bar.inc(1)).checkpoint(&ckpt, args.resume),
     )?;
     bar.finish_and_clear();
     // ANCHOR_END: clip
@@ -276,23 +274,17 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let bar = progress(steps as u64, "UNet");
     let (unet_vs, unet, outcome) = train_text_cond_unet(
         &unet_config,
-        &clip.text_encoder,
+        TextData { encoder: &clip.text_encoder, captions: caps, empty: &empty, p_uncond: args.p_uncond },
         &images,
-        caps,
-        &empty,
-        &sched,
-        args.loss_weight,
-        args.p_uncond,
+        &EpsObjective::new(&sched, args.loss_weight, run.device),
         &cfg,
-        run.device,
-        Some(&run.path("checkpoint.safetensors")),
-        args.resume,
-        &mut |s| {
+        TrainRun::new(run.device, &mut |s| {
             bar.inc(1);
             if (s.step + 1) % (steps / 10).max(1) == 0 {
                 log_line(&bar, format!("step {:>5}/{steps}  loss {:.4}", s.step + 1, s.loss));
             }
-        },
+        })
+        .checkpoint(&run.path("checkpoint.safetensors"), args.resume),
     )?;
     bar.finish_and_clear();
     // ANCHOR_END: unet
@@ -324,7 +316,9 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let total = (50 * eval_n + 60 * attribute_n + 20 * args.sweep.len() as i64 + 1) as u64 * sample_steps as u64;
     let bar = progress(total, "sample");
     let mut generate = |prompt: &str, n: i64, seed: u64, w: f64| {
-        pipe.generate_with(prompt, None, n, w, sample_steps, seed, &mut |_, st| bar.inc(st.x_t.size()[0] as u64))
+        pipe.generate_with(prompt, None, n, &t2i::Draw { guidance: w, steps: sample_steps, seed }, &mut |_, st| {
+            bar.inc(st.x_t.size()[0] as u64)
+        })
     };
     let mut at_w = |prompt: &str, n: i64, seed: u64| generate(prompt, n, seed, args.guidance);
     let (accuracy, samples, _) = grade::prompt_accuracy(&mut at_w, &clf, eval_n, 1000 * run.seed)?;

@@ -31,10 +31,11 @@ use scratch_diffusion::studies::latent_edits::{img2img_study, inpaint_study, sam
 use scratch_diffusion::studies::prompts as figures;
 use scratch_diffusion::text::captions::{caption_images_with, CONTEXT_LEN};
 use scratch_diffusion::train::conditional::DEFAULT_P_UNCOND;
+use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::latent_diffusion::{encode_moments, train_latent_unet, train_vae, VaeLoss};
 use scratch_diffusion::train::recipe::{self, LOSS_WEIGHT, SCHEDULE};
 use scratch_diffusion::train::text_cond::TextData;
-use scratch_diffusion::train::trainer::TrainerConfig;
+use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
 use std::path::PathBuf;
 use tch::{Device, Tensor};
@@ -281,15 +282,13 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         loss,
         Some(&clf),
         &vae_cfg,
-        run.device,
-        Some(&run.path("vae_checkpoint.safetensors")),
-        args.resume,
-        &mut |s| {
+        TrainRun::new(run.device, &mut |s| {
             bar.inc(1);
             if (s.step + 1) % (vae_steps as usize / 5).max(1) == 0 {
                 log_line(&bar, format!("VAE step {:>5}/{vae_steps}  loss {:.4}", s.step + 1, s.loss));
             }
-        },
+        })
+        .checkpoint(&run.path("vae_checkpoint.safetensors"), args.resume),
         &mut |t| terms.push(t),
     )?;
     bar.finish_and_clear();
@@ -339,18 +338,15 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         data_text,
         &moments,
         s,
-        &sched,
-        LOSS_WEIGHT,
+        &EpsObjective::new(&sched, LOSS_WEIGHT, run.device),
         &cfg,
-        run.device,
-        Some(&run.path("checkpoint.safetensors")),
-        args.resume,
-        &mut |st| {
+        TrainRun::new(run.device, &mut |st| {
             bar.inc(1);
             if (st.step + 1) % (steps as usize / 10).max(1) == 0 {
                 log_line(&bar, format!("step {:>5}/{steps}  loss {:.4}", st.step + 1, st.loss));
             }
-        },
+        })
+        .checkpoint(&run.path("checkpoint.safetensors"), args.resume),
     )?;
     bar.finish_and_clear();
     // ANCHOR_END: latent_unet
@@ -428,7 +424,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let (edit_images, edit_labels) = (data.test_images.narrow(0, 0, edit_n), data.test_labels.narrow(0, 0, edit_n));
     let strengths = [0.0, 0.2, 0.4, 0.6, STRENGTH, 1.0];
     let img2img =
-        img2img_study(&pipe, &clf, &edit_images, &edit_labels, &strengths, &draw, 6, &run.path("img2img.png"))?;
+        img2img_study(&pipe, &clf, (&edit_images, &edit_labels), &strengths, &draw, 6, &run.path("img2img.png"))?;
     let inpaint = inpaint_study(&pipe, &clf, &edit_images, &edit_labels, &draw, 8, &run.path("inpainting.png"))?;
     let speed = sampling_speed(&pixel, &pipe, q(4, 100) as i64, &draw)?;
     // ANCHOR_END: edits

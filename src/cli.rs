@@ -240,7 +240,8 @@ pub fn crate_root() -> &'static Path {
 /// so a binary run from anywhere inside the clone finds it. The one resolver of shipped paths.
 pub fn shipped_path(relative: &str, marker: &str) -> PathBuf {
     let local = PathBuf::from(relative);
-    if local.join(marker).exists() {
+    let present = if marker.is_empty() { local.exists() } else { local.join(marker).exists() };
+    if present {
         return local;
     }
     crate_root().join(relative)

@@ -15,8 +15,7 @@ use scratch_diffusion::model::WithContext;
 use scratch_diffusion::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
-use scratch_diffusion::sampling::ddpm::sample;
-use scratch_diffusion::sampling::ddpm::PosteriorVariance;
+use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use scratch_diffusion::sampling::guidance::ClassifierFreeGuidance;
 use scratch_diffusion::text::captions::CONTEXT_LEN;
 use scratch_diffusion::train::ddpm::l_simple;
@@ -150,11 +149,8 @@ fn one(args: &Args, model_name: &str, dtype: &str, threads: i32) -> Result<()> {
         sample(
             &cast,
             &sched,
-            steps,
             &shape,
-            PosteriorVariance::BetaTilde,
-            clip,
-            args.batch,
+            &AncestralSampling { steps, variance: PosteriorVariance::BetaTilde, clip, batch: args.batch },
             Device::Cpu,
             &mut |_, _| {},
         )

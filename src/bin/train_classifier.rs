@@ -1,5 +1,5 @@
-//! Trains the MNIST classifier that grades generated samples (src/eval/classifier.rs) and saves its weights with
-//! their config beside them. The shipped `data/classifier/mnist_cnn.safetensors` was made by
+//! Trains the MNIST classifier that grades generated samples (the network is src/nn/classifier.rs, its training
+//! src/train/classifier.rs) and saves its weights with their config beside them. The shipped `data/classifier/mnist_cnn.safetensors` was made by
 //! `cargo run --release --bin train_classifier` (see data/classifier/README.md).
 use anyhow::Result;
 use clap::Parser;

@@ -140,14 +140,12 @@ impl LatentDiffusion {
 
     /// Runs `draw.sampler` with guidance from latents `start` (B, C, h, w) already at the first σ of `sigmas`, with
     /// the denoiser optionally wrapped by `wrap` (inpainting), in batches; returns the final latents.
-    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         prompt: &str,
         negative: Option<&str>,
         draw: &Draw,
-        start: &Tensor,
-        sigmas: &[f64],
+        (start, sigmas): (&Tensor, &[f64]),
         wrap: Option<(&Tensor, &Tensor)>,
         cb: &mut dyn FnMut(i64, SamplerStep),
     ) -> Result<Tensor> {
@@ -195,7 +193,7 @@ impl LatentDiffusion {
         let shape = self.latent_shape();
         let z_t = Tensor::randn([n, shape[0], shape[1], shape[2]], (Kind::Float, self.device())); // z_T ~ N(0, I)
         let start = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt(); // σ-space: x = z_T √(1 + σ₀²)
-        let z0 = self.run(prompt, negative, draw, &start, &sigmas, None, cb)?;
+        let z0 = self.run(prompt, negative, draw, (&start, &sigmas), None, cb)?;
         Ok(self.decode(&z0)) // D(z₀ / s)
     }
     // ANCHOR_END: generate
@@ -225,7 +223,7 @@ impl LatentDiffusion {
         let tail = &sigmas[draw.steps - run..]; // σ from σ_start down to 0
         tch::manual_seed(draw.seed as i64);
         let start = &z0 + z0.randn_like() * tail[0]; // q(z_σ | z₀) in σ-space: z₀ + σ ε
-        let z = self.run(prompt, negative, draw, &start, tail, None, &mut |_, _| {})?;
+        let z = self.run(prompt, negative, draw, (&start, tail), None, &mut |_, _| {})?;
         Ok(self.decode(&z))
     }
     // ANCHOR_END: img2img
@@ -261,7 +259,7 @@ impl LatentDiffusion {
         tch::manual_seed(draw.seed as i64);
         let start = z0.randn_like() * (1.0 + sigmas[0] * sigmas[0]).sqrt();
         let keep = 1.0 - repaint;
-        let z = self.run(prompt, negative, draw, &start, &sigmas, Some((&z0, &keep)), &mut |_, _| {})?;
+        let z = self.run(prompt, negative, draw, (&start, &sigmas), Some((&z0, &keep)), &mut |_, _| {})?;
         let decoded = self.decode(&z);
         let mask = mask.to_device(Device::Cpu);
         let pasted = &mask * &decoded + (1.0 - &mask) * images.to_kind(Kind::Float).to_device(Device::Cpu);
@@ -427,7 +425,7 @@ mod tests {
         let sigmas = d.sampler.grid(&pipe.scheduler, d.steps);
         let start = z0.randn_like() * (1.0 + sigmas[0] * sigmas[0]).sqrt();
         let keep = keep.expand([2, 1, 4, 4], false);
-        let z = pipe.run("one", None, &d, &start, &sigmas, Some((&z0, &keep)), &mut |_, _| {}).unwrap();
+        let z = pipe.run("one", None, &d, (&start, &sigmas), Some((&z0, &keep)), &mut |_, _| {}).unwrap();
         assert!(max_diff(&(&z * &keep), &(&z0 * &keep)) < 1e-5);
         assert!(max_diff(&z, &z0) > 1e-3, "the masked cells are redrawn");
         let err = format!(

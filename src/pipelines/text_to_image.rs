@@ -16,6 +16,7 @@ use crate::nn::text_unet::TextUNet;
 use crate::nn::unet::{UNet, UNetConfig};
 use crate::pipelines::prompt_encoder::PromptEncoder;
 use crate::sampling::ddpm::sample;
+use crate::sampling::ddpm::AncestralSampling;
 use crate::sampling::ddpm::{DdpmStep, PosteriorVariance};
 use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::text::{Bpe, Coverage, Encoded};
@@ -52,6 +53,15 @@ pub struct PipelineConfig {
     /// Every token id of the training captions: a prompt made only of other tokens reaches embeddings that never
     /// trained ([`Bpe::coverage`]).
     pub seen_tokens: Vec<i64>,
+}
+
+/// How [`TextToImage::generate_with`] draws: guidance scale w, DDPM steps over the training schedule, and the seed of
+/// the noise (image i of a call uses the noise drawn after seeding with `seed`, in order).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draw {
+    pub guidance: f64,
+    pub steps: usize,
+    pub seed: u64,
 }
 
 /// The pipeline: tokenizer and frozen text encoder ([`PromptEncoder`]), UNet, schedule, and the attribute bins that
@@ -123,23 +133,21 @@ impl TextToImage {
         steps: usize,
         seed: u64,
     ) -> Result<Tensor> {
-        self.generate_with(prompt, negative, n, guidance, steps, seed, &mut |_, _| {})
+        self.generate_with(prompt, negative, n, &Draw { guidance, steps, seed }, &mut |_, _| {})
     }
 
     /// [`Self::generate`], with `cb` seeing every step of every batch (its first argument is the batch's first
     /// sample).
     // ANCHOR: generate
-    #[allow(clippy::too_many_arguments)]
     pub fn generate_with(
         &self,
         prompt: &str,
         negative: Option<&str>,
         n: i64,
-        guidance: f64,
-        steps: usize,
-        seed: u64,
+        draw: &Draw,
         cb: &mut dyn FnMut(i64, DdpmStep),
     ) -> Result<Tensor> {
+        let Draw { guidance, steps, seed } = *draw;
         ensure!(n >= 1, "asked for {n} images: ask for at least one");
         ensure!(guidance.is_finite(), "the guidance scale must be a finite number, got {guidance}");
         let t = self.sched.num_steps();
@@ -149,8 +157,14 @@ impl TextToImage {
         let s = self.config.image_size;
         tch::manual_seed(seed as i64);
         let (variance, device) = (self.config.variance, self.device());
-        let x =
-            sample(&guided, &self.sched, steps, &[n, 1, s, s], variance, Some((-1.0, 1.0)), SAMPLE_BATCH, device, cb);
+        let x = sample(
+            &guided,
+            &self.sched,
+            &[n, 1, s, s],
+            &AncestralSampling { steps, variance, clip: Some((-1.0, 1.0)), batch: SAMPLE_BATCH },
+            device,
+            cb,
+        );
         Ok(to_unit(&x).to_device(Device::Cpu)) // (n, 1, S, S)
     }
     // ANCHOR_END: generate

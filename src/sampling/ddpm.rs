@@ -88,21 +88,30 @@ pub fn ddpm_sample(
 }
 // ANCHOR_END: ddpm_sample
 
-/// Draws `n` samples with DDPM ancestral sampling ([DDPM] Algorithm 2) over `steps` evenly respaced timesteps
-/// (`steps` = T is Algorithm 2 itself), the predicted x̂₀ clipped to `clip` (images: the data range [−1, 1]).
-/// `cb` sees every step.
-#[allow(clippy::too_many_arguments)]
+/// How [`sample`] walks the schedule: `steps` evenly respaced timesteps, the posterior variance σ_t², x̂₀ clipped to
+/// `clip` (images: the data range [−1, 1]), at most `batch` images per network call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AncestralSampling {
+    pub steps: usize,
+    pub variance: PosteriorVariance,
+    pub clip: Option<(f64, f64)>,
+    pub batch: i64,
+}
+
+/// Draws `shape[0]` samples of an ε-model with DDPM ancestral sampling ([DDPM] Algorithm 2) over `how.steps`
+/// evenly respaced timesteps (`steps` = T is Algorithm 2 itself), starting from x_T ~ N(0, I), `how.batch` at a
+/// time; `cb(first_image_of_the_batch, step)` sees every step. This is the sampler of lessons 03–06, on the model's
+/// own timesteps; [`crate::sampling::ddim::sample_ddpm`] is the same algorithm on the σ-space denoiser interface
+/// that every other sampler shares (lesson 07 checks the two agree step for step), for any σ grid.
 pub fn sample(
     model: &dyn EpsModel,
     sched: &NoiseSchedule,
-    steps: usize,
     shape: &[i64],
-    variance: PosteriorVariance,
-    clip: Option<(f64, f64)>,
-    batch: i64,
+    how: &AncestralSampling,
     device: Device,
     cb: &mut dyn FnMut(i64, DdpmStep),
 ) -> Tensor {
+    let AncestralSampling { steps, variance, clip, batch } = *how;
     let (timesteps, respaced) = sched.respaced(steps.min(sched.num_steps()));
     let n = shape[0];
     let mut chunks = Vec::new();

@@ -64,12 +64,10 @@ pub struct Img2ImgPoint {
 // ANCHOR: img2img_study
 /// img2img of `images` (N, 1, S, S) in [0, 1] with digit `labels` (N,) at each of `strengths`: image i is asked for
 /// [`new_digit`] with phrasing i mod 5 of [`eval_prompts`]. Draws the first `shown` inputs' rows into `figure`.
-#[allow(clippy::too_many_arguments)]
 pub fn img2img_study(
     pipe: &LatentDiffusion,
     clf: &MnistClassifier,
-    images: &Tensor,
-    labels: &Tensor,
+    (images, labels): (&Tensor, &Tensor),
     strengths: &[f64],
     draw: &Draw,
     shown: i64,

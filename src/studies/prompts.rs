@@ -4,7 +4,7 @@ use crate::data::captions::Level;
 use crate::data::to_unit;
 use crate::eval::prompt_accuracy::{fraction_read_as, AttributeReport, PromptAccuracy};
 use crate::nn::classifier::MnistClassifier;
-use crate::pipelines::text_to_image::TextToImage;
+use crate::pipelines::text_to_image::{Draw, TextToImage};
 use crate::plot;
 use anyhow::Result;
 use std::path::Path;
@@ -79,7 +79,7 @@ pub fn plot_token_attention(
 ) -> Result<()> {
     let keep = [steps - 1, (steps - 1) * 2 / 3, (steps - 1) / 3, 0];
     let mut chain = Vec::new();
-    let _ = pipe.generate_with(prompt, None, 1, w, steps, seed, &mut |_, st| {
+    let _ = pipe.generate_with(prompt, None, 1, &Draw { guidance: w, steps, seed }, &mut |_, st| {
         if keep.contains(&st.i) {
             chain.push((st.t, to_unit(st.x_t), to_unit(st.x0_hat), st.x_t.copy()));
         }

@@ -2,11 +2,11 @@
 //!
 //! [CLIP] Radford et al. 2021, arXiv:2103.00020, Figure 3 (the symmetric cross-entropy over the batch).
 use crate::nn::clip::{ClipTargets, MiniClip, MiniClipConfig};
-use crate::train::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
+use crate::train::trainer::TrainRun;
+use crate::train::trainer::{train_model, TrainOutcome, TrainerConfig};
 use anyhow::{ensure, Result};
-use std::path::Path;
 use tch::nn::{self, VarStore};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Checks what [`train_mini_clip`] is given against the config, naming what is wrong.
 fn check_inputs(config: &MiniClipConfig, images: &Tensor, ids: &Tensor, mask: Option<&Tensor>) -> Result<()> {
@@ -39,7 +39,6 @@ fn check_inputs(config: &MiniClipConfig, images: &Tensor, ids: &Tensor, mask: Op
 /// (N, L) bool, one caption per image, batched by the same random rows. Returns the f32 VarStore holding the EMA
 /// weights (or the last weights without EMA), the model on it, and the outcome, as `train_eps_model` does.
 /// AdamW's weight decay reaches every variable, logit_scale included (CLIP exempts it): keep it small.
-#[allow(clippy::too_many_arguments)]
 pub fn train_mini_clip(
     config: &MiniClipConfig,
     images: &Tensor,
@@ -47,10 +46,7 @@ pub fn train_mini_clip(
     mask: Option<&Tensor>,
     targets: ClipTargets,
     cfg: &TrainerConfig,
-    device: Device,
-    ckpt: Option<&Path>,
-    resume: bool,
-    cb: &mut dyn FnMut(StepInfo),
+    run: TrainRun,
 ) -> Result<(VarStore, MiniClip, TrainOutcome)> {
     check_inputs(config, images, ids, mask)?;
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
@@ -60,7 +56,7 @@ pub fn train_mini_clip(
     let mut data = vec![images, ids];
     data.extend(mask);
     let build = |p: nn::Path| MiniClip::new(p, config.clone());
-    train_model(build, &data, cfg, device, ckpt, resume, cb, &mut loss_fn)
+    train_model(build, &data, cfg, run, &mut loss_fn)
 }
 // ANCHOR_END: train_mini_clip
 
@@ -70,6 +66,8 @@ mod tests {
     use crate::nn::clip::tokenize;
     use crate::nn::clip::zero_shot_accuracy;
     use crate::text::Bpe;
+    use crate::train::trainer::TrainRun;
+    use tch::Device;
 
     #[test]
     fn a_tiny_mini_clip_learns_to_tell_zero_from_one() {
@@ -104,10 +102,7 @@ mod tests {
             Some(&mask),
             ClipTargets::default(),
             &cfg,
-            Device::Cpu,
-            None,
-            false,
-            &mut |_| {},
+            TrainRun::new(Device::Cpu, &mut |_| {}),
         )
         .unwrap();
         let (first, last) = (out.losses[..10].iter().sum::<f64>(), out.losses[140..].iter().sum::<f64>());
@@ -132,10 +127,7 @@ mod tests {
             None,
             ClipTargets::Pairs,
             &cfg,
-            Device::Cpu,
-            None,
-            false,
-            &mut |_| {},
+            TrainRun::new(Device::Cpu, &mut |_| {}),
         )
         .err()
         .unwrap()

@@ -8,16 +8,15 @@
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, eq. 14 (L_simple).
 //! [LDM] Rombach et al. 2022, arXiv:2112.10752, sec. 3.3 (conditioning through cross-attention to τ_θ(y)).
 //! Notation (code -> paper): p_uncond -> p_uncond; null label -> ∅; context -> τ_θ(y); eps_cond -> ε_θ(z_λ, c).
-use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::CondEpsModel;
 use crate::model::WithContext;
 use crate::nn::class_cond::LabelConditioned;
-use crate::train::ddpm::{EpsObjective, LossWeight};
-use crate::train::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
+use crate::train::ddpm::EpsObjective;
+use crate::train::trainer::TrainRun;
+use crate::train::trainer::{train_model, TrainOutcome, TrainerConfig};
 use anyhow::{ensure, Result};
-use std::path::Path;
 use tch::nn::{self, VarStore};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// [CFG] sec. 4: the probability of training on ∅ that the paper found best together with 0.2.
 pub const DEFAULT_P_UNCOND: f64 = 0.1;
@@ -38,36 +37,34 @@ pub fn drop_labels(labels: &Tensor, p_uncond: f64, null_label: i64) -> Tensor {
 /// with the same rows, so every image keeps its label. `p_uncond` is not in the checkpoint's config: resume with
 /// the same value.
 // ANCHOR: train_cond
-#[allow(clippy::too_many_arguments)]
 pub fn train_cond_eps_model<M: CondEpsModel>(
     build: impl Fn(nn::Path) -> LabelConditioned<M>,
     images: &Tensor,
     labels: &Tensor,
-    sched: &NoiseSchedule,
-    weight: LossWeight,
+    objective: &EpsObjective,
     p_uncond: f64,
     cfg: &TrainerConfig,
-    device: Device,
-    ckpt: Option<&Path>,
-    resume: bool,
-    cb: &mut dyn FnMut(StepInfo),
+    run: TrainRun,
 ) -> Result<(VarStore, LabelConditioned<M>, TrainOutcome)> {
     ensure!((0.0..=1.0).contains(&p_uncond), "--p-uncond must lie in [0, 1], got {p_uncond}");
-    let objective = EpsObjective::new(sched, weight, device);
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
     let mut loss_fn = |net: &LabelConditioned<M>, _: &LabelConditioned<M>, batch: &[Tensor], _step: usize| {
         let y = drop_labels(&batch[1], p_uncond, net.labels.null_label()); // (B,)
         let context = net.labels.forward(&y); // (B, tokens, dim)
         objective.loss(&WithContext { model: &net.net, context: &context }, &batch[0].to_kind(kind))
     };
-    train_model(build, &[images, labels], cfg, device, ckpt, resume, cb, &mut loss_fn)
+    train_model(build, &[images, labels], cfg, run, &mut loss_fn)
 }
 // ANCHOR_END: train_cond
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diffusion::schedule::NoiseSchedule;
     use crate::nn::class_cond::ClassCondConfig;
+    use crate::train::ddpm::LossWeight;
+    use crate::train::trainer::TrainRun;
+    use tch::Device;
 
     #[test]
     fn condition_dropout_replaces_labels_at_rate_p_and_keeps_the_rest() {
@@ -94,14 +91,10 @@ mod tests {
             |p| config.build(p),
             &images,
             &labels,
-            &sched,
-            LossWeight::MinSnr,
+            &EpsObjective::new(&sched, LossWeight::MinSnr, Device::Cpu),
             0.5,
             &cfg,
-            Device::Cpu,
-            None,
-            false,
-            &mut |_| {},
+            TrainRun::new(Device::Cpu, &mut |_| {}),
         )
         .unwrap();
         assert!(out.losses.len() == 3 && out.losses.iter().all(|l| l.is_finite()), "{:?}", out.losses);
@@ -132,14 +125,10 @@ mod tests {
                 build,
                 &images,
                 labels,
-                &sched,
-                LossWeight::Uniform,
+                &EpsObjective::new(&sched, LossWeight::Uniform, Device::Cpu),
                 p_uncond,
                 &cfg,
-                Device::Cpu,
-                None,
-                false,
-                &mut |_| {},
+                TrainRun::new(Device::Cpu, &mut |_| {}),
             )?;
             let moved = (model.labels.null_context(1) - initial.take().unwrap()).abs().max().double_value(&[]);
             Ok::<_, anyhow::Error>((out.losses, moved))

@@ -6,9 +6,9 @@
 use crate::diffusion::forward::q_sample;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::EpsModel;
-use crate::train::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
+use crate::train::trainer::TrainRun;
+use crate::train::trainer::{train_model, TrainOutcome, TrainerConfig};
 use anyhow::Result;
-use std::path::Path;
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -87,26 +87,22 @@ impl EpsObjective {
     }
 }
 
+/// What [`train_eps_model`] calls at its snapshot steps: (step, the model with its current weights).
+pub type Snapshot<'a> = dyn FnMut(usize, &dyn EpsModel) + 'a;
+
 /// Builds the model with `build` on a fresh VarStore (and a bf16 copy when `cfg.bf16`), trains it with L_simple on
 /// `images` (N, C, H, W, scaled to [−1, 1]) through the shared trainer, and returns the f32 VarStore holding the
 /// EMA weights (or the last weights without EMA), the model on it, and the training outcome.
 /// At each step in `snapshot_at`, `on_snapshot(step, model)` sees the current (f32, not averaged) weights, after
 /// that step's loss is computed: the trainer re-seeds the noise at every step, so what it draws changes nothing.
-#[allow(clippy::too_many_arguments)]
 pub fn train_eps_model<M: EpsModel>(
     build: impl Fn(nn::Path) -> M,
     images: &Tensor,
-    sched: &NoiseSchedule,
-    weight: LossWeight,
+    objective: &EpsObjective,
     cfg: &TrainerConfig,
-    device: Device,
-    ckpt: Option<&Path>,
-    resume: bool,
-    cb: &mut dyn FnMut(StepInfo),
-    snapshot_at: &[usize],
-    on_snapshot: &mut dyn FnMut(usize, &dyn EpsModel),
+    run: TrainRun,
+    (snapshot_at, on_snapshot): (&[usize], &mut Snapshot),
 ) -> Result<(VarStore, M, TrainOutcome)> {
-    let objective = EpsObjective::new(sched, weight, device);
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
     let mut loss_fn = |net: &M, model: &M, batch: &[Tensor], step: usize| {
         let loss = objective.loss(net, &batch[0].to_kind(kind));
@@ -115,14 +111,16 @@ pub fn train_eps_model<M: EpsModel>(
         }
         loss
     };
-    train_model(build, &[images], cfg, device, ckpt, resume, cb, &mut loss_fn)
+    train_model(build, &[images], cfg, run, &mut loss_fn)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sampling::ddpm::sample;
+    use crate::sampling::ddpm::AncestralSampling;
     use crate::sampling::ddpm::PosteriorVariance;
+    use tch::Device;
 
     /// An exact ε-predictor for x₀ ~ N(μ, s²): E[ε | x_t] = √(1−ᾱ)(x_t − √ᾱ μ)/(ᾱ s² + 1 − ᾱ).
     struct GaussianOracle {
@@ -196,10 +194,14 @@ mod tests {
         let mut calls = 0;
         // σ_t² = β_t: at 100 respaced steps it over-disperses this data by a few per cent, while β̃_t would
         // under-disperse it by over 10 % (see the oracle tests in src/sampling/ddpm.rs)
-        let x =
-            sample(&oracle, &sched, 100, &[6000, 1], PosteriorVariance::Beta, None, 2500, Device::Cpu, &mut |_, _| {
-                calls += 1
-            });
+        let x = sample(
+            &oracle,
+            &sched,
+            &[6000, 1],
+            &AncestralSampling { steps: 100, variance: PosteriorVariance::Beta, clip: None, batch: 2500 },
+            Device::Cpu,
+            &mut |_, _| calls += 1,
+        );
         assert_eq!(calls, 3 * 100, "three batches of 100 steps");
         let (m, v) = (x.mean(Kind::Double).double_value(&[]), x.var(true).double_value(&[]));
         // mean exact to Monte-Carlo error; variance over-dispersed by β_t, less than 10 % here

@@ -6,24 +6,22 @@
 //! KL-penalty of small weight; LPIPS and a patch discriminator we leave out), sec. 4.3.2 (rescaled latents).
 //! Notation (code -> paper): vae.encode -> E (its posterior), vae.decode -> D, z -> scaled latent.
 use crate::data::to_unit;
-use crate::diffusion::schedule::NoiseSchedule;
 use crate::nn::classifier::MnistClassifier;
 use crate::nn::text_unet::TextUNet;
 use crate::nn::unet::UNetConfig;
 use crate::nn::vae::AutoencoderKl;
 use crate::nn::vae::DiagonalGaussian;
 use crate::nn::vae::VaeConfig;
-use crate::train::ddpm::LossWeight;
+use crate::train::ddpm::EpsObjective;
 use crate::train::text_cond::train_text_cond_unet_on;
 use crate::train::text_cond::TextData;
 use crate::train::trainer::train_model;
-use crate::train::trainer::StepInfo;
 use crate::train::trainer::TrainOutcome;
+use crate::train::trainer::TrainRun;
 use crate::train::trainer::TrainerConfig;
 use anyhow::{ensure, Result};
-use std::path::Path;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// The autoencoder's training objective, per image ([LDM] appendix G, without the GAN term):
 /// L = Σ_pixels |x − x̂| + kl_weight · KL(q(z|x) ‖ N(0, I)) + perceptual_weight · ‖φ(x) − φ(x̂)‖², with φ the crate
@@ -60,17 +58,13 @@ pub fn vae_loss(vae: &AutoencoderKl, x: &Tensor, loss: VaeLoss, clf: Option<&Mni
 
 /// Trains the autoencoder `config` on `images` (N, 1, H, W) in [−1, 1] with [`vae_loss`]; `terms` sees the three
 /// terms of every step. Returns the f32 VarStore (EMA weights when `cfg.ema_decay` is set), the model, the outcome.
-#[allow(clippy::too_many_arguments)]
 pub fn train_vae(
     config: &VaeConfig,
     images: &Tensor,
     loss: VaeLoss,
     clf: Option<&MnistClassifier>,
     cfg: &TrainerConfig,
-    device: Device,
-    ckpt: Option<&Path>,
-    resume: bool,
-    cb: &mut dyn FnMut(StepInfo),
+    run: TrainRun,
     terms: &mut dyn FnMut([f64; 3]),
 ) -> Result<(VarStore, AutoencoderKl, TrainOutcome)> {
     ensure!(!cfg.bf16, "the autoencoder trains in f32 only");
@@ -80,7 +74,7 @@ pub fn train_vae(
         l
     };
     let build = |p: tch::nn::Path| AutoencoderKl::new(p, config.clone());
-    train_model(build, &[images], cfg, device, ckpt, resume, cb, &mut loss_fn)
+    train_model(build, &[images], cfg, run, &mut loss_fn)
 }
 
 /// The posterior moments (N, 2C, h, w) of `images` (N, 1, H, W) in [−1, 1], encoded `batch` at a time without
@@ -101,29 +95,26 @@ pub fn encode_moments(vae: &AutoencoderKl, images: &Tensor, batch: i64) -> Tenso
 
 /// Trains the latent UNet `config` on the moments of [`encode_moments`]: every step draws z ~ q(z|x) and scales it
 /// by `scaling_factor` ([LDM] eq. 2 on scaled latents); the rest is lesson 06's text-conditioned training.
-#[allow(clippy::too_many_arguments)]
 pub fn train_latent_unet(
     config: &UNetConfig,
     text: TextData,
     moments: &Tensor,
     scaling_factor: f64,
-    sched: &NoiseSchedule,
-    weight: LossWeight,
+    objective: &EpsObjective,
     cfg: &TrainerConfig,
-    device: Device,
-    ckpt: Option<&Path>,
-    resume: bool,
-    cb: &mut dyn FnMut(StepInfo),
+    run: TrainRun,
 ) -> Result<(VarStore, TextUNet, TrainOutcome)> {
     // ANCHOR: latent_x0
-    let x0_of = |m: &Tensor| DiagonalGaussian::from_moments(m).sample() * scaling_factor; // z = s · (μ + σ ε)
-                                                                                          // ANCHOR_END: latent_x0
-    train_text_cond_unet_on(config, text, moments, &x0_of, sched, weight, cfg, device, ckpt, resume, cb)
+    // z = s · (μ + σ ε): a fresh draw from q(z|x) at every step, scaled ([LDM] sec. 4.3.2)
+    let x0_of = |m: &Tensor| DiagonalGaussian::from_moments(m).sample() * scaling_factor;
+    // ANCHOR_END: latent_x0
+    train_text_cond_unet_on(config, text, moments, &x0_of, objective, cfg, run)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::trainer::TrainRun;
     use tch::Device;
 
     #[test]
@@ -141,11 +132,16 @@ mod tests {
         let cfg =
             TrainerConfig { steps: 150, batch_size: 16, lr: 3e-3, warmup: 5, ema_decay: None, ..Default::default() };
         let mut terms = Vec::new();
-        let (_, vae, out) =
-            train_vae(&VaeConfig::tiny(), &images, loss, None, &cfg, Device::Cpu, None, false, &mut |_| {}, &mut |t| {
-                terms.push(t)
-            })
-            .unwrap();
+        let (_, vae, out) = train_vae(
+            &VaeConfig::tiny(),
+            &images,
+            loss,
+            None,
+            &cfg,
+            TrainRun::new(Device::Cpu, &mut |_| {}),
+            &mut |t| terms.push(t),
+        )
+        .unwrap();
         // the loss is (L1 + λ KL) / pixels
         let [l1, kl, _] = terms[0];
         assert!((out.losses[0] - (l1 + 1e-3 * kl) / 64.0).abs() < 1e-5);

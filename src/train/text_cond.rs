@@ -9,7 +9,6 @@
 //! sec. 4.4 (cross-attending to the sequence of token embeddings beats mean- or attention-pooling them).
 //! [CFG] Ho & Salimans 2022, arXiv:2207.12598, Algorithm 1 (condition dropout: c ← ∅ with probability p_uncond).
 //! Notation (code -> paper): hidden -> τ_θ(y), the text encoder's last hidden state; empty prompt -> ∅.
-use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::WithContext;
 use crate::nn::text_encoder::TextEncoder;
 use crate::nn::text_unet::encode_context;
@@ -18,12 +17,12 @@ use crate::nn::text_unet::TextUNet;
 use crate::nn::unet::{UNet, UNetConfig};
 use crate::text::captions::CaptionIds;
 use crate::text::Encoded;
-use crate::train::ddpm::{EpsObjective, LossWeight};
-use crate::train::trainer::{train_model, StepInfo, TrainOutcome, TrainerConfig};
+use crate::train::ddpm::EpsObjective;
+use crate::train::trainer::TrainRun;
+use crate::train::trainer::{train_model, TrainOutcome, TrainerConfig};
 use anyhow::{ensure, Result};
-use std::path::Path;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 // ANCHOR: pick_captions
 /// One caption per image for this step: for ids (B, K, L) and lens (B, K), caption k ~ U{0..K−1} of each image, then
@@ -48,24 +47,15 @@ pub fn pick_captions(ids: &Tensor, lens: &Tensor, empty: &Encoded, p_uncond: f64
 /// (N, C, H, W) in [−1, 1], each step reading one of each image's `captions` through the frozen `text_encoder`
 /// (which is not on the trainer's VarStore, so it never changes), dropped to `empty` (the tokenised "") with
 /// probability `p_uncond`. Returns the f32 VarStore with the EMA weights (or the last ones), the model, the outcome.
-#[allow(clippy::too_many_arguments)]
 pub fn train_text_cond_unet(
     config: &UNetConfig,
-    text_encoder: &TextEncoder,
+    text: TextData,
     images: &Tensor,
-    captions: &CaptionIds,
-    empty: &Encoded,
-    sched: &NoiseSchedule,
-    weight: LossWeight,
-    p_uncond: f64,
+    objective: &EpsObjective,
     cfg: &TrainerConfig,
-    device: Device,
-    ckpt: Option<&Path>,
-    resume: bool,
-    cb: &mut dyn FnMut(StepInfo),
+    run: TrainRun,
 ) -> Result<(VarStore, TextUNet, TrainOutcome)> {
-    let text = TextData { encoder: text_encoder, captions, empty, p_uncond };
-    train_text_cond_unet_on(config, text, images, &|x| x.shallow_clone(), sched, weight, cfg, device, ckpt, resume, cb)
+    train_text_cond_unet_on(config, text, images, &|x| x.shallow_clone(), objective, cfg, run)
 }
 
 /// The text side of a training set: the frozen encoder, the captions of every row, the tokenised "" and the rate of
@@ -81,19 +71,14 @@ pub struct TextData<'a> {
 /// [`train_text_cond_unet`] on rows of `data` (N, …) that `x0_of` turns into the clean x₀ of each batch: the
 /// identity for pixels, a draw z ~ q(z|x) from stored posterior moments for the latents of lesson 08.
 // ANCHOR: train_text
-#[allow(clippy::too_many_arguments)]
 pub fn train_text_cond_unet_on(
     config: &UNetConfig,
     text: TextData,
     data: &Tensor,
     x0_of: &dyn Fn(&Tensor) -> Tensor,
-    sched: &NoiseSchedule,
-    weight: LossWeight,
+    objective: &EpsObjective,
     cfg: &TrainerConfig,
-    device: Device,
-    ckpt: Option<&Path>,
-    resume: bool,
-    cb: &mut dyn FnMut(StepInfo),
+    run: TrainRun,
 ) -> Result<(VarStore, TextUNet, TrainOutcome)> {
     let TextData { encoder: text_encoder, captions, empty, p_uncond } = text;
     ensure!((0.0..=1.0).contains(&p_uncond), "--p-uncond must lie in [0, 1], got {p_uncond}");
@@ -109,7 +94,6 @@ pub fn train_text_cond_unet_on(
         empty.ids.len(),
         captions.ids.size()[2]
     );
-    let objective = EpsObjective::new(sched, weight, device);
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
     let mut loss_fn = |net: &TextUNet, _: &TextUNet, batch: &[Tensor], _step: usize| {
         let (ids, mask) = pick_captions(&batch[1], &batch[2], empty, p_uncond); // (B, L) each
@@ -118,19 +102,24 @@ pub fn train_text_cond_unet_on(
     };
     let data = [data, &captions.ids, &captions.lens];
     let build = |p: tch::nn::Path| TextUNet(UNet::new(p, config.clone()));
-    train_model(build, &data, cfg, device, ckpt, resume, cb, &mut loss_fn)
+    train_model(build, &data, cfg, run, &mut loss_fn)
 }
 // ANCHOR_END: train_text
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diffusion::schedule::NoiseSchedule;
     use crate::model::{CondEpsModel, EpsModel};
     use crate::nn::text_encoder::TextEncoderConfig;
     use crate::nn::text_unet::pack_context;
     use crate::nn::text_unet::unpack_context;
+    use crate::sampling::ddpm::AncestralSampling;
     use crate::sampling::guidance::ClassifierFreeGuidance;
     use crate::text::Bpe;
+    use crate::train::ddpm::LossWeight;
+    use crate::train::trainer::TrainRun;
+    use tch::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])
@@ -225,18 +214,11 @@ mod tests {
         };
         let (_vs, model, out) = train_text_cond_unet(
             &UNetConfig::tiny_cond(16),
-            &text_encoder,
+            TextData { encoder: &text_encoder, captions: &caps, empty: &empty, p_uncond: 0.2 },
             &images,
-            &caps,
-            &empty,
-            &sched,
-            LossWeight::Uniform,
-            0.2,
+            &EpsObjective::new(&sched, LossWeight::Uniform, Device::Cpu),
             &cfg,
-            Device::Cpu,
-            None,
-            false,
-            &mut |_| {},
+            TrainRun::new(Device::Cpu, &mut |_| {}),
         )
         .unwrap();
         let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
@@ -252,11 +234,13 @@ mod tests {
             let x = crate::sampling::ddpm::sample(
                 &guided,
                 &sched,
-                20,
                 &[16, 1, 8, 8],
-                crate::sampling::ddpm::PosteriorVariance::BetaTilde,
-                Some((-1.0, 1.0)),
-                16,
+                &AncestralSampling {
+                    steps: 20,
+                    variance: crate::sampling::ddpm::PosteriorVariance::BetaTilde,
+                    clip: Some((-1.0, 1.0)),
+                    batch: 16,
+                },
                 Device::Cpu,
                 &mut |_, _| {},
             );

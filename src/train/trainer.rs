@@ -89,6 +89,27 @@ pub struct StepInfo {
     pub grad_norm: f64,
 }
 
+/// Where a training call runs and what it reports: the device, the checkpoint file (None: no checkpoints), whether to
+/// continue from that checkpoint, and the callback that sees every finished step (progress bars, logs).
+pub struct TrainRun<'a> {
+    pub device: Device,
+    pub ckpt: Option<&'a Path>,
+    pub resume: bool,
+    pub on_step: &'a mut dyn FnMut(StepInfo),
+}
+
+impl<'a> TrainRun<'a> {
+    /// On `device`, without checkpoints, reporting every step to `on_step`.
+    pub fn new(device: Device, on_step: &'a mut dyn FnMut(StepInfo)) -> Self {
+        Self { device, ckpt: None, resume: false, on_step }
+    }
+
+    /// Writes checkpoints to `path`, and with `resume` continues from the one there.
+    pub fn checkpoint(self, path: &'a Path, resume: bool) -> Self {
+        Self { ckpt: Some(path), resume, ..self }
+    }
+}
+
 /// The result of [`train`].
 pub struct TrainOutcome {
     /// Loss of every step from 0, including the steps before a resume (the checkpoint keeps them).
@@ -470,17 +491,15 @@ fn ensure_same_config(cfg: &TrainerConfig, path: &Path) -> Result<()> {
 /// `resume` and a checkpoint at `ckpt`, the run continues from it (without one it starts afresh). `cb` sees every
 /// step. A non-finite loss or gradient stops the run with an error naming the step, writing no checkpoint.
 // ANCHOR: train
-#[allow(clippy::too_many_arguments)]
 pub fn train(
     master: &mut VarStore,
     mut compute: Option<&mut VarStore>,
     data: &[&Tensor],
     cfg: &TrainerConfig,
     loss_fn: &mut dyn FnMut(&[Tensor], usize) -> Tensor,
-    ckpt: Option<&Path>,
-    resume: bool,
-    cb: &mut dyn FnMut(StepInfo),
+    run: TrainRun,
 ) -> Result<TrainOutcome> {
+    let TrainRun { ckpt, resume, on_step: cb, .. } = run;
     ensure!(!resume || ckpt.is_some(), "resume was asked for, but no checkpoint path was given");
     let mut trainer = match ckpt {
         Some(path) if resume && path.exists() => Trainer::resume(master, cfg.clone(), path)?,
@@ -514,17 +533,14 @@ pub type ModelLoss<'a, M> = dyn FnMut(&M, &M, &[Tensor], usize) -> Tensor + 'a;
 /// backward passes run on), trains it through [`train`] with `loss_fn(net, master_model, batch, step)`, where `net`
 /// is the copy the passes run on, and returns the f32 VarStore holding the EMA weights (or the last weights without
 /// EMA), the model on it, and the outcome. Every model-training function of the crate goes through here.
-#[allow(clippy::too_many_arguments)]
 pub fn train_model<M>(
     build: impl Fn(nn::Path) -> M,
     data: &[&Tensor],
     cfg: &TrainerConfig,
-    device: Device,
-    ckpt: Option<&Path>,
-    resume: bool,
-    cb: &mut dyn FnMut(StepInfo),
+    run: TrainRun,
     loss_fn: &mut ModelLoss<M>,
 ) -> Result<(VarStore, M, TrainOutcome)> {
+    let device = run.device;
     let mut master = VarStore::new(device);
     let model = build(master.root());
     let mut compute = cfg.bf16.then(|| VarStore::new(device));
@@ -534,7 +550,7 @@ pub fn train_model<M>(
     }
     let mut step_loss =
         |batch: &[Tensor], step: usize| loss_fn(compute_model.as_ref().unwrap_or(&model), &model, batch, step);
-    let outcome = train(&mut master, compute.as_mut(), data, cfg, &mut step_loss, ckpt, resume, cb)?;
+    let outcome = train(&mut master, compute.as_mut(), data, cfg, &mut step_loss, run)?;
     if let Some(ema) = &outcome.ema {
         ema.copy_to(&mut master);
     }
@@ -651,7 +667,9 @@ mod tests {
         let mut vs = VarStore::new(Device::Cpu);
         let model = mlp(&vs, 4, 32, 2);
         let cfg = TrainerConfig { steps: 300, batch_size: 32, lr: 1e-2, warmup: 10, ..quiet(Default::default()) };
-        let out = train(&mut vs, None, &[&x, &y], &cfg, &mut |b, _| mse(&model, b), None, false, &mut |_| {}).unwrap();
+        let out =
+            train(&mut vs, None, &[&x, &y], &cfg, &mut |b, _| mse(&model, b), TrainRun::new(Device::Cpu, &mut |_| {}))
+                .unwrap();
         let (first, last) = (out.losses[0], out.losses[299]);
         assert!(last < 0.1 * first, "the loss fell from {first} to only {last}");
         assert!(out.ema.is_none() && out.resumed_from.is_none() && out.steps_run == 300);
@@ -674,9 +692,13 @@ mod tests {
             let (x, y) = (b[0].to_kind(Kind::BFloat16), b[1].to_kind(Kind::BFloat16));
             (model.forward(&x) - y).square().mean(Kind::Float)
         };
-        let e = train(&mut master, None, &[&x, &y], &cfg, &mut loss, None, false, &mut |_| {}).err().unwrap();
+        let e = train(&mut master, None, &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {}))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("compute VarStore"), "{e}");
-        let out = train(&mut master, Some(&mut compute), &[&x, &y], &cfg, &mut loss, None, false, &mut |_| {}).unwrap();
+        let out =
+            train(&mut master, Some(&mut compute), &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {}))
+                .unwrap();
         let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
         let (early, late) = (mean(&out.losses[..10]), mean(&out.losses[190..]));
         assert!(late < 0.3 * early, "bf16 loss fell from {early} only to {late}");
@@ -708,7 +730,16 @@ mod tests {
         };
         let e = format!(
             "{:#}",
-            train(&mut vs, None, &[&x, &y], &cfg, &mut loss, Some(&path), false, &mut cb).err().unwrap()
+            train(
+                &mut vs,
+                None,
+                &[&x, &y],
+                &cfg,
+                &mut loss,
+                TrainRun::new(Device::Cpu, &mut cb).checkpoint(&path, false)
+            )
+            .err()
+            .unwrap()
         );
         assert!(e.contains("step 5") && e.contains("--lr"), "{e}");
         assert!(
@@ -722,7 +753,10 @@ mod tests {
         let mut vs = VarStore::new(Device::Cpu);
         let z = vs.root().var("z", &[1], nn::Init::Const(0.0));
         let mut loss = |_: &[Tensor], _: usize| z.abs().sqrt().sum(Kind::Float);
-        let e = train(&mut vs, None, &[&x], &cfg, &mut loss, None, false, &mut |_| {}).err().unwrap().to_string();
+        let e = train(&mut vs, None, &[&x], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {}))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("step 0") && e.contains("gradient norm"), "{e}");
     }
 
@@ -739,15 +773,40 @@ mod tests {
         let model = mlp(&vs, 4, 8, 2);
         let cfg = TrainerConfig { steps: 3, batch_size: 8, lr: 1e-3, warmup: 1, ..Default::default() };
         let mut loss = |b: &[Tensor], _: usize| mse(&model, b);
-        train(&mut vs, None, &[&x, &y], &cfg, &mut loss, Some(&path), false, &mut |_| {}).unwrap();
+        train(
+            &mut vs,
+            None,
+            &[&x, &y],
+            &cfg,
+            &mut loss,
+            TrainRun::new(Device::Cpu, &mut |_| {}).checkpoint(&path, false),
+        )
+        .unwrap();
         let other = TrainerConfig { lr: 2e-3, ..cfg.clone() };
         let e = format!(
             "{:#}",
-            train(&mut vs, None, &[&x, &y], &other, &mut loss, Some(&path), true, &mut |_| {}).err().unwrap()
+            train(
+                &mut vs,
+                None,
+                &[&x, &y],
+                &other,
+                &mut loss,
+                TrainRun::new(Device::Cpu, &mut |_| {}).checkpoint(&path, true)
+            )
+            .err()
+            .unwrap()
         );
         assert!(e.contains("`lr`") && e.contains("0.001") && e.contains("0.002"), "{e}");
         let longer = TrainerConfig { steps: 5, ..cfg };
-        let out = train(&mut vs, None, &[&x, &y], &longer, &mut loss, Some(&path), true, &mut |_| {}).unwrap();
+        let out = train(
+            &mut vs,
+            None,
+            &[&x, &y],
+            &longer,
+            &mut loss,
+            TrainRun::new(Device::Cpu, &mut |_| {}).checkpoint(&path, true),
+        )
+        .unwrap();
         assert_eq!((out.resumed_from, out.losses.len(), out.steps_run), (Some(3), 5, 2));
     }
 
@@ -784,8 +843,15 @@ mod tests {
         };
 
         let (mut vs_a, model_a) = build(0);
-        let a =
-            train(&mut vs_a, None, &[&x, &y], &cfg, &mut |b, _| noisy(&model_a, b), None, false, &mut |_| {}).unwrap();
+        let a = train(
+            &mut vs_a,
+            None,
+            &[&x, &y],
+            &cfg,
+            &mut |b, _| noisy(&model_a, b),
+            TrainRun::new(Device::Cpu, &mut |_| {}),
+        )
+        .unwrap();
 
         let (vs_b, model_b) = build(0);
         let mut trainer = Trainer::new(&vs_b, cfg.clone()).unwrap();
@@ -797,8 +863,15 @@ mod tests {
         drop((trainer, vs_b, model_b));
 
         let (mut vs_c, model_c) = build(123); // other initial weights: all of it must come from the checkpoint
-        let c = train(&mut vs_c, None, &[&x, &y], &cfg, &mut |b, _| noisy(&model_c, b), Some(&path), true, &mut |_| {})
-            .unwrap();
+        let c = train(
+            &mut vs_c,
+            None,
+            &[&x, &y],
+            &cfg,
+            &mut |b, _| noisy(&model_c, b),
+            TrainRun::new(Device::Cpu, &mut |_| {}).checkpoint(&path, true),
+        )
+        .unwrap();
         assert_eq!(c.resumed_from, Some(7));
         assert_eq!(a.losses, c.losses);
         for (name, w) in vs_a.variables() {
