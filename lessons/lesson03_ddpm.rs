@@ -154,21 +154,6 @@ fn draw_forward_strip(run: &Run, sched: &NoiseSchedule, images: &Tensor) -> Resu
     )
 }
 
-fn trainer_config(run: &Run, steps: usize, batch: i64, lr: f64, bf16: bool) -> TrainerConfig {
-    TrainerConfig {
-        steps,
-        batch_size: batch,
-        lr,
-        warmup: steps / 20,
-        ema_decay: Some(0.999),
-        checkpoint_every: 500,
-        bf16,
-        seed: run.seed,
-        grad_clip: Some(1.0),
-        ..Default::default()
-    }
-}
-
 /// DDPM on the two-mode mixture of lessons 01–02, scaled by 1/5 so the data is of unit size like the N(0, I) the
 /// forward process ends in.
 fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
@@ -176,7 +161,7 @@ fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
     let p = GaussianMixture::two_modes();
     let data = p.sample(100_000, run.device) * SCALE;
     let steps = if run.quick { 400 } else { 4000 };
-    let cfg = trainer_config(run, steps, 256, 2e-3, false);
+    let cfg = TrainerConfig { seed: run.seed, ..TrainerConfig::ddpm_mlp(steps, 256, 2e-3) };
     let bar = progress(steps as u64, "toy");
     let (_vs, model, _) = train_eps_model(
         |p| EpsMlp::new(p, EpsMlpConfig::toy2d()),
@@ -230,7 +215,7 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
     let config = if run.quick { EpsMlpConfig::tiny(784) } else { EpsMlpConfig::mnist() };
     // ANCHOR: train
     let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
-    let cfg = trainer_config(run, steps, args.batch, args.lr, args.bf16);
+    let cfg = TrainerConfig { bf16: args.bf16, seed: run.seed, ..TrainerConfig::ddpm_mlp(steps, args.batch, args.lr) };
     let bar = progress(steps as u64, "train");
     let (_vs, model, outcome) = train_eps_model(
         |p| EpsMlp::new(p, config.clone()),

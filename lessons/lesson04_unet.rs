@@ -22,7 +22,7 @@ use scratch_diffusion::studies::trajectory::Trajectory;
 use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::ddpm::{train_eps_model, LossWeight};
 use scratch_diffusion::train::recipe;
-use scratch_diffusion::train::trainer::TrainRun;
+use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
 use tch::{Device, Tensor};
 
@@ -103,7 +103,8 @@ fn run(args: Args) -> Result<()> {
     }
     // the shared recipe (src/train/recipe.rs): AdamW with warm-up and cosine decay, EMA 0.999, clipping at 1 (this
     // lesson's own STEPS and LR above)
-    let cfg = recipe::trainer_config(steps, args.batch, args.lr, args.bf16, run.seed);
+    let cfg =
+        TrainerConfig { bf16: args.bf16, seed: run.seed, ..TrainerConfig::mnist_unet(steps, args.batch, args.lr) };
     // ANCHOR_END: config
     architecture_summary(&run, &config)?;
 

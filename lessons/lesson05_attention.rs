@@ -24,7 +24,7 @@ use scratch_diffusion::train::conditional::{train_cond_eps_model, DEFAULT_P_UNCO
 use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::ddpm::LossWeight;
 use scratch_diffusion::train::recipe;
-use scratch_diffusion::train::trainer::TrainRun;
+use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -100,7 +100,8 @@ fn run(args: Args) -> Result<()> {
     }
     config.unet.pooled_context_embedding = args.pooled_context;
     // lesson 04's recipe
-    let cfg = recipe::trainer_config(steps, args.batch, args.lr, args.bf16, run.seed);
+    let cfg =
+        TrainerConfig { bf16: args.bf16, seed: run.seed, ..TrainerConfig::mnist_unet(steps, args.batch, args.lr) };
     // ANCHOR_END: config
 
     // ANCHOR: train

@@ -32,7 +32,7 @@ use scratch_diffusion::train::ddpm::LossWeight;
 use scratch_diffusion::nn::text_unet::lens_to_mask;
 use scratch_diffusion::pipelines::text_to_image::{self as t2i, PipelineConfig, TextToImage, DEFAULT_GUIDANCE};
 use scratch_diffusion::text::captions::{caption_images, CONTEXT_LEN};
-use scratch_diffusion::train::recipe::{self, BATCH, LOSS_WEIGHT, SCHEDULE, STEPS};
+use scratch_diffusion::train::recipe::{BATCH, LOSS_WEIGHT, SCHEDULE, STEPS};
 use scratch_diffusion::train::text_cond::{train_text_cond_unet, TextData};
 use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
@@ -269,7 +269,8 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     }
     unet_config.pooled_context_embedding = args.pooled_context;
     // lesson 04's recipe (src/train/recipe.rs)
-    let cfg = recipe::trainer_config(steps, args.batch, args.lr, args.bf16, run.seed);
+    let cfg =
+        TrainerConfig { bf16: args.bf16, seed: run.seed, ..TrainerConfig::mnist_unet(steps, args.batch, args.lr) };
     let empty = bpe.encode_padded("", CONTEXT_LEN); // the unconditional prompt ∅
     let bar = progress(steps as u64, "UNet");
     let (unet_vs, unet, outcome) = train_text_cond_unet(

@@ -33,7 +33,7 @@ use scratch_diffusion::text::captions::{caption_images_with, CONTEXT_LEN};
 use scratch_diffusion::train::conditional::DEFAULT_P_UNCOND;
 use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::latent_diffusion::{encode_moments, train_latent_unet, train_vae, VaeLoss};
-use scratch_diffusion::train::recipe::{self, LOSS_WEIGHT, SCHEDULE};
+use scratch_diffusion::train::recipe::{LOSS_WEIGHT, SCHEDULE};
 use scratch_diffusion::train::text_cond::TextData;
 use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
@@ -264,16 +264,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let quick_vae = VaeConfig { block_out_channels: vec![8, 16, 16], norm_num_groups: 8, ..VaeConfig::mnist() };
     let vae_config = if run.quick { quick_vae } else { VaeConfig::mnist() };
     let loss = VaeLoss { kl_weight: args.kl_weight, perceptual_weight: args.perceptual_weight };
-    let vae_cfg = TrainerConfig {
-        steps: vae_steps as usize,
-        batch_size: VAE_BATCH,
-        lr: VAE_LR,
-        warmup: vae_steps as usize / 20,
-        ema_decay: None,
-        checkpoint_every: recipe::CHECKPOINT_EVERY,
-        seed: run.seed,
-        ..Default::default()
-    };
+    let vae_cfg = TrainerConfig { seed: run.seed, ..TrainerConfig::mnist_vae(vae_steps as usize, VAE_BATCH, VAE_LR) };
     let bar = progress(vae_steps, "VAE");
     let mut terms = Vec::new(); // (L1, KL, perceptual) per step
     let (vae_vs, mut vae, vae_out) = train_vae(
@@ -324,7 +315,8 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     unet_config.cross_attention_dim = Some(text.hidden_size());
     unet_config.pooled_context_embedding = true;
     let sched = NoiseSchedule::by_name(SCHEDULE, 1000)?;
-    let cfg = recipe::trainer_config(steps as usize, args.batch, args.lr, false, run.seed);
+    let cfg =
+        TrainerConfig { bf16: false, seed: run.seed, ..TrainerConfig::mnist_unet(steps as usize, args.batch, args.lr) };
     let empty = text.tokenizer.encode_padded("", CONTEXT_LEN);
     let data_text = TextData {
         encoder: &text.text_encoder,

@@ -16,7 +16,8 @@ pub const STEPS: u64 = 2000;
 /// Images per batch. A run this short is far from converged, where more, noisier updates beat fewer, cleaner ones:
 /// 2000 steps of 32 reached a lower Fréchet distance than 1000 of 64 in about the same time (chapter 04).
 pub const BATCH: i64 = 32;
-/// Peak learning rate of AdamW (after a warm-up of WARMUP_FRACTION of the steps, then cosine decay to 0). High for
+/// Peak learning rate of AdamW (after a warm-up of WARMUP_FRACTION of the steps, then cosine decay to LR/10,
+/// [`crate::train::lr_at`]). High for
 /// a small network because the run is short; gradient clipping at GRAD_CLIP keeps the first steps stable.
 pub const LR: f64 = 1.2e-2;
 pub const WARMUP_FRACTION: f64 = 0.05;
@@ -33,19 +34,51 @@ pub const GRAD_CLIP: f64 = 1.0;
 pub const CHECKPOINT_EVERY: usize = 250;
 // ANCHOR_END: recipe
 
-/// The trainer settings of the recipe for `steps` steps of `batch` images at peak rate `lr`.
-pub fn trainer_config(steps: usize, batch: i64, lr: f64, bf16: bool, seed: u64) -> TrainerConfig {
-    TrainerConfig {
-        steps,
-        batch_size: batch,
-        lr,
-        warmup: (steps as f64 * WARMUP_FRACTION) as usize,
-        ema_decay: Some(EMA_DECAY),
-        grad_clip: Some(GRAD_CLIP),
-        checkpoint_every: CHECKPOINT_EVERY,
-        bf16,
-        seed,
-        ..Default::default()
+/// Named training presets, one per kind of network the lessons train; each lesson's `--help` shows its flags'
+/// defaults from these. ([`TrainerConfig::default`] is [DDPM]'s own CIFAR-10 run, for reference.)
+impl TrainerConfig {
+    /// The MNIST UNets of lessons 04–06 and lesson 08's latent UNet: the recipe above for `steps` steps of `batch`
+    /// images at peak rate `lr` (warm-up WARMUP_FRACTION, EMA_DECAY, GRAD_CLIP, a checkpoint every CHECKPOINT_EVERY).
+    pub fn mnist_unet(steps: usize, batch: i64, lr: f64) -> Self {
+        TrainerConfig {
+            steps,
+            batch_size: batch,
+            lr,
+            warmup: (steps as f64 * WARMUP_FRACTION) as usize,
+            ema_decay: Some(EMA_DECAY),
+            grad_clip: Some(GRAD_CLIP),
+            checkpoint_every: CHECKPOINT_EVERY,
+            ..Default::default()
+        }
+    }
+
+    /// Lesson 03's noise-prediction MLPs (on the 2-D mixture and on MNIST): a warm-up of 1/20 of the steps, EMA_DECAY, GRAD_CLIP, a checkpoint every
+    /// 500 steps.
+    pub fn ddpm_mlp(steps: usize, batch: i64, lr: f64) -> Self {
+        TrainerConfig {
+            steps,
+            batch_size: batch,
+            lr,
+            warmup: steps / 20,
+            ema_decay: Some(EMA_DECAY),
+            grad_clip: Some(GRAD_CLIP),
+            checkpoint_every: 500,
+            ..Default::default()
+        }
+    }
+
+    /// Lesson 08's autoencoder: a warm-up of 1/20 of the steps, no EMA (the decoder is used as trained), clipping as
+    /// [DDPM], a checkpoint every CHECKPOINT_EVERY steps.
+    pub fn mnist_vae(steps: usize, batch: i64, lr: f64) -> Self {
+        TrainerConfig {
+            steps,
+            batch_size: batch,
+            lr,
+            warmup: steps / 20,
+            ema_decay: None,
+            checkpoint_every: CHECKPOINT_EVERY,
+            ..Default::default()
+        }
     }
 }
 
@@ -57,8 +90,12 @@ mod tests {
     #[test]
     fn the_recipe_names_a_real_schedule_and_a_sane_trainer() {
         assert!(NoiseSchedule::by_name(SCHEDULE, 1000).is_ok());
-        let cfg = trainer_config(1000, BATCH, LR, false, 3);
-        assert_eq!((cfg.warmup, cfg.steps, cfg.seed), (50, 1000, 3));
+        let cfg = TrainerConfig::mnist_unet(1000, BATCH, LR);
+        assert_eq!((cfg.warmup, cfg.steps, cfg.batch_size, cfg.grad_clip), (50, 1000, BATCH, Some(GRAD_CLIP)));
         assert_eq!(cfg.ema_decay, Some(EMA_DECAY));
+        let mlp = TrainerConfig::ddpm_mlp(1000, 128, 1e-3);
+        assert_eq!((mlp.warmup, mlp.checkpoint_every, mlp.ema_decay), (50, 500, Some(EMA_DECAY)));
+        let vae = TrainerConfig::mnist_vae(600, 64, 2e-3);
+        assert_eq!((vae.warmup, vae.ema_decay, vae.grad_clip), (30, None, Some(1.0)));
     }
 }
