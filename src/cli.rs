@@ -88,7 +88,7 @@ impl CommonArgs {
             device,
             seed: self.seed,
             quick: self.quick,
-            data_dir: self.data_dir.clone().unwrap_or_else(|| shipped_path(MNIST_DIR, "train-images-idx3-ubyte.gz")),
+            data_dir: self.data_dir.clone().unwrap_or_else(|| shipped_path(MNIST_DIR, MNIST_TRAIN_IMAGES)),
             started: std::time::Instant::now(),
         })
     }
@@ -229,6 +229,8 @@ pub fn venv_python() -> PathBuf {
 }
 /// Where MNIST lives in the repository (`data/mnist/fetch.sh` fills it).
 pub const MNIST_DIR: &str = "data/mnist";
+/// The first of MNIST's four files ([`crate::data::mnist::FILES`] names it from here): where it is, MNIST is.
+pub const MNIST_TRAIN_IMAGES: &str = "train-images-idx3-ubyte.gz";
 
 /// The crate's root folder, where `--ship` writes the files the repository ships.
 pub fn crate_root() -> &'static Path {

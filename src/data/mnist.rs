@@ -17,7 +17,7 @@ pub const MNIST_CLASSES: i64 = 10;
 
 /// The four files with the MD5 of their uncompressed contents (the canonical values; see data/mnist/README.md).
 pub const FILES: [(&str, &str); 4] = [
-    ("train-images-idx3-ubyte.gz", "6bbc9ace898e44ae57da46a324031adb"),
+    (crate::cli::MNIST_TRAIN_IMAGES, "6bbc9ace898e44ae57da46a324031adb"),
     ("train-labels-idx1-ubyte.gz", "a25bea736e30d166cdddb491f175f624"),
     ("t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea"),
     ("t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637"),

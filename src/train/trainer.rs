@@ -499,6 +499,7 @@ pub fn train(
     loss_fn: &mut dyn FnMut(&[Tensor], usize) -> Tensor,
     run: TrainRun,
 ) -> Result<TrainOutcome> {
+    // the stores are already on their device; `run.device` is what `train_model` built them on
     let TrainRun { ckpt, resume, on_step: cb, .. } = run;
     ensure!(!resume || ckpt.is_some(), "resume was asked for, but no checkpoint path was given");
     let mut trainer = match ckpt {
