@@ -179,6 +179,37 @@ pub fn log_line(bar: &ProgressBar, msg: impl AsRef<str>) {
     }
 }
 
+/// A training run's progress: a bar over `total` steps showing the running loss, and `lines` log lines spread over
+/// the run ("LABEL step k/total  loss x", through [`log_line`], so they reach a piped log too).
+pub struct StepLog {
+    bar: ProgressBar,
+    label: String,
+    total: u64,
+    every: u64,
+}
+
+impl StepLog {
+    pub fn new(total: u64, label: &str, lines: u64) -> Self {
+        let every = if lines == 0 { u64::MAX } else { (total / lines).max(1) };
+        Self { bar: progress(total, label), label: label.to_string(), total, every }
+    }
+
+    /// Step `step` (counted from 0) finished with `loss`.
+    pub fn step(&self, step: usize, loss: f64) {
+        self.bar.inc(1);
+        self.bar.set_message(format!("loss {loss:.4}"));
+        if (step as u64 + 1) % self.every == 0 {
+            let total = self.total;
+            log_line(&self.bar, format!("{} step {:>5}/{total}  loss {loss:.4}", self.label, step + 1));
+        }
+    }
+
+    /// Removes the bar (the log lines stay).
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
 /// Runs a lesson's body and turns an error into one line on stderr and exit status 2 (no backtrace). Sets malloc up
 /// first with [`keep_freed_memory`].
 pub fn lesson_main(body: impl FnOnce() -> Result<()>) {

@@ -10,20 +10,21 @@
 //! [RePaint] Lugmayr et al. 2022, arXiv:2201.09865, eq. 8: inpainting with an unconditional model by keeping the
 //! known region from the data at every step; we keep it in the denoised estimate ([`KnownRegion`]).
 //! Notation (code -> paper): vae.encode -> E (its posterior), vae.decode -> D, z -> scaled latent, keep -> 1 − m.
-use crate::checkpoint;
+
 use crate::data::captions::AttributeBins;
 use crate::data::to_unit;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::{Denoiser, EpsDenoiser};
 use crate::nn::text_unet::TextUNet;
-use crate::nn::unet::{UNet, UNetConfig};
-use crate::nn::vae::{AutoencoderKl, VaeConfig};
+use crate::nn::unet::UNet;
+use crate::nn::vae::AutoencoderKl;
+use crate::pipelines::bundle;
 use crate::pipelines::prompt_encoder::PromptEncoder;
 use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::sampling::registry::Sampler;
 use crate::sampling::wrappers::KnownRegion;
 use crate::sampling::SamplerStep;
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -279,36 +280,20 @@ impl LatentDiffusion {
     /// Writes the bundle into `dir`: pipeline.json, merges.txt, text_encoder, unet and vae safetensors (each with its
     /// config JSON beside it) and, if known, attribute_bins.json.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let json = serde_json::to_string_pretty(&self.config)?;
-        crate::cli::write_atomic(&dir.join("pipeline.json"), json.as_bytes())?;
+        bundle::save_config(dir, &self.config)?;
         self.text.save(dir)?;
-        checkpoint::save(&self.unet_vs, &dir.join("unet.safetensors"), &self.unet.0.config)?;
-        checkpoint::save(&self.vae_vs, &dir.join("vae.safetensors"), &self.vae.config)?;
-        if let Some(bins) = &self.bins {
-            bins.save(&dir.join("attribute_bins.json"))?;
-        }
-        Ok(())
+        bundle::save_network(dir, "unet", &self.unet_vs, &self.unet.0.config)?;
+        bundle::save_network(dir, "vae", &self.vae_vs, &self.vae.config)?;
+        bundle::save_bins(dir, self.bins.as_ref())
     }
 
     /// Loads a bundle written by [`Self::save`] onto `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let path = dir.join("pipeline.json");
-        let json = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let config: LatentPipelineConfig = serde_json::from_str(&json)
-            .with_context(|| format!("{} is not a latent pipeline config", path.display()))?;
+        let config: LatentPipelineConfig = bundle::load_config(dir, "latent pipeline")?;
         let text = PromptEncoder::load(dir, config.context_len, &config.seen_tokens, device)?;
-        let unet_path = dir.join("unet.safetensors");
-        let mut unet_vs = VarStore::new(device);
-        let unet = TextUNet(UNet::new(unet_vs.root(), checkpoint::load_config::<UNetConfig>(&unet_path)?));
-        checkpoint::load(&mut unet_vs, &unet_path)?;
-        let vae_path = dir.join("vae.safetensors");
-        let mut vae_vs = VarStore::new(device);
-        let vae = AutoencoderKl::new(vae_vs.root(), checkpoint::load_config::<VaeConfig>(&vae_path)?);
-        checkpoint::load(&mut vae_vs, &vae_path)?;
-        let bins_path = dir.join("attribute_bins.json");
-        let bins = bins_path.exists().then(|| AttributeBins::load(&bins_path)).transpose()?;
-        Self::new(config, text, (unet_vs, unet), (vae_vs, vae), bins)
+        let unet = bundle::load_network(dir, "unet", device, |p, c| TextUNet(UNet::new(p, c)))?;
+        let vae = bundle::load_network(dir, "vae", device, AutoencoderKl::new)?;
+        Self::new(config, text, unet, vae, bundle::load_bins(dir)?)
     }
 }
 

@@ -7,13 +7,13 @@
 //! place of the empty prompt: ε̃ = ε_neg + w (ε_c − ε_neg) steers towards the prompt and away from the negative.
 //! [PNG] W3C, "Portable Network Graphics (PNG) Specification (Second Edition)", 2003: sec. 5.2–5.3 (signature, chunk
 //! layout with a CRC-32 over type and data), 11.2.2 (IHDR), 9.2 (filter type 0 per scanline), 10 (zlib stream).
-use crate::checkpoint;
 use crate::data::captions::AttributeBins;
 use crate::data::to_unit;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::nn::text_encoder::TextEncoderConfig;
 use crate::nn::text_unet::TextUNet;
-use crate::nn::unet::{UNet, UNetConfig};
+use crate::nn::unet::UNet;
+use crate::pipelines::bundle;
 use crate::pipelines::prompt_encoder::PromptEncoder;
 use crate::sampling::ddpm::sample;
 use crate::sampling::ddpm::AncestralSampling;
@@ -199,31 +199,18 @@ impl TextToImage {
     /// Writes the bundle into `dir`: pipeline.json, merges.txt, text_encoder.safetensors and unet.safetensors (each
     /// with its config JSON beside it) and, if known, attribute_bins.json.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let json = serde_json::to_string_pretty(&self.config)?;
-        crate::cli::write_atomic(&dir.join("pipeline.json"), json.as_bytes())?;
+        bundle::save_config(dir, &self.config)?;
         self.prompts.save(dir)?;
-        checkpoint::save(&self.unet_vs, &dir.join("unet.safetensors"), &self.unet.0.config)?;
-        if let Some(bins) = &self.bins {
-            bins.save(&dir.join("attribute_bins.json"))?;
-        }
-        Ok(())
+        bundle::save_network(dir, "unet", &self.unet_vs, &self.unet.0.config)?;
+        bundle::save_bins(dir, self.bins.as_ref())
     }
 
     /// Loads a bundle written by [`Self::save`] onto `device`.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let path = dir.join("pipeline.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let config: PipelineConfig =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a pipeline config", path.display()))?;
+        let config: PipelineConfig = bundle::load_config(dir, "text-to-image pipeline")?;
         let prompts = PromptEncoder::load(dir, config.context_len, &config.seen_tokens, device)?;
-        let unet_path = dir.join("unet.safetensors");
-        let mut unet_vs = VarStore::new(device);
-        let unet = TextUNet(UNet::new(unet_vs.root(), checkpoint::load_config::<UNetConfig>(&unet_path)?));
-        checkpoint::load(&mut unet_vs, &unet_path)?;
-        let bins_path = dir.join("attribute_bins.json");
-        let bins = bins_path.exists().then(|| AttributeBins::load(&bins_path)).transpose()?;
-        Self::assemble(config, prompts, unet_vs, unet, bins)
+        let (unet_vs, unet) = bundle::load_network(dir, "unet", device, |p, c| TextUNet(UNet::new(p, c)))?;
+        Self::assemble(config, prompts, unet_vs, unet, bundle::load_bins(dir)?)
     }
 }
 

@@ -1,14 +1,94 @@
-//! Lesson 06's figures of prompt following: samples per phrasing, attribute pairs, a guidance sweep, and where in the
-//! image each token of a prompt acts (the pipeline's cross-attention maps).
+//! How lessons 06 and 08 grade a text-to-image pipeline ([`grade_text_to_image`]), and lesson 06's figures of prompt
+//! following: samples per phrasing, attribute pairs, a guidance sweep, and where in the image each token of a prompt
+//! acts (the pipeline's cross-attention maps).
 use crate::data::captions::Level;
 use crate::data::to_unit;
-use crate::eval::prompt_accuracy::{fraction_read_as, AttributeReport, PromptAccuracy};
+use crate::data::captions::Attribute;
+use crate::eval::frechet::{evaluate_samples, SampleReport};
+use crate::eval::prompt_accuracy::{self as grade, fraction_read_as, AttributeReport, PromptAccuracy};
 use crate::nn::classifier::MnistClassifier;
 use crate::pipelines::text_to_image::{Draw, TextToImage};
 use crate::plot;
 use anyhow::Result;
 use std::path::Path;
 use tch::{Device, Tensor};
+
+/// Images per evaluation prompt that the Fréchet distance uses: 10 × 50 prompts = lesson 04's n = 500, so the floor
+/// is lesson 04's.
+pub const FD_PER_PROMPT: i64 = 10;
+
+/// What lessons 06 and 08 measure of a text-to-image pipeline (the keys of their metrics.json).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TextToImageGrades {
+    /// Whether samples of the 50 digit prompts read as their digit ([`grade::prompt_accuracy`]).
+    pub prompt_accuracy: PromptAccuracy,
+    /// Whether thickness, slant and size follow the prompt ([`grade::attribute_directions`]).
+    pub attributes: AttributeReport,
+    pub attribute_fraction_following_thickness_slant: f64,
+    /// Lesson 04's Fréchet harness on the first [`FD_PER_PROMPT`] samples of each prompt (n = 500 at full size).
+    pub samples: SampleReport,
+    /// The same on every sample (a larger n, a lower floor).
+    pub samples_all: SampleReport,
+    /// (w, accuracy) of the guidance sweep.
+    pub guidance_sweep: Vec<(f64, f64)>,
+}
+
+/// Grades a text-to-image pipeline through `generate(prompt, n, seed, w)`: `n` samples per digit prompt and half as
+/// many per attribute prompt at guidance `w`, from seeds derived from `seed`; the Fréchet distance against
+/// `test_images` (N, 1, 28, 28) in [0, 1]; accuracy at each scale of `sweep`. Draws prompt_samples.png,
+/// attribute_control.png and guidance_sweep.png into `out`.
+// ANCHOR: grade
+pub fn grade_text_to_image(
+    generate: &mut dyn FnMut(&str, i64, u64, f64) -> Result<Tensor>,
+    clf: &MnistClassifier,
+    (w, n, seed): (f64, i64, u64),
+    sweep: &[f64],
+    test_images: &Tensor,
+    out: &Path,
+) -> Result<TextToImageGrades> {
+    let mut at_w = |prompt: &str, n: i64, seed: u64| generate(prompt, n, seed, w);
+    let (prompt_accuracy, samples, _) = grade::prompt_accuracy(&mut at_w, clf, n, 1000 * seed)?;
+    let (attributes, pairs) = grade::attribute_directions(&mut at_w, &Attribute::ALL, (n / 2).max(1), 1000 * seed + 100)?;
+    let following = attributes.fraction_following(&[Attribute::Thickness, Attribute::Slant]);
+    let image = &samples.size()[1..]; // (1, S, S)
+    let by_prompt = samples.view([&[-1, n], image].concat().as_slice()); // (prompts, n, 1, S, S)
+    let first = by_prompt.narrow(1, 0, FD_PER_PROMPT.min(n)).reshape([&[-1], image].concat().as_slice());
+    let quality = evaluate_samples(clf, &first, test_images);
+    let quality_all = evaluate_samples(clf, &samples, test_images);
+    let guidance_sweep =
+        guidance_sweep(generate, clf, sweep, 2, 1000 * seed + 200, &out.join("guidance_sweep.png"))?;
+    plot_prompt_samples(&out.join("prompt_samples.png"), &samples, &prompt_accuracy, 2)?;
+    plot_attribute_pairs(&out.join("attribute_control.png"), &attributes, &pairs, 3)?;
+    Ok(TextToImageGrades {
+        prompt_accuracy,
+        attributes,
+        attribute_fraction_following_thickness_slant: following,
+        samples: quality,
+        samples_all: quality_all,
+        guidance_sweep,
+    })
+}
+// ANCHOR_END: grade
+
+impl TextToImageGrades {
+    /// The summary line the lessons print.
+    pub fn summary(&self) -> String {
+        let (a, q, all) = (&self.prompt_accuracy, &self.samples, &self.samples_all);
+        format!(
+            "prompt accuracy {:.3} (worst digit {:.3}); thickness and slant follow the prompt in {:.0} % of digit × \
+             attribute pairs; Fréchet distance {:.2}, floor {:.2}, ratio {:.2} (n = {}; at all {} images: ratio {:.2})",
+            a.overall,
+            a.worst_digit,
+            100.0 * self.attribute_fraction_following_thickness_slant,
+            q.frechet_distance,
+            q.frechet_floor,
+            q.fd_over_floor,
+            q.n,
+            all.n,
+            all.fd_over_floor
+        )
+    }
+}
 
 /// Accuracy against the guidance scale: for each scale w of `scales`, `n` samples of "a handwritten <digit>" for
 /// every digit (digit d from seed `seed + d` at every w, so a row of the figure differs only in w), graded by `clf`;

@@ -95,13 +95,18 @@ pub struct TrainRun<'a> {
     pub device: Device,
     pub ckpt: Option<&'a Path>,
     pub resume: bool,
-    pub on_step: &'a mut dyn FnMut(StepInfo),
+    pub on_step: Box<dyn FnMut(StepInfo) + 'a>,
 }
 
 impl<'a> TrainRun<'a> {
     /// On `device`, without checkpoints, reporting every step to `on_step`.
-    pub fn new(device: Device, on_step: &'a mut dyn FnMut(StepInfo)) -> Self {
-        Self { device, ckpt: None, resume: false, on_step }
+    pub fn new(device: Device, on_step: impl FnMut(StepInfo) + 'a) -> Self {
+        Self { device, ckpt: None, resume: false, on_step: Box::new(on_step) }
+    }
+
+    /// On `device`, without checkpoints, reporting every step to `log` (a progress bar and loss lines).
+    pub fn logged(device: Device, log: &'a crate::cli::StepLog) -> Self {
+        Self::new(device, |s: StepInfo| log.step(s.step, s.loss))
     }
 
     /// Writes checkpoints to `path`, and with `resume` continues from the one there.
@@ -500,7 +505,7 @@ pub fn train(
     run: TrainRun,
 ) -> Result<TrainOutcome> {
     // the stores are already on their device; `run.device` is what `train_model` built them on
-    let TrainRun { ckpt, resume, on_step: cb, .. } = run;
+    let TrainRun { ckpt, resume, on_step: mut cb, .. } = run;
     ensure!(!resume || ckpt.is_some(), "resume was asked for, but no checkpoint path was given");
     let mut trainer = match ckpt {
         Some(path) if resume && path.exists() => Trainer::resume(master, cfg.clone(), path)?,
