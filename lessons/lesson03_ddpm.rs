@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use plotters::style::{Color, WHITE};
-use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run};
+use scratch_diffusion::cli::{lesson_main, positive, progress, CommonArgs, Run, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::data::toy2d::GaussianMixture;
@@ -162,16 +162,16 @@ fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
     let data = p.sample(100_000, run.device) * SCALE;
     let steps = if run.quick { 400 } else { 4000 };
     let cfg = TrainerConfig { seed: run.seed, ..TrainerConfig::ddpm_mlp(steps, 256, 2e-3) };
-    let bar = progress(steps as u64, "toy");
+    let log = StepLog::new(steps as u64, "toy", 0);
     let (_vs, model, _) = train_eps_model(
         |p| EpsMlp::new(p, EpsMlpConfig::toy2d()),
         &data,
         &EpsObjective::new(sched, LossWeight::Uniform, run.device),
         &cfg,
-        TrainRun::new(run.device, &mut |_| bar.inc(1)),
+        TrainRun::logged(run.device, &log),
         (&[], &mut |_, _| {}),
     )?;
-    bar.finish_and_clear();
+    log.finish();
     let n = 2000;
     let x = sample(
         &model,
@@ -216,23 +216,16 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
     // ANCHOR: train
     let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
     let cfg = TrainerConfig { bf16: args.bf16, seed: run.seed, ..TrainerConfig::ddpm_mlp(steps, args.batch, args.lr) };
-    let bar = progress(steps as u64, "train");
+    let log = StepLog::new(steps as u64, "train", 5);
     let (_vs, model, outcome) = train_eps_model(
         |p| EpsMlp::new(p, config.clone()),
         &images,
         &EpsObjective::new(sched, args.loss_weight, run.device),
         &cfg,
-        TrainRun::new(run.device, &mut |s| {
-            bar.inc(1);
-            bar.set_message(format!("loss {:.4}", s.loss));
-            if (s.step + 1) % (steps / 5).max(1) == 0 {
-                log_line(&bar, format!("step {:>5}/{steps}  L_simple {:.4}", s.step + 1, s.loss));
-            }
-        })
-        .checkpoint(&run.path("checkpoint.safetensors"), args.resume),
+        TrainRun::logged(run.device, &log).checkpoint(&run.path("checkpoint.safetensors"), args.resume),
         (&[], &mut |_, _| {}),
     )?;
-    bar.finish_and_clear();
+    log.finish();
     // ANCHOR_END: train
     let rows: Vec<(usize, Vec<f64>)> = outcome.losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
     run.write_loss_csv("loss.csv", &["l_simple"], &rows)?;

@@ -8,7 +8,7 @@
 //! Chapter 04 walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs};
+use scratch_diffusion::cli::{lesson_main, positive, progress, CommonArgs, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
@@ -124,25 +124,18 @@ fn run(args: Args) -> Result<()> {
         );
         to_unit(&x).to_device(Device::Cpu)
     };
-    let bar = progress(steps as u64, "train");
+    let log = StepLog::new(steps as u64, "train", 10);
     let (_vs, model, outcome) = train_eps_model(
         |p| UNet::new(p, config.clone()),
         &images,
         &EpsObjective::new(&sched, args.loss_weight, run.device),
         &cfg,
-        TrainRun::new(run.device, &mut |s| {
-            bar.inc(1);
-            bar.set_message(format!("loss {:.4}", s.loss));
-            if (s.step + 1) % (steps / 10).max(1) == 0 {
-                log_line(&bar, format!("step {:>5}/{steps}  L_simple {:.4}", s.step + 1, s.loss));
-            }
-        })
-        .checkpoint(&run.path("checkpoint.safetensors"), args.resume),
+        TrainRun::logged(run.device, &log).checkpoint(&run.path("checkpoint.safetensors"), args.resume),
         (&snapshot_at, &mut |step, net| {
             snapshots.push((step, snapshot(net)));
         }),
     )?;
-    bar.finish_and_clear();
+    log.finish();
     snapshots.push((steps, snapshot(&model)));
     // ANCHOR_END: train
     // the EMA weights with their config and schedule: what lesson 07 samples from

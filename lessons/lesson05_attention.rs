@@ -8,7 +8,7 @@
 //! Chapter 05 walks through this file.
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run};
+use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
@@ -107,7 +107,7 @@ fn run(args: Args) -> Result<()> {
     // ANCHOR: train
     let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
     let labels = data.train_labels.to_device(run.device); // (60000,) digits 0–9
-    let bar = progress(steps as u64, "train");
+    let log = StepLog::new(steps as u64, "train", 10);
     let (vs, model, outcome) = train_cond_eps_model(
         |p| config.build(p),
         &images,
@@ -115,15 +115,9 @@ fn run(args: Args) -> Result<()> {
         &EpsObjective::new(&sched, args.loss_weight, run.device),
         args.p_uncond,
         &cfg,
-        TrainRun::new(run.device, &mut |s| {
-            bar.inc(1);
-            if (s.step + 1) % (steps / 10).max(1) == 0 {
-                log_line(&bar, format!("step {:>5}/{steps}  L_simple {:.4}", s.step + 1, s.loss));
-            }
-        })
-        .checkpoint(&run.path("checkpoint.safetensors"), args.resume),
+        TrainRun::logged(run.device, &log).checkpoint(&run.path("checkpoint.safetensors"), args.resume),
     )?;
-    bar.finish_and_clear();
+    log.finish();
     // ANCHOR_END: train
     let parameters: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
     println!(

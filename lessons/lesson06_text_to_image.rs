@@ -34,7 +34,7 @@ use scratch_diffusion::pipelines::text_to_image::{self as t2i, PipelineConfig, T
 use scratch_diffusion::text::captions::{caption_images, CONTEXT_LEN};
 use scratch_diffusion::train::recipe::{BATCH, LOSS_WEIGHT, SCHEDULE, STEPS};
 use scratch_diffusion::train::text_cond::{train_text_cond_unet, TextData};
-use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
+use scratch_diffusion::train::trainer::{StepInfo, TrainRun, TrainerConfig};
 use serde_json::json;
 use std::path::PathBuf;
 use tch::Device;
@@ -279,7 +279,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         &images,
         &EpsObjective::new(&sched, args.loss_weight, run.device),
         &cfg,
-        TrainRun::new(run.device, &mut |s| {
+        TrainRun::new(run.device, &mut |s: StepInfo| {
             bar.inc(1);
             if (s.step + 1) % (steps / 10).max(1) == 0 {
                 log_line(&bar, format!("step {:>5}/{steps}  loss {:.4}", s.step + 1, s.loss));

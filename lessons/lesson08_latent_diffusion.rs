@@ -35,7 +35,7 @@ use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::latent_diffusion::{encode_moments, train_latent_unet, train_vae, VaeLoss};
 use scratch_diffusion::train::recipe::{LOSS_WEIGHT, SCHEDULE};
 use scratch_diffusion::train::text_cond::TextData;
-use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
+use scratch_diffusion::train::trainer::{StepInfo, TrainRun, TrainerConfig};
 use serde_json::json;
 use std::path::PathBuf;
 use tch::{Device, Tensor};
@@ -273,7 +273,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         loss,
         Some(&clf),
         &vae_cfg,
-        TrainRun::new(run.device, &mut |s| {
+        TrainRun::new(run.device, &mut |s: StepInfo| {
             bar.inc(1);
             if (s.step + 1) % (vae_steps as usize / 5).max(1) == 0 {
                 log_line(&bar, format!("VAE step {:>5}/{vae_steps}  loss {:.4}", s.step + 1, s.loss));
@@ -332,7 +332,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         s,
         &EpsObjective::new(&sched, LOSS_WEIGHT, run.device),
         &cfg,
-        TrainRun::new(run.device, &mut |st| {
+        TrainRun::new(run.device, &mut |st: StepInfo| {
             bar.inc(1);
             if (st.step + 1) % (steps as usize / 10).max(1) == 0 {
                 log_line(&bar, format!("step {:>5}/{steps}  loss {:.4}", st.step + 1, st.loss));

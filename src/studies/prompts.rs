@@ -1,9 +1,9 @@
 //! How lessons 06 and 08 grade a text-to-image pipeline ([`grade_text_to_image`]), and lesson 06's figures of prompt
 //! following: samples per phrasing, attribute pairs, a guidance sweep, and where in the image each token of a prompt
 //! acts (the pipeline's cross-attention maps).
+use crate::data::captions::Attribute;
 use crate::data::captions::Level;
 use crate::data::to_unit;
-use crate::data::captions::Attribute;
 use crate::eval::frechet::{evaluate_samples, SampleReport};
 use crate::eval::prompt_accuracy::{self as grade, fraction_read_as, AttributeReport, PromptAccuracy};
 use crate::nn::classifier::MnistClassifier;
@@ -48,15 +48,15 @@ pub fn grade_text_to_image(
 ) -> Result<TextToImageGrades> {
     let mut at_w = |prompt: &str, n: i64, seed: u64| generate(prompt, n, seed, w);
     let (prompt_accuracy, samples, _) = grade::prompt_accuracy(&mut at_w, clf, n, 1000 * seed)?;
-    let (attributes, pairs) = grade::attribute_directions(&mut at_w, &Attribute::ALL, (n / 2).max(1), 1000 * seed + 100)?;
+    let (attributes, pairs) =
+        grade::attribute_directions(&mut at_w, &Attribute::ALL, (n / 2).max(1), 1000 * seed + 100)?;
     let following = attributes.fraction_following(&[Attribute::Thickness, Attribute::Slant]);
     let image = &samples.size()[1..]; // (1, S, S)
     let by_prompt = samples.view([&[-1, n], image].concat().as_slice()); // (prompts, n, 1, S, S)
     let first = by_prompt.narrow(1, 0, FD_PER_PROMPT.min(n)).reshape([&[-1], image].concat().as_slice());
     let quality = evaluate_samples(clf, &first, test_images);
     let quality_all = evaluate_samples(clf, &samples, test_images);
-    let guidance_sweep =
-        guidance_sweep(generate, clf, sweep, 2, 1000 * seed + 200, &out.join("guidance_sweep.png"))?;
+    let guidance_sweep = guidance_sweep(generate, clf, sweep, 2, 1000 * seed + 200, &out.join("guidance_sweep.png"))?;
     plot_prompt_samples(&out.join("prompt_samples.png"), &samples, &prompt_accuracy, 2)?;
     plot_attribute_pairs(&out.join("attribute_control.png"), &attributes, &pairs, 3)?;
     Ok(TextToImageGrades {
