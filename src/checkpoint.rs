@@ -40,6 +40,11 @@ pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Number of scalars in all the variables of `vs`.
+pub fn num_parameters(vs: &VarStore) -> i64 {
+    vs.variables().values().map(|t| t.numel() as i64).sum()
+}
+
 /// Loads `path` into `vs`. Unlike `VarStore::load` (whose copy broadcasts silently), every variable of `vs` must be
 /// in the file with exactly its shape; values are converted to the variable's dtype and device.
 pub fn load(vs: &mut VarStore, path: &Path) -> Result<()> {

@@ -54,6 +54,22 @@ pub fn positive(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// A clap value parser for flags that take any finite number (guidance scales).
+pub fn finite(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a finite number")),
+    }
+}
+
+/// A clap value parser for probabilities and fractions: a number in [0, 1].
+pub fn unit_interval(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a number in [0, 1]")),
+    }
+}
+
 /// A lesson run: where outputs go, the device, the seed and the budget.
 #[derive(Debug, Clone)]
 pub struct Run {
@@ -176,6 +192,20 @@ pub fn log_line(bar: &ProgressBar, msg: impl AsRef<str>) {
         println!("{}", msg.as_ref());
     } else {
         bar.println(msg.as_ref());
+    }
+}
+
+/// Mean of the last `n` values of `losses` (of all of them when there are fewer; 0 when there are none): the
+/// `final_loss_mean_last_100` of the lessons' metrics.
+pub fn mean_of_last(losses: &[f64], n: usize) -> f64 {
+    losses.iter().rev().take(n).sum::<f64>() / losses.len().clamp(1, n) as f64
+}
+
+/// Adds the keys of the object `extra` to the object `metrics` (a report struct serialised beside a lesson's own
+/// keys); anything else is left as it was.
+pub fn merge(metrics: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(m), serde_json::Value::Object(e)) = (metrics.as_object_mut(), extra) {
+        m.extend(e);
     }
 }
 

@@ -35,6 +35,13 @@ pub struct Mnist {
     pub test_labels: Tensor,
 }
 
+impl Mnist {
+    /// The first `n` test images (n, 1, 28, 28) and their labels (n,).
+    pub fn test(&self, n: i64) -> (Tensor, Tensor) {
+        (self.test_images.narrow(0, 0, n), self.test_labels.narrow(0, 0, n))
+    }
+}
+
 /// The directory to read MNIST from: the flag or environment variable if given, else `data/mnist` under the working
 /// directory, else the crate's own `data/mnist` (so a lesson run from anywhere inside the clone finds it).
 pub fn resolve_dir(explicit: Option<&Path>) -> PathBuf {

@@ -68,6 +68,15 @@ pub fn ship(dir: &Path, readme: &str, save: impl FnOnce(&Path) -> Result<()>) ->
     Ok(())
 }
 
+/// The error context when `dir` holds no usable bundle of `lesson` (say "06"): how to make one or pass another.
+pub fn no_bundle(dir: &Path, lesson: &str, what: &str) -> String {
+    format!(
+        "no usable {what} weights in {}: make them with `./run.sh lesson {lesson} --ship`, or pass --weights DIR (the \
+         weights/ folder of a lesson {lesson} run)",
+        dir.display()
+    )
+}
+
 /// Writes `images` (N, 1, S, S) in [0, 1] as `dir/sample_000.png`, … and a grid of them titled `title`.
 pub fn write_samples(dir: &Path, images: &tch::Tensor, title: &str) -> Result<()> {
     crate::cli::ensure_writable_dir(dir)?;

@@ -24,6 +24,7 @@ use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::sampling::registry::Sampler;
 use crate::sampling::wrappers::KnownRegion;
 use crate::sampling::SamplerStep;
+use crate::text::captions::CONTEXT_LEN;
 use anyhow::{ensure, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
@@ -46,6 +47,15 @@ pub struct LatentPipelineConfig {
     pub num_train_timesteps: usize,
     /// Every token id of the training captions.
     pub seen_tokens: Vec<i64>,
+}
+
+impl LatentPipelineConfig {
+    /// Lesson 08's: 28 × 28 digits, prompts of [`CONTEXT_LEN`] tokens, the latent UNet trained on `schedule` with
+    /// T = 1000; `seen_tokens` from the training captions.
+    pub fn mnist(schedule: &str, seen_tokens: Vec<i64>) -> Self {
+        let (schedule, num_train_timesteps) = (schedule.to_string(), 1000);
+        Self { image_size: 28, context_len: CONTEXT_LEN, schedule, num_train_timesteps, seen_tokens }
+    }
 }
 
 /// How to draw: guidance scale, sampler and its steps, the seed of the starting noise (image i of a call uses the

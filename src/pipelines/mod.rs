@@ -13,3 +13,71 @@ pub mod latent_diffusion;
 pub mod prompt_encoder;
 pub mod stable_diffusion;
 pub mod text_to_image;
+
+use anyhow::{ensure, Result};
+use std::path::PathBuf;
+use tch::Device;
+
+/// The flags of `lesson06 sample` and `lesson08 sample | img2img | inpaint`: a prompt in, PNGs out.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PromptArgs {
+    /// The prompt, free text: "a bold 7", "Seven, leaning LEFT", "the number 3".
+    #[arg(long)]
+    pub prompt: String,
+    /// A prompt to steer away from: its prediction replaces the empty prompt's, ε̃ = ε_neg + w (ε_c − ε_neg).
+    #[arg(long)]
+    pub negative: Option<String>,
+    /// Number of images (for img2img and inpaint: outputs per input, each from its own noise).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(i64).range(1..=10000))]
+    pub num: i64,
+    /// Guidance scale w: ε̃ = ε_∅ + w (ε_c − ε_∅); 1 is the plain conditional model.
+    #[arg(long, default_value_t = text_to_image::DEFAULT_GUIDANCE, value_parser = crate::cli::finite)]
+    pub guidance: f64,
+    /// Sampler steps.
+    #[arg(long, default_value_t = text_to_image::DEFAULT_SAMPLE_STEPS as u64)]
+    #[arg(value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub steps: u64,
+    /// Seed of the starting noise: the same seed, the same images.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where the PNGs go [default: out/lessonNN/samples].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A saved pipeline (the weights/ folder of a training run) [default: the shipped one in data/lessonNN].
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Threads libtorch may use [default: all cores].
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    pub threads: Option<i32>,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub device: String,
+}
+
+impl PromptArgs {
+    /// Applies --threads and returns the device of --device.
+    pub fn init(&self) -> Result<Device> {
+        if let Some(n) = self.threads {
+            tch::set_num_threads(n);
+        }
+        let device = if self.device == "cuda" { Device::cuda_if_available() } else { Device::Cpu };
+        ensure!(self.device == "cpu" || device.is_cuda(), "--device cuda was asked for, but libtorch sees no GPU");
+        Ok(device)
+    }
+
+    /// --out, or `out/LESSON/samples`.
+    pub fn out_dir(&self, lesson: &str) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| PathBuf::from(format!("out/{lesson}/samples")))
+    }
+
+    /// --weights, or `shipped` (the pipeline's shipped bundle).
+    pub fn weights_dir(&self, shipped: impl FnOnce() -> PathBuf) -> PathBuf {
+        self.weights.clone().unwrap_or_else(shipped)
+    }
+
+    /// The title of a sample grid: the prompt, the negative prompt and the settings.
+    pub fn title(&self, how: &str) -> String {
+        let negative = self.negative.as_deref().map_or(String::new(), |n| format!(", negative \"{n}\""));
+        format!("\"{}\"{negative}, w = {}, {how}, seed {}", self.prompt, self.guidance, self.seed)
+    }
+}

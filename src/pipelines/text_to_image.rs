@@ -19,6 +19,7 @@ use crate::sampling::ddpm::sample;
 use crate::sampling::ddpm::AncestralSampling;
 use crate::sampling::ddpm::{DdpmStep, PosteriorVariance};
 use crate::sampling::guidance::ClassifierFreeGuidance;
+use crate::text::captions::CONTEXT_LEN;
 use crate::text::{Bpe, Coverage, Encoded};
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
@@ -53,6 +54,15 @@ pub struct PipelineConfig {
     /// Every token id of the training captions: a prompt made only of other tokens reaches embeddings that never
     /// trained ([`Bpe::coverage`]).
     pub seen_tokens: Vec<i64>,
+}
+
+impl PipelineConfig {
+    /// Lesson 06's: 28 × 28 digits, prompts of [`CONTEXT_LEN`] tokens, the UNet trained on `schedule` with T = 1000,
+    /// `variance` in the reverse steps; `seen_tokens` from the training captions.
+    pub fn mnist(schedule: &str, variance: PosteriorVariance, seen_tokens: Vec<i64>) -> Self {
+        let (schedule, num_train_timesteps) = (schedule.to_string(), 1000);
+        Self { image_size: 28, context_len: CONTEXT_LEN, schedule, num_train_timesteps, variance, seen_tokens }
+    }
 }
 
 /// How [`TextToImage::generate_with`] draws: guidance scale w, DDPM steps over the training schedule, and the seed of
@@ -212,6 +222,17 @@ impl TextToImage {
         let (unet_vs, unet) = bundle::load_network(dir, "unet", device, |p, c| TextUNet(UNet::new(p, c)))?;
         Self::assemble(config, prompts, unet_vs, unet, bundle::load_bins(dir)?)
     }
+}
+
+/// The README of the shipped bundle; `how` says how the run that made it was set up.
+pub fn readme(how: &str) -> String {
+    let threads = tch::get_num_threads();
+    format!(
+        "# Lesson 06 pipeline\n\nWhat `lesson06 sample` loads by default: BPE merges, the frozen mini-CLIP text encoder, \
+         the text-conditioned UNet and the attribute bins of the captions.\n\nMade by `./run.sh lesson 06 --ship \
+         --threads {threads}` ({how}, on {threads} threads); the same command reproduces it (another thread count adds \
+         the convolutions' sums in another order, and the run goes its own way: chapter 06).\n"
+    )
 }
 
 /// `data/lesson06` under the working directory if it holds a bundle, else under the crate root.

@@ -17,6 +17,29 @@ use tch::{Device, Tensor};
 /// is lesson 04's.
 pub const FD_PER_PROMPT: i64 = 10;
 
+/// The evaluation flags of lessons 06 and 08.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Guidance scale w of the evaluation: ε̃ = ε_∅ + w (ε_c − ε_∅).
+    #[arg(long, default_value_t = crate::pipelines::text_to_image::DEFAULT_GUIDANCE, value_parser = crate::cli::finite)]
+    pub guidance: f64,
+    /// Sampler steps of the evaluation [default: 20, or 5 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub sample_steps: Option<u64>,
+    /// Samples per evaluation prompt (50 prompts; half as many per attribute prompt, 60 prompts) [default: 20, or 2
+    /// with --quick].
+    #[arg(long, value_parser = clap::value_parser!(i64).range(2..=1000))]
+    pub eval_samples: Option<i64>,
+}
+
+impl EvalArgs {
+    /// (guidance, sampler steps, samples per prompt), with the defaults of a full or a `--quick` run.
+    pub fn resolve(&self, quick: bool) -> (f64, usize, i64) {
+        let steps = self.sample_steps.unwrap_or(if quick { 5 } else { 20 }) as usize;
+        (self.guidance, steps, self.eval_samples.unwrap_or(if quick { 2 } else { 20 }))
+    }
+}
+
 /// What lessons 06 and 08 measure of a text-to-image pipeline (the keys of their metrics.json).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TextToImageGrades {

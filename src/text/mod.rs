@@ -59,7 +59,16 @@ impl Coverage {
         self.words.iter().any(|(_, known)| *known)
     }
 
+    /// The words with a token never seen in training.
     pub fn unknown_words(&self) -> Vec<&str> {
         self.words.iter().filter(|(_, known)| !*known).map(|(w, _)| w.as_str()).collect()
+    }
+
+    /// A note for the user naming the unknown words, or None when every word is known.
+    pub fn note(&self) -> Option<String> {
+        let unknown: Vec<String> = self.unknown_words().iter().map(|w| format!("\"{w}\"")).collect();
+        (!unknown.is_empty()).then(|| {
+            format!("note: the training captions never had {}; the model reads the other words", unknown.join(", "))
+        })
     }
 }

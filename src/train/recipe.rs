@@ -52,8 +52,8 @@ impl TrainerConfig {
         }
     }
 
-    /// Lesson 03's noise-prediction MLPs (on the 2-D mixture and on MNIST): a warm-up of 1/20 of the steps, EMA_DECAY, GRAD_CLIP, a checkpoint every
-    /// 500 steps.
+    /// Lesson 03's noise-prediction MLPs (on the 2-D mixture and on MNIST): a warm-up of 1/20 of the steps,
+    /// EMA_DECAY, GRAD_CLIP, a checkpoint every 500 steps.
     pub fn ddpm_mlp(steps: usize, batch: i64, lr: f64) -> Self {
         TrainerConfig {
             steps,
@@ -79,6 +79,12 @@ impl TrainerConfig {
             checkpoint_every: CHECKPOINT_EVERY,
             ..Default::default()
         }
+    }
+
+    /// Lesson 06's mini-CLIP pre-training: a warm-up of 1/20 of the steps, a short EMA (0.99: a few hundred steps
+    /// in all), clipping as [DDPM], a checkpoint at the end.
+    pub fn mini_clip(steps: usize, batch: i64, lr: f64) -> Self {
+        TrainerConfig { steps, batch_size: batch, lr, warmup: steps / 20, ema_decay: Some(0.99), ..Default::default() }
     }
 }
 
