@@ -54,6 +54,14 @@ pub fn positive(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// A clap value parser for weights and other flags that must be a finite number ≥ 0.
+pub fn non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("'{s}' is not a number ≥ 0")),
+    }
+}
+
 /// A clap value parser for flags that take any finite number (guidance scales).
 pub fn finite(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
@@ -220,7 +228,7 @@ pub struct StepLog {
 
 impl StepLog {
     pub fn new(total: u64, label: &str, lines: u64) -> Self {
-        let every = if lines == 0 { u64::MAX } else { (total / lines).max(1) };
+        let every = total.checked_div(lines).map_or(u64::MAX, |e| e.max(1));
         Self { bar: progress(total, label), label: label.to_string(), total, every }
     }
 

@@ -66,6 +66,11 @@ impl VaeConfig {
             scaling_factor: 1.0,
         }
     }
+
+    /// [`Self::mnist`] at half the width, for `--quick` runs.
+    pub fn mnist_tiny() -> Self {
+        Self { block_out_channels: vec![8, 16, 16], norm_num_groups: 8, ..Self::mnist() }
+    }
     /// Stable Diffusion 1.x's VAE (the `vae/config.json` of runwayml/stable-diffusion-v1-5): 512×512×3 → 64×64×4.
     pub fn sd15() -> Self {
         Self {

@@ -307,6 +307,17 @@ impl LatentDiffusion {
     }
 }
 
+/// The README of the shipped bundle; `how` says how the run that made it was set up.
+pub fn readme(how: &str) -> String {
+    format!(
+        "# Lesson 08 pipeline\n\nWhat `lesson08 sample`, `img2img` and `inpaint` load by default: lesson 06's BPE \
+         merges and frozen text encoder, the latent UNet, the autoencoder (its `scaling_factor` in vae.json) and the \
+         attribute bins of the captions.\n\nMade by `./run.sh lesson 08 --ship --threads {threads}` ({how}, on \
+         {threads} threads).\n",
+        threads = tch::get_num_threads()
+    )
+}
+
 /// `data/lesson08` under the working directory if it holds a bundle, else under the crate root.
 pub fn shipped_dir() -> PathBuf {
     crate::cli::shipped_path(SHIPPED_DIR, "pipeline.json")
@@ -315,6 +326,8 @@ pub fn shipped_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::unet::UNetConfig;
+    use crate::nn::vae::VaeConfig;
     use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
     use crate::text::Bpe;
 

@@ -2,6 +2,7 @@
 //! the sampler registry ([`crate::sampling::registry`]).
 //!
 //! - [`bundle`]: the folder a pipeline saves itself into, and `--ship`.
+//! - [`draw_cli`]: lesson 08's `sample`, `img2img` and `inpaint` commands.
 //! - [`ddpm`]: lesson 04's unconditional UNet (lesson 07 samples the shipped one).
 //! - [`prompt_encoder`]: a tokenizer and a frozen text encoder, prompt in, context out (lessons 06 and 08).
 //! - [`text_to_image`]: lesson 06, text to pixels.
@@ -9,6 +10,7 @@
 //! - [`stable_diffusion`]: lesson 09, SD 1.5's networks at full size and the web UIs' samplers.
 pub mod bundle;
 pub mod ddpm;
+pub mod draw_cli;
 pub mod latent_diffusion;
 pub mod prompt_encoder;
 pub mod stable_diffusion;

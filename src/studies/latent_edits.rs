@@ -7,9 +7,11 @@
 //!   often the completed digit reads right.
 //! - **Speed**: images per second of lesson 06's pixel-space pipeline and of the latent one, at the same number of
 //!   sampler steps (one guided UNet evaluation per step in both), measured one after the other in the same process.
+//! - **Reconstructions**: what the autoencoder alone loses (PSNR, and whether the classifier still reads the digit).
 use crate::data::captions::eval_prompts;
-use crate::eval::image_metrics::masked_mae;
+use crate::eval::image_metrics::{masked_mae, psnr};
 use crate::nn::classifier::MnistClassifier;
+use crate::nn::vae::AutoencoderKl;
 use crate::pipelines::latent_diffusion::{Draw, LatentDiffusion};
 use crate::pipelines::text_to_image::TextToImage;
 use crate::plot;
@@ -204,4 +206,58 @@ mod tests {
             assert!(!targets.contains(&label));
         }
     }
+}
+
+/// How well the autoencoder alone keeps a digit: test digits through encoder (the posterior mean) and decoder.
+#[derive(Debug, serde::Serialize)]
+pub struct Reconstructions {
+    /// The reconstructions (N, 1, 28, 28) in [0, 1], on the CPU (not in metrics.json).
+    #[serde(skip)]
+    pub images: Tensor,
+    pub psnr_db: f64,
+    /// Classifier accuracy on the reconstructions, and on the originals.
+    pub accuracy: f64,
+    pub original_accuracy: f64,
+}
+
+/// Encodes and decodes `test` (N, 1, 28, 28) in [0, 1] in chunks of 1000 on `device` (the VAE's) and grades the
+/// result against `labels`.
+pub fn reconstructions(
+    vae: &AutoencoderKl,
+    clf: &MnistClassifier,
+    (test, labels): (&Tensor, &Tensor),
+    device: Device,
+) -> Reconstructions {
+    let images = tch::no_grad(|| {
+        let x = (test * 2.0 - 1.0).to_device(device);
+        let chunks: Vec<Tensor> = x.split(1000, 0).iter().map(|c| vae.decode(&vae.encode(c).mean)).collect();
+        ((Tensor::cat(&chunks, 0).clamp(-1.0, 1.0) + 1.0) / 2.0).to_device(Device::Cpu)
+        // (N, 1, 28, 28)
+    });
+    let (psnr_db, accuracy) = (psnr(test, &images), clf.accuracy(&images, labels));
+    Reconstructions { psnr_db, accuracy, original_accuracy: clf.accuracy(test, labels), images }
+}
+
+impl Reconstructions {
+    /// The first `k` of `originals` (top row) above their reconstructions, into `figure`.
+    pub fn plot(&self, figure: &Path, originals: &Tensor, k: i64) -> Result<()> {
+        let shown = Tensor::cat(&[originals.narrow(0, 0, k), self.images.narrow(0, 0, k)], 0); // (2k, 1, 28, 28)
+        plot::image_grid(figure, "test digits (top) and their VAE reconstructions", &shown, k as usize, 3, &[])
+    }
+}
+
+/// The line lesson 08 prints about its edits and its speed, img2img at `strength`.
+pub fn summary(strength: f64, img2img: &[Img2ImgPoint], inpaint: &InpaintReport, speed: &SpeedReport) -> String {
+    let at_strength = img2img.iter().find(|p| p.strength == strength).map_or(0.0, |p| p.new_digit);
+    format!(
+        "img2img at strength {strength}: {:.1} % read as the new digit; inpainting: unmasked error {:.4} (VAE alone \
+         {:.4}), {:.1} % read right; sampling {:.1} images/s latent vs {:.1} pixel: {:.1}x",
+        100.0 * at_strength,
+        inpaint.unmasked_mae,
+        inpaint.unmasked_mae_reconstruction,
+        100.0 * inpaint.accuracy,
+        speed.latent_images_per_s,
+        speed.pixel_images_per_s,
+        speed.speedup
+    )
 }
