@@ -7,14 +7,14 @@
 use anyhow::Result;
 use clap::Parser;
 use plotters::style::{Color, RED, WHITE};
-use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs};
+use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, CommonArgs, StepLog};
 use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::ladder;
 use scratch_diffusion::eval::score_error::{score_errors, ScoreErrors};
 use scratch_diffusion::nn::score_mlp::ScoreMlpConfig;
 use scratch_diffusion::plot::{self, Layer, Panel};
 use scratch_diffusion::train::toy_score::{ToyScoreConfig, ToyScoreModel};
-use scratch_diffusion::train::TrainOpts;
+use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
 use tch::{Device, Kind};
 
@@ -63,8 +63,7 @@ fn run(args: Args) -> Result<()> {
         mixture: p.clone(),
         sigmas: sigmas.clone(),
         net: ScoreMlpConfig::toy2d(),
-        train: TrainOpts { steps, batch_size: args.batch, lr: args.lr, warmup: steps / 20 },
-        seed: run.seed,
+        train: TrainerConfig { seed: run.seed, ..TrainerConfig::dsm(steps, args.batch, args.lr) },
     };
     // ANCHOR_END: setup
     println!(
@@ -74,18 +73,10 @@ fn run(args: Args) -> Result<()> {
     );
 
     // ANCHOR: train
-    let mut model = ToyScoreModel::new(config, run.device);
-    let bar = progress(steps as u64, "train");
-    let losses = model.train(&mut |step, loss| {
-        bar.inc(1);
-        if step % 50 == 0 {
-            bar.set_message(format!("loss {loss:.4}"));
-        }
-        if (step + 1) % (steps / 5).max(1) == 0 {
-            log_line(&bar, format!("step {:>6}/{steps}  DSM loss {loss:.4}", step + 1));
-        }
-    })?;
-    bar.finish_and_clear();
+    let log = StepLog::new(steps as u64, "DSM", 5);
+    let (model, outcome) = ToyScoreModel::train(config, TrainRun::logged(run.device, &log))?;
+    log.finish();
+    let losses = outcome.losses;
     model.save(&run.path("score_mlp.safetensors"))?;
     // ANCHOR_END: train
     let rows: Vec<(usize, Vec<f64>)> = losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
@@ -122,7 +113,7 @@ fn run(args: Args) -> Result<()> {
     let metrics = json!({
         "layout": args.layout,
         "steps": steps,
-        "final_loss_mean_last_100": losses.iter().rev().take(100).sum::<f64>() / losses.len().min(100) as f64,
+        "final_loss_mean_last_100": mean_of_last(&losses, 100),
         "score_error": errors,
         "low_density_error_smallest_sigma": small.low_density_rel_error,
         "low_density_error_largest_sigma": large.low_density_rel_error,

@@ -6,22 +6,22 @@
 //! annealed Langevin. Chapter 02 of the book walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
-use plotters::style::{Color, BLUE, RED, WHITE};
 use scratch_diffusion::checkpoint;
-use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run};
+use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, progress, CommonArgs, Run, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::ladder;
 use scratch_diffusion::eval::sample_quality::{energy_distance, mode_weight_error, mode_weights};
 use scratch_diffusion::nn::ncsn::{Ncsn, NcsnConfig};
 use scratch_diffusion::nn::score_mlp::ScoreMlpConfig;
-use scratch_diffusion::plot::{self, Layer, Panel};
+use scratch_diffusion::plot;
 use scratch_diffusion::sampling::langevin::{annealed_langevin, langevin};
-use scratch_diffusion::train::ema::Ema;
+use scratch_diffusion::studies::langevin::{dsm_loss_per_level, plot_mnist, plot_toy, record, ToyFigures};
 use scratch_diffusion::train::toy_score::{ToyScoreConfig, ToyScoreModel};
-use scratch_diffusion::train::{train_dsm, TrainOpts};
+use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
+use scratch_diffusion::train::{train_dsm, DsmData};
 use serde_json::json;
-use tch::{nn::VarStore, Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Lesson 02: Langevin dynamics, its failures, and annealed Langevin on 2-D data and on MNIST.
 #[derive(Parser, Debug)]
@@ -80,8 +80,7 @@ fn toy_config(run: &Run) -> ToyScoreConfig {
         mixture: GaussianMixture::two_modes(),
         sigmas: ladder::geometric(10.0, 0.1, 10),
         net: ScoreMlpConfig::toy2d(),
-        train: TrainOpts { steps, batch_size: 512, lr: 2e-3, warmup: steps / 20 },
-        seed: run.seed,
+        train: TrainerConfig { seed: run.seed, ..TrainerConfig::dsm(steps, 512, 2e-3) },
     }
 }
 
@@ -99,10 +98,9 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
                 "training the 2-D score model ({} steps; run lesson01 first to reuse its model)",
                 config.train.steps
             );
-            let mut m = ToyScoreModel::new(config, run.device);
-            let bar = progress(m.config.train.steps as u64, "train");
-            m.train(&mut |_, _| bar.inc(1))?;
-            bar.finish_and_clear();
+            let log = StepLog::new(config.train.steps as u64, "DSM", 0);
+            let (m, _) = ToyScoreModel::train(config, TrainRun::logged(run.device, &log))?;
+            log.finish();
             m
         }
     };
@@ -142,7 +140,6 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
         ("annealed Langevin, learned scores", &annealed_learned),
     ];
     let mut per_method = serde_json::Map::new();
-    let mut small_weights = vec![p.weights[0]];
     for (name, x) in &methods {
         let w = mode_weights(&p, x);
         let (err, ed) = (mode_weight_error(&p, x), energy_distance(x, &truth));
@@ -154,58 +151,12 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
             name.to_string(),
             json!({"small_mode_weight": w[0], "mode_weight_error": err, "energy_distance": ed}),
         );
-        small_weights.push(w[0]);
     }
     println!("slow mixing: after {} plain Langevin steps from the small mode, {:.1} % of chains reached the big mode (80 % should be there)", 10 * total, 100.0 * reached_big);
 
-    // figures
-    let dens: Vec<f64> = Vec::<f64>::try_from(p.log_prob(&plot::grid_points(lo, hi, 100).to_kind(Kind::Double)).exp())?;
-    let top = dens.iter().cloned().fold(0.0, f64::max);
-    let heat = Layer::Heatmap { values: dens, n: 100, range: (0.0, top) };
-    let mut panels = vec![Panel {
-        title: "exact samples".into(),
-        bounds: (lo, hi),
-        layers: vec![heat.clone(), Layer::Scatter { points: plot::to_points(&truth), color: WHITE.mix(0.7), size: 1 }],
-    }];
-    for (name, x) in &methods {
-        let w = mode_weights(&p, x)[0];
-        panels.push(Panel {
-            title: format!("{name} (small mode {:.0} %)", 100.0 * w),
-            bounds: (lo, hi),
-            layers: vec![heat.clone(), Layer::Scatter { points: plot::to_points(x), color: WHITE.mix(0.7), size: 1 }],
-        });
-    }
-    panels.push(Panel {
-        title: format!("plain, started in the small mode: {:.0} % escape", 100.0 * reached_big),
-        bounds: (lo, hi),
-        layers: vec![heat.clone(), Layer::Scatter { points: plot::to_points(&stuck), color: WHITE.mix(0.7), size: 1 }],
-    });
-    plot::panels(
-        &run.path("samples_2d.png"),
-        "Lesson 02: samples vs the true density (small mode has weight 20 %)",
-        3,
-        380,
-        &panels,
-    )?;
-    let traj = |paths: Vec<Vec<[f64; 2]>>, title: &str, color| Panel {
-        title: title.into(),
-        bounds: (lo, hi),
-        layers: vec![heat.clone(), Layer::Paths { paths, color }],
-    };
-    plot::panels(
-        &run.path("trajectories.png"),
-        "Lesson 02: eight chains from the same kind of start",
-        2,
-        440,
-        &[traj(paths_plain, "plain Langevin", RED.mix(0.9)), traj(paths_annealed, "annealed Langevin", BLUE.mix(0.9))],
-    )?;
-    let cats = vec!["small mode (−5, −5)".to_string(), "big mode (5, 5)".to_string()];
-    let mut series = vec![("true", vec![p.weights[0], p.weights[1]])];
-    let short = ["plain, exact", "annealed, exact", "plain, learned", "annealed, learned"];
-    for (k, w) in small_weights.iter().skip(1).enumerate() {
-        series.push((short[k], vec![*w, 1.0 - w]));
-    }
-    plot::bars(&run.path("mode_weights.png"), "Lesson 02: fraction of samples in each mode", "weight", &cats, &series)?;
+    let paths = [paths_plain, paths_annealed];
+    let figures = ToyFigures { mixture: &p, truth: &truth, methods: &methods, stuck: &stuck, reached_big, paths };
+    plot_toy(&run.out, figures)?;
 
     let get = |k: &str, f: &str| per_method[k][f].as_f64().unwrap_or(f64::NAN);
     Ok(json!({
@@ -222,16 +173,6 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
     }))
 }
 
-/// Keeps every position of the first eight chains, for trajectory plots.
-fn record(paths: &mut Vec<Vec<[f64; 2]>>, x: &Tensor) {
-    if paths.is_empty() {
-        paths.resize(8, Vec::new());
-    }
-    for (path, pt) in paths.iter_mut().zip(plot::to_points(&x.narrow(0, 0, 8))) {
-        path.push(pt);
-    }
-}
-
 fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
     let data = mnist::load(&run.data_dir).context("lesson 02 trains on MNIST (use --skip-mnist to skip that part)")?;
     // ANCHOR: ncsn_train
@@ -239,34 +180,24 @@ fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
     let sigmas = ladder::geometric(1.0, 0.01, 10);
     let config = if run.quick { NcsnConfig::tiny() } else { NcsnConfig::mnist() };
     let steps = args.mnist_steps.unwrap_or(if run.quick { 40 } else { 1800 }) as usize;
-    let opts = TrainOpts { steps, batch_size: 64, lr: 2e-3, warmup: steps / 20 };
-    let mut vs = VarStore::new(run.device);
-    let net = Ncsn::new(vs.root(), config.clone());
-    let mut ema = Ema::new(&vs, 0.999); // sample from the average of the weights, not the last iterate
-    let train_x = data.train_images.to_device(run.device);
-    let n_train = train_x.size()[0];
-    let bar = progress(steps as u64, "ncsn");
-    let losses = train_dsm(
-        &vs,
-        |x, s| net.score(x, s, true),
-        |_| train_x.index_select(0, &Tensor::randint(n_train, [opts.batch_size], (Kind::Int64, run.device))),
+    // sample from an average of the weights (EMA), not the last iterate
+    let cfg = TrainerConfig { ema_decay: Some(0.999), seed: run.seed, ..TrainerConfig::dsm(steps, 64, 2e-3) };
+    let train_x = data.train_images.to_device(run.device); // (60000, 1, 28, 28) in [0, 1]
+    let log = StepLog::new(steps as u64, "NCSN", 5);
+    let (vs, net, outcome) = train_dsm(
+        |path| Ncsn::new(path, config.clone()),
+        |net: &Ncsn, x, s| net.score(x, s, true),
+        DsmData::Rows(&train_x),
         &sigmas,
-        &opts,
-        &mut |step, loss| {
-            ema.update(&vs);
-            bar.inc(1);
-            bar.set_message(format!("loss {loss:.3}"));
-            if (step + 1) % (steps / 5).max(1) == 0 {
-                log_line(&bar, format!("NCSN step {:>5}/{steps}  DSM loss {loss:.3}", step + 1));
-            }
-        },
+        &cfg,
+        TrainRun::logged(run.device, &log),
     )?;
-    bar.finish_and_clear();
-    ema.copy_to(&mut vs);
+    log.finish();
+    let losses = outcome.losses; // vs now holds the EMA weights
     checkpoint::save(
         &vs,
         &run.path("ncsn_mnist.safetensors"),
-        &json!({"ncsn": config, "sigmas": sigmas, "train": opts, "ema_decay": ema.decay}),
+        &json!({"ncsn": config, "sigmas": sigmas, "train": cfg}),
     )?;
     // ANCHOR_END: ncsn_train
     let rows: Vec<(usize, Vec<f64>)> = losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
@@ -291,39 +222,10 @@ fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
     });
     bar.finish_and_clear();
     // ANCHOR_END: ncsn_sample
-    let ncol = (args.num_samples as f64).sqrt().ceil() as usize;
-    plot::image_grid(
-        &run.path("mnist_samples.png"),
-        "NCSN + annealed Langevin samples",
-        &samples.clamp(0.0, 1.0).to_device(Device::Cpu),
-        ncol,
-        3,
-        &[],
-    )?;
-    let strip = Tensor::stack(&snapshots, 1).flatten(0, 1).clamp(0.0, 1.0).to_device(Device::Cpu); // (8·L, 1, 28, 28)
-    let labels: Vec<String> =
-        (0..strip.size()[0] as usize).map(|i| format!("σ={:.2}", sigmas[i % sigmas.len()])).collect();
-    plot::image_grid(
-        &run.path("mnist_annealing.png"),
-        "Annealed Langevin: each row one chain, after each noise level",
-        &strip,
-        sigmas.len(),
-        3,
-        &labels,
-    )?;
-
+    plot_mnist(&run.out, &samples, &snapshots, &sigmas)?;
     // held-out DSM loss per noise level (the test set never seen in training)
     let test_x = data.test_images.narrow(0, 0, 1000).to_device(run.device);
-    let per_level: Vec<f64> = sigmas
-        .iter()
-        .map(|&s| {
-            let sig = Tensor::full([test_x.size()[0]], s, (Kind::Float, run.device));
-            tch::no_grad(|| {
-                scratch_diffusion::diffusion::score_matching::dsm_loss(|x, sg| net.score(x, sg, false), &test_x, &sig)
-                    .double_value(&[])
-            })
-        })
-        .collect();
+    let per_level = dsm_loss_per_level(|x, s| net.score(x, s, false), &test_x, &sigmas);
     let pixel_mean = samples.clamp(0.0, 1.0).mean(Kind::Double).double_value(&[]);
     let data_mean = data.test_images.mean(Kind::Double).double_value(&[]);
     println!(
@@ -333,8 +235,8 @@ fn mnist_part(run: &Run, args: &Args) -> Result<serde_json::Value> {
     Ok(json!({
         "config": config,
         "steps": steps,
-        "batch_size": opts.batch_size,
-        "final_loss_mean_last_100": losses.iter().rev().take(100).sum::<f64>() / losses.len().min(100) as f64,
+        "batch_size": cfg.batch_size,
+        "final_loss_mean_last_100": mean_of_last(&losses, 100),
         "test_dsm_loss_per_sigma": sigmas.iter().zip(&per_level).map(|(s, l)| json!({"sigma": s, "loss": l})).collect::<Vec<_>>(),
         "sample_mean_intensity": pixel_mean,
         "test_mean_intensity": data_mean,

@@ -1,13 +1,14 @@
 //! Trains the MNIST classifier that grades generated samples (the network is src/nn/classifier.rs, its training
-//! src/train/classifier.rs) and saves its weights with their config beside them. The shipped `data/classifier/mnist_cnn.safetensors` was made by
-//! `cargo run --release --bin train_classifier` (see data/classifier/README.md).
+//! src/train/classifier.rs) and saves its weights with their config beside them. data/classifier/README.md says how
+//! the shipped `data/classifier/mnist_cnn.safetensors` was made.
 use anyhow::Result;
 use clap::Parser;
 use scratch_diffusion::checkpoint;
-use scratch_diffusion::cli::{lesson_main, positive, progress, CommonArgs};
+use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs};
 use scratch_diffusion::data::mnist::{self, Mnist};
 use scratch_diffusion::nn::classifier::{ClassifierConfig, MnistClassifier};
 use scratch_diffusion::train::classifier::{steps_per_epoch, train_classifier};
+use scratch_diffusion::train::trainer::{StepInfo, TrainRun, TrainerConfig};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -59,32 +60,38 @@ fn run(args: Args) -> Result<()> {
     }
     let config = ClassifierConfig::mnist();
     let model = MnistClassifier::new(config.clone(), run.device);
-    let params: i64 = model.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    let params: i64 = model.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum(); // not the BN statistics
     println!("classifier {config:?}: {params} parameters; {epochs} epochs on {} images", data.train_images.size()[0]);
 
     let steps = steps_per_epoch(data.train_images.size()[0], args.batch);
-    let bar = progress((epochs * steps) as u64, "train");
+    let cfg = TrainerConfig {
+        seed: run.seed,
+        ..TrainerConfig::mnist_classifier(epochs, data.train_images.size()[0], args.batch, args.lr)
+    };
+    let bar = progress(cfg.steps as u64, "train");
     let (mut epoch_loss, mut per_epoch) = (0.0, Vec::new());
     let start = std::time::Instant::now();
-    train_classifier(&model, &data, epochs, args.batch, args.lr, run.seed, &mut |epoch, step, loss| {
+    let (images, labels) = (data.train_images.to_device(run.device), data.train_labels.to_device(run.device));
+    let on_step = |s: StepInfo| {
         bar.inc(1);
-        bar.set_message(format!("loss {loss:.4}"));
-        epoch_loss += loss / steps as f64;
-        if step + 1 == steps {
+        bar.set_message(format!("loss {:.4}", s.loss));
+        epoch_loss += s.loss / steps as f64;
+        if (s.step + 1) % steps == 0 {
             let acc = model.accuracy(&data.test_images, &data.test_labels);
             let t = start.elapsed().as_secs_f64();
-            // a plain line even when the bar is hidden (stderr not a terminal)
-            bar.suspend(|| {
-                println!(
+            log_line(
+                &bar,
+                format!(
                     "epoch {}/{epochs}: mean loss {epoch_loss:.4}, test accuracy {:.2} %, {t:.0} s",
-                    epoch + 1,
+                    s.epoch + 1,
                     100.0 * acc
-                )
-            });
-            per_epoch.push(json!({"epoch": epoch + 1, "mean_loss": epoch_loss, "test_accuracy": acc, "time_s": t}));
+                ),
+            );
+            per_epoch.push(json!({"epoch": s.epoch + 1, "mean_loss": epoch_loss, "test_accuracy": acc, "time_s": t}));
             epoch_loss = 0.0;
         }
-    })?;
+    };
+    train_classifier(&model, (&images, &labels), &cfg, TrainRun::new(run.device, on_step))?;
     bar.finish_and_clear();
     let train_time_s = start.elapsed().as_secs_f64();
     let accuracy = model.accuracy(&data.test_images, &data.test_labels);
@@ -98,7 +105,7 @@ fn run(args: Args) -> Result<()> {
         weights.display()
     );
     run.write_metrics(json!({
-        "config": config, "parameters": params, "epochs": epochs, "batch": args.batch, "lr": args.lr,
+        "config": config, "parameters": params, "epochs": epochs, "train": cfg,
         "test_accuracy": accuracy, "train_time_s": train_time_s, "per_epoch": per_epoch,
         "weights": weights.display().to_string(), "weights_bytes": bytes,
     }))?;

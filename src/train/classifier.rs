@@ -1,17 +1,12 @@
-//! Training the graders' MNIST classifier ([`crate::nn::classifier`]): cross-entropy with Adam, random shifts as
-//! augmentation (`cargo run --release --bin train_classifier` reproduces the shipped weights).
-//!
-//! [Adam] Kingma & Ba 2014, arXiv:1412.6980.
-use crate::data::mnist::Mnist;
+//! Training the graders' MNIST classifier ([`crate::nn::classifier`]): cross-entropy on the shared trainer
+//! ([`trainer::train`]), random shifts as augmentation (`cargo run --release --bin train_classifier`; see
+//! data/classifier/README.md for how the shipped weights were made).
 use crate::nn::classifier::MnistClassifier;
-use crate::train::{lr_at, TrainOpts};
-use anyhow::ensure;
-use anyhow::{bail, Result};
-use tch::nn;
-use tch::nn::OptimizerConfig;
+use crate::train::trainer::{self, TrainOutcome, TrainRun, TrainerConfig};
+use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
-/// Linear learning-rate warm-up of Adam, in steps, before the cosine decay of [`crate::train::lr_at`].
+/// Linear learning-rate warm-up, in steps, before the cosine decay of [`crate::train::lr_at`].
 const WARMUP_STEPS: usize = 100;
 
 /// Shifts each image of x (B, C, H, W) by its own random whole number of pixels in [−m, m] on each axis, filling
@@ -36,54 +31,51 @@ pub fn steps_per_epoch(n: i64, batch: i64) -> usize {
     (n / batch) as usize
 }
 
-/// Trains `model` on `data.train_images` with cross-entropy, [Adam] at peak rate `lr` (warm-up, then cosine decay
-/// to lr/10 over all steps, [`crate::train::lr_at`]), reshuffling and re-augmenting every epoch. Seeds libtorch's
-/// RNG with `seed` (shuffles, shifts, dropout), so a run on CPU is reproducible. `cb(epoch, step, loss)` is called
-/// after every step, with `step` counted within the epoch (the last is [`steps_per_epoch`] − 1).
-/// Returns the loss of every step; fails, naming the step, if the loss stops being finite.
+/// Trains `model` on `images` (N, 1, 28, 28) in [0, 1] and `labels` (N,) with cross-entropy on the shared trainer
+/// (`cfg`: [`TrainerConfig::mnist_classifier`]), each batch shifted at random ([`random_shift`]). `run.on_step` sees
+/// every step; with the same seed and thread count a run on CPU is reproducible. Fails, naming the step, if the loss
+/// stops being finite.
 pub fn train_classifier(
     model: &MnistClassifier,
-    data: &Mnist,
-    epochs: usize,
-    batch: i64,
-    lr: f64,
-    seed: u64,
-    cb: &mut dyn FnMut(usize, usize, f64),
-) -> Result<Vec<f64>> {
-    let dev = model.vs.device();
-    let (images, labels) = (data.train_images.to_device(dev), data.train_labels.to_device(dev));
+    (images, labels): (&Tensor, &Tensor),
+    cfg: &TrainerConfig,
+    run: TrainRun,
+) -> Result<TrainOutcome> {
     let n = images.size()[0];
-    ensure!((2..=n).contains(&batch), "batch size {batch} must be between 2 and the {n} training images");
-    tch::manual_seed(seed as i64);
-    let steps = steps_per_epoch(n, batch);
-    let opts = TrainOpts { steps: epochs * steps, batch_size: batch, lr, warmup: WARMUP_STEPS.min(steps) };
-    let mut opt = nn::Adam::default().build(&model.vs, lr)?;
-    let mut losses = Vec::with_capacity(opts.steps);
-    for epoch in 0..epochs {
-        let order = Tensor::randperm(n, (Kind::Int64, dev));
-        for step in 0..steps {
-            let idx = order.narrow(0, step as i64 * batch, batch); // (batch,)
-            let x = random_shift(&images.index_select(0, &idx), model.config.max_shift);
-            let loss = model.logits(&x, true).cross_entropy_for_logits(&labels.index_select(0, &idx));
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
-                bail!(
-                    "classifier training diverged: the loss became {value} at epoch {epoch}, step {step}; lower --lr"
-                );
-            }
-            opt.set_lr(lr_at(&opts, losses.len()));
-            opt.backward_step(&loss);
-            losses.push(value);
-            cb(epoch, step, value);
+    ensure!(
+        (2..=n).contains(&cfg.batch_size),
+        "batch size {} must be between 2 and the {n} training images",
+        cfg.batch_size
+    );
+    let mut loss = |batch: &[Tensor], _: usize| {
+        let x = random_shift(&batch[0], model.config.max_shift); // (B, 1, 28, 28)
+        model.logits(&x, true).cross_entropy_for_logits(&batch[1])
+    };
+    trainer::train(&model.vs, None, &[images, labels], cfg, &mut loss, run)
+}
+
+impl TrainerConfig {
+    /// The classifier's recipe: `epochs` passes over `n` images in batches of `batch`, a warm-up of
+    /// [`WARMUP_STEPS`] (at most one epoch) to peak rate `lr` and cosine decay to lr/10, no weight decay, no clipping,
+    /// no EMA (batch norm's running statistics are the averages that matter here).
+    pub fn mnist_classifier(epochs: usize, n: i64, batch: i64, lr: f64) -> Self {
+        let per_epoch = steps_per_epoch(n, batch);
+        TrainerConfig {
+            steps: epochs * per_epoch,
+            batch_size: batch,
+            lr,
+            warmup: WARMUP_STEPS.min(per_epoch),
+            grad_clip: None,
+            ema_decay: None,
+            ..Default::default()
         }
     }
-    Ok(losses)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::mnist;
+    use crate::data::mnist::{self, Mnist};
     use crate::nn::classifier::ClassifierConfig;
     use tch::Device;
 
@@ -118,7 +110,9 @@ mod tests {
             test_labels: data.test_labels.narrow(0, 0, 1000),
         };
         let clf = MnistClassifier::new(ClassifierConfig::mnist(), Device::Cpu);
-        let losses = train_classifier(&clf, &small, 2, 64, 2e-3, 0, &mut |_, _, _| {}).unwrap();
+        let cfg = TrainerConfig::mnist_classifier(2, 2048, 64, 2e-3);
+        let data = (&small.train_images, &small.train_labels);
+        let losses = train_classifier(&clf, data, &cfg, TrainRun::new(Device::Cpu, |_| {})).unwrap().losses;
         assert_eq!(losses.len(), 2 * 32);
         let acc = clf.accuracy(&small.test_images, &small.test_labels);
         assert!(acc > 0.85, "accuracy after 64 steps on 2048 images: {acc}");

@@ -1,5 +1,6 @@
 //! Training: one loop ([`trainer`]: AdamW, warm-up and cosine decay, clipping, EMA, bf16 with f32 master weights,
-//! atomic checkpoints that resume exactly), the objectives of each lesson on top of it, and named recipes.
+//! atomic checkpoints that resume exactly), the objectives of each lesson on top of it (denoising score matching
+//! here, ε-prediction in [`ddpm`], …), and named recipes ([`recipe`]).
 pub mod classifier;
 pub mod clip;
 pub mod conditional;
@@ -11,9 +12,10 @@ pub mod text_cond;
 pub mod toy_score;
 pub mod trainer;
 
-use anyhow::{bail, Result};
-use tch::nn::{self, OptimizerConfig};
+use anyhow::Result;
+use tch::nn;
 use tch::{Kind, Tensor};
+use trainer::{TrainOutcome, TrainRun, TrainerConfig};
 
 /// Budget and optimiser settings of a training run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -38,38 +40,44 @@ pub fn lr_at(opts: &TrainOpts, step: usize) -> f64 {
     min + 0.5 * (opts.lr - min) * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }
 
+/// Where [`train_dsm`] gets its clean batches.
+pub enum DsmData<'a> {
+    /// Rows of a data set (N, ...), in the trainer's epochs of shuffled batches (lesson 02's MNIST).
+    Rows(&'a Tensor),
+    /// A fresh draw of `batch_size` samples every step from a density we can sample (lesson 01's mixture); drawn
+    /// after the trainer seeds the step, so a resumed run draws the same.
+    Draw(&'a dyn Fn(i64) -> Tensor),
+}
+
 /// Trains a noise-conditional score model with the denoising-score-matching loss ([NCSN] eq. 6, see
-/// [`crate::diffusion::score_matching::dsm_loss`]). Each step draws a batch with `batch(step)` and one noise level
-/// per sample uniformly from `sigmas`. `score(x, σ)` is the model whose variables live in `vs`.
-/// Returns the loss of every step; `cb(step, loss)` is called after each (for progress bars and logs).
-/// Stops with an error, naming the step, if the loss stops being finite.
+/// [`crate::diffusion::score_matching::dsm_loss`]) on the shared trainer ([`trainer::train_model`]: AdamW, warm-up
+/// and cosine decay, EMA when `cfg` asks for it, checkpoints and resume through `run`). The model is built by
+/// `build`; `score(model, x, σ)` is its score. Each step takes a clean batch from `data` and gives every sample one
+/// noise level drawn uniformly from `sigmas`. Returns the VarStore (holding the EMA weights when there is an EMA), the
+/// model and the outcome; a loss that stops being finite ends the run with an error naming the step.
 // ANCHOR: train_dsm
-pub fn train_dsm(
-    vs: &nn::VarStore,
-    score: impl Fn(&Tensor, &Tensor) -> Tensor,
-    mut batch: impl FnMut(usize) -> Tensor,
+pub fn train_dsm<M>(
+    build: impl Fn(nn::Path) -> M,
+    score: impl Fn(&M, &Tensor, &Tensor) -> Tensor,
+    data: DsmData,
     sigmas: &[f64],
-    opts: &TrainOpts,
-    cb: &mut dyn FnMut(usize, f64),
-) -> Result<Vec<f64>> {
-    let mut opt = nn::Adam::default().build(vs, opts.lr)?;
-    let ladder = Tensor::from_slice(sigmas).to_kind(Kind::Float).to_device(vs.device()); // (L,)
-    let mut losses = Vec::with_capacity(opts.steps);
-    for step in 0..opts.steps {
-        let x0 = batch(step);
-        let idx = Tensor::randint(sigmas.len() as i64, [x0.size()[0]], (Kind::Int64, vs.device()));
-        let sigma = ladder.index_select(0, &idx); // (B,)
-        let loss = crate::diffusion::score_matching::dsm_loss(&score, &x0, &sigma);
-        let value = loss.double_value(&[]);
-        if !value.is_finite() {
-            bail!("training diverged: the loss became {value} at step {step}; lower --lr and run again");
-        }
-        opt.set_lr(lr_at(opts, step));
-        opt.backward_step(&loss);
-        losses.push(value);
-        cb(step, value);
-    }
-    Ok(losses)
+    cfg: &TrainerConfig,
+    run: TrainRun,
+) -> Result<(nn::VarStore, M, TrainOutcome)> {
+    let ladder = Tensor::from_slice(sigmas).to_kind(Kind::Float).to_device(run.device); // (L,)
+    let rows: Vec<&Tensor> = match &data {
+        DsmData::Rows(x) => vec![*x],
+        DsmData::Draw(_) => vec![], // the loss draws its own batch
+    };
+    trainer::train_model(build, &rows, cfg, run, &mut |net, _, batch, _| {
+        let x0 = match &data {
+            DsmData::Rows(_) => batch[0].shallow_clone(),
+            DsmData::Draw(draw) => draw(cfg.batch_size),
+        };
+        let idx = Tensor::randint(sigmas.len() as i64, [x0.size()[0]], (Kind::Int64, x0.device()));
+        let sigma = ladder.index_select(0, &idx); // (B,): each sample's own level σ_i
+        crate::diffusion::score_matching::dsm_loss(|x, s| score(net, x, s), &x0, &sigma)
+    })
 }
 // ANCHOR_END: train_dsm
 

@@ -81,6 +81,20 @@ impl TrainerConfig {
         }
     }
 
+    /// Denoising score matching in lessons 01 and 02 ([`crate::train::train_dsm`]): a warm-up of 1/20 of the steps,
+    /// no clipping and no EMA (lesson 02 adds one for its MNIST network).
+    pub fn dsm(steps: usize, batch: i64, lr: f64) -> Self {
+        TrainerConfig {
+            steps,
+            batch_size: batch,
+            lr,
+            warmup: steps / 20,
+            grad_clip: None,
+            ema_decay: None,
+            ..Default::default()
+        }
+    }
+
     /// Lesson 06's mini-CLIP pre-training: a warm-up of 1/20 of the steps, a short EMA (0.99: a few hundred steps
     /// in all), clipping as [DDPM], a checkpoint at the end.
     pub fn mini_clip(steps: usize, batch: i64, lr: f64) -> Self {

@@ -3,7 +3,8 @@
 use crate::checkpoint;
 use crate::data::toy2d::GaussianMixture;
 use crate::nn::score_mlp::{ScoreMlp, ScoreMlpConfig};
-use crate::train::{train_dsm, TrainOpts};
+use crate::train::trainer::{TrainOutcome, TrainRun, TrainerConfig};
+use crate::train::{train_dsm, DsmData};
 use anyhow::Result;
 use std::path::Path;
 use tch::nn::VarStore;
@@ -17,8 +18,8 @@ pub struct ToyScoreConfig {
     /// Noise ladder σ₁ > … > σ_L the network is trained on.
     pub sigmas: Vec<f64>,
     pub net: ScoreMlpConfig,
-    pub train: TrainOpts,
-    pub seed: u64,
+    /// The training run (its seed included).
+    pub train: TrainerConfig,
 }
 
 /// A trained (or loaded) 2-D score model.
@@ -36,18 +37,19 @@ impl ToyScoreModel {
         Self { config, vs, net }
     }
 
-    /// Trains with denoising score matching on fresh samples of the mixture each step; returns the per-step loss.
-    pub fn train(&mut self, cb: &mut dyn FnMut(usize, f64)) -> Result<Vec<f64>> {
-        let (p, dev, batch) = (&self.config.mixture, self.vs.device(), self.config.train.batch_size);
-        let net = &self.net;
-        train_dsm(
-            &self.vs,
-            |x, s| net.score(x, s),
-            |_| p.sample(batch, dev),
-            &self.config.sigmas,
-            &self.config.train,
-            cb,
-        )
+    /// Trains a model of `config` with denoising score matching on fresh samples of the mixture each step.
+    pub fn train(config: ToyScoreConfig, run: TrainRun) -> Result<(Self, TrainOutcome)> {
+        let (p, device) = (&config.mixture, run.device);
+        let draw = |batch: i64| p.sample(batch, device);
+        let (vs, net, outcome) = train_dsm(
+            |path| ScoreMlp::new(path, config.net.clone()),
+            |net: &ScoreMlp, x, s| net.score(x, s),
+            DsmData::Draw(&draw),
+            &config.sigmas,
+            &config.train,
+            run,
+        )?;
+        Ok((Self { config, vs, net }, outcome))
     }
 
     /// The learned score at one noise level: x (N, 2) -> (N, 2), without gradients.

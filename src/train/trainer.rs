@@ -294,8 +294,12 @@ impl Trainer {
 
     /// The rows of `data` (each (N, ...)) for step `step`, on `device`: epochs of ⌊N/B⌋ batches taken in order from
     /// the epoch's permutation (the last N mod B rows of each permutation are left out, so every batch has B rows).
+    /// With no data tensors the batch is empty (and the epoch 0): the loss draws its batch itself.
     fn batch(&mut self, data: &[&Tensor], step: usize, device: Device) -> Result<(usize, Vec<Tensor>)> {
-        let n = data.first().ok_or_else(|| anyhow!("the trainer was given no data tensors"))?.size()[0];
+        let Some(first) = data.first() else {
+            return Ok((0, vec![])); // no data set: the loss draws its own batch (after the step's seed)
+        };
+        let n = first.size()[0];
         if let Some((i, d)) = data.iter().enumerate().find(|(_, d)| d.size()[0] != n) {
             bail!(
                 "data tensor {i} has {} rows, data tensor 0 has {n}: every data tensor needs one row per example",
@@ -404,7 +408,7 @@ impl Trainer {
 
     /// Continues the run saved at `path`: loads the weights into `master` and the optimiser state, EMA, step and
     /// losses into the returned trainer. `cfg` must equal the saved config in every field but `steps`.
-    pub fn resume(master: &mut VarStore, cfg: TrainerConfig, path: &Path) -> Result<Self> {
+    pub fn resume(master: &VarStore, cfg: TrainerConfig, path: &Path) -> Result<Self> {
         ensure_same_config(&cfg, path)?;
         let mut trainer = Self::new(master, cfg)?;
         let file: HashMap<String, Tensor> = Tensor::read_safetensors(path)
@@ -497,7 +501,7 @@ fn ensure_same_config(cfg: &TrainerConfig, path: &Path) -> Result<()> {
 /// step. A non-finite loss or gradient stops the run with an error naming the step, writing no checkpoint.
 // ANCHOR: train
 pub fn train(
-    master: &mut VarStore,
+    master: &VarStore,
     mut compute: Option<&mut VarStore>,
     data: &[&Tensor],
     cfg: &TrainerConfig,
@@ -556,7 +560,7 @@ pub fn train_model<M>(
     }
     let mut step_loss =
         |batch: &[Tensor], step: usize| loss_fn(compute_model.as_ref().unwrap_or(&model), &model, batch, step);
-    let outcome = train(&mut master, compute.as_mut(), data, cfg, &mut step_loss, run)?;
+    let outcome = train(&master, compute.as_mut(), data, cfg, &mut step_loss, run)?;
     if let Some(ema) = &outcome.ema {
         ema.copy_to(&mut master);
     }
@@ -670,11 +674,11 @@ mod tests {
         }
         tch::manual_seed(0);
         let (x, y) = toy_data(32, 4);
-        let mut vs = VarStore::new(Device::Cpu);
+        let vs = VarStore::new(Device::Cpu);
         let model = mlp(&vs, 4, 32, 2);
         let cfg = TrainerConfig { steps: 300, batch_size: 32, lr: 1e-2, warmup: 10, ..quiet(Default::default()) };
         let out =
-            train(&mut vs, None, &[&x, &y], &cfg, &mut |b, _| mse(&model, b), TrainRun::new(Device::Cpu, &mut |_| {}))
+            train(&vs, None, &[&x, &y], &cfg, &mut |b, _| mse(&model, b), TrainRun::new(Device::Cpu, &mut |_| {}))
                 .unwrap();
         let (first, last) = (out.losses[0], out.losses[299]);
         assert!(last < 0.1 * first, "the loss fell from {first} to only {last}");
@@ -688,7 +692,7 @@ mod tests {
         }
         tch::manual_seed(0);
         let (x, y) = toy_data(64, 4);
-        let mut master = VarStore::new(Device::Cpu);
+        let master = VarStore::new(Device::Cpu);
         let _ = mlp(&master, 4, 32, 2);
         let mut compute = VarStore::new(Device::Cpu);
         let model = mlp(&compute, 4, 32, 2);
@@ -698,12 +702,11 @@ mod tests {
             let (x, y) = (b[0].to_kind(Kind::BFloat16), b[1].to_kind(Kind::BFloat16));
             (model.forward(&x) - y).square().mean(Kind::Float)
         };
-        let e = train(&mut master, None, &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {}))
-            .err()
-            .unwrap();
+        let e =
+            train(&master, None, &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {})).err().unwrap();
         assert!(e.to_string().contains("compute VarStore"), "{e}");
         let out =
-            train(&mut master, Some(&mut compute), &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {}))
+            train(&master, Some(&mut compute), &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {}))
                 .unwrap();
         let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
         let (early, late) = (mean(&out.losses[..10]), mean(&out.losses[190..]));
@@ -724,7 +727,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ckpt.safetensors");
         let (x, y) = toy_data(32, 4);
-        let mut vs = VarStore::new(Device::Cpu);
+        let vs = VarStore::new(Device::Cpu);
         let model = mlp(&vs, 4, 8, 2);
         let cfg = TrainerConfig { steps: 10, batch_size: 8, lr: 1e-3, checkpoint_every: 5, ..Default::default() };
         let mut loss = |b: &[Tensor], step: usize| if step == 5 { mse(&model, b) * f64::NAN } else { mse(&model, b) };
@@ -736,30 +739,23 @@ mod tests {
         };
         let e = format!(
             "{:#}",
-            train(
-                &mut vs,
-                None,
-                &[&x, &y],
-                &cfg,
-                &mut loss,
-                TrainRun::new(Device::Cpu, &mut cb).checkpoint(&path, false)
-            )
-            .err()
-            .unwrap()
+            train(&vs, None, &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut cb).checkpoint(&path, false))
+                .err()
+                .unwrap()
         );
         assert!(e.contains("step 5") && e.contains("--lr"), "{e}");
         assert!(
             !saved.is_empty() && std::fs::read(&path).unwrap() == saved,
             "the checkpoint of step 5 was overwritten"
         );
-        let resumed = Trainer::resume(&mut vs, cfg.clone(), &path).unwrap();
+        let resumed = Trainer::resume(&vs, cfg.clone(), &path).unwrap();
         assert_eq!(resumed.steps_done, 5);
 
         // a finite loss with a non-finite gradient: d√|z|/dz at z = 0
-        let mut vs = VarStore::new(Device::Cpu);
+        let vs = VarStore::new(Device::Cpu);
         let z = vs.root().var("z", &[1], nn::Init::Const(0.0));
         let mut loss = |_: &[Tensor], _: usize| z.abs().sqrt().sum(Kind::Float);
-        let e = train(&mut vs, None, &[&x], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {}))
+        let e = train(&vs, None, &[&x], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {}))
             .err()
             .unwrap()
             .to_string();
@@ -775,24 +771,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ckpt.safetensors");
         let (x, y) = toy_data(32, 4);
-        let mut vs = VarStore::new(Device::Cpu);
+        let vs = VarStore::new(Device::Cpu);
         let model = mlp(&vs, 4, 8, 2);
         let cfg = TrainerConfig { steps: 3, batch_size: 8, lr: 1e-3, warmup: 1, ..Default::default() };
         let mut loss = |b: &[Tensor], _: usize| mse(&model, b);
-        train(
-            &mut vs,
-            None,
-            &[&x, &y],
-            &cfg,
-            &mut loss,
-            TrainRun::new(Device::Cpu, &mut |_| {}).checkpoint(&path, false),
-        )
-        .unwrap();
+        train(&vs, None, &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, &mut |_| {}).checkpoint(&path, false))
+            .unwrap();
         let other = TrainerConfig { lr: 2e-3, ..cfg.clone() };
         let e = format!(
             "{:#}",
             train(
-                &mut vs,
+                &vs,
                 None,
                 &[&x, &y],
                 &other,
@@ -805,7 +794,7 @@ mod tests {
         assert!(e.contains("`lr`") && e.contains("0.001") && e.contains("0.002"), "{e}");
         let longer = TrainerConfig { steps: 5, ..cfg };
         let out = train(
-            &mut vs,
+            &vs,
             None,
             &[&x, &y],
             &longer,
@@ -848,9 +837,9 @@ mod tests {
             (vs, model)
         };
 
-        let (mut vs_a, model_a) = build(0);
+        let (vs_a, model_a) = build(0);
         let a = train(
-            &mut vs_a,
+            &vs_a,
             None,
             &[&x, &y],
             &cfg,
@@ -868,9 +857,9 @@ mod tests {
         trainer.save(&vs_b, &path).unwrap();
         drop((trainer, vs_b, model_b));
 
-        let (mut vs_c, model_c) = build(123); // other initial weights: all of it must come from the checkpoint
+        let (vs_c, model_c) = build(123); // other initial weights: all of it must come from the checkpoint
         let c = train(
-            &mut vs_c,
+            &vs_c,
             None,
             &[&x, &y],
             &cfg,
