@@ -3,7 +3,7 @@
 //!
 //! `lesson09 tour` (the default) runs every stage on a tiny random model of SD 1.5's exact layout (no weights can be
 //! downloaded here) and prints what each stage makes; `--full-size` also builds the real 1.07 B-parameter networks
-//! (random weights) and times one UNet step against its FLOP count. `lesson09 generate --weights PATH --prompt …`
+//! (random weights) and times one UNet step against its FLOP count (`studies::sd_full_size`). `lesson09 generate --weights PATH --prompt …`
 //! and `lesson09 img2img --weights PATH --image IN.png …` draw real images from a diffusers folder or an original
 //! `.safetensors` file (README: how to get SD 1.5). Chapter 09 walks through this file.
 use anyhow::{Context, Result};
@@ -11,9 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::cli::{lesson_main, CommonArgs, Run};
 use scratch_diffusion::data::png::{read_png_rgb, read_png_text, write_png_rgb_with_text};
 use scratch_diffusion::pipelines::stable_diffusion::{GenerateParams, SdSampler, StableDiffusion};
-use scratch_diffusion::sd::flops::{unet_flops, BlockFlops};
 use scratch_diffusion::sd::weights::kind_of_dtype;
 use scratch_diffusion::sd::{SdConfig, SdModels};
+use scratch_diffusion::studies::sd_full_size;
 use scratch_diffusion::text::bpe::CLIP_CONTEXT_LEN;
 use serde_json::json;
 use std::path::PathBuf;
@@ -311,55 +311,13 @@ fn tour(args: TourArgs) -> Result<()> {
     metrics["sigmas"] = json!(sigmas);
     metrics["sampling_s"] = json!(sampling_s);
     metrics["infotext"] = json!(infotext);
+    // 9. (--full-size) SD 1.5's real networks, random weights: one guided UNet step against its FLOP count.
     if args.full_size {
-        metrics["full_size"] = full_size(&run)?;
+        let report = sd_full_size::run(SdConfig::sd15(), run.device)?;
+        println!("9. SD 1.5 at full size: {report}");
+        metrics["full_size"] = serde_json::to_value(report)?;
     }
     let path = run.write_metrics(metrics)?;
     println!("wrote {}", path.display());
     Ok(())
 }
-
-// ANCHOR: full_size
-/// SD 1.5 at full size with random weights: parameter counts, and one guided UNet step (batch 2, 64 × 64 latents,
-/// 77 tokens) timed against its FLOPs per block.
-fn full_size(run: &Run) -> Result<serde_json::Value> {
-    let t0 = Instant::now();
-    let models = SdModels::new(SdConfig::sd15(), run.device)?;
-    println!(
-        "9. SD 1.5 at full size: {:?} parameters (text, UNet, VAE), built in {:.1} s",
-        models.num_parameters(),
-        seconds(t0)
-    );
-    let rows = unet_flops(&models.config.unet, 2, 64, 64, CLIP_CONTEXT_LEN as i64);
-    let total: f64 = rows.iter().map(BlockFlops::total).sum();
-    for r in &rows {
-        println!(
-            "   {:<14} {:>7.1} GFLOP ({:>4.1} %: conv {:.0}, linear {:.0}, attention {:.0})",
-            r.block,
-            r.total() / 1e9,
-            100.0 * r.total() / total,
-            r.conv / 1e9,
-            r.linear / 1e9,
-            r.attention / 1e9
-        );
-    }
-    let x = scratch_diffusion::nn::layers::channels_last(&Tensor::randn([2, 4, 64, 64], (Kind::Float, run.device)));
-    let context = Tensor::randn([2, 77, 768], (Kind::Float, run.device));
-    let t = Tensor::from_slice(&[500i64, 500]).to_device(run.device);
-    let mut times = Vec::new();
-    for _ in 0..2 {
-        let t0 = Instant::now();
-        tch::no_grad(|| drop(models.unet.forward_cond(&x, &t, Some(&context), None, false)));
-        times.push(seconds(t0));
-    }
-    let step = times[1];
-    println!(
-        "   one guided UNet step: {:.1} TFLOP in {step:.1} s ({:.0} GFLOP/s; first call {:.1} s)",
-        total / 1e12,
-        total / step / 1e9,
-        times[0]
-    );
-    Ok(json!({"parameters": models.num_parameters(), "unet_step_tflop": total / 1e12, "unet_step_s": step,
-              "gflop_per_s": total / step / 1e9, "blocks": rows}))
-}
-// ANCHOR_END: full_size

@@ -306,6 +306,8 @@ pub fn shipped_dir() -> PathBuf {
 mod tests {
     use super::*;
     use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
+    use crate::nn::unet::UNetConfig;
+    use crate::nn::vae::VaeConfig;
     use crate::text::Bpe;
 
     /// A pipeline with random weights on 8×8 images (4×4 latents of 2 channels) and prompts about "zero" and "one".

@@ -222,6 +222,7 @@ pub fn shipped_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::unet::UNetConfig;
 
     /// A pipeline with random weights on 8×8 images and prompts about "zero" and "one".
     fn toy() -> TextToImage {
