@@ -190,7 +190,7 @@ pub struct StepLog {
 
 impl StepLog {
     pub fn new(total: u64, label: &str, lines: u64) -> Self {
-        let every = if lines == 0 { u64::MAX } else { (total / lines).max(1) };
+        let every = total.checked_div(lines).map_or(u64::MAX, |e| e.max(1));
         Self { bar: progress(total, label), label: label.to_string(), total, every }
     }
 
