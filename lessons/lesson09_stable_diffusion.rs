@@ -3,22 +3,25 @@
 //!
 //! `lesson09 tour` (the default) runs every stage on a tiny random model of SD 1.5's exact layout (no weights can be
 //! downloaded here) and prints what each stage makes; `--full-size` also builds the real 1.07 B-parameter networks
-//! (random weights) and times one UNet step against its FLOP count. `lesson09 generate --weights PATH --prompt …`
-//! and `lesson09 img2img --weights PATH --image IN.png …` draw real images from a diffusers folder or an original
-//! `.safetensors` file (README: how to get SD 1.5). Chapter 09 walks through this file.
+//! (random weights) and times one UNet step against its FLOP count (the study `studies::sd_full_size`).
+//! `lesson09 generate --weights PATH --prompt …` and `lesson09 img2img --weights PATH --image IN.png …` draw real
+//! images from a diffusers folder or an original `.safetensors` file (README: how to get SD 1.5). Chapter 09 walks
+//! through this file; the flags every drawing command shares are `pipelines::stable_diffusion::DrawArgs`.
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use scratch_diffusion::cli::{lesson_main, CommonArgs, Run};
-use scratch_diffusion::data::png::{read_png_rgb, read_png_text, write_png_rgb_with_text};
-use scratch_diffusion::pipelines::stable_diffusion::{GenerateParams, SdSampler, StableDiffusion};
-use scratch_diffusion::sd::flops::{unet_flops, BlockFlops};
+use scratch_diffusion::cli::{lesson_main, Run};
+use scratch_diffusion::data::png::{read_png_rgb, read_png_text};
+use scratch_diffusion::model::{sigmas_of_schedule, timestep_of_sigma};
+use scratch_diffusion::pipelines::stable_diffusion::{DrawArgs, GenerateParams, StableDiffusion};
+use scratch_diffusion::sampling::SamplerStep;
 use scratch_diffusion::sd::weights::kind_of_dtype;
 use scratch_diffusion::sd::{SdConfig, SdModels};
+use scratch_diffusion::studies::sd_full_size;
 use scratch_diffusion::text::bpe::CLIP_CONTEXT_LEN;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Kind;
 
 /// The random weights of the tiny model come from this seed.
 const TINY_MODEL_SEED: i64 = 9;
@@ -45,28 +48,16 @@ enum Command {
 #[derive(Args, Debug)]
 struct TourArgs {
     #[command(flatten)]
-    common: CommonArgs,
-    #[command(flatten)]
-    draw: DrawFlags,
+    draw: DrawArgs,
     /// Also build SD 1.5 at full size (random weights, ~4.3 GB of f32) and time one guided UNet step.
     #[arg(long)]
     full_size: bool,
 }
 
 #[derive(Args, Debug)]
-struct DrawArgs {
-    #[command(flatten)]
-    common: CommonArgs,
-    #[command(flatten)]
-    draw: DrawFlags,
-}
-
-#[derive(Args, Debug)]
 struct Img2ImgArgs {
     #[command(flatten)]
-    common: CommonArgs,
-    #[command(flatten)]
-    draw: DrawFlags,
+    draw: DrawArgs,
     /// The PNG to start from (its width and height must be multiples of 8).
     #[arg(long)]
     image: PathBuf,
@@ -75,50 +66,17 @@ struct Img2ImgArgs {
     strength: f64,
 }
 
-/// What every drawing command takes; the names are the web UIs'.
-#[derive(Args, Debug)]
-struct DrawFlags {
-    /// SD 1.x weights: a diffusers folder (unet/, vae/, text_encoder/) or an original .safetensors single file.
-    /// Without it, the tiny random model of the tour.
-    #[arg(long)]
-    weights: Option<PathBuf>,
-    #[arg(long, default_value = "a photograph of an astronaut riding a horse")]
-    prompt: String,
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
-    /// Sampler steps [default: 20, or 4 with --quick].
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Guidance scale w (1 = no guidance).
-    #[arg(long, default_value_t = 7.0)]
-    cfg_scale: f64,
-    /// Image size, multiples of 8 [default: 512 with --weights, 64 for the tiny model].
-    #[arg(long)]
-    width: Option<i64>,
-    #[arg(long)]
-    height: Option<i64>,
-    /// DDIM, Euler, "Euler a", "DPM++ 2M" or "DPM++ 2M Karras".
-    #[arg(long, default_value = "Euler a")]
-    sampler: String,
-    /// Images; image i uses --seed + i.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    /// Weights' dtype on the CPU: f32, or bf16 (half the memory; fast only where the CPU has bf16 units).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-}
-
 fn main() {
     lesson_main(|| match Cli::parse() {
-        Cli { command: Some(Command::Generate(a)), .. } => draw(a.common, a.draw, None),
-        Cli { command: Some(Command::Img2img(a)), .. } => draw(a.common, a.draw, Some((a.image, a.strength))),
+        Cli { command: Some(Command::Generate(a)), .. } => draw(a, None),
+        Cli { command: Some(Command::Img2img(a)), .. } => draw(a.draw, Some((a.image, a.strength))),
         Cli { command: Some(Command::Tour(a)), .. } | Cli { tour: a, .. } => tour(a),
     })
 }
 
 // ANCHOR: load
 /// The pipeline of `--weights` (or the tiny random one), in `--dtype`, and the settings of `flags`.
-fn pipeline(run: &Run, flags: &DrawFlags) -> Result<(StableDiffusion, GenerateParams)> {
+fn pipeline(run: &Run, flags: &DrawArgs) -> Result<(StableDiffusion, GenerateParams)> {
     let kind = kind_of_dtype(&flags.dtype)?;
     let mut sd = match &flags.weights {
         Some(path) => {
@@ -132,61 +90,21 @@ fn pipeline(run: &Run, flags: &DrawFlags) -> Result<(StableDiffusion, GeneratePa
         }
     };
     sd.models.set_kind(kind);
-    let full = flags.weights.is_some();
-    let p = GenerateParams {
-        prompt: flags.prompt.clone(),
-        negative_prompt: flags.negative_prompt.clone(),
-        steps: flags.steps.unwrap_or(if run.quick { 4 } else { 20 }),
-        cfg_scale: flags.cfg_scale,
-        seed: run.seed,
-        width: flags.width.unwrap_or(if full { 512 } else { 64 }),
-        height: flags.height.unwrap_or(if full { 512 } else { 64 }),
-        sampler: SdSampler::from_name(&flags.sampler).context("--sampler")?,
-        batch: flags.batch,
-    };
-    p.check()?;
-    Ok((sd, p))
+    Ok((sd, flags.params(run.quick, run.seed)?))
 }
 // ANCHOR_END: load
 
-/// Writes image i of `images` (B, 3, H, W) as OUT/NAME_i.png with its parameters; returns the paths.
-fn save_images(
-    run: &Run,
-    sd: &StableDiffusion,
-    p: &GenerateParams,
-    images: &Tensor,
-    strength: Option<f64>,
-) -> Result<Vec<PathBuf>> {
-    (0..images.size()[0] as usize)
-        .map(|i| {
-            let path = run.path(&format!("image_{:02}_seed{}.png", i, p.seed + i as u64));
-            write_png_rgb_with_text(
-                &path,
-                &images.get(i as i64),
-                "parameters",
-                &p.infotext(i, &sd.model_name, strength),
-            )?;
-            Ok(path)
-        })
-        .collect()
-}
-
-fn draw(common: CommonArgs, flags: DrawFlags, edit: Option<(PathBuf, f64)>) -> Result<()> {
-    let run = common.init("lesson09")?;
-    let (sd, p) = pipeline(&run, &flags)?;
-    if flags.weights.is_none() {
+fn draw(args: DrawArgs, edit: Option<(PathBuf, f64)>) -> Result<()> {
+    let run = args.common.init("lesson09")?;
+    let (sd, p) = pipeline(&run, &args)?;
+    if args.weights.is_none() {
         println!("no --weights: the tiny random model draws noise-like images (README: how to get SD 1.5's weights)");
     }
     let started = Instant::now();
     let mut last = Instant::now();
-    let mut on_step = |i: usize, s: scratch_diffusion::sampling::SamplerStep| {
-        println!(
-            "image {i} step {:>3}: σ {:>8.4} -> {:>8.4} ({:.1} s)",
-            s.i,
-            s.sigma,
-            s.sigma_next,
-            last.elapsed().as_secs_f64()
-        );
+    let mut on_step = |i: usize, s: SamplerStep| {
+        let step_s = seconds(last);
+        println!("image {i} step {:>3}: σ {:>8.4} -> {:>8.4} ({step_s:.1} s)", s.i, s.sigma, s.sigma_next);
         last = Instant::now();
     };
     let (generated, strength) = match &edit {
@@ -196,14 +114,14 @@ fn draw(common: CommonArgs, flags: DrawFlags, edit: Option<(PathBuf, f64)>) -> R
     for w in &generated.warnings {
         println!("warning: {w}");
     }
-    let paths = save_images(&run, &sd, &p, &generated.images, strength)?;
+    let paths = sd.save_pngs(&run, &p, &generated.images, strength)?;
     for path in &paths {
         println!("wrote {}", path.display());
     }
-    let seconds = started.elapsed().as_secs_f64();
-    println!("{} image(s) in {seconds:.1} s", paths.len());
+    let elapsed = seconds(started);
+    println!("{} image(s) in {elapsed:.1} s", paths.len());
     run.write_metrics(json!({"command": if edit.is_some() { "img2img" } else { "generate" },
-        "model": sd.model_name, "seconds": seconds, "images": paths, "infotext": p.infotext(0, &sd.model_name, strength)}))?;
+        "model": sd.model_name, "seconds": elapsed, "images": paths, "infotext": p.infotext(0, &sd.model_name, strength)}))?;
     Ok(())
 }
 
@@ -212,9 +130,8 @@ fn seconds(t0: Instant) -> f64 {
 }
 
 fn tour(args: TourArgs) -> Result<()> {
-    let run = args.common.init("lesson09")?;
+    let run = args.draw.common.init("lesson09")?;
     let (sd, p) = pipeline(&run, &args.draw)?;
-    let mut metrics = json!({"command": "tour", "model": sd.model_name});
     let [n_text, n_unet, n_vae] = sd.models.num_parameters();
     println!("model {}: text encoder {n_text}, UNet {n_unet}, VAE {n_vae} parameters", sd.model_name);
 
@@ -248,11 +165,8 @@ fn tour(args: TourArgs) -> Result<()> {
 
     // 4. The sampler's σ grid and the fractional timesteps the UNet is called with.
     let sigmas = p.sampler.sigmas(&sd.schedule, p.steps);
-    let table = scratch_diffusion::model::sigmas_of_schedule(&sd.schedule);
-    let ts: Vec<String> = sigmas[..p.steps]
-        .iter()
-        .map(|&s| format!("{:.1}", scratch_diffusion::model::timestep_of_sigma(&table, s)))
-        .collect();
+    let table = sigmas_of_schedule(&sd.schedule);
+    let ts: Vec<String> = sigmas[..p.steps].iter().map(|&s| format!("{:.1}", timestep_of_sigma(&table, s))).collect();
     println!(
         "4. {} with {} steps: σ {:?}\n   timesteps {:?}",
         p.sampler.name(),
@@ -261,28 +175,16 @@ fn tour(args: TourArgs) -> Result<()> {
         ts
     );
 
-    // 5. One guided UNet evaluation: ∅ and the prompt in one batch of 2.
+    // 5. One guided UNet evaluation at σ₀, as a sampler step makes it: ∅ and the prompt in one batch of 2.
     let t0 = Instant::now();
-    let x = &z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt();
-    let c_in = 1.0 / (1.0 + sigmas[0] * sigmas[0]).sqrt();
-    let t = Tensor::from_slice(&[ts[0].parse::<f64>()?; 2]);
-    let eps = tch::no_grad(|| {
-        let x2 = Tensor::cat(&[&x, &x], 0) * c_in; // (2, 4, h, w)
-        sd.models.unet.forward_cond(
-            &x2.to_kind(sd.models.kind()),
-            &t,
-            Some(&Tensor::cat(&[&uncond, &cond], 0).to_kind(sd.models.kind())),
-            None,
-            false,
-        )
-    });
-    let parts = eps.to_kind(Kind::Float).chunk(2, 0);
-    let guided = &parts[0] + (&parts[1] - &parts[0]) * p.cfg_scale; // [CFG] ε̃ = ε_∅ + w (ε_c − ε_∅)
-    let gap = (&parts[1] - &parts[0]).square().mean(Kind::Float).sqrt().double_value(&[]);
+    let x = &z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt(); // σ-space: x = x_T √(1 + σ₀²)
+    let (eps_uncond, eps_cond) = sd.eps_branches(&x, sigmas[0], &cond, &uncond); // (1, 4, h, w) each
+    let guided = &eps_uncond + (&eps_cond - &eps_uncond) * p.cfg_scale; // [CFG] ε̃ = ε_∅ + w (ε_c − ε_∅)
+    let gap = (&eps_cond - &eps_uncond).square().mean(Kind::Float).sqrt().double_value(&[]);
     println!(
         "5. UNet at σ = {:.3}: ε̂ {:?}, |ε_c − ε_∅| rms {gap:.4}, guided std {:.3} ({:.3} s)",
         sigmas[0],
-        parts[0].size(),
+        eps_uncond.size(),
         guided.std(true).double_value(&[]),
         seconds(t0)
     );
@@ -303,63 +205,20 @@ fn tour(args: TourArgs) -> Result<()> {
     );
 
     // 8. The PNG carries its parameters, as the web UIs write them.
-    let paths = save_images(&run, &sd, &p, &images, None)?;
+    let paths = sd.save_pngs(&run, &p, &images, None)?;
     let infotext = read_png_text(&paths[0], "parameters")?.context("the PNG's parameters chunk")?;
     println!("8. wrote {} with parameters:\n{infotext}", paths[0].display());
-    metrics["parameters"] = json!({"text_encoder": n_text, "unet": n_unet, "vae": n_vae});
-    metrics["tokens"] = json!({"ids": &encoded.ids[..encoded.len], "pieces": pieces});
-    metrics["sigmas"] = json!(sigmas);
-    metrics["sampling_s"] = json!(sampling_s);
-    metrics["infotext"] = json!(infotext);
+    let mut metrics = json!({"command": "tour", "model": sd.model_name,
+        "parameters": {"text_encoder": n_text, "unet": n_unet, "vae": n_vae},
+        "tokens": {"ids": &encoded.ids[..encoded.len], "pieces": pieces},
+        "sigmas": sigmas, "sampling_s": sampling_s, "infotext": infotext});
+    // 9. (--full-size) SD 1.5's real networks, random weights: one guided UNet step against its FLOP count.
     if args.full_size {
-        metrics["full_size"] = full_size(&run)?;
+        let report = sd_full_size::run(SdConfig::sd15(), run.device)?;
+        println!("9. SD 1.5 at full size: {report}");
+        metrics["full_size"] = serde_json::to_value(report)?;
     }
     let path = run.write_metrics(metrics)?;
     println!("wrote {}", path.display());
     Ok(())
 }
-
-// ANCHOR: full_size
-/// SD 1.5 at full size with random weights: parameter counts, and one guided UNet step (batch 2, 64 × 64 latents,
-/// 77 tokens) timed against its FLOPs per block.
-fn full_size(run: &Run) -> Result<serde_json::Value> {
-    let t0 = Instant::now();
-    let models = SdModels::new(SdConfig::sd15(), run.device)?;
-    println!(
-        "9. SD 1.5 at full size: {:?} parameters (text, UNet, VAE), built in {:.1} s",
-        models.num_parameters(),
-        seconds(t0)
-    );
-    let rows = unet_flops(&models.config.unet, 2, 64, 64, CLIP_CONTEXT_LEN as i64);
-    let total: f64 = rows.iter().map(BlockFlops::total).sum();
-    for r in &rows {
-        println!(
-            "   {:<14} {:>7.1} GFLOP ({:>4.1} %: conv {:.0}, linear {:.0}, attention {:.0})",
-            r.block,
-            r.total() / 1e9,
-            100.0 * r.total() / total,
-            r.conv / 1e9,
-            r.linear / 1e9,
-            r.attention / 1e9
-        );
-    }
-    let x = scratch_diffusion::nn::layers::channels_last(&Tensor::randn([2, 4, 64, 64], (Kind::Float, run.device)));
-    let context = Tensor::randn([2, 77, 768], (Kind::Float, run.device));
-    let t = Tensor::from_slice(&[500i64, 500]).to_device(run.device);
-    let mut times = Vec::new();
-    for _ in 0..2 {
-        let t0 = Instant::now();
-        tch::no_grad(|| drop(models.unet.forward_cond(&x, &t, Some(&context), None, false)));
-        times.push(seconds(t0));
-    }
-    let step = times[1];
-    println!(
-        "   one guided UNet step: {:.1} TFLOP in {step:.1} s ({:.0} GFLOP/s; first call {:.1} s)",
-        total / 1e12,
-        total / step / 1e9,
-        times[0]
-    );
-    Ok(json!({"parameters": models.num_parameters(), "unet_step_tflop": total / 1e12, "unet_step_s": step,
-              "gflop_per_s": total / step / 1e9, "blocks": rows}))
-}
-// ANCHOR_END: full_size

@@ -12,9 +12,11 @@
 //! (as k-diffusion feeds SD's UNet). Negative prompts are the ∅ branch of guidance. Image i of a call is drawn from
 //! its own seed, seed + i, by libtorch's CPU generator, which `torch.Generator().manual_seed` also is: diffusers on
 //! the CPU draws the same starting latents for the same seed.
+use crate::cli::{CommonArgs, Run};
+use crate::data::png::write_png_rgb_with_text;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::CondEpsModel;
-use crate::model::{sigma_of_timestep, sigmas_of_schedule, EpsDenoiser};
+use crate::model::{sigma_of_timestep, sigmas_of_schedule, timestep_of_sigma, EpsDenoiser};
 use crate::nn::layers::channels_last;
 use crate::sampling::grids::{karras_sigmas, spaced_timesteps, TimestepSpacing, KARRAS_RHO};
 use crate::sampling::guidance::ClassifierFreeGuidance;
@@ -195,6 +197,63 @@ impl GenerateParams {
     }
 }
 
+/// What every drawing command of lesson 09 takes (`tour`, `generate`, `img2img`): the lesson's common flags and the
+/// settings under the web UIs' names, which [`DrawArgs::params`] turns into [`GenerateParams`].
+#[derive(clap::Args, Debug)]
+pub struct DrawArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// SD 1.x weights: a diffusers folder (unet/, vae/, text_encoder/) or an original .safetensors single file.
+    /// Without it, the tiny random model of the tour.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    #[arg(long, default_value = "a photograph of an astronaut riding a horse")]
+    pub prompt: String,
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Sampler steps [default: 20, or 4 with --quick].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance scale w (1 = no guidance).
+    #[arg(long, default_value_t = 7.0)]
+    pub cfg_scale: f64,
+    /// Image size, multiples of 8 [default: 512 with --weights, 64 for the tiny model].
+    #[arg(long)]
+    pub width: Option<i64>,
+    #[arg(long)]
+    pub height: Option<i64>,
+    /// DDIM, Euler, "Euler a", "DPM++ 2M" or "DPM++ 2M Karras".
+    #[arg(long, default_value = "Euler a")]
+    pub sampler: String,
+    /// Images; image i uses --seed + i.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Weights' dtype on the CPU: f32, or bf16 (half the memory; fast only where the CPU has bf16 units).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl DrawArgs {
+    /// The settings of these flags for a run with `seed` (`quick`: 4 steps unless --steps says otherwise; the size
+    /// defaults to SD 1.5's 512² with --weights, to 64² for the tiny model); what cannot run is an error with its fix.
+    pub fn params(&self, quick: bool, seed: u64) -> Result<GenerateParams> {
+        let full = self.weights.is_some();
+        let p = GenerateParams {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps.unwrap_or(if quick { 4 } else { 20 }),
+            cfg_scale: self.cfg_scale,
+            seed,
+            width: self.width.unwrap_or(if full { 512 } else { 64 }),
+            height: self.height.unwrap_or(if full { 512 } else { 64 }),
+            sampler: SdSampler::from_name(&self.sampler).context("--sampler")?,
+            batch: self.batch,
+        };
+        p.check()?;
+        Ok(p)
+    }
+}
+
 /// SD's UNet as the conditional ε-model of lesson 06's guidance: latents and context cast to the weights' dtype at
 /// the door, ε̂ back to the latents' (f32) dtype.
 struct SdUNet<'a>(&'a SdModels, Kind);
@@ -303,6 +362,20 @@ impl StableDiffusion {
         (cond, uncond)
     }
 
+    /// ε̂ of both branches of guidance, (ε_∅, ε_c), (1, 4, h, w) each, for the σ-space latents `x` (1, 4, h, w) at
+    /// level `sigma`, called as a sampler step calls the UNet: with x_vp, at σ's fractional timestep, ∅ (`uncond`)
+    /// and the prompt (`cond`) in one batch of 2.
+    pub fn eps_branches(&self, x: &Tensor, sigma: f64, cond: &Tensor, uncond: &Tensor) -> (Tensor, Tensor) {
+        // [EDM] Table 1, VP: c_in(σ) = 1/√(σ² + 1), so x · c_in = x_vp
+        let c_in = 1.0 / (1.0 + sigma * sigma).sqrt();
+        let t = timestep_of_sigma(&sigmas_of_schedule(&self.schedule), sigma);
+        let x2 = Tensor::cat(&[x, x], 0) * c_in; // (2, 4, h, w)
+        let context = Tensor::cat(&[uncond, cond], 0); // (2, 77, D)
+        let unet = SdUNet(&self.models, self.models.kind());
+        let eps = tch::no_grad(|| unet.eps_cond(&x2, &Tensor::from_slice(&[t; 2]), &context, false)).chunk(2, 0);
+        (eps[0].shallow_clone(), eps[1].shallow_clone()) // (1, 4, h, w) each
+    }
+
     // ANCHOR: denoise_loop
     /// Runs `p.sampler` with guidance from `x` (1, 4, h, w), already at the first level of `sigmas`, and returns
     /// the VP latents at the last level (= x̂₀ when it is 0).
@@ -350,6 +423,25 @@ impl StableDiffusion {
         Ok((Tensor::cat(&latents, 0), warnings))
     }
     // ANCHOR_END: denoise_loop
+
+    /// Writes image i of `images` (B, 3, H, W) as the run's `image_NN_seedS.png` (NN = i, S = seed + i) with the
+    /// web UIs' infotext of its settings in a `parameters` chunk (`strength`: img2img's); returns the paths.
+    pub fn save_pngs(
+        &self,
+        run: &Run,
+        p: &GenerateParams,
+        images: &Tensor,
+        strength: Option<f64>,
+    ) -> Result<Vec<PathBuf>> {
+        (0..images.size()[0] as usize)
+            .map(|i| {
+                let path = run.path(&format!("image_{:02}_seed{}.png", i, p.seed + i as u64));
+                let infotext = p.infotext(i, &self.model_name, strength);
+                write_png_rgb_with_text(&path, &images.get(i as i64), "parameters", &infotext)?;
+                Ok(path)
+            })
+            .collect()
+    }
 
     // ANCHOR: img2img
     /// [SDEdit] img2img from `image` (1, 3, H, W) in [0, 1] (H, W multiples of 8): encode, noise to the level that
@@ -424,6 +516,44 @@ mod tests {
         let e = GenerateParams { steps: 0, ..ok.clone() }.check().unwrap_err().to_string();
         assert!(e.contains("--steps 0"), "{e}");
         assert!(GenerateParams { cfg_scale: f64::NAN, ..ok }.check().is_err());
+    }
+
+    #[test]
+    fn draw_flags_default_to_the_models_size_and_the_runs_budget() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            draw: DrawArgs,
+        }
+        let parse = |args: &[&str]| <Cli as clap::Parser>::try_parse_from([&["lesson09"], args].concat()).unwrap().draw;
+        let tiny = parse(&[]).params(true, 3).unwrap();
+        assert_eq!((tiny.steps, tiny.width, tiny.height, tiny.seed), (4, 64, 64, 3));
+        assert_eq!((tiny.sampler, tiny.cfg_scale, tiny.batch), (SdSampler::EulerA, 7.0, 1));
+        let full = parse(&["--weights", "sd15/", "--height", "768"]).params(false, 0).unwrap();
+        assert_eq!((full.steps, full.width, full.height), (20, 512, 768));
+        let e = parse(&["--sampler", "PLMS"]).params(false, 0).unwrap_err();
+        assert!(format!("{e:#}").starts_with("--sampler: "), "{e:#}");
+    }
+
+    /// The tour's one UNet evaluation, combined by [CFG], is the guided ε̂ every sampler step uses.
+    #[test]
+    fn eps_branches_guided_are_the_samplers_guided_eps() {
+        tch::manual_seed(0);
+        let sd = StableDiffusion::new(SdModels::new(crate::sd::SdConfig::tiny(), Device::Cpu).unwrap(), "t").unwrap();
+        let (cond, _) = sd.encode_prompt("a cat");
+        let (uncond, _) = sd.encode_prompt("");
+        let (sigma, w): (f64, f64) = (3.0, 7.5);
+        let x = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)) * (1.0 + sigma * sigma).sqrt();
+        let (eps_uncond, eps_cond) = sd.eps_branches(&x, sigma, &cond, &uncond);
+        let ours = &eps_uncond + (&eps_cond - &eps_uncond) * w;
+        let unet = SdUNet(&sd.models, sd.models.kind());
+        let guided = ClassifierFreeGuidance::new(&unet, cond, uncond, w);
+        let denoiser = EpsDenoiser::new(&guided, &sd.schedule).with_interpolated_timesteps();
+        // x̂₀ = x − σ ε̃  ([EDM] Table 1, VP)
+        let x0 = tch::no_grad(|| crate::model::denoise_at(&denoiser, &x, sigma));
+        let theirs = (&x - x0) / sigma;
+        let err = (ours - theirs).abs().max().double_value(&[]);
+        assert!(err < 1e-4, "max |ε̃ − ε̃_sampler| = {err}");
     }
 
     #[test]

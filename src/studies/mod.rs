@@ -6,4 +6,6 @@ pub mod latent_edits;
 pub mod nfe;
 pub mod prompts;
 pub mod sampler_figures;
+/// Lesson 09's `--full-size`: SD 1.5's networks at full size, one guided UNet step timed against its FLOP count.
+pub mod sd_full_size;
 pub mod trajectory;
