@@ -8,3 +8,5 @@ pub mod nfe;
 pub mod prompts;
 pub mod sampler_figures;
 pub mod trajectory;
+/// Lesson 04's figures: the UNet's parameters per block, samples from the same noises during training.
+pub mod unet_figures;
