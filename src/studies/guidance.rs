@@ -67,6 +67,28 @@ pub fn grade_guided(
     }
 }
 
+/// samples_by_class.png: a row per digit, then for each scale of `scales` its first `k` samples;
+/// `samples[i][digit]` are the samples (n, 1, 28, 28) in [0, 1] of `digit` at `scales[i]`, from the same noises at
+/// every scale.
+pub fn plot_samples_by_class(path: &Path, samples: &[Vec<Tensor>], scales: &[f64], k: i64) -> Result<()> {
+    let (mut grid, mut tile_labels) = (Vec::new(), Vec::new());
+    for digit in 0..10 {
+        for (i, &w) in scales.iter().enumerate() {
+            grid.push(samples[i][digit as usize].narrow(0, 0, k));
+            tile_labels.extend((0..k).map(|j| if j == 0 { format!("w={w}") } else { String::new() }));
+        }
+    }
+    let cols = scales.len() * k as usize;
+    plot::image_grid(
+        path,
+        "Digits 0–9 (rows) at guidance scales w, the same noise per digit",
+        &Tensor::cat(&grid, 0),
+        cols,
+        2,
+        &tile_labels,
+    )
+}
+
 /// guidance_tradeoff.png: fidelity (accuracy, probability of the asked-for digit), within-digit diversity and the
 /// Fréchet ratio, each against the guidance scale.
 pub fn plot_tradeoff(path: &Path, reports: &[GuidanceReport]) -> Result<()> {
