@@ -1,8 +1,15 @@
+//! Lesson 07's study of sample quality against the number of network evaluations (NFE): a plan of (sampler, budget,
+//! steps), one run per cell from the same starting noise with the evaluations counted, the graders of its two
+//! models (Fréchet distance for lesson 04's UNet, prompt accuracy for lesson 06's pipeline) and a markdown table.
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::eval::frechet::{evaluate_samples, SampleReport};
+use crate::eval::prompt_accuracy::prompt_accuracy;
 use crate::model::CountingDenoiser;
 use crate::model::Denoiser;
+use crate::nn::classifier::MnistClassifier;
 use crate::sampling::registry::Sampler;
 use anyhow::Result;
+use serde_json::{json, Value};
 use tch::{Device, Tensor};
 
 /// One run of the study: which sampler, at which budget, what it cost and how it graded.
@@ -104,6 +111,31 @@ pub fn markdown_table<G>(rows: &[&NfeRow<G>], value: &dyn Fn(&G) -> f64, what: &
         s.push_str(&format!("| {name} | {ui} | {} |\n", cells.join(" | ")));
     }
     format!("{s}\ncells: {what} (network evaluations actually made per sample)\n")
+}
+
+/// Grades one cell's samples `x` (N, 1, 28, 28) in [0, 1] with [`evaluate_samples`] against the MNIST `test_images`;
+/// a sampler that diverged (any sample not finite) gets a Fréchet distance of NaN, not the 0 its NaN features give.
+pub fn grade_frechet(clf: &MnistClassifier, x: &Tensor, test_images: &Tensor) -> SampleReport {
+    let mut report = evaluate_samples(clf, x, test_images);
+    if x.isfinite().all().int64_value(&[]) == 0 {
+        report.frechet_distance = f64::NAN; // not the 0 that the NaN features would give
+    }
+    report
+}
+
+/// Grades one image per evaluation prompt: row i of `x` (50, 1, 28, 28) in [0, 1] was drawn for `prompts[i]`, which
+/// hold the 50 prompts of [`crate::data::captions::eval_prompts`] (digits 0–9) in any order. Returns {overall,
+/// worst_digit, per_digit} of [`prompt_accuracy`].
+pub fn grade_prompt_images(clf: &MnistClassifier, x: &Tensor, prompts: &[String]) -> Result<Value> {
+    // prompt_accuracy asks for each prompt in turn: hand it that prompt's image
+    let mut lookup = |p: &str, _: i64, _: u64| Ok(x.narrow(0, prompts.iter().position(|q| q == p).unwrap() as i64, 1));
+    let (acc, _, _) = prompt_accuracy(&mut lookup, clf, 1, 0)?;
+    Ok(json!({ "overall": acc.overall, "worst_digit": acc.worst_digit, "per_digit": acc.per_digit }))
+}
+
+/// The overall prompt accuracy of a [`grade_prompt_images`] grade (NaN if it has none).
+pub fn overall_accuracy(grade: &Value) -> f64 {
+    grade["overall"].as_f64().unwrap_or(f64::NAN)
 }
 
 /// Seconds per image of one evaluation of `d` on `b` random 28×28 images at σ = 1: the fastest of three calls after
