@@ -112,3 +112,18 @@ pub fn plot_tradeoff(path: &Path, reports: &[GuidanceReport]) -> Result<()> {
     ];
     plot::line_panels(path, "Classifier-free guidance: the asked-for digit more often, less variety", 420, 340, &panels)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_samples_by_class_grid_renders_a_row_per_digit() {
+        let dir = tempfile::tempdir().unwrap();
+        let per_digit = || (0..10).map(|_| Tensor::rand([3, 1, 28, 28], (Kind::Float, tch::Device::Cpu))).collect();
+        let samples: Vec<Vec<Tensor>> = vec![per_digit(), per_digit()];
+        let path = dir.path().join("samples_by_class.png");
+        plot_samples_by_class(&path, &samples, &[0.0, 3.0], 2).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
+    }
+}

@@ -185,4 +185,28 @@ mod tests {
         let table = markdown_table(&rows.iter().collect::<Vec<_>>(), &|g| *g as u8 as f64, "finite");
         assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 1 + 9);
     }
+
+    /// The two graders on real test digits: the Fréchet grade is finite until one sample is not, and real digits of
+    /// the digit each prompt asks for read right.
+    #[test]
+    fn the_graders_mark_divergence_and_read_real_digits_right() {
+        let data = crate::data::mnist::load(&crate::data::mnist::resolve_dir(None)).unwrap();
+        let clf = MnistClassifier::load_shipped(Device::Cpu).unwrap();
+        let x = data.test_images.narrow(0, 0, 64);
+        assert!(grade_frechet(&clf, &x, &data.test_images).frechet_distance.is_finite());
+        let _ = x.get(3).get(0).get(5).fill_(f64::NAN);
+        assert!(grade_frechet(&clf, &x, &data.test_images).frechet_distance.is_nan());
+        // prompts in reverse order, row i a test digit of the one prompt i asks for
+        let prompts: Vec<String> = (0..10).rev().flat_map(crate::data::captions::eval_prompts).collect();
+        let rows: Vec<Tensor> = (0..50)
+            .map(|i| {
+                let digit = 9 - i / 5;
+                let of_digit = data.test_labels.eq(digit).nonzero().squeeze_dim(1); // (n_digit,)
+                data.test_images.get(of_digit.int64_value(&[i % 5]))
+            })
+            .collect();
+        let grade = grade_prompt_images(&clf, &Tensor::stack(&rows, 0), &prompts).unwrap();
+        assert!(overall_accuracy(&grade) >= 0.9, "{grade}");
+        assert!(overall_accuracy(&serde_json::json!({})).is_nan());
+    }
 }

@@ -250,5 +250,27 @@ mod tests {
             plot_previews(&dir.path().join("previews.png"), "t", &rows.iter().collect::<Vec<_>>(), 4).unwrap();
             assert!(png.exists());
         }
+        // the two study figures of lesson 07, from rows with made-up grades
+        let plan = crate::studies::nfe::plan(&Sampler::ALL[..3], &[5, 10], &sched);
+        let report = |fd| SampleReport {
+            n: 8,
+            frechet_distance: fd,
+            frechet_floor: 1.0,
+            fd_over_floor: fd,
+            class_histogram: vec![0.1; 10],
+            class_entropy: 10f64.ln(),
+            entropy_over_max: 1.0,
+            mean_confidence: 0.9,
+        };
+        let fd = &mut |x: &Tensor| Ok(report(x.abs().mean(Kind::Double).double_value(&[])));
+        let mut rows = crate::studies::nfe::run_study(&d, &sched, &z, &plan, 0, fd, &|_| {}).unwrap();
+        let reference = rows.remove(0);
+        plot_fd_study(dir.path(), (&rows, &reference), (8, 1000), &[5, 10]).unwrap();
+        let accuracy = &mut |x: &Tensor| Ok(serde_json::json!({ "overall": x.mean(Kind::Double).double_value(&[]) }));
+        let rows = crate::studies::nfe::run_study(&d, &sched, &z, &plan, 0, accuracy, &|_| {}).unwrap();
+        plot_prompt_study(dir.path(), &rows, 2.0).unwrap();
+        for name in ["fd_vs_nfe.png", "samples_by_sampler.png", "prompt_accuracy_vs_nfe.png"] {
+            assert!(dir.path().join(name).exists(), "{name}");
+        }
     }
 }
