@@ -6,7 +6,6 @@
 //! strokes, not good enough for digits, which is why lesson 04 builds a UNet. Chapter 03 walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
-use plotters::style::{Color, WHITE};
 use scratch_diffusion::cli::{lesson_main, positive, progress, CommonArgs, Run, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
@@ -16,13 +15,14 @@ use scratch_diffusion::eval::frechet::evaluate_samples;
 use scratch_diffusion::eval::sample_quality;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::eps_mlp::{EpsMlp, EpsMlpConfig};
-use scratch_diffusion::plot::{self, Layer, LinePanel, Panel};
+use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
+use scratch_diffusion::studies::ddpm_figures as figures;
 use scratch_diffusion::studies::trajectory::Trajectory;
 use scratch_diffusion::train::ddpm::{train_eps_model, EpsObjective, LossWeight};
 use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
 /// Lesson 03: DDPM on 2-D data and on MNIST with an MLP.
 #[derive(Parser, Debug)]
@@ -83,75 +83,15 @@ fn run(args: Args) -> Result<()> {
     // ANCHOR: schedule
     let sched = NoiseSchedule::by_name(&args.schedule, t_max)?;
     // ANCHOR_END: schedule
-    draw_schedules(&run, t_max)?;
+    figures::plot_schedules(&run.path("schedules.png"), t_max)?;
     let data = mnist::load(&run.data_dir).context("lesson 03 trains on MNIST")?;
-    draw_forward_strip(&run, &sched, &data.test_images)?;
+    // eight test digits noised with q(x_t | x₀) ([DDPM] eq. 4) at increasing t
+    figures::plot_forward_noising(&run.path("forward_noising.png"), &sched, &data.test_images)?;
     let toy = toy_part(&run, &sched)?;
     let mnist = mnist_part(&run, &args, &sched, &data)?;
     run.write_metrics(json!({ "schedule": args.schedule, "timesteps": t_max, "toy": toy, "mnist": mnist }))?;
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
     Ok(())
-}
-
-/// β_t, ᾱ_t and the signal-to-noise ratio of the three schedules.
-fn draw_schedules(run: &Run, t_max: usize) -> Result<()> {
-    let all = [
-        ("linear", NoiseSchedule::ddpm(t_max)),
-        ("cosine", NoiseSchedule::cosine(t_max)),
-        ("scaled-linear", NoiseSchedule::scaled_linear(t_max)),
-    ];
-    let series = |f: &dyn Fn(&NoiseSchedule, usize) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
-        all.iter().map(|(n, s)| (n.to_string(), (0..t_max).map(|t| (t as f64, f(s, t))).collect())).collect()
-    };
-    let panel = |title: &str, y: &str, log_y, f: &dyn Fn(&NoiseSchedule, usize) -> f64| LinePanel {
-        title: title.into(),
-        x_desc: "t".into(),
-        y_desc: y.into(),
-        log_y,
-        series: series(f),
-    };
-    plot::line_panels(
-        &run.path("schedules.png"),
-        "Noise schedules",
-        380,
-        320,
-        &[
-            panel("β_t", "β_t", false, &|s, t| s.betas[t]),
-            panel("ᾱ_t (signal kept)", "ᾱ_t", false, &|s, t| s.alpha_bar(t)),
-            panel("SNR = ᾱ_t/(1−ᾱ_t)", "SNR (log)", true, &|s, t| s.snr(t)),
-        ],
-    )
-}
-
-/// Eight test digits noised with q(x_t | x₀) at increasing t.
-fn draw_forward_strip(run: &Run, sched: &NoiseSchedule, images: &Tensor) -> Result<()> {
-    let t_max = sched.num_steps();
-    let ts: Vec<usize> =
-        [0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0].iter().map(|f| ((t_max - 1) as f64 * f).round() as usize).collect();
-    let x0 = images.narrow(0, 0, 8) * 2.0 - 1.0; // (8, 1, 28, 28) in [−1, 1]
-    let ab = sched.to_tensor_alpha_bar(Device::Cpu);
-    let mut tiles = Vec::new();
-    let mut labels = Vec::new();
-    for k in 0..8 {
-        for &t in &ts {
-            let tt = Tensor::from_slice(&[t as i64]);
-            // ANCHOR: q_sample
-            let eps = x0.get(k).unsqueeze(0).randn_like();
-            // [DDPM] eq. 4
-            let x_t = scratch_diffusion::diffusion::forward::q_sample(&ab, &x0.get(k).unsqueeze(0), &tt, &eps);
-            // ANCHOR_END: q_sample
-            tiles.push(to_unit(&x_t).squeeze_dim(0));
-            labels.push(format!("t={t}"));
-        }
-    }
-    plot::image_grid(
-        &run.path("forward_noising.png"),
-        "q(x_t | x₀): MNIST digits noised at increasing t",
-        &Tensor::stack(&tiles, 0),
-        ts.len(),
-        3,
-        &labels,
-    )
 }
 
 /// DDPM on the two-mode mixture of lessons 01–02, scaled by 1/5 so the data is of unit size like the N(0, I) the
@@ -187,25 +127,9 @@ fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
     println!(
         "toy: DDPM small-mode weight {small:.3} (true 0.200), mode-weight error {err:.3}, energy distance {ed:.4}"
     );
-    let (lo, hi) = p.bounds();
-    let dens: Vec<f64> = Vec::<f64>::try_from(p.log_prob(&plot::grid_points(lo, hi, 100).to_kind(Kind::Double)).exp())?;
-    let top = dens.iter().cloned().fold(0.0, f64::max);
-    let heat = Layer::Heatmap { values: dens, n: 100, range: (0.0, top) };
-    let panel = |title: String, pts: &Tensor| Panel {
-        title,
-        bounds: (lo, hi),
-        layers: vec![heat.clone(), Layer::Scatter { points: plot::to_points(pts), color: WHITE.mix(0.7), size: 1 }],
-    };
-    plot::panels(
-        &run.path("toy_samples.png"),
-        "DDPM on the two-mode mixture",
-        2,
-        420,
-        &[
-            panel("exact samples".into(), &truth),
-            panel(format!("DDPM, {} steps (small mode {:.0} %)", sched.num_steps(), 100.0 * small), &x),
-        ],
-    )?;
+    let ddpm = format!("DDPM, {} steps (small mode {:.0} %)", sched.num_steps(), 100.0 * small);
+    let clouds = [("exact samples".to_string(), &truth), (ddpm, &x)];
+    figures::plot_over_density(&run.path("toy_samples.png"), "DDPM on the two-mode mixture", &p, &clouds)?;
     Ok(json!({"train_steps": steps, "small_mode_weight": small, "mode_weight_error": err, "energy_distance": ed}))
 }
 
@@ -227,9 +151,7 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
     )?;
     log.finish();
     // ANCHOR_END: train
-    let rows: Vec<(usize, Vec<f64>)> = outcome.losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
-    run.write_loss_csv("loss.csv", &["l_simple"], &rows)?;
-    plot::loss_curve(&run.path("loss.png"), "Lesson 03: L_simple of the MNIST MLP", &[("L_simple", &outcome.losses)])?;
+    run.write_loss("Lesson 03: L_simple of the MNIST MLP", ("l_simple", "L_simple"), &outcome.losses)?;
 
     // ANCHOR: sample
     let sample_steps = args.sample_steps as usize;
@@ -250,14 +172,7 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
     // (n, 1, 28, 28) in [0, 1]
     let samples = to_unit(&x).to_device(Device::Cpu);
     // ANCHOR_END: sample
-    plot::image_grid(
-        &run.path("samples.png"),
-        "Lesson 03: DDPM samples from the MLP",
-        &samples.narrow(0, 0, n.min(64)),
-        8,
-        3,
-        &[],
-    )?;
+    plot::sample_grid(&run.path("samples.png"), "Lesson 03: DDPM samples from the MLP", &samples)?;
     traj.draw(&run.path("trajectory.png"), "Reverse process: x_t and the predicted x̂₀ (rows) as t falls (columns)")?;
 
     // ANCHOR: evaluate

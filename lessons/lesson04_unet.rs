@@ -15,10 +15,11 @@ use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::eval::frechet::evaluate_samples;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
-use scratch_diffusion::pipelines::ddpm::{save_unet, SavedUNet, SHIPPED_UNET};
+use scratch_diffusion::pipelines::ddpm::{save_unet, ship_unet, SavedUNet, ShipNote};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use scratch_diffusion::studies::trajectory::Trajectory;
+use scratch_diffusion::studies::unet_figures;
 use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::ddpm::{train_eps_model, LossWeight};
 use scratch_diffusion::train::recipe;
@@ -106,7 +107,11 @@ fn run(args: Args) -> Result<()> {
     let cfg =
         TrainerConfig { bf16: args.bf16, seed: run.seed, ..TrainerConfig::mnist_unet(steps, args.batch, args.lr) };
     // ANCHOR_END: config
-    architecture_summary(&run, &config)?;
+    let blocks = unet_figures::plot_architecture(&run.path("architecture.png"), &config)?; // (name, parameters)
+    println!("UNet {:?}: {} parameters", config.block_out_channels, blocks.iter().map(|r| r.1).sum::<i64>());
+    for (name, count) in &blocks {
+        println!("  {name:<16} {count:>9}");
+    }
 
     // ANCHOR: train
     let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
@@ -125,7 +130,7 @@ fn run(args: Args) -> Result<()> {
         to_unit(&x).to_device(Device::Cpu)
     };
     let log = StepLog::new(steps as u64, "train", 10);
-    let (_vs, model, outcome) = train_eps_model(
+    let (vs, model, outcome) = train_eps_model(
         |p| UNet::new(p, config.clone()),
         &images,
         &EpsObjective::new(&sched, args.loss_weight, run.device),
@@ -140,16 +145,9 @@ fn run(args: Args) -> Result<()> {
     // ANCHOR_END: train
     // the EMA weights with their config and schedule: what lesson 07 samples from
     let saved = SavedUNet { unet: config.clone(), schedule: args.schedule.clone(), timesteps: sched.num_steps() };
-    save_unet(&_vs, &run.path("unet.safetensors"), &saved)?;
-    let rows: Vec<(usize, Vec<f64>)> = outcome.losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
-    run.write_loss_csv("loss.csv", &["l_simple"], &rows)?;
-    plot::loss_curve(&run.path("loss.png"), "Lesson 04: L_simple of the UNet", &[("L_simple", &outcome.losses)])?;
-    if !snapshots.is_empty() {
-        let labels: Vec<String> =
-            snapshots.iter().flat_map(|(s, x)| (0..x.size()[0]).map(move |_| format!("step {s}"))).collect();
-        let all = Tensor::cat(&snapshots.iter().map(|(_, x)| x.shallow_clone()).collect::<Vec<_>>(), 0);
-        plot::image_grid(&run.path("samples_over_training.png"), "The same 16 starting noises sampled after 25, 50, 75 % of training (current weights) and at the end (EMA), 50 steps", &all, 16, 2, &labels)?;
-    }
+    save_unet(&vs, &run.path("unet.safetensors"), &saved)?;
+    run.write_loss("Lesson 04: L_simple of the UNet", ("l_simple", "L_simple"), &outcome.losses)?;
+    unet_figures::plot_snapshots(&run.path("samples_over_training.png"), &snapshots)?;
 
     // ANCHOR: sample
     let sample_steps = args.sample_steps as usize;
@@ -173,14 +171,7 @@ fn run(args: Args) -> Result<()> {
     bar.finish_and_clear();
     let samples = to_unit(&x).to_device(Device::Cpu);
     // ANCHOR_END: sample
-    plot::image_grid(
-        &run.path("samples.png"),
-        "Lesson 04: DDPM samples from the UNet",
-        &samples.narrow(0, 0, n.min(64)),
-        8,
-        3,
-        &[],
-    )?;
+    plot::sample_grid(&run.path("samples.png"), "Lesson 04: DDPM samples from the UNet", &samples)?;
     traj.draw(&run.path("trajectory.png"), "Reverse process: x_t and the predicted x̂₀ (rows) as t falls (columns)")?;
 
     let clf = MnistClassifier::load_shipped(Device::Cpu)?;
@@ -202,7 +193,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     run.write_metrics(json!({
-        "network": config, "schedule": args.schedule, "loss_weight": args.loss_weight, "lr": args.lr, "parameters": _vs.variables().values().map(|t| t.numel()).sum::<usize>(),
+        "network": config, "schedule": args.schedule, "loss_weight": args.loss_weight, "lr": args.lr, "parameters": vs.variables().values().map(|t| t.numel()).sum::<usize>(),
         "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,
         "bf16": args.bf16,
         "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().clamp(1, 100) as f64,
@@ -210,57 +201,11 @@ fn run(args: Args) -> Result<()> {
         "lesson03_fd_over_floor": l03_ratio,
     }))?;
     if args.ship {
-        ship(&_vs, &saved, &report, (steps, args.batch, args.lr), outcome.seconds, run.seed)?;
+        let (samples, frechet_distance, frechet_floor) = (report.n, report.frechet_distance, report.frechet_floor);
+        let (batch, lr, seed, train_seconds) = (args.batch, args.lr, run.seed, outcome.seconds);
+        let note = ShipNote { steps, batch, lr, seed, train_seconds, samples, frechet_distance, frechet_floor };
+        println!("shipped the UNet to {}", ship_unet(&vs, &saved, &note)?.display());
     }
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
     Ok(())
-}
-
-/// --ship: the UNet into data/lesson04/, with a README that says how it was made and what it scored.
-fn ship(
-    vs: &tch::nn::VarStore,
-    saved: &SavedUNet,
-    report: &scratch_diffusion::eval::frechet::SampleReport,
-    (steps, batch, lr): (usize, i64, f64),
-    seconds: f64,
-    seed: u64,
-) -> Result<()> {
-    let path = scratch_diffusion::cli::crate_root().join(SHIPPED_UNET);
-    save_unet(vs, &path, saved)?;
-    let readme = format!(
-        "# Lesson 04 UNet\n\nThe EMA weights of lesson 04's DDPM UNet ({:?} channels, {} schedule, T = {}), which \
-         lesson 07 samples from by default.\n\nMade by `./run.sh lesson 04 --ship --steps {steps} --batch {batch} --lr \
-         {lr}` (seed {seed}, {steps} steps of {batch} images, {seconds:.0} s of training on {} threads; {} samples \
-         at 100 steps: Fréchet distance {:.2}, floor {:.2}); the same command reproduces it.\n",
-        saved.unet.block_out_channels,
-        saved.schedule,
-        saved.timesteps,
-        tch::get_num_threads(),
-        report.n,
-        report.frechet_distance,
-        report.frechet_floor
-    );
-    scratch_diffusion::cli::write_atomic(&path.with_file_name("README.md"), readme.as_bytes())?;
-    println!("shipped the UNet to {}", path.display());
-    Ok(())
-}
-
-/// Prints and draws the parameters of each top-level block.
-fn architecture_summary(run: &scratch_diffusion::cli::Run, config: &UNetConfig) -> Result<()> {
-    let vs = tch::nn::VarStore::new(Device::Cpu);
-    let _ = UNet::new(vs.root(), config.clone());
-    let rows = UNet::parameter_summary(&vs);
-    let total: i64 = rows.iter().map(|r| r.1).sum();
-    println!("UNet {:?}: {total} parameters", config.block_out_channels);
-    for (name, count) in &rows {
-        println!("  {name:<16} {count:>9}");
-    }
-    let names: Vec<String> = rows.iter().map(|r| r.0.replace("_blocks", "")).collect();
-    plot::bars(
-        &run.path("architecture.png"),
-        &format!("UNet parameters per block ({total} in all)"),
-        "parameters",
-        &names,
-        &[("parameters", rows.iter().map(|r| r.1 as f64).collect())],
-    )
 }

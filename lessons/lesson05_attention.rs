@@ -8,18 +8,15 @@
 //! Chapter 05 walks through this file.
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, Run, StepLog};
+use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
-use scratch_diffusion::nn::attention::scaled_dot_product_attention;
-use scratch_diffusion::nn::class_cond::{ClassCondConfig, LabelConditioned};
+use scratch_diffusion::nn::class_cond::ClassCondConfig;
 use scratch_diffusion::nn::classifier::MnistClassifier;
-use scratch_diffusion::nn::layers::timestep_embedding;
-use scratch_diffusion::nn::unet::UNet;
-use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
-use scratch_diffusion::studies::guidance::{grade_guided, plot_tradeoff};
+use scratch_diffusion::studies::attention;
+use scratch_diffusion::studies::guidance::{grade_guided, plot_samples_by_class, plot_tradeoff};
 use scratch_diffusion::train::conditional::{train_cond_eps_model, DEFAULT_P_UNCOND};
 use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::ddpm::LossWeight;
@@ -87,7 +84,12 @@ fn run(args: Args) -> Result<()> {
     ensure!((0.0..=1.0).contains(&args.p_uncond), "--p-uncond must lie in [0, 1], got {}", args.p_uncond);
     ensure!(args.guidance.iter().all(|w| w.is_finite()), "--guidance takes finite numbers, got {:?}", args.guidance);
     let run = args.common.init("lesson05")?;
-    let attention_check = part1_attention(&run)?;
+    // part 1: our attention against libtorch's fused kernel, with no mask, a causal and a key-padding mask
+    let check = attention::attention_check(&run.path("attention_toy.png"))?;
+    println!(
+        "our attention vs libtorch's: max |difference| {:.1e} (no mask), {:.1e} (causal), {:.1e} (padding)",
+        check.max_abs_diff_no_mask, check.max_abs_diff_causal, check.max_abs_diff_padding
+    );
     let data = mnist::load(&run.data_dir).context("lesson 05 trains on MNIST")?;
     let steps = args.steps.unwrap_or(if run.quick { 30 } else { recipe::STEPS }) as usize;
     let per_class = args.num_samples.unwrap_or(if run.quick { 20 } else { 200 }).div_euclid(10);
@@ -124,16 +126,11 @@ fn run(args: Args) -> Result<()> {
         "class-conditional UNet {:?}: {parameters} parameters, trained in {:.0} s",
         config.unet.block_out_channels, outcome.seconds
     );
-    let rows: Vec<(usize, Vec<f64>)> = outcome.losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
-    run.write_loss_csv("loss.csv", &["l_simple"], &rows)?;
-    plot::loss_curve(
-        &run.path("loss.png"),
-        &format!(
-            "Lesson 05: L_simple of the class-conditional UNet ({} % of labels dropped to ∅)",
-            args.p_uncond * 100.0
-        ),
-        &[("L_simple", &outcome.losses)],
-    )?;
+    let title = format!(
+        "Lesson 05: L_simple of the class-conditional UNet ({} % of labels dropped to ∅)",
+        args.p_uncond * 100.0
+    );
+    run.write_loss(&title, ("l_simple", "L_simple"), &outcome.losses)?;
 
     // ANCHOR: sample
     let clf = MnistClassifier::load_shipped(Device::Cpu)?;
@@ -175,29 +172,14 @@ fn run(args: Args) -> Result<()> {
     // ANCHOR_END: sample
     let sample_seconds = started.elapsed().as_secs_f64(); // grading included
 
-    // samples_by_class.png: a row per digit, then for each scale its first k samples (the same noises)
-    let k = per_class.min(4);
-    let (mut grid, mut tile_labels) = (Vec::new(), Vec::new());
-    for digit in 0..10 {
-        for (i, &w) in args.guidance.iter().enumerate() {
-            grid.push(tiles[i][digit as usize].narrow(0, 0, k));
-            tile_labels.extend((0..k).map(|j| if j == 0 { format!("w={w}") } else { String::new() }));
-        }
-    }
-    let cols = args.guidance.len() * k as usize;
-    plot::image_grid(
-        &run.path("samples_by_class.png"),
-        "Digits 0–9 (rows) at guidance scales w, the same noise per digit",
-        &Tensor::cat(&grid, 0),
-        cols,
-        2,
-        &tile_labels,
-    )?;
+    // a row per digit, then for each scale its first 4 samples (the same noises)
+    plot_samples_by_class(&run.path("samples_by_class.png"), &tiles, &args.guidance, per_class.min(4))?;
     plot_tradeoff(&run.path("guidance_tradeoff.png"), &reports)?;
-    cross_attention_figure(&run, &model, &sched, sample_steps)?;
+    let (path, seed) = (run.path("cross_attention.png"), run.seed);
+    attention::plot_cross_attention(&path, &model, &sched, sample_steps, (seed, run.device))?;
 
     run.write_metrics(json!({
-        "attention_check": attention_check, "network": config, "parameters": parameters,
+        "attention_check": check, "network": config, "parameters": parameters,
         "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,
         "bf16": args.bf16, "p_uncond": args.p_uncond,
         "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().clamp(1, 100) as f64,
@@ -206,90 +188,4 @@ fn run(args: Args) -> Result<()> {
     }))?;
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
     Ok(())
-}
-
-/// Part 1: our attention against libtorch's fused kernel on a toy sequence, with no mask, a causal mask and a
-/// key-padding mask; draws the three weight matrices.
-fn part1_attention(run: &Run) -> Result<serde_json::Value> {
-    // ANCHOR: attention_check
-    let (n, d) = (12, 16);
-    let positions = Tensor::arange(n, (Kind::Float, Device::Cpu));
-    let q = (timestep_embedding(&positions, d, 10_000.0) * 2.0).view([1, 1, n, d]); // (B, heads, L, d): sinusoids
-    let k = q.copy(); // queries and keys from the same positions: similar positions, large dot products
-    let v = Tensor::randn([1, 1, n, d], (Kind::Float, Device::Cpu));
-    let max_diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
-    let theirs = |mask: Option<&Tensor>, causal| {
-        Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, None, false)
-    };
-    let causal = Tensor::ones([n, n], (Kind::Bool, Device::Cpu)).tril(0); // query i sees keys 0..=i
-    let padding = Tensor::arange(n, (Kind::Int64, Device::Cpu)).lt(n - 4).view([1, 1, 1, n]); // last 4 keys hidden
-    let diffs = [
-        max_diff(&scaled_dot_product_attention(&q, &k, &v, None), &theirs(None, false)),
-        max_diff(&scaled_dot_product_attention(&q, &k, &v, Some(&causal)), &theirs(None, true)),
-        max_diff(&scaled_dot_product_attention(&q, &k, &v, Some(&padding)), &theirs(Some(&padding), false)),
-    ];
-    // with V = I the output of attention is the weight matrix softmax(QKᵀ/√d) itself
-    let eye = Tensor::eye(n, (Kind::Float, Device::Cpu)).view([1, 1, n, n]);
-    let weights =
-        [None, Some(&causal), Some(&padding)].map(|m| scaled_dot_product_attention(&q, &k, &eye, m).view([n, n]));
-    // ANCHOR_END: attention_check
-    println!(
-        "our attention vs libtorch's: max |difference| {:.1e} (no mask), {:.1e} (causal), {:.1e} (padding)",
-        diffs[0], diffs[1], diffs[2]
-    );
-    let top = Tensor::stack(&weights, 0).max().double_value(&[]);
-    let names = ["no mask", "causal mask", "last 4 keys padded"].map(String::from);
-    let title = "Weights softmax(QKᵀ/√d): rows = queries, cols = keys";
-    plot::image_grid(
-        &run.path("attention_toy.png"),
-        title,
-        &(Tensor::stack(&weights, 0).unsqueeze(1) / top),
-        3,
-        16,
-        &names,
-    )?;
-    Ok(json!({ "max_abs_diff_no_mask": diffs[0], "max_abs_diff_causal": diffs[1], "max_abs_diff_padding": diffs[2] }))
-}
-
-/// cross_attention.png: for two digits sampled at w = 3, rows = timesteps of the chain, columns = x_t, x̂₀ and the
-/// weight each pixel of the lowest-resolution feature maps gives to each label token (mean over heads and blocks).
-fn cross_attention_figure(
-    run: &Run,
-    model: &LabelConditioned<UNet>,
-    sched: &NoiseSchedule,
-    steps: usize,
-) -> Result<()> {
-    let (mut tiles, mut labels) = (Vec::new(), Vec::new());
-    for digit in [3i64, 7] {
-        tch::manual_seed(1000 * (run.seed as i64 + 1) + 100 + digit);
-        let keep = [steps - 1, (steps - 1) * 2 / 3, (steps - 1) / 3, 0];
-        let mut chain = Vec::new();
-        let _ = sample(
-            &model.guided(digit, 3.0),
-            sched,
-            &[1, 1, 28, 28],
-            &AncestralSampling { steps, variance: PosteriorVariance::Beta, clip: Some((-1.0, 1.0)), batch: 1 },
-            run.device,
-            &mut |_, st| {
-                if keep.contains(&st.i) {
-                    chain.push((st.t, st.x_t.copy(), st.x0_hat.copy()));
-                }
-            },
-        );
-        for (t, x_t, x0_hat) in chain {
-            let token_maps = model.label_attention_maps(&x_t, t as i64, digit).upsample_nearest2d([28, 28], None, None);
-            tiles.extend([to_unit(&x_t), to_unit(&x0_hat), token_maps].map(|x| x.to_device(Device::Cpu)));
-            labels.extend([format!("{digit}: x_t t={t}"), "x̂₀".into()]);
-            labels.extend((0..model.labels.tokens).map(|j| format!("token {j}")));
-        }
-    }
-    let cols = 2 + model.labels.tokens as usize;
-    plot::image_grid(
-        &run.path("cross_attention.png"),
-        "Cross-attention to the label tokens, w = 3 (white: weight 1)",
-        &Tensor::cat(&tiles, 0),
-        cols,
-        3,
-        &labels,
-    )
 }

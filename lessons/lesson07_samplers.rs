@@ -15,8 +15,7 @@ use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::eval::bits_per_dim::mnist_bits_per_dim;
-use scratch_diffusion::eval::frechet::{evaluate_samples, SampleReport};
-use scratch_diffusion::eval::prompt_accuracy::prompt_accuracy;
+use scratch_diffusion::eval::frechet::SampleReport;
 use scratch_diffusion::model::{Denoiser, EpsDenoiser};
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::pipelines::ddpm::{load_unet, shipped_unet};
@@ -27,7 +26,7 @@ use scratch_diffusion::sampling::registry::Sampler;
 use scratch_diffusion::sampling::wrappers::Clamped;
 use scratch_diffusion::studies::nfe as study;
 use scratch_diffusion::studies::sampler_figures::{self as figures, ode_vs_sde_trajectories, plot_orders};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
@@ -162,13 +161,7 @@ fn run(args: Args) -> Result<()> {
     let z = Tensor::randn([n, 1, 28, 28], (Kind::Float, run.device)); // one x_T for every sampler
     let bar = progress((study::plan_nfe(&plan) + study::plan_nfe(&reference)) as u64 * n as u64, "sample");
     let on_eval = |b: i64| bar.inc(b as u64);
-    let mut grade = |x: &Tensor| {
-        let mut report = evaluate_samples(&clf, x, &data.test_images);
-        if x.isfinite().all().int64_value(&[]) == 0 {
-            report.frechet_distance = f64::NAN; // not the 0 that the NaN features would give
-        }
-        Ok(report)
-    };
+    let mut grade = |x: &Tensor| Ok(study::grade_frechet(&clf, x, &data.test_images)); // NaN if a sampler diverged
     let mut rows = Vec::new();
     for &one in reference.iter().chain(&plan) {
         let row = study::run_one(d, &sched, &z, one, run.seed, &mut grade, &on_eval)?;
@@ -182,19 +175,12 @@ fn run(args: Args) -> Result<()> {
     // ANCHOR_END: nfe_study
     let fd = |g: &SampleReport| g.frechet_distance;
     let reference = rows.remove(0);
-    let (ref_fd, floor) = (reference.grade.frechet_distance, reference.grade.frechet_floor);
+    let ref_fd = reference.grade.frechet_distance;
     let all: Vec<_> = rows.iter().chain([&reference]).collect();
     let table = study::markdown_table(&all, &fd, "Fréchet distance");
     println!("Fréchet distance against NFE, {n} samples per cell, the same starting noise:\n{table}");
     write_atomic(&run.path("nfe_table.md"), table.as_bytes())?;
-    let lines = [(format!("DDPM, {reference_steps} steps"), ref_fd), (format!("real vs real (n = {n})"), floor)];
-    let title = format!("Lesson 04's UNet: Fréchet distance against network evaluations ({n} samples, same noise)");
-    figures::plot_vs_nfe(&run.path("fd_vs_nfe.png"), &title, "Fréchet distance", &rows, &fd, true, &lines)?;
-    let shown = budgets.iter().copied().filter(|&b| b >= 10).min().unwrap_or(*budgets.iter().max().unwrap());
-    let mut preview: Vec<_> = rows.iter().filter(|r| r.budget == shown).collect();
-    preview.push(&reference);
-    let title = format!("The same 8 starting noises through every sampler at NFE ≤ {shown}, and the reference");
-    figures::plot_previews(&run.path("samples_by_sampler.png"), &title, &preview, 8)?;
+    figures::plot_fd_study(&run.out, (&rows, &reference), (n, reference_steps), &budgets)?;
     let dpmpp_10 = rows.iter().find(|r| r.sampler == Sampler::DpmSolverPp2m.key() && r.budget == 10);
     let target = dpmpp_10.map(|r| r.grade.frechet_distance / ref_fd);
     if let Some(ratio) = target {
@@ -207,29 +193,20 @@ fn run(args: Args) -> Result<()> {
     // ANCHOR: text_study
     tch::manual_seed(run.seed as i64);
     let z = Tensor::randn([50, 1, 28, 28], (Kind::Float, run.device)); // one x_T per prompt, shared by the samplers
-    let mut grade_prompts = |x: &Tensor| -> Result<Value> {
-        // prompt_accuracy asks for each prompt in turn: hand it that prompt's image
-        let mut lookup =
-            |p: &str, _: i64, _: u64| Ok(x.narrow(0, prompts.iter().position(|q| q == p).unwrap() as i64, 1));
-        let (acc, _, _) = prompt_accuracy(&mut lookup, &clf, 1, 0)?;
-        Ok(json!({ "overall": acc.overall, "worst_digit": acc.worst_digit, "per_digit": acc.per_digit }))
-    };
+    let mut grade_prompts = |x: &Tensor| study::grade_prompt_images(&clf, x, &prompts); // row i drawn for prompt i
     let mut text_rows = Vec::new();
     for &one in &text_plan {
         let row = study::run_one(text_d, &text_sched, &z, one, run.seed, &mut grade_prompts, &|_| {})?;
-        let acc = row.grade["overall"].as_f64().unwrap_or(f64::NAN);
+        let acc = study::overall_accuracy(&row.grade);
         println!("text-to-image {:<18} {:>3} NFE: prompt accuracy {acc:.3}", row.name, row.nfe);
         text_rows.push(row);
     }
     // ANCHOR_END: text_study
-    let accuracy = |g: &Value| g["overall"].as_f64().unwrap_or(f64::NAN);
-    let text_table =
-        study::markdown_table(&text_rows.iter().collect::<Vec<_>>(), &accuracy, "prompt accuracy over the 50 prompts");
+    let all: Vec<_> = text_rows.iter().collect();
+    let text_table = study::markdown_table(&all, &study::overall_accuracy, "prompt accuracy over the 50 prompts");
     println!("{text_table}");
     write_atomic(&run.path("prompt_accuracy_table.md"), text_table.as_bytes())?;
-    let title = format!("Lesson 06's pipeline: prompt accuracy against NFE (w = {DEFAULT_GUIDANCE}, 50 prompts)");
-    let text_png = run.path("prompt_accuracy_vs_nfe.png");
-    figures::plot_vs_nfe(&text_png, &title, "prompt accuracy", &text_rows, &accuracy, false, &[])?;
+    figures::plot_prompt_study(&run.out, &text_rows, DEFAULT_GUIDANCE)?;
 
     // ANCHOR: bits_per_dim
     tch::manual_seed(run.seed as i64);

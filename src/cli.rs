@@ -178,6 +178,14 @@ impl Run {
         write_atomic(&path, s.as_bytes())?;
         Ok(path)
     }
+
+    /// A training run's loss, one value per step: `loss.csv` (one column, `column`) and `loss.png` (one curve,
+    /// `label`, under `title`).
+    pub fn write_loss(&self, title: &str, (column, label): (&str, &str), losses: &[f64]) -> Result<()> {
+        let rows: Vec<(usize, Vec<f64>)> = losses.iter().enumerate().map(|(i, l)| (i, vec![*l])).collect();
+        self.write_loss_csv("loss.csv", &[column], &rows)?;
+        crate::plot::loss_curve(&self.path("loss.png"), title, &[(label, losses)])
+    }
 }
 
 /// A progress bar for a loop of `len` iterations, showing the message (for example the running loss) and the rate.
@@ -316,4 +324,27 @@ pub fn shipped_path(relative: &str, marker: &str) -> PathBuf {
         return local;
     }
     crate_root().join(relative)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_loss_writes_a_csv_with_one_row_per_step_and_the_curve() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Run {
+            lesson: "test".into(),
+            out: dir.path().to_path_buf(),
+            device: Device::Cpu,
+            seed: 0,
+            quick: true,
+            data_dir: dir.path().to_path_buf(),
+            started: std::time::Instant::now(),
+        };
+        run.write_loss("loss", ("l_simple", "L_simple"), &[0.5, 0.25]).unwrap();
+        let csv = std::fs::read_to_string(run.path("loss.csv")).unwrap();
+        assert_eq!(csv, "step,l_simple\n0,5.000000e-1\n1,2.500000e-1\n");
+        assert_eq!(&std::fs::read(run.path("loss.png")).unwrap()[1..4], b"PNG");
+    }
 }

@@ -316,6 +316,11 @@ pub fn image_grid(path: &Path, title: &str, images: &Tensor, ncol: usize, scale:
     Ok(())
 }
 
+/// The usual sample figure: the first 64 of `samples` (N, 1, H, W) in [0, 1], 8 per row, each pixel 3×3, no labels.
+pub fn sample_grid(path: &Path, title: &str, samples: &Tensor) -> Result<()> {
+    image_grid(path, title, &samples.narrow(0, 0, samples.size()[0].min(64)), 8, 3, &[])
+}
+
 /// One chart of lines: `series` are (name, points); `log_y` puts the y-axis on a log scale (non-positive points are
 /// dropped there).
 pub struct LinePanel {
@@ -478,6 +483,7 @@ mod tests {
             .unwrap();
         let imgs = Tensor::rand([3, 1, 8, 8], (Kind::Float, tch::Device::Cpu));
         image_grid(&dir.path().join("grid.png"), "grid", &imgs, 2, 2, &["0".into(), "1".into(), "2".into()]).unwrap();
+        sample_grid(&dir.path().join("samples.png"), "samples", &imgs).unwrap();
         let lp = |log_y| LinePanel {
             title: "lines".into(),
             x_desc: "t".into(),
@@ -490,7 +496,7 @@ mod tests {
         steps.series =
             vec![("a".into(), vec![(10.0, 1.0), (100.0, 0.01)]), ("b".into(), vec![(0.0, 0.5), (20.0, 0.2)])];
         line_panels_log_x(&dir.path().join("loglog.png"), "log x", 300, 250, &[steps, lp(false)]).unwrap();
-        for name in ["panels.png", "loss.png", "bars.png", "grid.png", "lines.png", "loglog.png"] {
+        for name in ["panels.png", "loss.png", "bars.png", "grid.png", "samples.png", "lines.png", "loglog.png"] {
             let bytes = std::fs::read(dir.path().join(name)).unwrap();
             assert_eq!(&bytes[1..4], b"PNG", "{name} is a PNG");
         }

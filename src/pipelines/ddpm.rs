@@ -30,6 +30,43 @@ pub fn save_unet(vs: &VarStore, path: &Path, saved: &SavedUNet) -> Result<()> {
     crate::checkpoint::save(vs, path, saved)
 }
 
+/// How a shipped UNet was made and what it scored: the facts of the README beside it (see [`ship_unet`]).
+pub struct ShipNote {
+    /// Training steps, images per batch, peak learning rate, seed and training time: the flags that reproduce it.
+    pub steps: usize,
+    pub batch: i64,
+    pub lr: f64,
+    pub seed: u64,
+    pub train_seconds: f64,
+    /// Samples graded at 100 steps, their Fréchet distance and the real-vs-real floor at that number.
+    pub samples: i64,
+    pub frechet_distance: f64,
+    pub frechet_floor: f64,
+}
+
+/// `lesson04 --ship`: saves the UNet to [`SHIPPED_UNET`] under the crate root (what lesson 07 samples from on a fresh
+/// clone), with a README that says how it was made, on how many threads, and what it scored. Returns the path.
+pub fn ship_unet(vs: &VarStore, saved: &SavedUNet, note: &ShipNote) -> Result<std::path::PathBuf> {
+    let path = crate::cli::crate_root().join(SHIPPED_UNET);
+    save_unet(vs, &path, saved)?;
+    let ShipNote { steps, batch, lr, seed, train_seconds: seconds, .. } = note;
+    let readme = format!(
+        "# Lesson 04 UNet\n\nThe EMA weights of lesson 04's DDPM UNet ({:?} channels, {} schedule, T = {}), which \
+         lesson 07 samples from by default.\n\nMade by `./run.sh lesson 04 --ship --steps {steps} --batch {batch} --lr \
+         {lr}` (seed {seed}, {steps} steps of {batch} images, {seconds:.0} s of training on {} threads; {} samples \
+         at 100 steps: Fréchet distance {:.2}, floor {:.2}); the same command reproduces it.\n",
+        saved.unet.block_out_channels,
+        saved.schedule,
+        saved.timesteps,
+        tch::get_num_threads(),
+        note.samples,
+        note.frechet_distance,
+        note.frechet_floor
+    );
+    crate::cli::write_atomic(&path.with_file_name("README.md"), readme.as_bytes())?;
+    Ok(path)
+}
+
 /// Loads a UNet saved by [`save_unet`]: its weights (strictly: names and shapes must match the config), the model
 /// and its noise schedule.
 pub fn load_unet(path: &Path, device: Device) -> Result<(VarStore, crate::nn::unet::UNet, NoiseSchedule)> {

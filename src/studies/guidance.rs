@@ -67,6 +67,28 @@ pub fn grade_guided(
     }
 }
 
+/// samples_by_class.png: a row per digit, then for each scale of `scales` its first `k` samples;
+/// `samples[i][digit]` are the samples (n, 1, 28, 28) in [0, 1] of `digit` at `scales[i]`, from the same noises at
+/// every scale.
+pub fn plot_samples_by_class(path: &Path, samples: &[Vec<Tensor>], scales: &[f64], k: i64) -> Result<()> {
+    let (mut grid, mut tile_labels) = (Vec::new(), Vec::new());
+    for digit in 0..10 {
+        for (i, &w) in scales.iter().enumerate() {
+            grid.push(samples[i][digit as usize].narrow(0, 0, k));
+            tile_labels.extend((0..k).map(|j| if j == 0 { format!("w={w}") } else { String::new() }));
+        }
+    }
+    let cols = scales.len() * k as usize;
+    plot::image_grid(
+        path,
+        "Digits 0–9 (rows) at guidance scales w, the same noise per digit",
+        &Tensor::cat(&grid, 0),
+        cols,
+        2,
+        &tile_labels,
+    )
+}
+
 /// guidance_tradeoff.png: fidelity (accuracy, probability of the asked-for digit), within-digit diversity and the
 /// Fréchet ratio, each against the guidance scale.
 pub fn plot_tradeoff(path: &Path, reports: &[GuidanceReport]) -> Result<()> {
@@ -89,4 +111,19 @@ pub fn plot_tradeoff(path: &Path, reports: &[GuidanceReport]) -> Result<()> {
         panel("Fréchet distance", "FD / real-vs-real floor", vec![("FD / floor", line(&|r| r.samples.fd_over_floor))]),
     ];
     plot::line_panels(path, "Classifier-free guidance: the asked-for digit more often, less variety", 420, 340, &panels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_samples_by_class_grid_renders_a_row_per_digit() {
+        let dir = tempfile::tempdir().unwrap();
+        let per_digit = || (0..10).map(|_| Tensor::rand([3, 1, 28, 28], (Kind::Float, tch::Device::Cpu))).collect();
+        let samples: Vec<Vec<Tensor>> = vec![per_digit(), per_digit()];
+        let path = dir.path().join("samples_by_class.png");
+        plot_samples_by_class(&path, &samples, &[0.0, 3.0], 2).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
+    }
 }

@@ -1,8 +1,15 @@
+//! Lesson 07's study of sample quality against the number of network evaluations (NFE): a plan of (sampler, budget,
+//! steps), one run per cell from the same starting noise with the evaluations counted, the graders of its two
+//! models (Fréchet distance for lesson 04's UNet, prompt accuracy for lesson 06's pipeline) and a markdown table.
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::eval::frechet::{evaluate_samples, SampleReport};
+use crate::eval::prompt_accuracy::prompt_accuracy;
 use crate::model::CountingDenoiser;
 use crate::model::Denoiser;
+use crate::nn::classifier::MnistClassifier;
 use crate::sampling::registry::Sampler;
 use anyhow::Result;
+use serde_json::{json, Value};
 use tch::{Device, Tensor};
 
 /// One run of the study: which sampler, at which budget, what it cost and how it graded.
@@ -106,6 +113,31 @@ pub fn markdown_table<G>(rows: &[&NfeRow<G>], value: &dyn Fn(&G) -> f64, what: &
     format!("{s}\ncells: {what} (network evaluations actually made per sample)\n")
 }
 
+/// Grades one cell's samples `x` (N, 1, 28, 28) in [0, 1] with [`evaluate_samples`] against the MNIST `test_images`;
+/// a sampler that diverged (any sample not finite) gets a Fréchet distance of NaN, not the 0 its NaN features give.
+pub fn grade_frechet(clf: &MnistClassifier, x: &Tensor, test_images: &Tensor) -> SampleReport {
+    let mut report = evaluate_samples(clf, x, test_images);
+    if x.isfinite().all().int64_value(&[]) == 0 {
+        report.frechet_distance = f64::NAN; // not the 0 that the NaN features would give
+    }
+    report
+}
+
+/// Grades one image per evaluation prompt: row i of `x` (50, 1, 28, 28) in [0, 1] was drawn for `prompts[i]`, which
+/// hold the 50 prompts of [`crate::data::captions::eval_prompts`] (digits 0–9) in any order. Returns {overall,
+/// worst_digit, per_digit} of [`prompt_accuracy`].
+pub fn grade_prompt_images(clf: &MnistClassifier, x: &Tensor, prompts: &[String]) -> Result<Value> {
+    // prompt_accuracy asks for each prompt in turn: hand it that prompt's image
+    let mut lookup = |p: &str, _: i64, _: u64| Ok(x.narrow(0, prompts.iter().position(|q| q == p).unwrap() as i64, 1));
+    let (acc, _, _) = prompt_accuracy(&mut lookup, clf, 1, 0)?;
+    Ok(json!({ "overall": acc.overall, "worst_digit": acc.worst_digit, "per_digit": acc.per_digit }))
+}
+
+/// The overall prompt accuracy of a [`grade_prompt_images`] grade (NaN if it has none).
+pub fn overall_accuracy(grade: &Value) -> f64 {
+    grade["overall"].as_f64().unwrap_or(f64::NAN)
+}
+
 /// Seconds per image of one evaluation of `d` on `b` random 28×28 images at σ = 1: the fastest of three calls after
 /// a warm-up (for a time estimate; the minimum is the least disturbed by other work on the machine).
 pub fn seconds_per_image(d: &dyn Denoiser, b: i64, device: Device) -> f64 {
@@ -152,5 +184,29 @@ mod tests {
         }
         let table = markdown_table(&rows.iter().collect::<Vec<_>>(), &|g| *g as u8 as f64, "finite");
         assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 1 + 9);
+    }
+
+    /// The two graders on real test digits: the Fréchet grade is finite until one sample is not, and real digits of
+    /// the digit each prompt asks for read right.
+    #[test]
+    fn the_graders_mark_divergence_and_read_real_digits_right() {
+        let data = crate::data::mnist::load(&crate::data::mnist::resolve_dir(None)).unwrap();
+        let clf = MnistClassifier::load_shipped(Device::Cpu).unwrap();
+        let x = data.test_images.narrow(0, 0, 64);
+        assert!(grade_frechet(&clf, &x, &data.test_images).frechet_distance.is_finite());
+        let _ = x.get(3).get(0).get(5).fill_(f64::NAN);
+        assert!(grade_frechet(&clf, &x, &data.test_images).frechet_distance.is_nan());
+        // prompts in reverse order, row i a test digit of the one prompt i asks for
+        let prompts: Vec<String> = (0..10).rev().flat_map(crate::data::captions::eval_prompts).collect();
+        let rows: Vec<Tensor> = (0..50)
+            .map(|i| {
+                let digit = 9 - i / 5;
+                let of_digit = data.test_labels.eq(digit).nonzero().squeeze_dim(1); // (n_digit,)
+                data.test_images.get(of_digit.int64_value(&[i % 5]))
+            })
+            .collect();
+        let grade = grade_prompt_images(&clf, &Tensor::stack(&rows, 0), &prompts).unwrap();
+        assert!(overall_accuracy(&grade) >= 0.9, "{grade}");
+        assert!(overall_accuracy(&serde_json::json!({})).is_nan());
     }
 }

@@ -7,12 +7,14 @@
 //! marginals p_t, but the ODE maps each starting point to one sample, the SDE to a distribution of them.
 use crate::data::toy2d::GaussianMixture;
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::eval::frechet::SampleReport;
 use crate::plot::{self, Layer, LinePanel, Panel};
 use crate::sampling::oracle::{MixtureOracle, OrderResult};
 use crate::sampling::registry::Sampler;
-use crate::studies::nfe::NfeRow;
+use crate::studies::nfe::{overall_accuracy, NfeRow};
 use anyhow::Result;
 use plotters::style::{Color, RGBAColor, BLACK, WHITE};
+use serde_json::Value;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -163,6 +165,35 @@ pub fn plot_vs_nfe<G>(
     plot::line_panels_log_x(path, title, width, 420, &panels)
 }
 
+/// The two figures of the study on lesson 04's UNet, into `out`: fd_vs_nfe.png (Fréchet distance against NFE, with
+/// the `reference` run of DDPM over `reference_steps` steps and the real-vs-real floor at `n` samples) and
+/// samples_by_sampler.png (the first 8 samples of every sampler at the smallest budget ≥ 10 of `budgets`, else the
+/// largest, and of the reference).
+pub fn plot_fd_study(
+    out: &Path,
+    (rows, reference): (&[NfeRow<SampleReport>], &NfeRow<SampleReport>),
+    (n, reference_steps): (i64, usize),
+    budgets: &[usize],
+) -> Result<()> {
+    let fd = |g: &SampleReport| g.frechet_distance;
+    let (ref_fd, floor) = (reference.grade.frechet_distance, reference.grade.frechet_floor);
+    let lines = [(format!("DDPM, {reference_steps} steps"), ref_fd), (format!("real vs real (n = {n})"), floor)];
+    let title = format!("Lesson 04's UNet: Fréchet distance against network evaluations ({n} samples, same noise)");
+    plot_vs_nfe(&out.join("fd_vs_nfe.png"), &title, "Fréchet distance", rows, &fd, true, &lines)?;
+    let shown = budgets.iter().copied().filter(|&b| b >= 10).min().unwrap_or(*budgets.iter().max().unwrap());
+    let mut preview: Vec<_> = rows.iter().filter(|r| r.budget == shown).collect();
+    preview.push(reference);
+    let title = format!("The same 8 starting noises through every sampler at NFE ≤ {shown}, and the reference");
+    plot_previews(&out.join("samples_by_sampler.png"), &title, &preview, 8)
+}
+
+/// The figure of the study on lesson 06's pipeline at guidance `w`, one image for each of the 50 evaluation prompts,
+/// into `out`: prompt_accuracy_vs_nfe.png.
+pub fn plot_prompt_study(out: &Path, rows: &[NfeRow<Value>], w: f64) -> Result<()> {
+    let title = format!("Lesson 06's pipeline: prompt accuracy against NFE (w = {w}, 50 prompts)");
+    plot_vs_nfe(&out.join("prompt_accuracy_vs_nfe.png"), &title, "prompt accuracy", rows, &overall_accuracy, false, &[])
+}
+
 /// A grid with a row per run of `rows` (its first `k` preview samples), labelled with the sampler and NFE.
 pub fn plot_previews<G>(path: &Path, title: &str, rows: &[&NfeRow<G>], k: i64) -> Result<()> {
     let (mut tiles, mut labels) = (Vec::new(), Vec::new());
@@ -218,6 +249,28 @@ mod tests {
             plot_vs_nfe(&png, "t", "mean", &rows, &|g| *g, false, &[("ref".into(), 0.5)]).unwrap();
             plot_previews(&dir.path().join("previews.png"), "t", &rows.iter().collect::<Vec<_>>(), 4).unwrap();
             assert!(png.exists());
+        }
+        // the two study figures of lesson 07, from rows with made-up grades
+        let plan = crate::studies::nfe::plan(&Sampler::ALL[..3], &[5, 10], &sched);
+        let report = |fd| SampleReport {
+            n: 8,
+            frechet_distance: fd,
+            frechet_floor: 1.0,
+            fd_over_floor: fd,
+            class_histogram: vec![0.1; 10],
+            class_entropy: 10f64.ln(),
+            entropy_over_max: 1.0,
+            mean_confidence: 0.9,
+        };
+        let fd = &mut |x: &Tensor| Ok(report(x.abs().mean(Kind::Double).double_value(&[])));
+        let mut rows = crate::studies::nfe::run_study(&d, &sched, &z, &plan, 0, fd, &|_| {}).unwrap();
+        let reference = rows.remove(0);
+        plot_fd_study(dir.path(), (&rows, &reference), (8, 1000), &[5, 10]).unwrap();
+        let accuracy = &mut |x: &Tensor| Ok(serde_json::json!({ "overall": x.mean(Kind::Double).double_value(&[]) }));
+        let rows = crate::studies::nfe::run_study(&d, &sched, &z, &plan, 0, accuracy, &|_| {}).unwrap();
+        plot_prompt_study(dir.path(), &rows, 2.0).unwrap();
+        for name in ["fd_vs_nfe.png", "samples_by_sampler.png", "prompt_accuracy_vs_nfe.png"] {
+            assert!(dir.path().join(name).exists(), "{name}");
         }
     }
 }
