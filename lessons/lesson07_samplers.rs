@@ -16,6 +16,7 @@ use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::eval::bits_per_dim::mnist_bits_per_dim;
 use scratch_diffusion::eval::frechet::SampleReport;
+use scratch_diffusion::model::Cond;
 use scratch_diffusion::model::{Denoiser, EpsDenoiser};
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::pipelines::ddpm::{load_unet, shipped_unet};
@@ -106,7 +107,8 @@ fn run(args: Args) -> Result<()> {
     // the text pipeline as one guided ε-model over the 50 evaluation prompts, one image each
     let text_sched = NoiseSchedule::by_name(&pipe.config.schedule, pipe.config.num_train_timesteps)?;
     let prompts: Vec<String> = (0..10).flat_map(eval_prompts).collect();
-    let cond = Tensor::cat(&prompts.iter().map(|p| pipe.context(p).1).collect::<Vec<_>>(), 0); // (50, L, D + 1)
+    let conds: Vec<Cond> = prompts.iter().map(|p| pipe.context(p).1).collect();
+    let cond = Cond::cat(&conds.iter().collect::<Vec<_>>()); // (50, L, D) with the prompts' masks
     let guided = ClassifierFreeGuidance::new(&pipe.unet, cond, pipe.context("").1, DEFAULT_GUIDANCE);
     let text_eps = EpsDenoiser::new(&guided, &text_sched);
     let text_clamped = Clamped { inner: &text_eps, range: (-1.0, 1.0) };

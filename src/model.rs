@@ -27,22 +27,91 @@ pub trait EpsModel {
     fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor;
 }
 
-/// A network that predicts ε from x_t, the timestep t (B,) and a context sequence (B or 1, L, D) that it reads with
-/// cross-attention.
-pub trait CondEpsModel {
-    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor;
+/// What a conditional network reads beside x_t and t, τ_θ(y) of [LDM] sec. 3.3: a context sequence (B, L, D) that
+/// it cross-attends to (the token states of a prompt, or the embedding of a class label) and, for prompts padded
+/// to a fixed length, the key-padding mask (B, L) bool, true for a real token (None: every position is real).
+/// A conditioning with batch 1 serves a batch of any size ([`Cond::for_batch`]).
+///
+/// [LDM] Rombach et al. 2022, arXiv:2112.10752.
+#[derive(Debug)]
+pub struct Cond {
+    pub context: Tensor,
+    pub mask: Option<Tensor>,
 }
 
-/// A conditional model with its context fixed: an ordinary [`EpsModel`], so the DDPM losses and sampler take it.
+impl Cond {
+    /// A context without padding.
+    pub fn new(context: Tensor) -> Self {
+        Self { context, mask: None }
+    }
+
+    /// Token states (B, L, D) with their key-padding mask (B, L).
+    pub fn masked(context: Tensor, mask: Tensor) -> Self {
+        Self { context, mask: Some(mask) }
+    }
+
+    /// Rows of the batch.
+    pub fn batch(&self) -> i64 {
+        self.context.size()[0]
+    }
+
+    /// This conditioning (batch 1 or `b`) for a batch of `b`, expanded without copying.
+    pub fn for_batch(&self, b: i64) -> Cond {
+        let size = self.context.size();
+        assert!(size[0] == b || size[0] == 1, "context batch {} does not match the images' {b}", size[0]);
+        let mask = self.mask.as_ref().map(|m| m.expand([b, size[1]], false)); // (B, L)
+        Cond { context: self.context.expand([b, size[1], size[2]], false), mask }
+        // (B, L, D)
+    }
+
+    /// The rows of `parts` in order, as one batch; a part without a mask gets an all-true one when another has one.
+    pub fn cat(parts: &[&Cond]) -> Cond {
+        let context = Tensor::cat(&parts.iter().map(|c| &c.context).collect::<Vec<_>>(), 0); // (ΣB, L, D)
+        let all_real = |c: &Cond| {
+            let (b, l) = (c.context.size()[0], c.context.size()[1]);
+            Tensor::ones([b, l], (Kind::Bool, c.context.device())) // (B, L)
+        };
+        let mask = parts.iter().any(|c| c.mask.is_some()).then(|| {
+            let masks: Vec<Tensor> =
+                parts.iter().map(|c| c.mask.as_ref().map_or_else(|| all_real(c), Tensor::shallow_clone)).collect();
+            Tensor::cat(&masks, 0) // (ΣB, L)
+        });
+        Cond { context, mask }
+    }
+
+    /// The context in `kind` (bf16 training casts it with the weights); the mask stays as it is.
+    pub fn to_kind(&self, kind: Kind) -> Cond {
+        Cond { context: self.context.to_kind(kind), mask: self.mask.as_ref().map(Tensor::shallow_clone) }
+    }
+
+    /// Another handle on the same tensors.
+    pub fn shallow_clone(&self) -> Cond {
+        Cond { context: self.context.shallow_clone(), mask: self.mask.as_ref().map(Tensor::shallow_clone) }
+    }
+}
+
+impl From<Tensor> for Cond {
+    fn from(context: Tensor) -> Self {
+        Cond::new(context)
+    }
+}
+
+/// A network that predicts ε from x_t, the timestep t (B,) and a conditioning (B rows) that it reads with
+/// cross-attention.
+pub trait CondEpsModel {
+    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, cond: &Cond, train: bool) -> Tensor;
+}
+
+/// A conditional model with its conditioning fixed: an ordinary [`EpsModel`], so the DDPM losses and sampler take it.
 pub struct WithContext<'a, M: CondEpsModel + ?Sized> {
     pub model: &'a M,
-    /// (B, L, D): one context per image of the batches it will see.
-    pub context: &'a Tensor,
+    /// One conditioning per image of the batches it will see.
+    pub cond: &'a Cond,
 }
 
 impl<M: CondEpsModel + ?Sized> EpsModel for WithContext<'_, M> {
     fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
-        self.model.eps_cond(x_t, t, self.context, train)
+        self.model.eps_cond(x_t, t, self.cond, train)
     }
 }
 
@@ -216,6 +285,21 @@ impl Denoiser for CountingDenoiser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conditionings_expand_and_concatenate_with_their_masks() {
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let text = Cond::masked(Tensor::randn([1, 3, 2], opts), Tensor::from_slice(&[true, true, false]).view([1, 3]));
+        let label = Cond::new(Tensor::randn([2, 3, 2], opts));
+        let wide = text.for_batch(2);
+        assert_eq!((wide.context.size(), wide.mask.as_ref().unwrap().size()), (vec![2, 3, 2], vec![2, 3]));
+        let both = Cond::cat(&[&wide, &label]);
+        assert_eq!(both.batch(), 4);
+        let mask = Vec::<bool>::try_from(both.mask.unwrap().flatten(0, -1)).unwrap();
+        assert_eq!(mask, [true, true, false, true, true, false, true, true, true, true, true, true]);
+        assert!(Cond::cat(&[&label, &label]).mask.is_none(), "no masks in, none out");
+        assert_eq!(text.to_kind(Kind::BFloat16).context.kind(), Kind::BFloat16);
+    }
 
     #[test]
     fn fractional_timesteps_invert_the_log_sigma_interpolation() {

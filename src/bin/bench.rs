@@ -11,7 +11,7 @@ use clap::Parser;
 use scratch_diffusion::cli::peak_rss_mib;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::model::EpsModel;
-use scratch_diffusion::model::WithContext;
+use scratch_diffusion::model::{Cond, WithContext};
 use scratch_diffusion::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
@@ -122,8 +122,8 @@ fn one(args: &Args, model_name: &str, dtype: &str, threads: i32) -> Result<()> {
     let mut loss_fn = |batch: &[Tensor], _: usize| {
         let x0 = batch[0].to_kind(kind);
         if text {
-            let context = tch::no_grad(|| encoder.forward(&ids, Some(&mask))).to_kind(kind); // (B, L, D)
-            l_simple(&WithContext { model: net_of(), context: &context }, &alpha_bar, &x0)
+            let cond = Cond::new(tch::no_grad(|| encoder.forward(&ids, Some(&mask))).to_kind(kind)); // (B, L, D)
+            l_simple(&WithContext { model: net_of(), cond: &cond }, &alpha_bar, &x0)
         } else {
             l_simple(net_of(), &alpha_bar, &x0)
         }

@@ -5,7 +5,7 @@
 //! [LDM] Rombach et al. 2022, arXiv:2112.10752, sec. 3.3 (conditioning through cross-attention to τ_θ(y)).
 //! [CFG] Ho & Salimans 2022, arXiv:2207.12598, sec. 3.2 (the null token ∅).
 use crate::data::mnist::MNIST_CLASSES;
-use crate::model::CondEpsModel;
+use crate::model::{Cond, CondEpsModel};
 use crate::nn::label_context::LabelContext;
 use crate::nn::unet::{UNet, UNetConfig};
 use tch::nn;
@@ -21,7 +21,7 @@ pub struct LabelConditioned<M> {
 impl<M: CondEpsModel> LabelConditioned<M> {
     /// ε_θ(x_t, t, τ_θ(y)) for labels y (B,) i64 (the null label gives the unconditional prediction).
     pub fn eps_labels(&self, x_t: &Tensor, t: &Tensor, labels: &Tensor, train: bool) -> Tensor {
-        self.net.eps_cond(x_t, t, &self.labels.forward(labels), train)
+        self.net.eps_cond(x_t, t, &Cond::new(self.labels.forward(labels)), train)
     }
 }
 

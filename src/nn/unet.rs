@@ -441,10 +441,10 @@ impl crate::model::EpsModel for UNet {
     }
 }
 
-/// A bare UNet reads its context without a padding mask (a label sequence has none).
+/// A UNet reads its conditioning directly: the context, and the padding mask when there is one.
 impl crate::model::CondEpsModel for UNet {
-    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, train: bool) -> Tensor {
-        self.forward_cond(x_t, t, Some(context), None, train)
+    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, cond: &crate::model::Cond, train: bool) -> Tensor {
+        self.forward_cond(x_t, t, Some(&cond.context), cond.mask.as_ref(), train)
     }
 }
 

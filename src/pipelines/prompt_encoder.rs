@@ -3,6 +3,7 @@
 //! it into the context τ(y) the UNet cross-attends to (diffusers: the pipeline's `tokenizer` + `text_encoder` and
 //! its `encode_prompt`).
 use crate::checkpoint;
+use crate::model::Cond;
 use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use crate::nn::text_unet::{encode_context, lens_to_mask};
 use crate::text::bpe::{END_OF_TEXT, END_OF_WORD, START_OF_TEXT};
@@ -93,8 +94,9 @@ impl PromptEncoder {
     }
     // ANCHOR_END: check_prompt
 
-    /// τ(prompt) for the UNet, (1, L, D + 1) on the encoder's device, without any check ("" is the ∅ prompt).
-    pub fn context(&self, prompt: &str) -> (Encoded, Tensor) {
+    /// τ(prompt) for the UNet, (1, L, D) with its padding mask (1, L), on the encoder's device, without any check
+    /// ("" is the ∅ prompt).
+    pub fn context(&self, prompt: &str) -> (Encoded, Cond) {
         let e = self.tokenizer.encode_padded(prompt, self.context_len);
         let ids = Tensor::from_slice(&e.ids).unsqueeze(0).to_device(self.device()); // (1, L)
         let mask = lens_to_mask(&Tensor::from_slice(&[e.len as i64]).to_device(self.device()), e.ids.len() as i64);
@@ -102,8 +104,8 @@ impl PromptEncoder {
         (e, context)
     }
 
-    /// The checked contexts of a prompt and of its negative (None or blank: the empty prompt ∅), (1, L, D + 1) each.
-    pub fn cond_uncond(&self, prompt: &str, negative: Option<&str>) -> Result<(Tensor, Tensor)> {
+    /// The checked conditionings of a prompt and of its negative (None or blank: the empty prompt ∅), batch 1 each.
+    pub fn cond_uncond(&self, prompt: &str, negative: Option<&str>) -> Result<(Cond, Cond)> {
         self.check_prompt(prompt).context("in the prompt")?;
         let negative = negative.filter(|s| !s.trim().is_empty());
         if let Some(neg) = negative {

@@ -15,8 +15,8 @@
 use crate::cli::{CommonArgs, Run};
 use crate::data::png::write_png_rgb_with_text;
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::model::CondEpsModel;
 use crate::model::{sigma_of_timestep, sigmas_of_schedule, timestep_of_sigma, EpsDenoiser};
+use crate::model::{Cond, CondEpsModel};
 use crate::nn::layers::channels_last;
 use crate::sampling::grids::{karras_sigmas, spaced_timesteps, TimestepSpacing, KARRAS_RHO};
 use crate::sampling::guidance::ClassifierFreeGuidance;
@@ -259,9 +259,9 @@ impl DrawArgs {
 struct SdUNet<'a>(&'a SdModels, Kind);
 
 impl CondEpsModel for SdUNet<'_> {
-    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, context: &Tensor, _train: bool) -> Tensor {
+    fn eps_cond(&self, x_t: &Tensor, t: &Tensor, cond: &Cond, _train: bool) -> Tensor {
         let x = channels_last(&x_t.to_kind(self.1)); // (B, 4, h, w) in NHWC memory, as the conv weights
-        let eps = self.0.unet.forward_cond(&x, t, Some(&context.to_kind(self.1)), None, false);
+        let eps = self.0.unet.forward_cond(&x, t, Some(&cond.context.to_kind(self.1)), cond.mask.as_ref(), false);
         eps.to_kind(x_t.kind())
     }
 }
@@ -370,9 +370,9 @@ impl StableDiffusion {
         let c_in = 1.0 / (1.0 + sigma * sigma).sqrt();
         let t = timestep_of_sigma(&sigmas_of_schedule(&self.schedule), sigma);
         let x2 = Tensor::cat(&[x, x], 0) * c_in; // (2, 4, h, w)
-        let context = Tensor::cat(&[uncond, cond], 0); // (2, 77, D)
+        let both = Cond::new(Tensor::cat(&[uncond, cond], 0)); // (2, 77, D)
         let unet = SdUNet(&self.models, self.models.kind());
-        let eps = tch::no_grad(|| unet.eps_cond(&x2, &Tensor::from_slice(&[t; 2]), &context, false)).chunk(2, 0);
+        let eps = tch::no_grad(|| unet.eps_cond(&x2, &Tensor::from_slice(&[t; 2]), &both, false)).chunk(2, 0);
         (eps[0].shallow_clone(), eps[1].shallow_clone()) // (1, 4, h, w) each
     }
 

@@ -10,6 +10,7 @@
 use crate::data::captions::AttributeBins;
 use crate::data::to_unit;
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::model::Cond;
 use crate::nn::text_encoder::TextEncoderConfig;
 use crate::nn::text_unet::TextUNet;
 use crate::nn::unet::UNet;
@@ -127,8 +128,8 @@ impl TextToImage {
         self.prompts.check_prompt(prompt)
     }
 
-    /// τ(prompt) for the UNet, (1, L, D + 1) on the pipeline's device, without any check ("" is the ∅ prompt).
-    pub fn context(&self, prompt: &str) -> (Encoded, Tensor) {
+    /// τ(prompt) for the UNet, (1, L, D) with its mask, on the pipeline's device, without any check ("" is ∅).
+    pub fn context(&self, prompt: &str) -> (Encoded, Cond) {
         self.prompts.context(prompt)
     }
 
@@ -184,11 +185,10 @@ impl TextToImage {
     /// blocks at that resolution (the real tokens' weights sum to 1 at each pixel), with a label per token.
     pub fn token_attention_maps(&self, x_t: &Tensor, t: usize, prompt: &str) -> Result<(Tensor, Vec<String>)> {
         self.check_prompt(prompt)?;
-        let (e, context) = self.context(prompt);
-        let (hidden, mask) = crate::nn::text_unet::unpack_context(&context);
+        let (e, cond) = self.context(prompt);
         let t = Tensor::from_slice(&[t as i64]).to_device(self.device());
         let x = x_t.to_device(self.device());
-        let (_, maps) = tch::no_grad(|| self.unet.0.forward_with_maps(&x, &t, &hidden, Some(&mask)));
+        let (_, maps) = tch::no_grad(|| self.unet.0.forward_with_maps(&x, &t, &cond.context, cond.mask.as_ref()));
         let finest = maps.iter().map(|m| m.height).max().context("the UNet has no cross-attention")?;
         let at_finest: Vec<&crate::nn::unet::CrossAttentionMap> = maps.iter().filter(|m| m.height == finest).collect();
         let per_block: Vec<Tensor> =

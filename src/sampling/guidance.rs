@@ -8,22 +8,24 @@
 //! [Guidance] Dhariwal & Nichol 2021, arXiv:2105.05233, sec. 4: with ε = −σ_t ∇log p_t, the guided ε is the ε of
 //! p_t(x) p_t(c | x)^w: ∇log p_t(x | c) = ∇log p_t(x) + ∇log p_t(c | x) (Bayes), and guidance scales the second term.
 //! Notation (code -> paper): eps_cond -> ε_θ(z, c); eps_uncond -> ε_θ(z) = ε_θ(z, ∅); scale -> w (= 1 + w' of [CFG]).
-use crate::model::{CondEpsModel, EpsModel};
+use crate::model::{Cond, CondEpsModel, EpsModel};
 use crate::nn::class_cond::LabelConditioned;
 use tch::Tensor;
 
-/// ε̃ = ε_∅ + w (ε_c − ε_∅) from a conditional model and two contexts, (1 or B, L, D) each: one for the condition,
-/// one for ∅. A context with batch 1 serves every image.
+/// ε̃ = ε_∅ + w (ε_c − ε_∅) from a conditional model and two conditionings, batch 1 or B each: one for the
+/// condition, one for ∅. A conditioning with batch 1 serves every image.
 pub struct ClassifierFreeGuidance<'a, M: CondEpsModel + ?Sized> {
     pub model: &'a M,
-    pub cond: Tensor,
-    pub uncond: Tensor,
+    pub cond: Cond,
+    pub uncond: Cond,
     pub scale: f64,
 }
 
 impl<'a, M: CondEpsModel + ?Sized> ClassifierFreeGuidance<'a, M> {
-    pub fn new(model: &'a M, cond: Tensor, uncond: Tensor, scale: f64) -> Self {
-        assert_eq!(cond.size()[1..], uncond.size()[1..], "both contexts need the same (L, D)");
+    /// `cond` and `uncond`: [`Cond`]s, or bare contexts (B or 1, L, D).
+    pub fn new(model: &'a M, cond: impl Into<Cond>, uncond: impl Into<Cond>, scale: f64) -> Self {
+        let (cond, uncond) = (cond.into(), uncond.into());
+        assert_eq!(cond.context.size()[1..], uncond.context.size()[1..], "both contexts need the same (L, D)");
         Self { model, cond, uncond, scale }
     }
 }
@@ -36,18 +38,11 @@ impl<M: CondEpsModel> LabelConditioned<M> {
     }
 }
 
-/// A context (1 or B, L, D) for a batch of `b`.
-fn for_batch(context: &Tensor, b: i64) -> Tensor {
-    let size = context.size();
-    assert!(size[0] == b || size[0] == 1, "context batch {} does not match the images' {b}", size[0]);
-    context.expand([b, size[1], size[2]], false) // (B, L, D)
-}
-
 // ANCHOR: cfg_eps
 impl<M: CondEpsModel + ?Sized> EpsModel for ClassifierFreeGuidance<'_, M> {
     fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
         let b = x_t.size()[0];
-        let (cond, uncond) = (for_batch(&self.cond, b), for_batch(&self.uncond, b));
+        let (cond, uncond) = (self.cond.for_batch(b), self.uncond.for_batch(b));
         // w = 1 and w = 0 need one network evaluation, and give ε_c and ε_∅ exactly
         if self.scale == 1.0 {
             return self.model.eps_cond(x_t, t, &cond, train);
@@ -58,8 +53,8 @@ impl<M: CondEpsModel + ?Sized> EpsModel for ClassifierFreeGuidance<'_, M> {
         // both branches in one batch of 2B: rows 0..B unconditional, B..2B conditional
         let x2 = Tensor::cat(&[x_t, x_t], 0); // (2B, C, H, W)
         let t2 = Tensor::cat(&[t, t], 0); // (2B,)
-        let context = Tensor::cat(&[&uncond, &cond], 0); // (2B, L, D)
-        let eps = self.model.eps_cond(&x2, &t2, &context, train).chunk(2, 0);
+        let both = Cond::cat(&[&uncond, &cond]); // (2B, L, D), and the masks (2B, L) when there are any
+        let eps = self.model.eps_cond(&x2, &t2, &both, train).chunk(2, 0);
         // (B, C, H, W) each
         let (eps_uncond, eps_cond) = (&eps[0], &eps[1]);
         // [CFG] eq. 6 with w = 1 + w': ε̃ = ε_∅ + w (ε_c − ε_∅)
@@ -99,10 +94,10 @@ mod tests {
     }
 
     impl CondEpsModel for TwoGaussians {
-        fn eps_cond(&self, x: &Tensor, _t: &Tensor, context: &Tensor, _: bool) -> Tensor {
+        fn eps_cond(&self, x: &Tensor, _t: &Tensor, cond: &Cond, _: bool) -> Tensor {
             let sigma = (1.0 - self.alpha_bar).sqrt();
             // (B, 1)
-            let c = context.view([-1, 1]);
+            let c = cond.context.view([-1, 1]);
             // p(c | x_t) for the mixture: softmax of the log-likelihoods (equal priors)
             let r = Tensor::cat(&[self.log_lik(x, 0), self.log_lik(x, 1)], 1).softmax(1, Kind::Double); // (B, 2)
             let mixture = r.narrow(1, 0, 1) * self.score(x, 0) + r.narrow(1, 1, 1) * self.score(x, 1);
@@ -125,8 +120,8 @@ mod tests {
         let (c, u) = (Tensor::randn([1, 4, 6], opts), Tensor::randn([1, 4, 6], opts));
         let guided = |w: f64| ClassifierFreeGuidance::new(&net, c.copy(), u.copy(), w).eps(&x, &t, false);
         let (eps_c, eps_u) = (
-            net.eps_cond(&x, &t, &c.expand([3, 4, 6], false), false),
-            net.eps_cond(&x, &t, &u.expand([3, 4, 6], false), false),
+            net.eps_cond(&x, &t, &Cond::new(c.expand([3, 4, 6], false)), false),
+            net.eps_cond(&x, &t, &Cond::new(u.expand([3, 4, 6], false)), false),
         );
         assert!(guided(1.0).equal(&eps_c));
         assert!(guided(0.0).equal(&eps_u));
@@ -156,7 +151,7 @@ mod tests {
             .narrow(1, 1, 1);
         let grad_log_post = Tensor::run_backward(&[log_post.sum(Kind::Double)], &[&x], false, false)[0].detach();
         let x = x.detach();
-        let eps_uncond = oracle.eps_cond(&x, &t, &ctx(-1.0).expand([13, 1, 1], false), false);
+        let eps_uncond = oracle.eps_cond(&x, &t, &Cond::new(ctx(-1.0).expand([13, 1, 1], false)), false);
         for w in [0.0, 1.0, 3.0] {
             let guided = ClassifierFreeGuidance::new(&oracle, ctx(1.0), ctx(-1.0), w).eps(&x, &t, false);
             let want = &eps_uncond - &grad_log_post * (w * sigma); // −σ(∇log p(x) + w ∇log p(c | x))

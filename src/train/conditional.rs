@@ -9,7 +9,7 @@
 //! [LDM] Rombach et al. 2022, arXiv:2112.10752, sec. 3.3 (conditioning through cross-attention to τ_θ(y)).
 //! Notation (code -> paper): p_uncond -> p_uncond; null label -> ∅; context -> τ_θ(y); eps_cond -> ε_θ(z_λ, c).
 use crate::model::CondEpsModel;
-use crate::model::WithContext;
+use crate::model::{Cond, WithContext};
 use crate::nn::class_cond::LabelConditioned;
 use crate::train::ddpm::EpsObjective;
 use crate::train::trainer::TrainRun;
@@ -50,8 +50,8 @@ pub fn train_cond_eps_model<M: CondEpsModel>(
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
     let mut loss_fn = |net: &LabelConditioned<M>, _: &LabelConditioned<M>, batch: &[Tensor], _step: usize| {
         let y = drop_labels(&batch[1], p_uncond, net.labels.null_label()); // (B,)
-        let context = net.labels.forward(&y); // (B, tokens, dim)
-        objective.loss(&WithContext { model: &net.net, context: &context }, &batch[0].to_kind(kind))
+        let cond = Cond::new(net.labels.forward(&y)); // (B, tokens, dim)
+        objective.loss(&WithContext { model: &net.net, cond: &cond }, &batch[0].to_kind(kind))
     };
     train_model(build, &[images, labels], cfg, run, &mut loss_fn)
 }

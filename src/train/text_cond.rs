@@ -97,8 +97,8 @@ pub fn train_text_cond_unet_on(
     let kind = if cfg.bf16 { Kind::BFloat16 } else { Kind::Float };
     let mut loss_fn = |net: &TextUNet, _: &TextUNet, batch: &[Tensor], _step: usize| {
         let (ids, mask) = pick_captions(&batch[1], &batch[2], empty, p_uncond); // (B, L) each
-        let context = encode_context(text_encoder, &ids, &mask).to_kind(kind); // (B, L, D + 1)
-        objective.loss(&WithContext { model: net, context: &context }, &x0_of(&batch[0]).to_kind(kind))
+        let cond = encode_context(text_encoder, &ids, &mask).to_kind(kind); // (B, L, D) and the mask (B, L)
+        objective.loss(&WithContext { model: net, cond: &cond }, &x0_of(&batch[0]).to_kind(kind))
     };
     let data = [data, &captions.ids, &captions.lens];
     let build = |p: tch::nn::Path| TextUNet(UNet::new(p, config.clone()));
@@ -110,10 +110,8 @@ pub fn train_text_cond_unet_on(
 mod tests {
     use super::*;
     use crate::diffusion::schedule::NoiseSchedule;
-    use crate::model::{CondEpsModel, EpsModel};
+    use crate::model::{Cond, CondEpsModel, EpsModel};
     use crate::nn::text_encoder::TextEncoderConfig;
-    use crate::nn::text_unet::pack_context;
-    use crate::nn::text_unet::unpack_context;
     use crate::sampling::ddpm::AncestralSampling;
     use crate::sampling::guidance::ClassifierFreeGuidance;
     use crate::text::Bpe;
@@ -126,7 +124,7 @@ mod tests {
     }
 
     #[test]
-    fn the_packed_mask_hides_padding_and_guidance_at_one_is_the_masked_conditional_prediction() {
+    fn the_mask_hides_padding_and_guidance_at_one_is_the_masked_conditional_prediction() {
         let threads = tch::get_num_threads();
         tch::set_num_threads(1); // for tensors this small a second thread only spin-waits
         tch::manual_seed(0);
@@ -136,23 +134,23 @@ mod tests {
         let (x, t) = (Tensor::randn([2, 1, 16, 16], opts), Tensor::from_slice(&[100i64, 700]));
         let hidden = Tensor::randn([2, 5, 6], opts);
         let mask = lens_to_mask(&Tensor::from_slice(&[3i64, 5]), 5); // image 0: 2 padded tokens
-        let packed = pack_context(&hidden, &mask);
-        let (h, m) = unpack_context(&packed);
-        assert!(h.equal(&hidden) && m.equal(&mask));
-        let eps = unet.eps_cond(&x, &t, &packed, false);
+        let cond = Cond::masked(hidden.copy(), mask.copy());
+        let eps = unet.eps_cond(&x, &t, &cond, false);
         assert!(eps.equal(&unet.0.forward_cond(&x, &t, Some(&hidden), Some(&mask), false)));
         // changing a padded token changes nothing; changing a real one does
         let padded = hidden.copy();
         let _ = padded.get(0).get(4).fill_(9.0);
-        assert!(max_diff(&eps, &unet.eps_cond(&x, &t, &pack_context(&padded, &mask), false)) < 1e-6);
+        assert!(max_diff(&eps, &unet.eps_cond(&x, &t, &Cond::masked(padded.copy(), mask.copy()), false)) < 1e-6);
         let _ = padded.get(0).get(1).fill_(9.0);
-        assert!(max_diff(&eps.get(0), &unet.eps_cond(&x, &t, &pack_context(&padded, &mask), false).get(0)) > 1e-4);
-        // guidance concatenates packed contexts: at w = 1 it is exactly the masked conditional prediction
-        let empty = pack_context(&Tensor::randn([1, 5, 6], opts), &lens_to_mask(&Tensor::from_slice(&[2i64]), 5));
-        let guided = ClassifierFreeGuidance::new(&unet, packed.copy(), empty.copy(), 1.0);
+        let changed = unet.eps_cond(&x, &t, &Cond::masked(padded.copy(), mask.copy()), false);
+        assert!(max_diff(&eps.get(0), &changed.get(0)) > 1e-4);
+        // guidance concatenates the conditionings, masks included: at w = 1 it is exactly the masked prediction
+        let empty = Cond::masked(Tensor::randn([1, 5, 6], opts), lens_to_mask(&Tensor::from_slice(&[2i64]), 5));
+        let guided = ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), empty.shallow_clone(), 1.0);
         assert!(guided.eps(&x, &t, false).equal(&eps));
-        let w3 = ClassifierFreeGuidance::new(&unet, packed.copy(), empty.copy(), 3.0).eps(&x, &t, false);
-        let eps_empty = unet.eps_cond(&x, &t, &empty.expand([2, 5, 7], false), false);
+        let w3 =
+            ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), empty.shallow_clone(), 3.0).eps(&x, &t, false);
+        let eps_empty = unet.eps_cond(&x, &t, &empty.for_batch(2), false);
         let diff = max_diff(&w3, &(&eps_empty + (&eps - &eps_empty) * 3.0));
         assert!(diff < 1e-5 * 4.0 * eps.abs().max().double_value(&[]), "{diff}");
         tch::set_num_threads(threads);
