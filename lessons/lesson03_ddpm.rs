@@ -6,7 +6,7 @@
 //! strokes, not good enough for digits, which is why lesson 04 builds a UNet. Chapter 03 walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, positive, progress, CommonArgs, Run, StepLog};
+use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, progress, CommonArgs, Run, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::data::toy2d::GaussianMixture;
@@ -186,7 +186,7 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
     Ok(json!({
         "network": config, "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds,
         "resumed_from": outcome.resumed_from, "bf16": args.bf16,
-        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().clamp(1, 100) as f64,
+        "final_loss_mean_last_100": mean_of_last(&outcome.losses, 100),
         "sample_steps": sample_steps, "variance": args.variance, "samples": report,
     }))
 }

@@ -8,7 +8,7 @@
 //! Chapter 04 walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, positive, progress, CommonArgs, StepLog};
+use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, progress, CommonArgs, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
@@ -196,7 +196,7 @@ fn run(args: Args) -> Result<()> {
         "network": config, "schedule": args.schedule, "loss_weight": args.loss_weight, "lr": args.lr, "parameters": vs.variables().values().map(|t| t.numel()).sum::<usize>(),
         "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,
         "bf16": args.bf16,
-        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().clamp(1, 100) as f64,
+        "final_loss_mean_last_100": mean_of_last(&outcome.losses, 100),
         "sample_steps": sample_steps, "sample_images_per_second": n as f64 / sample_seconds, "samples": report,
         "lesson03_fd_over_floor": l03_ratio,
     }))?;

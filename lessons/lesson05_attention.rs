@@ -8,7 +8,8 @@
 //! Chapter 05 walks through this file.
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, log_line, positive, progress, CommonArgs, StepLog};
+use scratch_diffusion::checkpoint;
+use scratch_diffusion::cli::{lesson_main, log_line, mean_of_last, positive, progress, CommonArgs, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
@@ -121,7 +122,7 @@ fn run(args: Args) -> Result<()> {
     )?;
     log.finish();
     // ANCHOR_END: train
-    let parameters: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+    let parameters = checkpoint::num_parameters(&vs);
     println!(
         "class-conditional UNet {:?}: {parameters} parameters, trained in {:.0} s",
         config.unet.block_out_channels, outcome.seconds
@@ -182,7 +183,7 @@ fn run(args: Args) -> Result<()> {
         "attention_check": check, "network": config, "parameters": parameters,
         "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,
         "bf16": args.bf16, "p_uncond": args.p_uncond,
-        "final_loss_mean_last_100": outcome.losses.iter().rev().take(100).sum::<f64>() / outcome.losses.len().clamp(1, 100) as f64,
+        "final_loss_mean_last_100": mean_of_last(&outcome.losses, 100),
         "sample_steps": sample_steps, "samples_per_scale": 10 * per_class, "sample_seconds": sample_seconds,
         "guidance": reports,
     }))?;

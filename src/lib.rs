@@ -8,15 +8,16 @@
 //! - [`text`]: a byte-level BPE tokenizer in the style of CLIP's (trainable on captions, loads CLIP's merges), and
 //!   captioned MNIST as token ids.
 //! - [`diffusion`]: noise schedules, the forward process, noise ladders, the denoising-score-matching objective.
-//! - [`model`]: the traits networks and samplers share: ε-models (plain and conditional) and the denoiser
-//!   D(x, σ) → x̂₀ with its adapters.
+//! - [`model`]: what networks and samplers share: ε-models (plain and conditional), their conditioning [`model::Cond`]
+//!   (a context and, for prompts, its padding mask), and the denoiser D(x, σ) → x̂₀ with its adapters.
 //! - [`nn`]: the networks only: MLPs, the UNet (unconditional, class- and text-conditioned), attention, the text
 //!   encoder, the mini-CLIP, the VAE, the graders' classifier.
 //! - [`sampling`]: samplers as plain functions over a σ grid, one registry with the UIs' names, and the denoisers
 //!   that wrap a denoiser (guidance, clamping, inpainting).
 //! - [`sd`]: Stable Diffusion 1.x weight files: safetensors, the key map of original single files, loaders.
-//! - [`train`]: one training loop and the objectives and recipes of each lesson.
-//! - [`pipelines`]: trained networks put together for inference, each saved and loaded as one bundle.
+//! - [`train`]: one training loop that every model of the crate trains on, the objectives, and named recipes.
+//! - [`pipelines`]: trained networks put together for inference, saved and loaded as bundles of one format
+//!   ([`pipelines::bundle`]), and the flags of the sampling commands.
 //! - [`eval`]: metrics only.
 //! - [`studies`]: the lessons' experiments and figures.
 //!

@@ -113,16 +113,6 @@ impl BasicTransformerBlock {
         self.run(x, context, context_mask, false).0
     }
 
-    /// As `forward`, plus the cross-attention weights (B, heads, N, L) when a context was given.
-    pub fn forward_with_map(
-        &self,
-        x: &Tensor,
-        context: Option<&Tensor>,
-        context_mask: Option<&Tensor>,
-    ) -> (Tensor, Option<Tensor>) {
-        self.run(x, context, context_mask, true)
-    }
-
     // ANCHOR: transformer_block
     fn run(&self, x: &Tensor, context: Option<&Tensor>, mask: Option<&Tensor>, keep: bool) -> (Tensor, Option<Tensor>) {
         // each residual sum is added into the fresh left-hand side (see `layers::silu_fresh`)

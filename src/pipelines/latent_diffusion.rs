@@ -20,6 +20,7 @@ use crate::nn::unet::UNet;
 use crate::nn::vae::AutoencoderKl;
 use crate::pipelines::bundle;
 use crate::pipelines::prompt_encoder::PromptEncoder;
+use crate::sampling::grids::img2img_tail;
 use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::sampling::registry::Sampler;
 use crate::sampling::wrappers::KnownRegion;
@@ -226,12 +227,11 @@ impl LatentDiffusion {
         self.check_draw(draw)?;
         let z0 = self.encode(images);
         let sigmas = draw.sampler.grid(&self.scheduler, draw.steps);
-        let run = ((draw.steps as f64 * strength) as usize).min(draw.steps); // steps actually taken
-        if run == 0 {
-            let _ = self.text.cond_uncond(prompt, negative)?; // the prompt is still checked
+        let tail = img2img_tail(&sigmas, strength); // σ from σ_start down to 0
+        if tail.len() == 1 {
+            let _ = self.text.cond_uncond(prompt, negative)?; // no step runs, but the prompt is still checked
             return Ok(self.decode(&z0));
         }
-        let tail = &sigmas[draw.steps - run..]; // σ from σ_start down to 0
         tch::manual_seed(draw.seed as i64);
         let start = &z0 + z0.randn_like() * tail[0]; // q(z_σ | z₀) in σ-space: z₀ + σ ε
         let z = self.run(prompt, negative, draw, (&start, tail), None, &mut |_, _| {})?;

@@ -18,6 +18,7 @@ use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::{sigma_of_timestep, sigmas_of_schedule, timestep_of_sigma, EpsDenoiser};
 use crate::model::{Cond, CondEpsModel};
 use crate::nn::layers::channels_last;
+use crate::sampling::grids::img2img_tail;
 use crate::sampling::grids::{karras_sigmas, spaced_timesteps, TimestepSpacing, KARRAS_RHO};
 use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::sampling::registry::Sampler;
@@ -462,11 +463,10 @@ impl StableDiffusion {
         let (cond, uncond) = self.contexts(&p, &mut warnings);
         let z0 = self.encode(image);
         let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
-        let run = ((p.steps as f64 * strength) as usize).min(p.steps);
-        let tail = &sigmas[p.steps - run..]; // the last `run` steps
+        let tail = img2img_tail(&sigmas, strength); // σ from σ_start down to 0
         let mut images = Vec::new();
         for i in 0..p.batch {
-            let latents = if run == 0 {
+            let latents = if tail.len() == 1 {
                 z0.shallow_clone()
             } else {
                 let noise = self.initial_noise(p.seed + i as u64, p.width, p.height);

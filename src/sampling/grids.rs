@@ -5,6 +5,8 @@
 //! [DPM-Solver] Lu et al. 2022, arXiv:2206.00927, sec. 3.3: steps uniform in λ = log(α/σ) (half the log-SNR).
 //! [Flawed] Lin, Liu, Li, Yang 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
 //! arXiv:2305.08891, Table 2: the three ways samplers pick S of T training timesteps (diffusers' `timestep_spacing`).
+//! [SDEdit] Meng et al. 2022, "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential Equations",
+//! arXiv:2108.01073, sec. 3 (perturb the input to t₀, then solve the reverse process from there).
 //! Notation (code -> paper): sigma_max -> σ_max, sigma_min -> σ_min, rho -> ρ, steps -> N (or S).
 //!
 //! A grid of N steps is N + 1 numbers: N noise levels, then 0 (k-diffusion's `get_sigmas_*` convention). Timesteps
@@ -91,9 +93,27 @@ fn fraction(i: usize, n: usize) -> f64 {
     }
 }
 
+/// img2img ([SDEdit]) on a grid of N steps (N + 1 numbers): the tail that `strength` ∈ [0, 1] runs, the last
+/// ⌊N · strength⌋ steps as diffusers counts them, from σ_start (where the input is noised to) down to 0. Strength 0
+/// gives `[0.0]`, no step at all: the input comes back as it is.
+pub fn img2img_tail(sigmas: &[f64], strength: f64) -> &[f64] {
+    let steps = sigmas.len() - 1;
+    let run = ((steps as f64 * strength) as usize).min(steps); // steps actually taken
+    &sigmas[steps - run..]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn img2img_runs_the_last_strength_fraction_of_the_steps() {
+        let sigmas = [8.0, 4.0, 2.0, 1.0, 0.0]; // 4 steps
+        assert_eq!(img2img_tail(&sigmas, 0.0), [0.0]);
+        assert_eq!(img2img_tail(&sigmas, 0.3), [1.0, 0.0]); // ⌊1.2⌋ = 1 step
+        assert_eq!(img2img_tail(&sigmas, 0.75), [4.0, 2.0, 1.0, 0.0]);
+        assert_eq!(img2img_tail(&sigmas, 1.0), sigmas);
+    }
 
     /// [Flawed] Table 2 (T = 1000, S = 10), in 0-based timesteps.
     #[test]

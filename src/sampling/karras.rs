@@ -103,14 +103,6 @@ impl Default for Churn {
     }
 }
 
-impl Churn {
-    /// [EDM] Table 5, ImageNet-64 (their best stochastic setting for the original ADM model):
-    /// S_churn = 80, S_tmin = 0.05, S_tmax = 50, S_noise = 1.003.
-    pub fn edm_imagenet() -> Self {
-        Self { s_churn: 80.0, s_tmin: 0.05, s_tmax: 50.0, s_noise: 1.003 }
-    }
-}
-
 /// [EDM] Algorithm 2: at each step raise the noise from t_i to t̂_i = t_i(1 + γ_i) by adding fresh noise, then take
 /// a Heun step from t̂_i to t_{i+1}. The callback sees the state at t̂_i. N = `sigmas.len() − 1` steps.
 // ANCHOR: edm_stochastic

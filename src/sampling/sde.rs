@@ -150,18 +150,6 @@ pub fn sample_pc(
 }
 // ANCHOR_END: pc_sampler
 
-/// Reverse-time Euler–Maruyama: [`sample_pc`] without a corrector.
-pub fn sample_euler_maruyama(
-    d: &dyn Denoiser,
-    sde: &Sde,
-    x: Tensor,
-    ts: &[f64],
-    noise: &mut dyn FnMut(&Tensor) -> Tensor,
-    cb: &mut dyn FnMut(SamplerStep),
-) -> Tensor {
-    sample_pc(d, sde, x, ts, None, noise, cb)
-}
-
 /// The per-sample L2 norm over all but the batch dimension, averaged over the batch.
 fn mean_norm(v: &Tensor) -> f64 {
     let per_sample = v.flatten(1, -1).square().sum_dim_intlist(1, false, Kind::Double).sqrt(); // (B,)
