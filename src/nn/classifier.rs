@@ -16,7 +16,8 @@ use tch::{Device, Kind, Tensor};
 
 /// Where the shipped weights live, relative to the crate root (see data/classifier/README.md).
 pub const SHIPPED_WEIGHTS: &str = "data/classifier/mnist_cnn.safetensors";
-/// The command that reproduces the shipped weights.
+/// The command that retrains the classifier (an equally accurate one: the shipped weights come from an earlier
+/// commit's loop, data/classifier/README.md).
 pub const REPRODUCE: &str = "cargo run --release --bin train_classifier";
 /// Images per forward pass in evaluation: bounds memory (about 100 KB of activations per image).
 const EVAL_CHUNK: i64 = 1000;
@@ -92,12 +93,12 @@ impl MnistClassifier {
         ensure!(
             path.exists(),
             "classifier weights {} not found: they ship with the crate (restore them with `git checkout -- \
-             data/classifier`) or reproduce them with `{REPRODUCE}` (about two minutes on 2 cores)",
+             data/classifier`) or retrain them with `{REPRODUCE}` (about a minute on 2 cores)",
             path.display()
         );
         Self::load(path, device).with_context(|| {
             format!(
-                "cannot load the classifier {}: restore it with `git checkout -- data/classifier` or reproduce it \
+                "cannot load the classifier {}: restore it with `git checkout -- data/classifier` or retrain it \
                  with `{REPRODUCE}`",
                 path.display()
             )
