@@ -21,9 +21,10 @@
 //! - [`eval`]: metrics only.
 //! - [`studies`]: the lessons' experiments and figures.
 //!
-//! Three utilities import nothing else of the crate, so every layer may use them: [`cli`] (the flags every lesson
+//! Four utilities import nothing else of the crate, so every layer may use them: [`cli`] (the flags every lesson
 //! takes, the run context, metrics.json / loss.csv writers, progress bars, atomic writes, paths of shipped files),
-//! [`plot`] (figures with an embedded font) and [`checkpoint`] (weights with their config beside them, atomically).
+//! [`plot`] (figures with an embedded font) and [`checkpoint`] (weights with their config beside them, atomically);
+//! and [`validate`], the range checks every config read from a file passes before a tensor is built from it.
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
@@ -38,3 +39,4 @@ pub mod sd;
 pub mod studies;
 pub mod text;
 pub mod train;
+pub mod validate;

@@ -9,6 +9,7 @@
 //! Notation (code -> meaning): x -> image (B, 1, 28, 28) in [0, 1]; features -> φ(x) ∈ ℝ^hidden, the ReLU output of
 //! the first fully connected layer; logits -> (B, 10); m -> max_shift, the augmentation's largest shift in pixels.
 use crate::checkpoint;
+use crate::validate::{finite_in, in_range, list_in, Validate, MAX_WIDTH};
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::{self, Module, ModuleT};
@@ -34,6 +35,15 @@ pub struct ClassifierConfig {
     pub dropout: f64,
     /// Training augmentation: each image is shifted by a random whole number of pixels in [−m, m] on each axis.
     pub max_shift: i64,
+}
+
+impl Validate for ClassifierConfig {
+    fn validate(&self) -> Result<(), String> {
+        list_in("channels", &self.channels, Some(2), 1, MAX_WIDTH)?;
+        in_range("hidden", self.hidden, 1, MAX_WIDTH)?;
+        finite_in("dropout", self.dropout, 0.0, 1.0)?;
+        in_range("max_shift", self.max_shift, 0, 27)
+    }
 }
 
 impl ClassifierConfig {
@@ -107,7 +117,10 @@ impl MnistClassifier {
 
     /// Loads weights saved by [`train_classifier`]'s binary: `path` plus its config JSON beside it.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let config: ClassifierConfig = checkpoint::load_config(path)?;
+        let config = crate::validate::checked(
+            checkpoint::load_config::<ClassifierConfig>(path)?,
+            &checkpoint::config_path(path),
+        )?;
         let mut model = Self::new(config, device);
         checkpoint::load(&mut model.vs, path)?;
         Ok(model)

@@ -13,6 +13,7 @@
 use crate::nn::layers::groups_for;
 use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use crate::text::{ids_tensor, Bpe};
+use crate::validate::{in_range, list_in, Validate, MAX_WIDTH};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -38,6 +39,16 @@ pub struct MiniClipConfig {
     pub image_channels: Vec<i64>,
     /// d_e, the width of the joint embedding space (transformers' `projection_dim`).
     pub embed_dim: i64,
+}
+
+impl Validate for MiniClipConfig {
+    fn validate(&self) -> Result<(), String> {
+        self.text.validate().map_err(|e| format!("text: {e}"))?;
+        in_range("eos_token_id", self.eos_token_id, 0, self.text.vocab_size - 1)?;
+        in_range("in_channels", self.in_channels, 1, MAX_WIDTH)?;
+        list_in("image_channels", &self.image_channels, None, 1, MAX_WIDTH)?;
+        in_range("embed_dim", self.embed_dim, 1, MAX_WIDTH)
+    }
 }
 
 impl MiniClipConfig {

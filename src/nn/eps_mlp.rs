@@ -7,6 +7,7 @@
 //!
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239: ε_θ(x_t, t), trained with L_simple (eq. 14).
 use crate::nn::layers::timestep_embedding;
+use crate::validate::{in_range, Validate, MAX_DEPTH, MAX_WIDTH};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -18,6 +19,15 @@ pub struct EpsMlpConfig {
     pub depth: usize,
     /// Width of the sinusoidal time embedding.
     pub emb_dim: i64,
+}
+
+impl Validate for EpsMlpConfig {
+    fn validate(&self) -> Result<(), String> {
+        in_range("dim", self.dim, 1, 1 << 24)?;
+        in_range("hidden", self.hidden, 1, MAX_WIDTH)?;
+        in_range("depth", self.depth, 1, MAX_DEPTH)?;
+        in_range("emb_dim", self.emb_dim, 2, MAX_WIDTH)
+    }
 }
 
 impl EpsMlpConfig {

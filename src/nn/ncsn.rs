@@ -5,6 +5,7 @@
 //! [NCSNv2] Song & Ermon 2020, arXiv:2006.09011, technique 3: s_θ(x, σ) = F_θ(x, σ)/σ.
 //! [EDM] Karras et al. 2022, arXiv:2206.00364, Table 1: input scaling c_in(σ) = 1/√(σ² + σ_data²).
 use crate::nn::layers::{noise_embedding, Downsample, ResBlock, Upsample};
+use crate::validate::{finite_in, in_range, list_in, Validate, MAX_WIDTH};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -17,6 +18,14 @@ pub struct NcsnConfig {
     pub emb_dim: i64,
     /// Typical scale of the data, for c_in.
     pub sigma_data: f64,
+}
+
+impl Validate for NcsnConfig {
+    fn validate(&self) -> Result<(), String> {
+        list_in("channels", &self.channels, Some(3), 1, MAX_WIDTH)?;
+        in_range("emb_dim", self.emb_dim, 2, MAX_WIDTH)?;
+        finite_in("sigma_data", self.sigma_data, 1e-6, 1e6)
+    }
 }
 
 impl NcsnConfig {

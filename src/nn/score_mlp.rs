@@ -7,6 +7,7 @@
 //! - input: c_in(σ) = 1/√(σ² + σ_data²) ([EDM] Table 1), so the network sees unit-variance inputs;
 //! - output: s_θ(x, σ) = F_θ(c_in x, σ)/σ ([NCSNv2] sec. 3.3, technique 3), because ‖∇ log p_σ‖ ∝ 1/σ.
 use crate::nn::layers::noise_embedding;
+use crate::validate::{finite_in, in_range, Validate, MAX_DEPTH, MAX_WIDTH};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -21,6 +22,15 @@ pub struct ScoreMlpConfig {
     pub emb_dim: i64,
     /// Typical scale of the data, for c_in.
     pub sigma_data: f64,
+}
+
+impl Validate for ScoreMlpConfig {
+    fn validate(&self) -> Result<(), String> {
+        in_range("hidden", self.hidden, 1, MAX_WIDTH)?;
+        in_range("depth", self.depth, 1, MAX_DEPTH)?;
+        in_range("emb_dim", self.emb_dim, 2, MAX_WIDTH)?;
+        finite_in("sigma_data", self.sigma_data, 1e-6, 1e6)
+    }
 }
 
 impl ScoreMlpConfig {

@@ -12,6 +12,7 @@
 //! mlp.fc1, mlp.fc2}, final_layer_norm.
 use crate::nn::attention::fused_attention;
 use crate::nn::transformer::key_padding_mask;
+use crate::validate::{divides, finite_in, in_range, Validate, MAX_DEPTH, MAX_WIDTH};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -51,6 +52,19 @@ pub struct TextEncoderConfig {
     /// Whether position i attends only to positions ≤ i (CLIP: yes).
     pub causal: bool,
     pub layer_norm_eps: f64,
+}
+
+impl Validate for TextEncoderConfig {
+    /// The heads must divide `hidden_size`; `layer_norm_eps` is a small positive number.
+    fn validate(&self) -> Result<(), String> {
+        in_range("vocab_size", self.vocab_size, 1, 1 << 20)?;
+        in_range("max_position_embeddings", self.max_position_embeddings, 1, 1 << 16)?;
+        in_range("hidden_size", self.hidden_size, 1, MAX_WIDTH)?;
+        in_range("intermediate_size", self.intermediate_size, 1, MAX_WIDTH)?;
+        in_range("num_hidden_layers", self.num_hidden_layers, 1, MAX_DEPTH)?;
+        divides("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)?;
+        finite_in("layer_norm_eps", self.layer_norm_eps, 1e-12, 1.0)
+    }
 }
 
 impl TextEncoderConfig {

@@ -15,6 +15,7 @@
 use crate::nn::attention::SpatialSelfAttention;
 use crate::nn::layers::{groups_for, silu_fresh, timestep_embedding, Downsample, ResBlock, Upsample};
 use crate::nn::transformer::SpatialTransformer;
+use crate::validate::{divides, finite_in, in_range, list_in, Validate, MAX_DEPTH, MAX_WIDTH};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -46,6 +47,39 @@ pub struct UNetConfig {
     /// state; the text encoder is causal, so that token has read the whole prompt). SD 1.5 does not have it.
     #[serde(default)]
     pub pooled_context_embedding: bool,
+}
+
+impl Validate for UNetConfig {
+    /// Every level needs an attention flag; heads must divide the channels of every attention level and of the mid
+    /// block; sizes are bounded ([`crate::validate::MAX_WIDTH`]).
+    fn validate(&self) -> Result<(), String> {
+        in_range("in_channels", self.in_channels, 1, MAX_WIDTH)?;
+        in_range("out_channels", self.out_channels, 1, MAX_WIDTH)?;
+        list_in("block_out_channels", &self.block_out_channels, None, 1, MAX_WIDTH)?;
+        let levels = self.block_out_channels.len();
+        if self.attention.len() != levels {
+            let n = self.attention.len();
+            return Err(format!("`attention` has {n} flags for {levels} levels: it needs one per level"));
+        }
+        in_range("layers_per_block", self.layers_per_block, 1, MAX_DEPTH)?;
+        in_range("head_dim", self.head_dim, 1, MAX_WIDTH)?;
+        finite_in("dropout", self.dropout, 0.0, 1.0)?;
+        if let Some(d) = self.cross_attention_dim {
+            in_range("cross_attention_dim", d, 1, MAX_WIDTH)?;
+        }
+        let last = *self.block_out_channels.last().expect("checked non-empty");
+        let with_attention = self.block_out_channels.iter().zip(&self.attention).filter(|(_, a)| **a).map(|(c, _)| *c);
+        for c in with_attention.chain([last]) {
+            match self.attention_heads {
+                Some(h) => divides("block_out_channels", c, "attention_heads", h)?,
+                None if self.cross_attention_dim.is_none() => {
+                    divides("block_out_channels", c, "head_dim", self.head_dim)?
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl UNetConfig {

@@ -13,6 +13,7 @@
 //! Notation (code -> paper): mean, logvar -> μ, log σ²; moments -> the encoder's 2·C output; scaling_factor -> 1/σ̂.
 use crate::nn::attention::fused_attention;
 use crate::nn::layers::{silu_fresh, ResBlock, Upsample};
+use crate::validate::{divides, finite_in, in_range, list_in, Validate, MAX_DEPTH, MAX_WIDTH};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -36,6 +37,21 @@ pub struct VaeConfig {
     /// z for the diffusion model = scaling_factor · z_vae, chosen so that z has unit standard deviation on the data
     /// ([LDM] sec. 4.3.2); measured on the training set for our own VAE ([`scaling_factor`]).
     pub scaling_factor: f64,
+}
+
+impl Validate for VaeConfig {
+    /// `norm_num_groups` must divide every level's channels; the scaling factor is a finite positive number.
+    fn validate(&self) -> Result<(), String> {
+        in_range("in_channels", self.in_channels, 1, MAX_WIDTH)?;
+        in_range("out_channels", self.out_channels, 1, MAX_WIDTH)?;
+        list_in("block_out_channels", &self.block_out_channels, None, 1, MAX_WIDTH)?;
+        in_range("layers_per_block", self.layers_per_block, 1, MAX_DEPTH)?;
+        in_range("latent_channels", self.latent_channels, 1, MAX_WIDTH)?;
+        for &c in &self.block_out_channels {
+            divides("block_out_channels", c, "norm_num_groups", self.norm_num_groups)?;
+        }
+        finite_in("scaling_factor", self.scaling_factor, 1e-6, 1e6)
+    }
 }
 
 impl VaeConfig {

@@ -4,6 +4,7 @@
 //! that says how the bundle was made.
 use crate::checkpoint;
 use crate::data::captions::AttributeBins;
+use crate::validate::{checked, Validate};
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
@@ -21,11 +22,12 @@ pub fn save_config(dir: &Path, config: &impl Serialize) -> Result<()> {
     crate::cli::write_atomic(&dir.join(PIPELINE_JSON), json.as_bytes())
 }
 
-/// Reads `dir/pipeline.json` as a `what` (named in the error when it is something else).
-pub fn load_config<T: DeserializeOwned>(dir: &Path, what: &str) -> Result<T> {
+/// Reads `dir/pipeline.json` as a `what` (named in the error when it is something else) and checks its fields.
+pub fn load_config<T: DeserializeOwned + Validate>(dir: &Path, what: &str) -> Result<T> {
     let path = dir.join(PIPELINE_JSON);
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a {what} config", path.display()))
+    let config = serde_json::from_str(&text).with_context(|| format!("{} is not a {what} config", path.display()))?;
+    checked(config, &path)
 }
 
 /// Writes the network on `vs` as `dir/NAME.safetensors` with its `config` in `dir/NAME.json`.
@@ -33,9 +35,10 @@ pub fn save_network(dir: &Path, name: &str, vs: &VarStore, config: &impl Seriali
     checkpoint::save(vs, &dir.join(format!("{name}.safetensors")), config)
 }
 
-/// Rebuilds the network `dir/NAME.safetensors` on `device`: reads its config, builds it with `build` on a fresh
-/// VarStore, and loads the weights (strictly: every variable, with its shape).
-pub fn load_network<C: DeserializeOwned, M>(
+/// Rebuilds the network `dir/NAME.safetensors` on `device`: reads its config and checks it ([`Validate`]) before
+/// anything is allocated, builds it with `build` on a fresh VarStore, and loads the weights (strictly: every variable,
+/// with its shape).
+pub fn load_network<C: DeserializeOwned + Validate, M>(
     dir: &Path,
     name: &str,
     device: Device,
@@ -43,7 +46,7 @@ pub fn load_network<C: DeserializeOwned, M>(
 ) -> Result<(VarStore, M)> {
     let path = dir.join(format!("{name}.safetensors"));
     let mut vs = VarStore::new(device);
-    let net = build(vs.root(), checkpoint::load_config::<C>(&path)?);
+    let net = build(vs.root(), checked(checkpoint::load_config::<C>(&path)?, &checkpoint::config_path(&path))?);
     checkpoint::load(&mut vs, &path)?;
     Ok((vs, net))
 }

@@ -71,9 +71,10 @@ pub fn ship_unet(vs: &VarStore, saved: &SavedUNet, note: &ShipNote) -> Result<st
 /// and its noise schedule.
 pub fn load_unet(path: &Path, device: Device) -> Result<(VarStore, crate::nn::unet::UNet, NoiseSchedule)> {
     let saved: SavedUNet = crate::checkpoint::load_config(path)?;
+    let unet = crate::validate::checked(saved.unet, &crate::checkpoint::config_path(path))?;
     let sched = NoiseSchedule::by_name(&saved.schedule, saved.timesteps)?;
     let mut vs = VarStore::new(device);
-    let net = crate::nn::unet::UNet::new(vs.root(), saved.unet);
+    let net = crate::nn::unet::UNet::new(vs.root(), unet);
     crate::checkpoint::load(&mut vs, path)?;
     vs.freeze();
     Ok((vs, net, sched))

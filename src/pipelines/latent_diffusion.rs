@@ -26,6 +26,7 @@ use crate::sampling::registry::Sampler;
 use crate::sampling::wrappers::KnownRegion;
 use crate::sampling::SamplerStep;
 use crate::text::captions::CONTEXT_LEN;
+use crate::validate::{in_range, Validate};
 use anyhow::{ensure, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
@@ -48,6 +49,21 @@ pub struct LatentPipelineConfig {
     pub num_train_timesteps: usize,
     /// Every token id of the training captions.
     pub seen_tokens: Vec<i64>,
+}
+
+impl Validate for LatentPipelineConfig {
+    fn validate(&self) -> Result<(), String> {
+        in_range("image_size", self.image_size, 1, 1024)?;
+        in_range("context_len", self.context_len, 2, 1024)?;
+        if !matches!(self.schedule.as_str(), "linear" | "cosine") {
+            return Err(format!("`schedule` is \"{}\": it must be \"linear\" or \"cosine\"", self.schedule));
+        }
+        in_range("num_train_timesteps", self.num_train_timesteps, 2, 100_000)?;
+        match self.seen_tokens.iter().find(|t| **t < 0) {
+            Some(t) => Err(format!("`seen_tokens` holds {t}: token ids are ≥ 0")),
+            None => Ok(()),
+        }
+    }
 }
 
 impl LatentPipelineConfig {
@@ -443,5 +459,36 @@ mod tests {
         );
         assert!(err.contains("the mask is [1, 1, 4, 4]"), "{err}");
         tch::set_num_threads(threads);
+    }
+
+    /// Issue 17, defect 1: numbers out of range in a saved bundle's configs are refused when it loads, naming the file
+    /// and the field, before any network is built.
+    #[test]
+    fn a_bundle_with_configs_out_of_range_is_refused_naming_the_field() {
+        let pipe = toy();
+        let dir = tempfile::tempdir().unwrap();
+        pipe.save(dir.path()).unwrap();
+        let cases = [
+            ("unet.json", "head_dim", serde_json::json!(0)),
+            ("unet.json", "layers_per_block", serde_json::json!(1_000_000_000_000u64)),
+            ("pipeline.json", "image_size", serde_json::json!(0)),
+            ("pipeline.json", "image_size", serde_json::json!(100_000)),
+            ("vae.json", "norm_num_groups", serde_json::json!(0)),
+            ("vae.json", "latent_channels", serde_json::json!(0)),
+            ("vae.json", "scaling_factor", serde_json::json!(0.0)),
+            ("text_encoder.json", "num_attention_heads", serde_json::json!(0)),
+            ("text_encoder.json", "layer_norm_eps", serde_json::json!(-1.0)),
+        ];
+        for (file, field, value) in cases {
+            let path = dir.path().join(file);
+            let good = std::fs::read_to_string(&path).unwrap();
+            let mut json: serde_json::Value = serde_json::from_str(&good).unwrap();
+            json[field] = value;
+            std::fs::write(&path, json.to_string()).unwrap();
+            let e = format!("{:#}", LatentDiffusion::load(dir.path(), Device::Cpu).err().unwrap());
+            assert!(e.contains(file) && e.contains(&format!("`{field}`")), "{file} {field}: {e}");
+            std::fs::write(&path, good).unwrap();
+        }
+        assert!(LatentDiffusion::load(dir.path(), Device::Cpu).is_ok());
     }
 }

@@ -11,6 +11,7 @@ use crate::nn::unet::{UNet, UNetConfig};
 use crate::nn::vae::{AutoencoderKl, VaeConfig, SD_SCALING_FACTOR};
 use crate::sd::keymap::KeyMap;
 use crate::sd::safetensors::{refuse_pickle, SafetensorsFile};
+use crate::validate::Validate;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,11 @@ impl SdConfig {
 
     /// Checks that the three fit together (the UNet reads the text encoder's width and the VAE's latents).
     pub fn check(&self) -> Result<()> {
+        let parts: [(&str, &dyn Validate); 3] =
+            [("unet", &self.unet), ("vae", &self.vae), ("text_encoder", &self.text)];
+        for (name, part) in parts {
+            part.validate().map_err(|e| anyhow::anyhow!("the {name} config: {e}"))?;
+        }
         ensure!(
             self.unet.cross_attention_dim == Some(self.text.hidden_size),
             "the UNet cross-attends to width {:?}, the text encoder gives {}: these parts are not one SD 1.x model",
@@ -147,6 +153,7 @@ impl SdModels {
             "weights {} not found: pass a diffusers folder (with unet/, vae/, text_encoder/) or a .safetensors file",
             path.display()
         );
+        check_single_file(path)?; // before 4 GB of networks are built for it
         let mut models = Self::new(SdConfig::sd15(), device)?;
         models.load_single_file(path)?;
         Ok(models)
@@ -179,15 +186,9 @@ impl SdModels {
 
     /// An original single file, mapped through [`KeyMap`] built from this model's configs.
     pub fn load_single_file(&mut self, path: &Path) -> Result<()> {
+        check_single_file(path)?;
         let map = KeyMap::new(&self.config.unet, &self.config.vae);
         let mut file = SafetensorsFile::open(path)?;
-        let has = |prefix: &str| file.names().any(|n| n.starts_with(prefix));
-        if !has(crate::sd::keymap::UNET_ORIGINAL) && has("down_blocks.") {
-            bail!(
-                "{} holds a diffusers UNet alone, not a whole single-file checkpoint: pass the diffusers folder that contains it",
-                path.display()
-            );
-        }
         for (component, vs) in self.stores() {
             let original = |name: &str| {
                 let ours = format!("{component}.{name}");
@@ -286,6 +287,31 @@ fn load_strict(
 }
 // ANCHOR_END: load_strict
 
+/// A single file's header, read before any network is built: a safetensors file with SD 1.x's UNet in it.
+fn check_single_file(path: &Path) -> Result<()> {
+    let file = SafetensorsFile::open(path)?;
+    let has = |prefix: &str| file.names().any(|n| n.starts_with(prefix));
+    if !has(crate::sd::keymap::UNET_ORIGINAL) && has("down_blocks.") {
+        bail!(
+            "{} holds a diffusers UNet alone, not a whole single-file checkpoint: pass the diffusers folder that \
+             contains it",
+            path.display()
+        );
+    }
+    ensure!(
+        has(crate::sd::keymap::UNET_ORIGINAL),
+        "{} has no `model.diffusion_model.*` tensors: it is not an SD 1.x single-file checkpoint (pass the whole \
+         model as one .safetensors file, or a diffusers folder)",
+        path.display()
+    );
+    Ok(())
+}
+
+/// A count (layers, blocks) from a config: a non-negative integer.
+fn get_usize(v: &Value, key: &str) -> Result<usize> {
+    v[key].as_u64().map(|n| n as usize).with_context(|| format!("\"{key}\" must be a non-negative integer"))
+}
+
 fn get_i64(v: &Value, key: &str) -> Result<i64> {
     v[key].as_i64().with_context(|| format!("no integer \"{key}\""))
 }
@@ -312,7 +338,7 @@ fn unet_config(v: &Value) -> Result<UNetConfig> {
         in_channels: get_i64(v, "in_channels")?,
         out_channels: get_i64(v, "out_channels")?,
         block_out_channels: get_list(v, "block_out_channels")?,
-        layers_per_block: get_i64(v, "layers_per_block")? as usize,
+        layers_per_block: get_usize(v, "layers_per_block")?,
         attention: types.iter().map(|t| t.starts_with("CrossAttn")).collect(),
         cross_attention_dim: Some(get_i64(v, "cross_attention_dim")?),
         // SD 1.x configs misname the number of heads "attention_head_dim" (diffusers keeps it for compatibility)
@@ -326,7 +352,7 @@ fn vae_config(v: &Value) -> Result<VaeConfig> {
         in_channels: get_i64(v, "in_channels")?,
         out_channels: get_i64(v, "out_channels")?,
         block_out_channels: get_list(v, "block_out_channels")?,
-        layers_per_block: get_i64(v, "layers_per_block")? as usize,
+        layers_per_block: get_usize(v, "layers_per_block")?,
         latent_channels: get_i64(v, "latent_channels")?,
         norm_num_groups: get_i64(v, "norm_num_groups")?,
         scaling_factor: v["scaling_factor"].as_f64().unwrap_or(SD_SCALING_FACTOR),
@@ -340,7 +366,7 @@ fn text_config(v: &Value) -> Result<TextEncoderConfig> {
         max_position_embeddings: get_i64(v, "max_position_embeddings")?,
         hidden_size: get_i64(v, "hidden_size")?,
         intermediate_size: get_i64(v, "intermediate_size")?,
-        num_hidden_layers: get_i64(v, "num_hidden_layers")? as usize,
+        num_hidden_layers: get_usize(v, "num_hidden_layers")?,
         num_attention_heads: get_i64(v, "num_attention_heads")?,
         hidden_act: match act {
             "quick_gelu" => Activation::QuickGelu,
@@ -408,5 +434,68 @@ mod tests {
         Tensor::write_safetensors(&named, &path).unwrap();
         let e = format!("{:#}", b.load_single_file(&path).unwrap_err());
         assert!(e.contains(key) && e.contains("[3, 3]"), "{e}");
+    }
+
+    /// Issue 17, defects 1 and 3: a file that is no SD checkpoint is refused from its header, before the networks
+    /// are built; a diffusers config with a field out of range names the file and the field instead of panicking.
+    #[test]
+    fn bad_weight_files_and_configs_are_refused_before_anything_is_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.safetensors");
+        std::fs::write(&empty, b"").unwrap();
+        let e = format!("{:#}", SdModels::load(&empty, Device::Cpu).err().unwrap());
+        assert!(e.contains("empty.safetensors"), "{e}");
+        let other = dir.path().join("lora.safetensors");
+        Tensor::write_safetensors(&[("lora_unet_down.alpha", Tensor::from(1.0f32))], &other).unwrap();
+        let e = format!("{:#}", SdModels::load(&other, Device::Cpu).err().unwrap());
+        assert!(e.contains("model.diffusion_model") && e.contains("lora.safetensors"), "{e}");
+        // a diffusers folder whose configs hold out-of-range numbers
+        let write = |component: &str, json: serde_json::Value| {
+            std::fs::create_dir_all(dir.path().join(component)).unwrap();
+            std::fs::write(dir.path().join(component).join("config.json"), json.to_string()).unwrap();
+        };
+        let unet = serde_json::json!({"in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64],
+            "layers_per_block": 1, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "cross_attention_dim": 32, "attention_head_dim": 8});
+        write(
+            "vae",
+            serde_json::json!({"in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64],
+            "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32}),
+        );
+        write(
+            "text_encoder",
+            serde_json::json!({"vocab_size": 100, "max_position_embeddings": 77,
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}),
+        );
+        let cases: [(&str, serde_json::Value, &str); 6] = [
+            ("attention_head_dim", serde_json::json!(0), "attention_heads"),
+            ("block_out_channels", serde_json::json!([]), "block_out_channels"),
+            ("layers_per_block", serde_json::json!(-1), "layers_per_block"),
+            ("layers_per_block", serde_json::json!(1e12), "layers_per_block"),
+            ("in_channels", serde_json::json!(1_000_000), "in_channels"),
+            ("down_block_types", serde_json::json!(["DownBlock2D"]), "attention"),
+        ];
+        for (key, value, field) in cases {
+            let mut bad = unet.clone();
+            bad[key] = value;
+            write("unet", bad);
+            let e = format!("{:#}", SdModels::load(dir.path(), Device::Cpu).err().unwrap());
+            assert!(e.contains(field) && e.contains("unet"), "{key}: {e}");
+        }
+        write("unet", unet);
+        let mut text = serde_json::json!({"vocab_size": 100, "max_position_embeddings": 77, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 3});
+        write("text_encoder", text.clone());
+        let e = format!("{:#}", SdModels::load(dir.path(), Device::Cpu).err().unwrap());
+        assert!(e.contains("num_attention_heads"), "{e}");
+        text["num_attention_heads"] = serde_json::json!(4);
+        write("text_encoder", text);
+        write(
+            "vae",
+            serde_json::json!({"in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64],
+            "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 3}),
+        );
+        let e = format!("{:#}", SdModels::load(dir.path(), Device::Cpu).err().unwrap());
+        assert!(e.contains("norm_num_groups"), "{e}");
     }
 }
