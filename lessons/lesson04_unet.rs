@@ -8,7 +8,7 @@
 //! Chapter 04 walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, progress, CommonArgs, StepLog};
+use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, progress, unit_interval, CommonArgs, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
@@ -68,8 +68,8 @@ struct Args {
     /// Channels of each UNet level, comma-separated [default: the mnist preset's 16,32,64].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(i64).range(1..=1024))]
     channels: Option<Vec<i64>>,
-    /// Dropout inside the residual blocks [default: the preset's].
-    #[arg(long)]
+    /// Dropout inside the residual blocks, in [0, 1] [default: the preset's].
+    #[arg(long, value_parser = unit_interval)]
     dropout: Option<f64>,
     /// Train in bf16 (f32 master weights).
     #[arg(long)]

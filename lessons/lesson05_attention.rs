@@ -6,10 +6,12 @@
 //! per digit label, with condition dropout; it samples every digit with classifier-free guidance at several scales
 //! and measures what guidance trades: the right digit more often, less variety within a digit.
 //! Chapter 05 walks through this file.
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use scratch_diffusion::checkpoint;
-use scratch_diffusion::cli::{lesson_main, log_line, mean_of_last, positive, progress, CommonArgs, StepLog};
+use scratch_diffusion::cli::{
+    finite, lesson_main, log_line, mean_of_last, positive, progress, unit_interval, CommonArgs, StepLog,
+};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
@@ -56,18 +58,18 @@ struct Args {
     /// Samples per guidance scale, split evenly over the ten digits [default: 200, or 20 with --quick].
     #[arg(long, value_parser = clap::value_parser!(i64).range(20..=10000))]
     num_samples: Option<i64>,
-    /// Dropout inside the residual blocks [default: the preset's].
-    #[arg(long)]
+    /// Dropout inside the residual blocks, in [0, 1] [default: the preset's].
+    #[arg(long, value_parser = unit_interval)]
     dropout: Option<f64>,
     /// Also add the pooled label sequence to the time embedding (SDXL's pooled-embedding path), besides the
     /// cross-attention; `--pooled-context false` leaves cross-attention as the only way in, as in SD 1.5.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pooled_context: bool,
     /// Probability of training on the null label ∅ instead of the digit (condition dropout, [CFG] Algorithm 1).
-    #[arg(long, default_value_t = DEFAULT_P_UNCOND)]
+    #[arg(long, default_value_t = DEFAULT_P_UNCOND, value_parser = unit_interval)]
     p_uncond: f64,
     /// Guidance scales w, comma-separated: ε̃ = ε_∅ + w (ε_c − ε_∅); 0 is unconditional, 1 conditional.
-    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 1.0, 2.0, 3.0, 5.0])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 1.0, 2.0, 3.0, 5.0], value_parser = finite)]
     guidance: Vec<f64>,
     /// Train in bf16 (f32 master weights).
     #[arg(long)]
@@ -82,8 +84,6 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    ensure!((0.0..=1.0).contains(&args.p_uncond), "--p-uncond must lie in [0, 1], got {}", args.p_uncond);
-    ensure!(args.guidance.iter().all(|w| w.is_finite()), "--guidance takes finite numbers, got {:?}", args.guidance);
     let run = args.common.init("lesson05")?;
     // part 1: our attention against libtorch's fused kernel, with no mask, a causal and a key-padding mask
     let check = attention::attention_check(&run.path("attention_toy.png"))?;

@@ -21,7 +21,7 @@ use scratch_diffusion::text::bpe::CLIP_CONTEXT_LEN;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 /// The random weights of the tiny model come from this seed.
 const TINY_MODEL_SEED: i64 = 9;
@@ -107,21 +107,25 @@ fn draw(args: DrawArgs, edit: Option<(PathBuf, f64)>) -> Result<()> {
         println!("image {i} step {:>3}: σ {:>8.4} -> {:>8.4} ({step_s:.1} s)", s.i, s.sigma, s.sigma_next);
         last = Instant::now();
     };
-    let (generated, strength) = match &edit {
-        None => (sd.txt2img(&p, &mut on_step)?, None),
-        Some((image, strength)) => (sd.img2img(&read_png_rgb(image)?, *strength, &p, &mut on_step)?, Some(*strength)),
+    let strength = edit.as_ref().map(|e| e.1);
+    let mut paths = Vec::new(); // each image is written as soon as it is decoded
+    let mut save = |i: usize, drawn: &GenerateParams, image: &Tensor| {
+        paths.push(sd.save_png(&run, drawn, i, image, strength)?);
+        println!("wrote {}", paths[i].display());
+        Ok(())
+    };
+    let generated = match &edit {
+        None => sd.txt2img(&p, &mut on_step, &mut save)?,
+        Some((image, strength)) => sd.img2img(&read_png_rgb(image)?, *strength, &p, &mut on_step, &mut save)?,
     };
     for w in &generated.warnings {
         println!("warning: {w}");
     }
-    let paths = sd.save_pngs(&run, &p, &generated.images, strength)?;
-    for path in &paths {
-        println!("wrote {}", path.display());
-    }
     let elapsed = seconds(started);
     println!("{} image(s) in {elapsed:.1} s", paths.len());
+    let infotext = generated.params.infotext(0, &sd.model_name, strength); // img2img: the input's size
     run.write_metrics(json!({"command": if edit.is_some() { "img2img" } else { "generate" },
-        "model": sd.model_name, "seconds": elapsed, "images": paths, "infotext": p.infotext(0, &sd.model_name, strength)}))?;
+        "model": sd.model_name, "seconds": elapsed, "images": paths, "infotext": infotext}))?;
     Ok(())
 }
 

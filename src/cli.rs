@@ -217,6 +217,14 @@ pub fn mean_of_last(losses: &[f64], n: usize) -> f64 {
     losses.iter().rev().take(n).sum::<f64>() / losses.len().clamp(1, n) as f64
 }
 
+/// An error naming `what` and `fix` when `x` holds a NaN or an infinity (a generated image, a loaded tensor), instead
+/// of writing a black image and exiting 0.
+pub fn ensure_finite(x: &tch::Tensor, what: &str, fix: &str) -> Result<()> {
+    let finite = x.isfinite().all().int64_value(&[]) != 0;
+    anyhow::ensure!(finite, "{what} holds NaN or infinite values: {fix}");
+    Ok(())
+}
+
 /// Adds the keys of the object `extra` to the object `metrics` (a report struct serialised beside a lesson's own
 /// keys); anything else is left as it was.
 pub fn merge(metrics: &mut serde_json::Value, extra: serde_json::Value) {

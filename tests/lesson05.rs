@@ -52,4 +52,6 @@ fn bad_flags_exit_with_a_readable_message() {
     assert_user_error(&run_lesson(BIN, &["--quick", "--p-uncond", "1.5"]), "--p-uncond");
     assert_user_error(&run_lesson(BIN, &["--quick", "--guidance", "1,x"]), "--guidance");
     assert_user_error(&run_lesson(BIN, &["--num-samples", "5"]), "--num-samples");
+    assert_user_error(&run_lesson(BIN, &["--quick", "--dropout=-0.5"]), "--dropout"); // issue 17: it panicked
+    assert_user_error(&run_lesson(BIN, &["--quick", "--guidance", "1,inf"]), "--guidance");
 }

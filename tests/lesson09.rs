@@ -66,6 +66,12 @@ fn img2img_at_strength_zero_is_the_vae_round_trip_and_sizes_are_checked() {
     assert_eq!(png(&out, "image_00_seed0.png").size(), [1, 3, 64, 72], "the input's size");
     let text = read_png_text(&out.join("image_00_seed0.png"), "parameters").unwrap().unwrap();
     assert!(text.ends_with("Denoising strength: 0"), "{text}");
+    // issue 17, defect 6: the size drawn (the input's), not the size asked for, in the PNG and in metrics.json
+    let asked = ["--width", "128", "--height", "128", "--out", out.to_str().unwrap()];
+    assert_ok(&run_lesson(BIN, &[&args[..5], &asked[..]].concat()));
+    let text = read_png_text(&out.join("image_00_seed0.png"), "parameters").unwrap().unwrap();
+    assert!(text.contains("Size: 72x64"), "{text}");
+    assert!(metrics(&out)["infotext"].as_str().unwrap().contains("Size: 72x64"));
     // an image whose sides are not multiples of 8
     let odd = dir.path().join("odd.png");
     scratch_diffusion::data::png::write_png_rgb_with_text(
@@ -91,6 +97,9 @@ fn bad_settings_and_weight_files_get_one_line_errors() {
     assert_user_error(&gen(&["--steps", "0"]), "--steps 0");
     assert_user_error(&gen(&["--sampler", "PLMS"]), "unknown sampler \"PLMS\"");
     assert_user_error(&gen(&["--dtype", "f16"]), "--dtype f16");
+    // issue 17, defects 5 and 7: guidance that saturates the image, and batches without a bound
+    assert_user_error(&gen(&["--cfg-scale", "1e20"]), "--cfg-scale");
+    assert_user_error(&gen(&["--batch", "100000"]), "--batch 100000 must lie in 1..=64");
     let file = |name: &str, bytes: &[u8]| {
         let p = dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
@@ -98,6 +107,10 @@ fn bad_settings_and_weight_files_get_one_line_errors() {
     };
     assert_user_error(&gen(&["--weights", &file("v1-5.ckpt", b"PK\x03\x04...")]), "pickled PyTorch checkpoint");
     assert_user_error(&gen(&["--weights", &dir.path().join("none.safetensors").to_string_lossy()]), "not found");
+    // issue 17, defect 3: an empty file is refused from its header, before SD 1.5 is built (it took 11-35 s and 5.5 GB)
+    let started = std::time::Instant::now();
+    assert_user_error(&gen(&["--weights", &file("empty.safetensors", b"")]), "empty.safetensors");
+    println!("an empty weights file was refused in {:.2} s", started.elapsed().as_secs_f64());
     // a single file of the tiny layout: read as SD 1.5, its first tensor of another shape is named
     let tiny = dir.path().join("tiny.safetensors");
     SdModels::new(SdConfig::tiny(), Device::Cpu).unwrap().save_single_file(&tiny).unwrap();

@@ -115,7 +115,7 @@ fn ours(args: &Args, dtype: &str) -> Result<()> {
             ..GenerateParams::new("a photo of an astronaut riding a horse")
         };
         let t0 = Instant::now();
-        sd.txt2img(&p, &mut |_, _| {})?;
+        sd.txt2img(&p, &mut |_, _| {}, &mut |_, _, _| Ok(()))?;
         out["txt2img_512_s"] = json!(t0.elapsed().as_secs_f64());
     }
     out["peak_rss_mib"] = json!(peak_rss_mib());

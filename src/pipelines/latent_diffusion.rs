@@ -18,8 +18,8 @@ use crate::model::{Denoiser, EpsDenoiser};
 use crate::nn::text_unet::TextUNet;
 use crate::nn::unet::UNet;
 use crate::nn::vae::AutoencoderKl;
-use crate::pipelines::bundle;
 use crate::pipelines::prompt_encoder::PromptEncoder;
+use crate::pipelines::{bundle, finite_images};
 use crate::sampling::grids::img2img_tail;
 use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::sampling::registry::Sampler;
@@ -152,7 +152,7 @@ impl LatentDiffusion {
     }
 
     fn check_draw(&self, draw: &Draw) -> Result<()> {
-        ensure!(draw.guidance.is_finite(), "the guidance scale must be a finite number, got {}", draw.guidance);
+        crate::pipelines::check_guidance(draw.guidance)?;
         let t = self.scheduler.num_steps();
         ensure!(
             (1..=t).contains(&draw.steps),
@@ -222,7 +222,7 @@ impl LatentDiffusion {
         let z_t = Tensor::randn([n, shape[0], shape[1], shape[2]], (Kind::Float, self.device())); // z_T ~ N(0, I)
         let start = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt(); // σ-space: x = z_T √(1 + σ₀²)
         let z0 = self.run(prompt, negative, draw, (&start, &sigmas), None, cb)?;
-        Ok(self.decode(&z0)) // D(z₀ / s)
+        finite_images(self.decode(&z0)) // D(z₀ / s)
     }
     // ANCHOR_END: generate
 
@@ -251,7 +251,7 @@ impl LatentDiffusion {
         tch::manual_seed(draw.seed as i64);
         let start = &z0 + z0.randn_like() * tail[0]; // q(z_σ | z₀) in σ-space: z₀ + σ ε
         let z = self.run(prompt, negative, draw, (&start, tail), None, &mut |_, _| {})?;
-        Ok(self.decode(&z))
+        finite_images(self.decode(&z))
     }
     // ANCHOR_END: img2img
 
@@ -287,7 +287,7 @@ impl LatentDiffusion {
         let start = z0.randn_like() * (1.0 + sigmas[0] * sigmas[0]).sqrt();
         let keep = 1.0 - repaint;
         let z = self.run(prompt, negative, draw, (&start, &sigmas), Some((&z0, &keep)), &mut |_, _| {})?;
-        let decoded = self.decode(&z);
+        let decoded = finite_images(self.decode(&z))?;
         let mask = mask.to_device(Device::Cpu);
         let pasted = &mask * &decoded + (1.0 - &mask) * images.to_kind(Kind::Float).to_device(Device::Cpu);
         Ok((decoded, pasted))

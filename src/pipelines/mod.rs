@@ -16,9 +16,10 @@ pub mod prompt_encoder;
 pub mod stable_diffusion;
 pub mod text_to_image;
 
+use crate::sampling::guidance::MAX_SCALE;
 use anyhow::{ensure, Result};
 use std::path::PathBuf;
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// The flags of `lesson06 sample` and `lesson08 sample | img2img | inpaint`: a prompt in, PNGs out.
 #[derive(clap::Args, Debug, Clone)]
@@ -54,6 +55,22 @@ pub struct PromptArgs {
     /// cpu or cuda.
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     pub device: String,
+}
+
+/// `images` unless they hold NaN or infinities, which would be written as a black PNG with exit status 0.
+pub(crate) fn finite_images(images: Tensor) -> Result<Tensor> {
+    let fix = "the weights give non-finite values (check the weights files) or the guidance scale is too large";
+    crate::cli::ensure_finite(&images, "the generated image", fix)?;
+    Ok(images)
+}
+
+/// The guidance scale `w` if it is a number within ±[`MAX_SCALE`].
+pub(crate) fn check_guidance(w: f64) -> Result<()> {
+    ensure!(
+        w.is_finite() && w.abs() <= MAX_SCALE,
+        "the guidance scale must be a number within ±{MAX_SCALE}, got {w} (2 to 8 are the useful ones)"
+    );
+    Ok(())
 }
 
 impl PromptArgs {

@@ -122,6 +122,9 @@ impl SdSampler {
     // ANCHOR_END: sd_grids
 }
 
+/// Most images one command draws (they are written one by one as they finish).
+pub const MAX_BATCH: usize = 64;
+
 /// What to draw; the fields Stable Diffusion UIs show.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateParams {
@@ -171,7 +174,18 @@ impl GenerateParams {
             self.steps
         );
         ensure!(self.cfg_scale.is_finite(), "--cfg-scale must be a number (SD's usual is 7), got {}", self.cfg_scale);
-        ensure!(self.batch >= 1, "--batch must be at least 1");
+        ensure!(
+            (1..=MAX_BATCH).contains(&self.batch),
+            "--batch {} must lie in 1..={MAX_BATCH} (each image is written as it finishes; for more, run again with \
+             another --seed)",
+            self.batch
+        );
+        ensure!(
+            self.cfg_scale.abs() <= crate::sampling::guidance::MAX_SCALE,
+            "--cfg-scale {} is beyond ±{}: SD's usual is 7, and far larger scales only saturate the image",
+            self.cfg_scale,
+            crate::sampling::guidance::MAX_SCALE
+        );
         Ok(())
     }
 
@@ -282,7 +296,13 @@ pub struct Generated {
     pub images: Tensor,
     /// E.g. a prompt cut at 77 tokens.
     pub warnings: Vec<String>,
+    /// The settings the images were drawn with (img2img takes its size from the input image).
+    pub params: GenerateParams,
 }
+
+/// Sees image i of a batch as soon as it is decoded, (1, 3, H, W) in [0, 1], with the settings it was drawn with:
+/// write it, so an interrupted batch keeps the images already made.
+pub type OnImage<'a> = dyn FnMut(usize, &GenerateParams, &Tensor) -> Result<()> + 'a;
 
 /// `data/clip/…` under the working directory if it is there, else under the crate root.
 pub fn clip_vocab_path() -> PathBuf {
@@ -400,9 +420,48 @@ impl StableDiffusion {
     }
 
     /// txt2img: `p.batch` images; `cb(i, step)` sees every sampler step of image i.
-    pub fn txt2img(&self, p: &GenerateParams, cb: &mut dyn FnMut(usize, SamplerStep)) -> Result<Generated> {
-        let (latents, warnings) = self.txt2img_latents(p, cb)?;
-        Ok(Generated { images: self.decode(&latents), warnings })
+    pub fn txt2img(
+        &self,
+        p: &GenerateParams,
+        cb: &mut dyn FnMut(usize, SamplerStep),
+        on_image: &mut OnImage,
+    ) -> Result<Generated> {
+        p.check()?;
+        let mut warnings = Vec::new();
+        let (cond, uncond) = self.contexts(p, &mut warnings);
+        let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
+        let mut images = Vec::new();
+        for i in 0..p.batch {
+            let latents = self.txt2img_one(p, i, (&cond, &uncond), &sigmas, cb);
+            images.push(self.finish(p, i, &latents, on_image)?);
+        }
+        Ok(Generated { images: Tensor::cat(&images, 0), warnings, params: p.clone() })
+    }
+
+    /// Decodes image i's latents, refuses a non-finite image, and hands it to `on_image`.
+    fn finish(&self, p: &GenerateParams, i: usize, latents: &Tensor, on_image: &mut OnImage) -> Result<Tensor> {
+        let image = self.decode(latents); // (1, 3, H, W)
+        crate::cli::ensure_finite(
+            &image,
+            &format!("image {i}"),
+            "the weights or the settings give non-finite values: check the weights file, or lower --cfg-scale",
+        )?;
+        on_image(i, p, &image)?;
+        Ok(image)
+    }
+
+    /// The final latents (1, 4, H/8, W/8) of image i of a txt2img batch, from its own noise (seed + i).
+    fn txt2img_one(
+        &self,
+        p: &GenerateParams,
+        i: usize,
+        (cond, uncond): (&Tensor, &Tensor),
+        sigmas: &[f64],
+        cb: &mut dyn FnMut(usize, SamplerStep),
+    ) -> Tensor {
+        let z_t = self.initial_noise(p.seed + i as u64, p.width, p.height); // VP x_T ~ N(0, I)
+        let x = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt(); // σ-space: x = x_T √(1 + σ₀²) = x_T / √ᾱ
+        self.denoise(p, cond, uncond, x, sigmas, &mut |s| cb(i, s))
     }
 
     /// txt2img up to the VAE: the final latents (B, 4, H/8, W/8) and the warnings.
@@ -415,12 +474,8 @@ impl StableDiffusion {
         let mut warnings = Vec::new();
         let (cond, uncond) = self.contexts(p, &mut warnings);
         let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
-        let mut latents = Vec::new();
-        for i in 0..p.batch {
-            let z_t = self.initial_noise(p.seed + i as u64, p.width, p.height); // VP x_T ~ N(0, I)
-            let x = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt(); // σ-space: x = x_T √(1 + σ₀²) = x_T / √ᾱ
-            latents.push(self.denoise(p, &cond, &uncond, x, &sigmas, &mut |s| cb(i, s)));
-        }
+        let latents: Vec<Tensor> =
+            (0..p.batch).map(|i| self.txt2img_one(p, i, (&cond, &uncond), &sigmas, cb)).collect();
         Ok((Tensor::cat(&latents, 0), warnings))
     }
     // ANCHOR_END: denoise_loop
@@ -434,14 +489,23 @@ impl StableDiffusion {
         images: &Tensor,
         strength: Option<f64>,
     ) -> Result<Vec<PathBuf>> {
-        (0..images.size()[0] as usize)
-            .map(|i| {
-                let path = run.path(&format!("image_{:02}_seed{}.png", i, p.seed + i as u64));
-                let infotext = p.infotext(i, &self.model_name, strength);
-                write_png_rgb_with_text(&path, &images.get(i as i64), "parameters", &infotext)?;
-                Ok(path)
-            })
-            .collect()
+        (0..images.size()[0] as usize).map(|i| self.save_png(run, p, i, &images.get(i as i64), strength)).collect()
+    }
+
+    /// Writes `image` (3, H, W) or (1, 3, H, W), image i of a batch drawn with `p`, as [`Self::save_pngs`] does.
+    pub fn save_png(
+        &self,
+        run: &Run,
+        p: &GenerateParams,
+        i: usize,
+        image: &Tensor,
+        strength: Option<f64>,
+    ) -> Result<PathBuf> {
+        let path = run.path(&format!("image_{:02}_seed{}.png", i, p.seed + i as u64));
+        let infotext = p.infotext(i, &self.model_name, strength);
+        let image = if image.dim() == 4 { image.get(0) } else { image.shallow_clone() }; // (3, H, W)
+        write_png_rgb_with_text(&path, &image, "parameters", &infotext)?;
+        Ok(path)
     }
 
     // ANCHOR: img2img
@@ -453,6 +517,7 @@ impl StableDiffusion {
         strength: f64,
         p: &GenerateParams,
         cb: &mut dyn FnMut(usize, SamplerStep),
+        on_image: &mut OnImage,
     ) -> Result<Generated> {
         ensure!((0.0..=1.0).contains(&strength), "--strength must lie in [0, 1] (0 keeps the image), got {strength}");
         let size = image.size();
@@ -473,9 +538,9 @@ impl StableDiffusion {
                 let x = &z0 + noise * tail[0]; // q(z_σ | z₀) in σ-space: z₀ + σ ε
                 self.denoise(&p, &cond, &uncond, x, tail, &mut |s| cb(i, s))
             };
-            images.push(self.decode(&latents));
+            images.push(self.finish(&p, i, &latents, on_image)?);
         }
-        Ok(Generated { images: Tensor::cat(&images, 0), warnings })
+        Ok(Generated { images: Tensor::cat(&images, 0), warnings, params: p })
     }
     // ANCHOR_END: img2img
 }

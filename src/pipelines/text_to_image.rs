@@ -176,7 +176,7 @@ impl TextToImage {
     ) -> Result<Tensor> {
         let Draw { guidance, steps, seed } = *draw;
         ensure!(n >= 1, "asked for {n} images: ask for at least one");
-        ensure!(guidance.is_finite(), "the guidance scale must be a finite number, got {guidance}");
+        crate::pipelines::check_guidance(guidance)?;
         let t = self.sched.num_steps();
         ensure!((1..=t).contains(&steps), "--steps must lie in 1..={t} (the training schedule), got {steps}");
         let (cond, uncond) = self.prompts.cond_uncond(prompt, negative)?; // uncond: ε_∅, or ε_neg in its place
@@ -192,7 +192,7 @@ impl TextToImage {
             device,
             cb,
         );
-        Ok(to_unit(&x).to_device(Device::Cpu)) // (n, 1, S, S)
+        crate::pipelines::finite_images(to_unit(&x).to_device(Device::Cpu)) // (n, 1, S, S)
     }
     // ANCHOR_END: generate
 

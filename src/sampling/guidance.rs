@@ -12,6 +12,9 @@ use crate::model::{Cond, CondEpsModel, EpsModel};
 use crate::nn::class_cond::LabelConditioned;
 use tch::Tensor;
 
+/// Largest |w| the pipelines accept: the web UIs stop at 30; at 10¹⁵ the images came out grey, at 10²⁰ black.
+pub const MAX_SCALE: f64 = 100.0;
+
 /// ε̃ = ε_∅ + w (ε_c − ε_∅) from a conditional model and two conditionings, batch 1 or B each: one for the
 /// condition, one for ∅. A conditioning with batch 1 serves every image.
 pub struct ClassifierFreeGuidance<'a, M: CondEpsModel + ?Sized> {

@@ -271,7 +271,13 @@ fn load_strict(
                 file.len()
             );
         };
-        let found = file.entry(key).expect("just found").shape.clone();
+        let entry = file.entry(key).expect("just found");
+        let (found, kind) = (entry.shape.clone(), entry.kind);
+        ensure!(
+            matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double),
+            "{path}: tensor '{key}' holds {kind:?} values where the network has float weights: the file is damaged or \
+             not an SD checkpoint"
+        );
         let want = var.size();
         let squeezed = conv_as_linear(name) && found.len() == 4 && found[2..] == [1, 1] && found[..2] == want[..];
         if found != want && !squeezed {
@@ -280,7 +286,10 @@ fn load_strict(
                  architecture (SD 2.x and SDXL are not supported by lesson 09)"
             );
         }
-        let t = file.tensor(key)?.reshape(&want).to_kind(var.kind()).to_device(var.device());
+        let t = file.tensor(key)?.reshape(&want);
+        let fix = "the file is damaged (download it again) or was saved from a diverged training run";
+        crate::cli::ensure_finite(&t, &format!("{path}: tensor '{key}'"), fix)?;
+        let t = t.to_kind(var.kind()).to_device(var.device());
         tch::no_grad(|| var.copy_(&t));
     }
     Ok(())
@@ -497,5 +506,26 @@ mod tests {
         );
         let e = format!("{:#}", SdModels::load(dir.path(), Device::Cpu).err().unwrap());
         assert!(e.contains("norm_num_groups"), "{e}");
+    }
+
+    /// Issue 17, defect 5: a NaN in a weight, or integer values where float weights belong, are refused naming the
+    /// tensor (instead of a black image and exit 0).
+    #[test]
+    fn non_finite_and_integer_tensors_are_refused_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny-sd.safetensors");
+        SdModels::new(SdConfig::tiny(), Device::Cpu).unwrap().save_single_file(&path).unwrap();
+        let named: Vec<(String, Tensor)> = Tensor::read_safetensors(&path).unwrap();
+        let key = "model.diffusion_model.out.2.weight";
+        let with = |f: &dyn Fn(&Tensor) -> Tensor| -> Vec<(String, Tensor)> {
+            named.iter().map(|(k, t)| (k.clone(), if k == key { f(t) } else { t.shallow_clone() })).collect()
+        };
+        let mut m = SdModels::new(SdConfig::tiny(), Device::Cpu).unwrap();
+        Tensor::write_safetensors(&with(&|t| t.fill(f64::NAN)), &path).unwrap();
+        let e = format!("{:#}", m.load_single_file(&path).unwrap_err());
+        assert!(e.contains(key) && e.contains("NaN"), "{e}");
+        Tensor::write_safetensors(&with(&|t| t.to_kind(Kind::Int)), &path).unwrap();
+        let e = format!("{:#}", m.load_single_file(&path).unwrap_err());
+        assert!(e.contains(key) && e.contains("Int"), "{e}");
     }
 }
