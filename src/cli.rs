@@ -217,6 +217,18 @@ pub fn mean_of_last(losses: &[f64], n: usize) -> f64 {
     losses.iter().rev().take(n).sum::<f64>() / losses.len().clamp(1, n) as f64
 }
 
+/// `text` as it may appear in a message: control characters escaped (a prompt cannot move the terminal's cursor or
+/// ring its bell), and at most `max` characters of it, the rest summarised.
+pub fn for_message(text: &str, max: usize) -> String {
+    let escaped: String =
+        text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
+    let n = escaped.chars().count();
+    if n <= max {
+        return escaped;
+    }
+    format!("{}… ({n} characters in all)", escaped.chars().take(max).collect::<String>())
+}
+
 /// An error naming `what` and `fix` when `x` holds a NaN or an infinity (a generated image, a loaded tensor), instead
 /// of writing a black image and exiting 0.
 pub fn ensure_finite(x: &tch::Tensor, what: &str, fix: &str) -> Result<()> {
@@ -337,6 +349,14 @@ pub fn shipped_path(relative: &str, marker: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_in_messages_is_escaped_and_shortened() {
+        assert_eq!(for_message("a bold 7", 80), "a bold 7");
+        assert_eq!(for_message("a\x1b[2Jb\x07", 80), "a\\u{1b}[2Jb\\u{7}");
+        let long = for_message(&"x".repeat(20_000), 10);
+        assert_eq!(long, format!("{}… (20000 characters in all)", "x".repeat(10)));
+    }
 
     #[test]
     fn write_loss_writes_a_csv_with_one_row_per_step_and_the_curve() {

@@ -80,7 +80,8 @@ impl PromptEncoder {
         let coverage = self.tokenizer.coverage(prompt, &self.seen);
         if !coverage.any_known() {
             let unknown: Vec<String> = coverage.unknown_words().iter().map(|w| format!("\"{w}\"")).collect();
-            bail!("no word of the prompt was in the training captions (unknown: {}): {example}", unknown.join(", "));
+            let unknown = crate::cli::for_message(&unknown.join(", "), 80);
+            bail!("no word of the prompt was in the training captions (unknown: {unknown}): {example}");
         }
         let tokens = self.tokenizer.encode(prompt).len();
         let limit = self.context_len - 2; // start and end take two positions

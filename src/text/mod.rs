@@ -68,7 +68,8 @@ impl Coverage {
     pub fn note(&self) -> Option<String> {
         let unknown: Vec<String> = self.unknown_words().iter().map(|w| format!("\"{w}\"")).collect();
         (!unknown.is_empty()).then(|| {
-            format!("note: the training captions never had {}; the model reads the other words", unknown.join(", "))
+            let unknown = crate::cli::for_message(&unknown.join(", "), 80);
+            format!("note: the training captions never had {unknown}; the model reads the other words")
         })
     }
 }
