@@ -96,8 +96,12 @@ impl SafetensorsFile {
                 .filter(|o: &Vec<u64>| o.len() == 2)
                 .ok_or_else(|| bad("no valid data_offsets"))?;
             let (begin, end) = (offsets[0], offsets[1]);
-            let want = shape.iter().product::<i64>() as u64 * elem;
-            ensure!(begin <= end && end - begin == want, bad(&format!("{} bytes for {shape:?} {dt}", end - begin)));
+            // checked: 2^62 · 4 elements of 4 bytes would wrap to 0 and pass for an empty tensor
+            let want = shape.iter().try_fold(elem, |n, &d| n.checked_mul(d as u64));
+            ensure!(
+                begin <= end && Some(end - begin) == want,
+                bad(&format!("{} bytes for {shape:?} {dt}", end.wrapping_sub(begin) as i64))
+            );
             ensure!(end <= data_len, bad(&format!("its bytes end at {end}, past the data's {data_len}")));
             entries.insert(name.clone(), Entry { kind, shape, begin, end });
         }
@@ -221,5 +225,26 @@ mod tests {
         let p = dir.path().join("lucky.safetensors");
         std::fs::write(&p, &file).unwrap();
         assert_eq!(SafetensorsFile::open(&p).unwrap().tensor("w").unwrap().double_value(&[0]), 1.5);
+    }
+
+    /// A file with one raw header (no data section beyond `data` bytes).
+    fn raw_file(dir: &Path, header: &str, data: usize) -> PathBuf {
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(header.as_bytes());
+        file.extend(vec![0u8; data]);
+        let path = dir.join("raw.safetensors");
+        std::fs::write(&path, file).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_shape_whose_size_overflows_is_refused() {
+        // 2^62 · 4 elements · 4 bytes wraps to 0 bytes in 64 bits: it must not pass for an empty tensor
+        let dir = tempfile::tempdir().unwrap();
+        for shape in ["[4611686018427387904, 4]", "[4294967296, 4294967296]", "[9223372036854775807, 2]"] {
+            let header = format!(r#"{{"w":{{"dtype":"F32","shape":{shape},"data_offsets":[0,0]}}}}"#);
+            let e = format!("{:#}", SafetensorsFile::open(&raw_file(dir.path(), &header, 0)).unwrap_err());
+            assert!(e.contains("tensor 'w'") && e.contains("raw.safetensors"), "{e}");
+        }
     }
 }
