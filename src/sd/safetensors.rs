@@ -105,6 +105,19 @@ impl SafetensorsFile {
             ensure!(end <= data_len, bad(&format!("its bytes end at {end}, past the data's {data_len}")));
             entries.insert(name.clone(), Entry { kind, shape, begin, end });
         }
+        // [safetensors] the tensors' byte ranges do not overlap: two names sharing bytes is a damaged header
+        let mut ranges: Vec<(&String, &Entry)> = entries.iter().filter(|(_, e)| e.begin < e.end).collect();
+        ranges.sort_by_key(|(_, e)| e.begin);
+        for pair in ranges.windows(2) {
+            let ((a, ea), (b, eb)) = (pair[0], pair[1]);
+            ensure!(
+                eb.begin >= ea.end,
+                damaged(format!(
+                    "tensors '{a}' (bytes {}..{}) and '{b}' ({}..{}) overlap",
+                    ea.begin, ea.end, eb.begin, eb.end
+                ))
+            );
+        }
         Ok(Self { path: path.to_path_buf(), file, data_start: 8 + header_len, entries })
     }
 
@@ -246,5 +259,20 @@ mod tests {
             let e = format!("{:#}", SafetensorsFile::open(&raw_file(dir.path(), &header, 0)).unwrap_err());
             assert!(e.contains("tensor 'w'") && e.contains("raw.safetensors"), "{e}");
         }
+    }
+
+    #[test]
+    fn overlapping_byte_ranges_are_refused_naming_both_tensors() {
+        // issue 17, defect 5: two tensors sharing bytes were accepted
+        let dir = tempfile::tempdir().unwrap();
+        let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        let e = format!("{:#}", SafetensorsFile::open(&raw_file(dir.path(), header, 12)).unwrap_err());
+        assert!(
+            e.contains("'a'") && e.contains("'b'") && e.contains("overlap") && e.contains("raw.safetensors"),
+            "{e}"
+        );
+        // adjacent ranges and empty tensors are fine
+        let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]},"c":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}"#;
+        assert_eq!(SafetensorsFile::open(&raw_file(dir.path(), header, 12)).unwrap().len(), 3);
     }
 }
