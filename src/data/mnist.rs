@@ -22,8 +22,8 @@ pub const FILES: [(&str, &str); 4] = [
     ("t10k-images-idx3-ubyte.gz", "2646ac647ad5339dbf082846283269ea"),
     ("t10k-labels-idx1-ubyte.gz", "27ae3e4e09519cfbb04c329615203637"),
 ];
-const IMAGES_MAGIC: u32 = 0x0000_0803; // [MNIST] IDX: u8 data, 3 dimensions
-const LABELS_MAGIC: u32 = 0x0000_0801; // [MNIST] IDX: u8 data, 1 dimension
+pub const IMAGES_MAGIC: u32 = 0x0000_0803; // [MNIST] IDX: u8 data, 3 dimensions
+pub const LABELS_MAGIC: u32 = 0x0000_0801; // [MNIST] IDX: u8 data, 1 dimension
 const HOW_TO_FIX: &str = "copy the four MNIST .gz files from ../shared/data/mnist into data/mnist \
      (or run ./run.sh fetch-mnist), or point --data-dir / SCRATCH_DIFFUSION_MNIST at a folder that has them";
 
@@ -51,15 +51,73 @@ pub fn resolve_dir(explicit: Option<&Path>) -> PathBuf {
     }
 }
 
-/// Reads and gunzips one file, naming it in every error.
-fn read_gz(path: &Path) -> Result<Vec<u8>> {
+/// The largest IDX file we accept, decompressed: MNIST's largest, train-images, is 16 + 60000·28·28 = 47 040 016
+/// bytes. A header that implies more is not an MNIST file, and we never decompress past it.
+const MAX_IDX_BYTES: u64 = 64 << 20;
+
+/// Reads and gunzips one IDX file, naming it in every error. The header is read and checked first (magic number,
+/// then the size it implies), and decompression stops one byte past that size, so a gzip bomb (6 GB of zeros in
+/// 26 MB) is refused after reading a few bytes, never held in memory.
+fn read_gz(path: &Path, magic: u32) -> Result<Vec<u8>> {
     ensure!(path.exists(), "MNIST file {} not found: {HOW_TO_FIX}", path.display());
     let file = std::fs::File::open(path).with_context(|| format!("cannot open MNIST file {}", path.display()))?;
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(file).read_to_end(&mut bytes).with_context(|| {
-        format!("MNIST file {} is not a complete gzip file (truncated or corrupt): {HOW_TO_FIX}", path.display())
-    })?;
+    read_idx(flate2::read::GzDecoder::new(std::io::BufReader::new(file)), path, magic)
+}
+
+/// Reads one IDX file (header and data) from its decompressed `stream`, checking the header before the data and
+/// reading at most one byte more than the header implies. `magic`'s low byte is the number of dimensions
+/// ([MNIST] IDX: 0x08 = u8 data, then the count of big-endian u32 dimensions).
+pub fn read_idx(mut stream: impl Read, path: &Path, magic: u32) -> Result<Vec<u8>> {
+    let not_gzip =
+        || format!("MNIST file {} is not a complete gzip file (truncated or corrupt): {HOW_TO_FIX}", path.display());
+    let mut bytes = vec![0u8; 4];
+    read_header(&mut stream, &mut bytes, path)?;
+    let found = be_u32(&bytes, 0);
+    ensure!(
+        found == magic,
+        "MNIST file {} has magic number {found:#010x}, expected {magic:#010x} (an IDX {} file): {HOW_TO_FIX}",
+        path.display(),
+        if magic == IMAGES_MAGIC { "image" } else { "label" }
+    );
+    let ndims = (magic & 0xff) as usize;
+    bytes.resize(4 + 4 * ndims, 0);
+    read_header(&mut stream, &mut bytes[4..], path)?;
+    let dims: Vec<u64> = (1..=ndims).map(|i| be_u32(&bytes, i) as u64).collect();
+    // the size the header implies: header + ∏ dims bytes of u8 data (None on overflow: far too large anyway)
+    let want = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d)).and_then(|n| n.checked_add(bytes.len() as u64));
+    let shape = dims.iter().map(u64::to_string).collect::<Vec<_>>().join("x");
+    let want = match want {
+        Some(w) if w <= MAX_IDX_BYTES => w,
+        _ => bail!(
+            "MNIST file {} has a header that claims {shape} values, more than the {MAX_IDX_BYTES} bytes any MNIST \
+             file holds: it is not an MNIST file: {HOW_TO_FIX}",
+            path.display()
+        ),
+    };
+    // one byte more than the header implies tells a longer stream from an exact one, without reading the rest
+    let mut rest = Vec::with_capacity((want - bytes.len() as u64) as usize);
+    stream.take(want + 1 - bytes.len() as u64).read_to_end(&mut rest).with_context(not_gzip)?;
+    bytes.extend(rest);
+    ensure!(
+        bytes.len() as u64 <= want,
+        "MNIST file {} decompresses to more than the {want} bytes its header ({shape}) implies: it is padded or \
+         not an MNIST file, and was not read further: {HOW_TO_FIX}",
+        path.display()
+    );
     Ok(bytes)
+}
+
+/// `read_exact` of header bytes: a stream that ends early is a truncated file, any other failure a damaged gzip.
+fn read_header(stream: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<()> {
+    match stream.read_exact(buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            bail!("MNIST file {} is truncated: it ends inside its IDX header: {HOW_TO_FIX}", path.display())
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!("MNIST file {} is not a complete gzip file (truncated or corrupt): {HOW_TO_FIX}", path.display())
+        }),
+        Ok(()) => Ok(()),
+    }
 }
 
 fn be_u32(b: &[u8], i: usize) -> u32 {
@@ -82,11 +140,13 @@ pub fn parse_idx_images(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, usize, us
         path.display()
     );
     let (n, rows, cols) = (be_u32(bytes, 1) as usize, be_u32(bytes, 2) as usize, be_u32(bytes, 3) as usize);
-    let want = 16 + n * rows * cols;
+    // checked: a header of 2^22 x 2^21 x 2^21 would wrap to 0 bytes and pass for an empty file
+    let want = n.checked_mul(rows).and_then(|p| p.checked_mul(cols)).and_then(|p| p.checked_add(16));
     ensure!(
-        bytes.len() == want,
-        "MNIST file {} is truncated or padded: header says {n}x{rows}x{cols} ({want} bytes), file has {}: {HOW_TO_FIX}",
+        want == Some(bytes.len()),
+        "MNIST file {} is truncated or padded: header says {n}x{rows}x{cols} ({} bytes), file has {}: {HOW_TO_FIX}",
         path.display(),
+        want.map_or("more than 2^64".to_string(), |w| w.to_string()),
         bytes.len()
     );
     Ok((bytes[16..].to_vec(), n, rows, cols))
@@ -132,10 +192,10 @@ fn verify_md5(bytes: &[u8], expected: &str, path: &Path) -> Result<()> {
 
 fn load_pair(dir: &Path, images: (&str, &str), labels_file: (&str, &str)) -> Result<(Tensor, Tensor)> {
     let (ipath, lpath) = (dir.join(images.0), dir.join(labels_file.0));
-    let ibytes = read_gz(&ipath)?;
+    let ibytes = read_gz(&ipath, IMAGES_MAGIC)?;
     let (pixels, n, rows, cols) = parse_idx_images(&ibytes, &ipath)?;
     verify_md5(&ibytes, images.1, &ipath)?;
-    let lbytes = read_gz(&lpath)?;
+    let lbytes = read_gz(&lpath, LABELS_MAGIC)?;
     let labels = parse_idx_labels(&lbytes, &lpath)?;
     verify_md5(&lbytes, labels_file.1, &lpath)?;
     ensure!(
@@ -193,5 +253,84 @@ mod tests {
         let mut l = header(LABELS_MAGIC, &[2]);
         l.extend([3u8, 12]);
         assert!(parse_idx_labels(&l, Path::new("l.gz")).unwrap_err().to_string().contains("not a digit"));
+    }
+
+    #[test]
+    fn a_header_whose_size_overflows_is_not_an_empty_file() {
+        // found by tests/properties.rs: 2^22 · 2^21 · 2^21 = 2^64 wrapped to 0 bytes, and the empty data was accepted
+        let b = header(IMAGES_MAGIC, &[1 << 22, 1 << 21, 1 << 21]);
+        let e = parse_idx_images(&b, Path::new("imgs.gz")).unwrap_err().to_string();
+        assert!(e.contains("imgs.gz") && e.contains("4194304x2097152x2097152 (more than 2^64 bytes)"), "{e}");
+    }
+
+    /// Counts the bytes a reader hands out: how much of a decompressed stream was read.
+    struct Counting<R> {
+        inner: R,
+        read: u64,
+    }
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read += n as u64;
+            Ok(n)
+        }
+    }
+
+    fn gzip(parts: &[&[u8]], zeros: usize) -> Vec<u8> {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        for p in parts {
+            enc.write_all(p).unwrap();
+        }
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..zeros / block.len() {
+            enc.write_all(&block).unwrap();
+        }
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn a_gzip_bomb_of_zeros_is_refused_by_its_magic_number_after_four_bytes() {
+        // 64 MB of zeros in ~280 kB of gzip, in an MNIST folder: the old reader decompressed all of it first
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::cli::MNIST_TRAIN_IMAGES);
+        std::fs::write(&path, gzip(&[], 64 << 20)).unwrap();
+        let e = format!("{:#}", read_gz(&path, IMAGES_MAGIC).unwrap_err());
+        assert!(e.contains(crate::cli::MNIST_TRAIN_IMAGES) && e.contains("magic number 0x00000000"), "{e}");
+        assert!(!e.contains("truncated"), "{e}");
+        let mut stream = Counting { inner: flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap()), read: 0 };
+        assert!(read_idx(&mut stream, &path, IMAGES_MAGIC).is_err());
+        assert_eq!(stream.read, 4, "only the magic number is decompressed");
+    }
+
+    #[test]
+    fn a_stream_longer_than_its_header_says_is_refused_one_byte_past_it() {
+        // a valid header for 60000 images of 28x28, then zeros forever: the reader must stop by itself
+        let want = 16 + 60_000 * 28 * 28;
+        let head = header(IMAGES_MAGIC, &[60_000, 28, 28]);
+        let mut stream = Counting { inner: head.as_slice().chain(std::io::repeat(0)), read: 0 };
+        let e = format!("{:#}", read_idx(&mut stream, Path::new("imgs.gz"), IMAGES_MAGIC).unwrap_err());
+        assert!(e.contains("imgs.gz") && e.contains(&format!("more than the {want} bytes")), "{e}");
+        assert_eq!(stream.read, want as u64 + 1, "decompression is bounded by the header's size plus one byte");
+        // the same as a gzip file: one 2x2 image, then 4 MB of zeros
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("padded.gz");
+        std::fs::write(&path, gzip(&[&header(IMAGES_MAGIC, &[1, 2, 2]), &[1, 2, 3, 4]], 4 << 20)).unwrap();
+        let e = format!("{:#}", read_gz(&path, IMAGES_MAGIC).unwrap_err());
+        assert!(e.contains("padded.gz") && e.contains("more than the 20 bytes its header (1x2x2)"), "{e}");
+        // an exact stream reads whole, and a header claiming more than any MNIST file is refused unread
+        std::fs::write(&path, gzip(&[&header(IMAGES_MAGIC, &[1, 2, 2]), &[1, 2, 3, 4]], 0)).unwrap();
+        assert_eq!(read_gz(&path, IMAGES_MAGIC).unwrap().len(), 20);
+        let huge = header(IMAGES_MAGIC, &[u32::MAX, u32::MAX, u32::MAX]);
+        let mut stream = Counting { inner: huge.as_slice().chain(std::io::repeat(0)), read: 0 };
+        let e = format!("{:#}", read_idx(&mut stream, Path::new("h.gz"), IMAGES_MAGIC).unwrap_err());
+        assert!(e.contains("h.gz") && e.contains("not an MNIST file"), "{e}");
+        assert_eq!(stream.read, 16);
+        // a stream that ends inside the header is truncated; labels have a one-dimensional header
+        let e = format!("{:#}", read_idx(&header(LABELS_MAGIC, &[])[..], Path::new("l.gz"), LABELS_MAGIC).unwrap_err());
+        assert!(e.contains("l.gz") && e.contains("truncated"), "{e}");
+        let labels = [header(LABELS_MAGIC, &[3]), vec![1, 2, 3]].concat();
+        assert_eq!(read_idx(&labels[..], Path::new("l.gz"), LABELS_MAGIC).unwrap(), labels);
     }
 }

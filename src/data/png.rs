@@ -17,12 +17,23 @@ pub fn read_png_gray(path: &Path) -> Result<Tensor> {
     // (1, 1, H, W)
 }
 
+/// The largest PNG read, per side: SD 1.5 draws 512x512; an 8192x8192 image is 768 MiB as f32 RGB.
+const MAX_SIDE: u64 = 8192;
+const MAX_PIXELS: u64 = MAX_SIDE * MAX_SIDE;
+
 /// The image at `path` as (1, 3, H, W) f32 RGB in [0, 1] (grayscale repeated; alpha composited over black).
 pub fn read_png_rgb(path: &Path) -> Result<Tensor> {
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {}: check the path", path.display()))?;
     let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().with_context(|| format!("{} is not a readable PNG file", path.display()))?;
+    let (width, height) = reader.info().size();
+    // checked before the decode buffer is allocated: a 20-byte header may claim 2^31 x 2^31 pixels
+    ensure!(
+        width as u64 * height as u64 <= MAX_PIXELS,
+        "{} is {width}x{height} pixels, more than the {MAX_SIDE}x{MAX_SIDE} this reader accepts: resize it first",
+        path.display()
+    );
     let mut buf = vec![0u8; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).with_context(|| format!("{} is a damaged PNG file", path.display()))?;
     let (w, h) = (info.width as usize, info.height as usize);
@@ -156,6 +167,28 @@ mod tests {
         std::fs::write(dir.path().join("bad.png"), b"not a png").unwrap();
         let bad = format!("{:#}", read_png_gray(&dir.path().join("bad.png")).unwrap_err());
         assert!(bad.contains("bad.png") && bad.contains("not a readable PNG"), "{bad}");
+    }
+
+    #[test]
+    fn a_header_claiming_a_huge_image_is_refused_before_allocating() {
+        // tests/properties.rs found a small PNG whose IHDR claimed about 2^32 pixels that aborted the process
+        // ("memory allocation of 51539607552 bytes failed", 48 GiB: 2^32 pixels as f32 RGB). The png crate's own
+        // limits are per row, so a tall image passes them; the size is now checked before any buffer is allocated.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.png");
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let mut crc = flate2::Crc::new();
+            crc.update(kind);
+            crc.update(data);
+            [&(data.len() as u32).to_be_bytes()[..], kind, data, &crc.sum().to_be_bytes()].concat()
+        };
+        // IHDR: 65536 x 65536, 1-bit greyscale (each row 8 kB, under the png crate's limits); one empty IDAT, IEND
+        let ihdr = [&(1u32 << 16).to_be_bytes()[..], &(1u32 << 16).to_be_bytes(), &[1, 0, 0, 0, 0]].concat();
+        let file =
+            [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &ihdr), &chunk(b"IDAT", &[]), &chunk(b"IEND", &[])].concat();
+        std::fs::write(&path, file).unwrap();
+        let e = format!("{:#}", read_png_rgb(&path).unwrap_err());
+        assert!(e.contains("huge.png") && e.contains("65536x65536 pixels") && e.contains("resize"), "{e}");
     }
 
     #[test]

@@ -96,10 +96,27 @@ impl SafetensorsFile {
                 .filter(|o: &Vec<u64>| o.len() == 2)
                 .ok_or_else(|| bad("no valid data_offsets"))?;
             let (begin, end) = (offsets[0], offsets[1]);
-            let want = shape.iter().product::<i64>() as u64 * elem;
-            ensure!(begin <= end && end - begin == want, bad(&format!("{} bytes for {shape:?} {dt}", end - begin)));
+            // checked: 2^62 · 4 elements of 4 bytes would wrap to 0 and pass for an empty tensor
+            let want = shape.iter().try_fold(elem, |n, &d| n.checked_mul(d as u64));
+            ensure!(
+                begin <= end && Some(end - begin) == want,
+                bad(&format!("{} bytes for {shape:?} {dt}", end.wrapping_sub(begin) as i64))
+            );
             ensure!(end <= data_len, bad(&format!("its bytes end at {end}, past the data's {data_len}")));
             entries.insert(name.clone(), Entry { kind, shape, begin, end });
+        }
+        // [safetensors] the tensors' byte ranges do not overlap: two names sharing bytes is a damaged header
+        let mut ranges: Vec<(&String, &Entry)> = entries.iter().filter(|(_, e)| e.begin < e.end).collect();
+        ranges.sort_by_key(|(_, e)| e.begin);
+        for pair in ranges.windows(2) {
+            let ((a, ea), (b, eb)) = (pair[0], pair[1]);
+            ensure!(
+                eb.begin >= ea.end,
+                damaged(format!(
+                    "tensors '{a}' (bytes {}..{}) and '{b}' ({}..{}) overlap",
+                    ea.begin, ea.end, eb.begin, eb.end
+                ))
+            );
         }
         Ok(Self { path: path.to_path_buf(), file, data_start: 8 + header_len, entries })
     }
@@ -221,5 +238,41 @@ mod tests {
         let p = dir.path().join("lucky.safetensors");
         std::fs::write(&p, &file).unwrap();
         assert_eq!(SafetensorsFile::open(&p).unwrap().tensor("w").unwrap().double_value(&[0]), 1.5);
+    }
+
+    /// A file with one raw header (no data section beyond `data` bytes).
+    fn raw_file(dir: &Path, header: &str, data: usize) -> PathBuf {
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(header.as_bytes());
+        file.extend(vec![0u8; data]);
+        let path = dir.join("raw.safetensors");
+        std::fs::write(&path, file).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_shape_whose_size_overflows_is_refused() {
+        // 2^62 · 4 elements · 4 bytes wraps to 0 bytes in 64 bits: it must not pass for an empty tensor
+        let dir = tempfile::tempdir().unwrap();
+        for shape in ["[4611686018427387904, 4]", "[4294967296, 4294967296]", "[9223372036854775807, 2]"] {
+            let header = format!(r#"{{"w":{{"dtype":"F32","shape":{shape},"data_offsets":[0,0]}}}}"#);
+            let e = format!("{:#}", SafetensorsFile::open(&raw_file(dir.path(), &header, 0)).unwrap_err());
+            assert!(e.contains("tensor 'w'") && e.contains("raw.safetensors"), "{e}");
+        }
+    }
+
+    #[test]
+    fn overlapping_byte_ranges_are_refused_naming_both_tensors() {
+        // issue 17, defect 5: two tensors sharing bytes were accepted
+        let dir = tempfile::tempdir().unwrap();
+        let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        let e = format!("{:#}", SafetensorsFile::open(&raw_file(dir.path(), header, 12)).unwrap_err());
+        assert!(
+            e.contains("'a'") && e.contains("'b'") && e.contains("overlap") && e.contains("raw.safetensors"),
+            "{e}"
+        );
+        // adjacent ranges and empty tensors are fine
+        let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]},"c":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}"#;
+        assert_eq!(SafetensorsFile::open(&raw_file(dir.path(), header, 12)).unwrap().len(), 3);
     }
 }
