@@ -220,8 +220,10 @@ pub fn mean_of_last(losses: &[f64], n: usize) -> f64 {
 /// `text` as it may appear in a message: control characters escaped (a prompt cannot move the terminal's cursor or
 /// ring its bell), and at most `max` characters of it, the rest summarised.
 pub fn for_message(text: &str, max: usize) -> String {
-    let escaped: String =
-        text.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect();
+    let escaped: String = text
+        .chars()
+        .flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] })
+        .collect();
     let n = escaped.chars().count();
     if n <= max {
         return escaped;

@@ -27,6 +27,7 @@ pub trait EpsModel {
     fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor;
 }
 
+// ANCHOR: cond
 /// What a conditional network reads beside x_t and t, τ_θ(y) of [LDM] sec. 3.3: a context sequence (B, L, D) that
 /// it cross-attends to (the token states of a prompt, or the embedding of a class label) and, for prompts padded
 /// to a fixed length, the key-padding mask (B, L) bool, true for a real token (None: every position is real).
@@ -78,6 +79,7 @@ impl Cond {
         });
         Cond { context, mask }
     }
+    // ANCHOR_END: cond
 
     /// The context in `kind` (bf16 training casts it with the weights); the mask stays as it is.
     pub fn to_kind(&self, kind: Kind) -> Cond {

@@ -47,5 +47,6 @@ fn quick_run_writes_outputs_then_resume_continues_from_the_checkpoint() {
 fn bad_flags_exit_with_a_readable_message() {
     assert_user_error(&run_lesson(BIN, &["--batch", "0"]), "--batch");
     assert_user_error(&run_lesson(BIN, &["--device", "metal"]), "unknown device");
-    assert_user_error(&run_lesson(BIN, &["--quick", "--dropout", "1.5"]), "--dropout"); // issue 17: it panicked
+    assert_user_error(&run_lesson(BIN, &["--quick", "--dropout", "1.5"]), "--dropout");
+    // issue 17: it panicked
 }
