@@ -509,8 +509,16 @@ impl Trainer {
             path.display(),
             trainer.cfg.steps
         );
+        // one loss per step done, checked on the file's shape (a corrupt step count must not size an allocation)
         let losses =
-            take(&format!("{STATE}.losses"), &Tensor::zeros([steps_done as i64], (Kind::Double, Device::Cpu)))?;
+            file.get(&format!("{STATE}.losses")).filter(|l| l.size() == [steps_done as i64]).ok_or_else(|| {
+                anyhow!(
+                "checkpoint {} has no loss history of {steps_done} steps (tensor '{STATE}.losses'): it is corrupt; \
+                 delete it and start afresh",
+                path.display()
+            )
+            })?;
+        let losses = losses.to_kind(Kind::Double);
         // read and check every tensor before changing any, so a bad checkpoint leaves `master` as it was
         let mut loads: Vec<(Tensor, Tensor)> = vec![];
         for (name, var) in master.variables() {
@@ -1134,5 +1142,33 @@ mod tests {
                 .unwrap()
         );
         assert!(e.contains("does not record the settings") && e.contains("without --resume"), "{e}");
+    }
+
+    #[test]
+    fn a_corrupt_step_count_is_refused_before_anything_is_sized_by_it() {
+        if !in_child("a_corrupt_step_count_is_refused_before_anything_is_sized_by_it") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let (x, y) = toy_data(32, 4);
+        let vs = VarStore::new(Device::Cpu);
+        let model = mlp(&vs, 4, 8, 2);
+        let mut loss = |b: &[Tensor], _: usize| mse(&model, b);
+        let cfg = TrainerConfig { steps: 3, batch_size: 8, lr: 1e-3, warmup: 1, ..Default::default() };
+        let run = || TrainRun::new(Device::Cpu, |_| {}).checkpoint(&path, true);
+        train(&vs, None, &[&x, &y], &cfg, &mut loss, run()).unwrap();
+        let metadata = checkpoint::read_metadata(&path).unwrap();
+        let tensors = Tensor::read_safetensors(&path).unwrap();
+        for (step, want) in [(-1i64, "says it has done -1 steps"), (1_000_000_000_000, "no loss history")] {
+            let edited: Vec<(String, Tensor)> = tensors
+                .iter()
+                .map(|(k, t)| (k.clone(), if k == "trainer.step" { Tensor::from(step) } else { t.shallow_clone() }))
+                .collect();
+            checkpoint::write_tensors(&path, &edited, &metadata).unwrap();
+            let long = TrainerConfig { steps: 2_000_000_000_000, ..cfg.clone() };
+            let e = format!("{:#}", train(&vs, None, &[&x, &y], &long, &mut loss, run()).err().unwrap());
+            assert!(e.contains(want) && e.contains("start afresh"), "{e}");
+        }
     }
 }
