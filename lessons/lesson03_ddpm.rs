@@ -146,7 +146,9 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
         &images,
         &EpsObjective::new(sched, args.loss_weight, run.device),
         &cfg,
-        TrainRun::logged(run.device, &log).checkpoint(&run.path("checkpoint.safetensors"), args.resume),
+        TrainRun::logged(run.device, &log)
+            .checkpoint(&run.path("checkpoint.safetensors"), args.resume)
+            .spec("model", &config), // what a resume must repeat, with the objective's settings
         (&[], &mut |_, _| {}),
     )?;
     log.finish();

@@ -135,7 +135,9 @@ fn run(args: Args) -> Result<()> {
         &images,
         &EpsObjective::new(&sched, args.loss_weight, run.device),
         &cfg,
-        TrainRun::logged(run.device, &log).checkpoint(&run.path("checkpoint.safetensors"), args.resume),
+        TrainRun::logged(run.device, &log)
+            .checkpoint(&run.path("checkpoint.safetensors"), args.resume)
+            .spec("model", &config), // what a resume must repeat, with the objective's settings
         (&snapshot_at, &mut |step, net| {
             snapshots.push((step, snapshot(net)));
         }),

@@ -118,7 +118,9 @@ fn run(args: Args) -> Result<()> {
         &EpsObjective::new(&sched, args.loss_weight, run.device),
         args.p_uncond,
         &cfg,
-        TrainRun::logged(run.device, &log).checkpoint(&run.path("checkpoint.safetensors"), args.resume),
+        TrainRun::logged(run.device, &log)
+            .checkpoint(&run.path("checkpoint.safetensors"), args.resume)
+            .spec("model", &config), // what a resume must repeat, with the objective's settings
     )?;
     log.finish();
     // ANCHOR_END: train

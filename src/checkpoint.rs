@@ -1,42 +1,176 @@
-//! Checkpoints: a VarStore as safetensors, written atomically, with the resolved config as JSON beside it
-//! (`model.safetensors` + `model.json`). Loading is strict: every tensor must be present with the expected shape,
-//! and a mismatch names the tensor, both shapes and the fix.
-use anyhow::{bail, Context, Result};
+//! Checkpoints: a VarStore as one safetensors file whose header's `__metadata__` holds the resolved config as JSON
+//! (key [`CONFIG_KEY`]), so weights and config are one unit, written by one rename. [`save`] also writes the config
+//! beside the weights (`model.safetensors` + `model.json`) for people to read; loading takes the copy inside the file
+//! and falls back to the JSON beside it only for files written before the config moved inside (the shipped weights in
+//! data/). Loading is strict: every tensor must be present with the expected shape, and a mismatch names the
+//! tensor, both shapes and the fix.
+//!
+//! An atomic write ([`write_tensors`]): the tensors go to a temporary file in the same directory, which is fsynced,
+//! renamed over the target, and the directory fsynced; on any error the temporary file is removed, and a save first
+//! removes the temporary files of the same checkpoint that a killed process left ([`remove_stale_temps`]).
+use anyhow::{bail, ensure, Context, Result};
+use safetensors::tensor::{Dtype, View};
 use serde::{de::DeserializeOwned, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::Tensor;
 
-/// `model.safetensors` -> `model.json`: where the config of a checkpoint lives.
+/// The `__metadata__` key that holds a checkpoint's config (JSON text).
+pub const CONFIG_KEY: &str = "config";
+/// A safetensors header larger than this is refused before it is read (the format's own limit is 100 MB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// `model.safetensors` -> `model.json`: where the readable copy of a checkpoint's config lives (and, in checkpoints
+/// written before the config moved into the file, the only copy).
 pub fn config_path(path: &Path) -> PathBuf {
     path.with_extension("json")
 }
 
-/// Saves the variables of `vs` to `path` (safetensors) and `config` beside it, each through a temporary file and
-/// a rename, so an interrupted save never leaves a truncated checkpoint.
+/// Saves the variables of `vs` to `path` with `config` inside the file ([`write_tensors`]: one atomic unit), then a
+/// readable copy of the config beside it ([`config_path`], also atomic). A kill between the two leaves a complete
+/// checkpoint, whose config [`load_config`] reads from the file itself.
 pub fn save(vs: &VarStore, path: &Path, config: &impl Serialize) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-    // tch picks the format from the extension, so the temporary name must end in .safetensors too
-    let tmp = dir.join(format!(".{name}.tmp{}.safetensors", std::process::id()));
-    vs.save(&tmp).with_context(|| format!("cannot write checkpoint {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    crate::cli::write_atomic(&config_path(path), serde_json::to_string_pretty(config)?.as_bytes())
+    let json = serde_json::to_string_pretty(config)?;
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    write_tensors(path, &tensors, &BTreeMap::from([(CONFIG_KEY.to_string(), json.clone())]))?;
+    crate::cli::write_atomic(&config_path(path), json.as_bytes())
 }
 
-/// Reads the config saved beside a checkpoint.
-pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let cpath = config_path(path);
-    let text = std::fs::read_to_string(&cpath).with_context(|| {
+/// A tensor as the `safetensors` crate writes it: dtype, shape and its bytes (from a contiguous CPU copy).
+struct TensorBytes {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    tensor: Tensor,
+}
+
+impl TensorBytes {
+    fn new(name: &str, t: &Tensor) -> Result<Self> {
+        let dtype = Dtype::try_from(t.kind()).map_err(|e| anyhow::anyhow!("tensor '{name}': {e}"))?;
+        let tensor = t.detach().to_device(tch::Device::Cpu).contiguous();
+        Ok(Self { dtype, shape: t.size().iter().map(|&d| d as usize).collect(), tensor })
+    }
+}
+
+impl View for &TensorBytes {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let mut bytes = vec![0u8; self.data_len()];
+        self.tensor.copy_data_u8(&mut bytes, self.tensor.numel());
+        bytes.into()
+    }
+    fn data_len(&self) -> usize {
+        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
+    }
+}
+
+/// The temporary file a save of `path` by this process writes first (`.NAME.tmpPID.safetensors`, beside it).
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    dir_of(path).join(format!(".{name}.tmp{}.safetensors", std::process::id()))
+}
+
+fn dir_of(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Removes the temporary files of a save of `path` that a killed or failed process left behind (any process id);
+/// returns how many. Call it when nothing else writes `path`: at the start of a run, and before each save.
+pub fn remove_stale_temps(path: &Path) -> Result<usize> {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return Ok(0) };
+    let (prefix, dir) = (format!(".{name}.tmp"), dir_of(path));
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(0) }; // no directory yet: nothing left over
+    let mut removed = 0;
+    for entry in entries.filter_map(|e| e.ok()) {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        let pid = file.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".safetensors"));
+        if pid.is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove the stale temporary file {}", entry.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Writes `tensors` and `metadata` (the header's `__metadata__`) to `path` as one safetensors file, atomically: a
+/// temporary file beside it, fsynced, renamed over `path`, then the directory fsynced, so after a crash `path` is
+/// either the old checkpoint or the new one, never a mix or a truncation. The temporary file is removed on every
+/// error (a full disk included); stale ones of earlier processes are removed first.
+pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let dir = dir_of(path);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    remove_stale_temps(path)?;
+    let views = tensors.iter().map(|(n, t)| Ok((n.clone(), TensorBytes::new(n, t)?))).collect::<Result<Vec<_>>>()?;
+    let tmp = temp_path(path);
+    let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
+    let written = safetensors::tensor::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), &Some(meta), &tmp)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))
+        .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(Into::into))
+        .with_context(|| format!("cannot write checkpoint {} (is the disk full?)", tmp.display()))
+        .and_then(|_| {
+            std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp); // never leave a half-written file behind
+        return Err(e);
+    }
+    // the rename itself reaches the disk only with the directory's entry
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all(); // some filesystems refuse fsync on a directory; the file itself is already safe
+    }
+    Ok(())
+}
+
+/// The `__metadata__` of the safetensors file at `path` (empty when it has none), read from the header alone.
+pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    let unreadable = || {
         format!(
-            "checkpoint config {} not found: it is written beside {} by the lesson that trains it",
-            cpath.display(),
+            "checkpoint {} is not a readable safetensors file (truncated or corrupt?): delete it and retrain",
             path.display()
         )
-    })?;
+    };
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open checkpoint {}", path.display()))?;
+    let file_len = file.metadata().with_context(unreadable)?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).with_context(unreadable)?;
+    let n = u64::from_le_bytes(len);
+    ensure!(n <= MAX_HEADER.min(file_len.saturating_sub(8)), "{}: its header length {n} is impossible", unreadable());
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).with_context(unreadable)?;
+    let header: serde_json::Value = serde_json::from_slice(&header).with_context(unreadable)?;
+    let Some(meta) = header.get("__metadata__") else { return Ok(BTreeMap::new()) };
+    serde_json::from_value(meta.clone()).with_context(|| format!("{}: its __metadata__ is not text", unreadable()))
+}
+
+/// Reads the config of a checkpoint: from inside the file, or, for checkpoints written before it moved there, from
+/// the JSON beside it.
+pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let inside = if path.exists() { read_metadata(path)?.remove(CONFIG_KEY) } else { None };
+    let (text, from) = match inside {
+        Some(text) => (text, path.to_path_buf()),
+        None => {
+            let cpath = config_path(path);
+            let text = std::fs::read_to_string(&cpath).with_context(|| {
+                format!(
+                    "checkpoint config {} not found (nor inside {}): it is written by the lesson that trains it",
+                    cpath.display(),
+                    path.display()
+                )
+            })?;
+            (text, cpath)
+        }
+    };
     serde_json::from_str(&text).with_context(|| {
-        format!("checkpoint config {} does not match this model's config: retrain or delete it", cpath.display())
+        format!("checkpoint config in {} does not match this model's config: retrain or delete it", from.display())
     })
 }
 
@@ -125,5 +259,74 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         assert!(format!("{:#}", load(&mut vs2, &path).unwrap_err()).contains("not a readable safetensors"));
+    }
+
+    fn linear_store(out: i64) -> VarStore {
+        let vs = VarStore::new(Device::Cpu);
+        let _ = nn::linear(vs.root() / "fc", 3, out, Default::default());
+        vs
+    }
+
+    #[test]
+    fn the_config_inside_the_file_is_enough_to_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let vs = linear_store(4);
+        save(&vs, &path, &serde_json::json!({"width": 4})).unwrap();
+        // a kill after the weights' rename but before the JSON's: the checkpoint is still whole
+        std::fs::remove_file(config_path(&path)).unwrap();
+        assert_eq!(load_config::<serde_json::Value>(&path).unwrap()["width"], 4);
+        assert_eq!(read_metadata(&path).unwrap()[CONFIG_KEY], "{\n  \"width\": 4\n}");
+        // a stale JSON beside it (from an earlier save) does not override the one inside
+        std::fs::write(config_path(&path), r#"{"width": 5}"#).unwrap();
+        assert_eq!(load_config::<serde_json::Value>(&path).unwrap()["width"], 4);
+        let mut same = linear_store(4);
+        load(&mut same, &path).unwrap();
+        assert!(vs.variables()["fc.weight"].equal(&same.variables()["fc.weight"]));
+    }
+
+    #[test]
+    fn checkpoints_with_only_the_json_beside_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let vs = linear_store(4);
+        vs.save(&path).unwrap(); // the old format: no __metadata__
+        std::fs::write(config_path(&path), r#"{"width": 4}"#).unwrap();
+        assert!(read_metadata(&path).unwrap().is_empty());
+        assert_eq!(load_config::<serde_json::Value>(&path).unwrap()["width"], 4);
+        // the shipped weights are of that format
+        let shipped = crate::cli::crate_root().join("data/lesson04/unet.safetensors");
+        let config: serde_json::Value = load_config(&shipped).unwrap();
+        assert!(config.is_object(), "{config}");
+    }
+
+    #[test]
+    fn a_save_removes_stale_temp_files_and_a_failed_one_leaves_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let vs = linear_store(4);
+        save(&vs, &path, &serde_json::json!({"width": 4})).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        // a save killed before its rename: only its temporary file, half written; the checkpoint is the old one
+        let stale = dir.path().join(".m.safetensors.tmp99999999.safetensors");
+        std::fs::write(&stale, &before[..before.len() / 2]).unwrap();
+        let mut same = linear_store(4);
+        load(&mut same, &path).unwrap();
+        assert_eq!(remove_stale_temps(&path).unwrap(), 1);
+        assert!(!stale.exists());
+        std::fs::write(&stale, b"junk").unwrap();
+        save(&vs, &path, &serde_json::json!({"width": 4})).unwrap();
+        assert!(!stale.exists(), "the next save removes it");
+
+        // a save that fails (here the rename: the target is a directory) removes its temporary file
+        let blocked = dir.path().join("blocked.safetensors");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("keep"), b"x").unwrap();
+        assert!(save(&vs, &blocked, &serde_json::json!({})).is_err());
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp")), "a temporary file was left: {names:?}");
     }
 }

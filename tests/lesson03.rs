@@ -21,9 +21,10 @@ fn quick_run_writes_outputs_and_grades_its_samples() {
             "trajectory.png",
             "metrics.json",
             "checkpoint.safetensors",
-            "checkpoint.json",
         ],
     );
+    // the checkpoint is one file, its settings inside: no config beside it
+    assert!(!dir.path().join("checkpoint.json").exists());
     let m = metrics(dir.path());
     // the 2-D DDPM gets the mode weights about right even after a short run (plain Langevin is off by ~0.3)
     assert!(m["toy"]["mode_weight_error"].as_f64().unwrap() < 0.1, "{}", m["toy"]);
@@ -33,6 +34,12 @@ fn quick_run_writes_outputs_and_grades_its_samples() {
         assert!(s[k].as_f64().unwrap().is_finite(), "{k}: {s}");
     }
     assert_eq!(s["class_histogram"].as_array().unwrap().len(), 10);
+    // a resume with another T or loss weighting is refused, naming the setting and both values
+    let d = dir.path().to_str().unwrap();
+    let out = run_lesson(BIN, &["--quick", "--timesteps", "500", "--resume", "--out", d]);
+    assert_user_error(&out, "`timesteps` = 1000, this run has `timesteps` = 500");
+    let out = run_lesson(BIN, &["--quick", "--loss-weight", "min-snr", "--resume", "--out", d]);
+    assert_user_error(&out, "`loss_weight`");
 }
 
 #[test]

@@ -41,6 +41,13 @@ fn quick_run_writes_outputs_then_resume_continues_from_the_checkpoint() {
     // resuming with another learning rate is refused, naming the setting
     let out = run_lesson(BIN, &["--quick", "--steps", "16", "--lr", "0.5", "--resume", "--out", d]);
     assert_user_error(&out, "lr");
+    // so are another schedule, another dropout, and fewer steps than the checkpoint has done
+    let out = run_lesson(BIN, &["--quick", "--steps", "16", "--schedule", "linear", "--resume", "--out", d]);
+    assert_user_error(&out, "`schedule` = \"cosine\", this run has `schedule` = \"linear\"");
+    let out = run_lesson(BIN, &["--quick", "--steps", "16", "--dropout", "0.2", "--resume", "--out", d]);
+    assert_user_error(&out, "`model.dropout`");
+    let out = run_lesson(BIN, &["--quick", "--steps", "12", "--resume", "--out", d]);
+    assert_user_error(&out, "already done 14 steps and this run asks for 12");
 }
 
 #[test]

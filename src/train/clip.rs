@@ -56,6 +56,7 @@ pub fn train_mini_clip(
     let mut data = vec![images, ids];
     data.extend(mask);
     let build = |p: nn::Path| MiniClip::new(p, config.clone());
+    let run = run.spec("model", config).spec("targets", targets).spec("mask", mask.is_some());
     train_model(build, &data, cfg, run, &mut loss_fn)
 }
 // ANCHOR_END: train_mini_clip

@@ -34,8 +34,8 @@ pub fn drop_labels(labels: &Tensor, p_uncond: f64, null_label: i64) -> Tensor {
 /// `cfg.bf16`), trains ε_θ(x_t, t, τ_θ(y)) with the `weight`ed L_simple on `images` (N, C, H, W) in [−1, 1] and
 /// their `labels` (N,) i64, dropping each label to ∅ with probability `p_uncond`, and returns the f32 VarStore
 /// with the EMA weights (or the last ones), the model on it and the outcome. The trainer slices `[images, labels]`
-/// with the same rows, so every image keeps its label. `p_uncond` is not in the checkpoint's config: resume with
-/// the same value.
+/// with the same rows, so every image keeps its label. The objective and `p_uncond` go into the checkpoint's run
+/// spec (a resume must repeat them); the caller adds the model's config (`run.spec("model", &config)`).
 // ANCHOR: train_cond
 pub fn train_cond_eps_model<M: CondEpsModel>(
     build: impl Fn(nn::Path) -> LabelConditioned<M>,
@@ -53,6 +53,7 @@ pub fn train_cond_eps_model<M: CondEpsModel>(
         let cond = Cond::new(net.labels.forward(&y)); // (B, tokens, dim)
         objective.loss(&WithContext { model: &net.net, cond: &cond }, &batch[0].to_kind(kind))
     };
+    let run = objective.record(run).spec("p_uncond", p_uncond);
     train_model(build, &[images, labels], cfg, run, &mut loss_fn)
 }
 // ANCHOR_END: train_cond

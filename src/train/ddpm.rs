@@ -4,7 +4,7 @@
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239. Notation (code -> paper): alpha_bar -> ᾱ_t, eps -> ε,
 //! eps_hat -> ε_θ(x_t, t), x0 -> x₀.
 use crate::diffusion::forward::q_sample;
-use crate::diffusion::schedule::NoiseSchedule;
+use crate::diffusion::schedule::{NoiseSchedule, ScheduleKind};
 use crate::model::EpsModel;
 use crate::train::trainer::TrainRun;
 use crate::train::trainer::{train_model, TrainOutcome, TrainerConfig};
@@ -69,13 +69,25 @@ pub struct EpsObjective {
     pub alpha_bar: Tensor,
     weights: Tensor,
     weight: LossWeight,
+    schedule: &'static str,
 }
 
 impl EpsObjective {
     pub fn new(sched: &NoiseSchedule, weight: LossWeight, device: Device) -> Self {
         let alpha_bar = sched.to_tensor_alpha_bar(device); // (T,)
         let weights = weight.weights(&alpha_bar.to_kind(Kind::Double)).to_kind(Kind::Float); // (T,)
-        Self { alpha_bar, weights, weight }
+        let schedule = match sched.kind {
+            ScheduleKind::Linear => "linear", // the names of `NoiseSchedule::by_name` and --schedule
+            ScheduleKind::Cosine => "cosine",
+            ScheduleKind::ScaledLinear => "scaled-linear",
+        };
+        Self { alpha_bar, weights, weight, schedule }
+    }
+
+    /// Records what decides this objective in the run's [`crate::train::trainer::RunSpec`]: the schedule, T and the
+    /// loss weighting, so a resume with another `--schedule`, `--timesteps` or `--loss-weight` is refused.
+    pub fn record<'a>(&self, run: TrainRun<'a>) -> TrainRun<'a> {
+        run.spec("schedule", self.schedule).spec("timesteps", self.alpha_bar.size()[0]).spec("loss_weight", self.weight)
     }
 
     /// L_simple for uniform weights, the weighted loss otherwise, on clean images `x0`.
@@ -95,6 +107,8 @@ pub type Snapshot<'a> = dyn FnMut(usize, &dyn EpsModel) + 'a;
 /// EMA weights (or the last weights without EMA), the model on it, and the training outcome.
 /// At each step in `snapshot_at`, `on_snapshot(step, model)` sees the current (f32, not averaged) weights, after
 /// that step's loss is computed: the trainer re-seeds the noise at every step, so what it draws changes nothing.
+/// The objective's settings go into the checkpoint's run spec; the caller adds the model's config
+/// (`run.spec("model", &config)`), which `build` hides from this function.
 pub fn train_eps_model<M: EpsModel>(
     build: impl Fn(nn::Path) -> M,
     images: &Tensor,
@@ -111,7 +125,7 @@ pub fn train_eps_model<M: EpsModel>(
         }
         loss
     };
-    train_model(build, &[images], cfg, run, &mut loss_fn)
+    train_model(build, &[images], cfg, objective.record(run), &mut loss_fn)
 }
 
 #[cfg(test)]

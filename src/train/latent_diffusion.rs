@@ -74,6 +74,7 @@ pub fn train_vae(
         l
     };
     let build = |p: tch::nn::Path| AutoencoderKl::new(p, config.clone());
+    let run = run.spec("model", config).spec("loss", loss).spec("perceptual_classifier", clf.is_some());
     train_model(build, &[images], cfg, run, &mut loss_fn)
 }
 

@@ -69,6 +69,7 @@ pub fn train_dsm<M>(
         DsmData::Rows(x) => vec![*x],
         DsmData::Draw(_) => vec![], // the loss draws its own batch
     };
+    let run = run.spec("sigmas", sigmas).spec("draws", matches!(data, DsmData::Draw(_)));
     trainer::train_model(build, &rows, cfg, run, &mut |net, _, batch, _| {
         let x0 = match &data {
             DsmData::Rows(_) => batch[0].shallow_clone(),

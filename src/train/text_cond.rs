@@ -102,6 +102,10 @@ pub fn train_text_cond_unet_on(
     };
     let data = [data, &captions.ids, &captions.lens];
     let build = |p: tch::nn::Path| TextUNet(UNet::new(p, config.clone()));
+    // what a resume must repeat (the frozen encoder by its config: its weights may differ in the last bits when the
+    // run that trained them had another thread count, which only warns)
+    let run = objective.record(run).spec("model", config).spec("text_encoder", &text_encoder.config);
+    let run = run.spec("p_uncond", p_uncond);
     train_model(build, &data, cfg, run, &mut loss_fn)
 }
 // ANCHOR_END: train_text

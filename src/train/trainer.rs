@@ -15,6 +15,15 @@
 //! Epoch e's data order is a permutation drawn from a seed mixed from (seed, e); step s reseeds libtorch's generator
 //! with a seed mixed from (seed, s) before the loss, so what `loss_fn` draws (`randn_like`, timesteps) depends on s
 //! alone. A checkpoint holds everything else that changes: weights, AdamW's m and v, the EMA, the step, the losses.
+//!
+//! What a resume accepts: the checkpoint records, inside its safetensors header, everything that decides the run —
+//! the [`TrainerConfig`], and the [`RunSpec`] the caller and the objective functions fill in (the model's config, the
+//! schedule and T, the loss weighting, p_uncond, …) together with the shapes of the data — and a resume that differs
+//! in any of them is refused, naming the setting, both values and the fix. `steps` (with the `warmup` a lesson derives
+//! from it) is the exception: a run may be continued to more steps, on the learning-rate schedule of the new total
+//! (so the steps after the resume point differ from those of the shorter schedule), but not to fewer steps than the
+//! checkpoint has done. The libtorch thread count is recorded too; another one only warns, because it changes the
+//! order of float sums: the continuation is as valid, but no longer bit-identical to an uninterrupted run.
 use crate::checkpoint;
 use crate::train::ema::Ema;
 use crate::train::{lr_at, TrainOpts};
@@ -25,7 +34,8 @@ use std::path::Path;
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
-/// Everything that decides a training run; saved as JSON beside each checkpoint and compared on resume.
+/// The optimiser and budget of a training run; saved inside each checkpoint (with the [`RunSpec`]) and compared on
+/// resume.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainerConfig {
     pub steps: usize,
@@ -89,19 +99,34 @@ pub struct StepInfo {
     pub grad_norm: f64,
 }
 
+/// What decides a run besides the [`TrainerConfig`]: setting name -> value (the model's config, the noise schedule
+/// and T, the loss weighting, p_uncond, …). Saved in each checkpoint; a resume must match it key by key (nested
+/// objects field by field), and the error names the first setting that differs, e.g. `model.dropout`.
+pub type RunSpec = serde_json::Map<String, serde_json::Value>;
+
 /// Where a training call runs and what it reports: the device, the checkpoint file (None: no checkpoints), whether to
-/// continue from that checkpoint, and the callback that sees every finished step (progress bars, logs).
+/// continue from that checkpoint, the [`RunSpec`] saved in it, the callback that sees every finished step (progress
+/// bars, logs) and the one that sees warnings (a resume on another thread count).
 pub struct TrainRun<'a> {
     pub device: Device,
     pub ckpt: Option<&'a Path>,
     pub resume: bool,
+    pub spec: RunSpec,
     pub on_step: Box<dyn FnMut(StepInfo) + 'a>,
+    pub on_warning: Box<dyn FnMut(&str) + 'a>,
 }
 
 impl<'a> TrainRun<'a> {
-    /// On `device`, without checkpoints, reporting every step to `on_step`.
+    /// On `device`, without checkpoints, reporting every step to `on_step` (warnings go to stderr).
     pub fn new(device: Device, on_step: impl FnMut(StepInfo) + 'a) -> Self {
-        Self { device, ckpt: None, resume: false, on_step: Box::new(on_step) }
+        Self {
+            device,
+            ckpt: None,
+            resume: false,
+            spec: RunSpec::new(),
+            on_step: Box::new(on_step),
+            on_warning: Box::new(|w: &str| eprintln!("warning: {w}")),
+        }
     }
 
     /// On `device`, without checkpoints, reporting every step to `log` (a progress bar and loss lines).
@@ -112,6 +137,18 @@ impl<'a> TrainRun<'a> {
     /// Writes checkpoints to `path`, and with `resume` continues from the one there.
     pub fn checkpoint(self, path: &'a Path, resume: bool) -> Self {
         Self { ckpt: Some(path), resume, ..self }
+    }
+
+    /// Records `key` = `value` in the [`RunSpec`]: a setting that decides the run, which a resume must repeat.
+    pub fn spec(mut self, key: &str, value: impl serde::Serialize) -> Self {
+        let value = serde_json::to_value(value).expect("a setting serialises to JSON");
+        self.spec.insert(key.to_string(), value);
+        self
+    }
+
+    /// Sends warnings (see [`TrainOutcome::warnings`]) to `f` instead of stderr.
+    pub fn on_warning(self, f: impl FnMut(&str) + 'a) -> Self {
+        Self { on_warning: Box::new(f), ..self }
     }
 }
 
@@ -126,6 +163,8 @@ pub struct TrainOutcome {
     /// Steps run by this call and their wall time (the benchmark of bf16 against f32 reads these).
     pub steps_run: usize,
     pub seconds: f64,
+    /// What the run warned about (also sent to [`TrainRun::on_warning`]): a resume on another thread count.
+    pub warnings: Vec<String>,
 }
 
 /// AdamW with its state in the open: the moments m and v of every trainable variable, keyed by name.
@@ -195,6 +234,12 @@ const NOISE_STREAM: u64 = 0x6e6f_6973; // "nois"
 /// Prefix of the trainer's own tensors in a checkpoint; the model's weights keep their plain names, so
 /// [`checkpoint::load`] reads the raw weights of a trainer checkpoint directly.
 const STATE: &str = "trainer";
+/// `__metadata__` keys of a trainer checkpoint besides [`checkpoint::CONFIG_KEY`] (the [`TrainerConfig`]): the
+/// [`RunSpec`] and the libtorch thread count of the run that wrote it.
+const META_RUN: &str = "run";
+const META_THREADS: &str = "threads";
+/// The [`RunSpec`] key under which the trainer records the shapes of the data tensors (their rows decide the batches).
+const SPEC_DATA: &str = "data_shapes";
 
 /// SplitMix64's output function ([SplitMix] sec. 3; constants of Vigna's splitmix64.c): a bijection of u64 whose
 /// outputs for neighbouring inputs look independent.
@@ -257,6 +302,8 @@ fn copy_master_to(master: &VarStore, compute: &VarStore) -> Result<()> {
 /// The optimiser, EMA and position of a run; [`train`] drives it, a lesson may call [`Trainer::step`] itself.
 pub struct Trainer {
     pub cfg: TrainerConfig,
+    /// The rest of what decides the run, saved in every checkpoint (see [`RunSpec`]).
+    pub spec: RunSpec,
     /// Steps completed, which is the index of the next step.
     pub steps_done: usize,
     pub adam: AdamW,
@@ -285,6 +332,7 @@ impl Trainer {
         Ok(Self {
             adam: AdamW::new(master, cfg.betas, cfg.adam_eps, cfg.weight_decay),
             ema: cfg.ema_decay.map(|decay| Ema::new(master, decay)),
+            spec: RunSpec::new(),
             steps_done: 0,
             losses: vec![],
             order: None,
@@ -335,6 +383,9 @@ impl Trainer {
             if compute.is_some() { "" } else { " not" }
         );
         let (epoch, batch) = self.batch(data, step, master.device())?;
+        if !self.spec.contains_key(SPEC_DATA) {
+            self.spec.insert(SPEC_DATA.to_string(), data_shapes(data)); // as `train` records it
+        }
         // the noise loss_fn draws depends on the step alone (>> 1: a non-negative i64)
         tch::manual_seed((stream_seed(self.cfg.seed, NOISE_STREAM, step) >> 1) as i64);
         let run: &VarStore = match compute {
@@ -388,8 +439,9 @@ impl Trainer {
         Ok(StepInfo { step, epoch, loss: value, lr, grad_norm })
     }
 
-    /// Writes the checkpoint (safetensors + config JSON, each atomically): the weights of `master` under their own
-    /// names, and under `trainer.`: AdamW's m and v, the EMA, the step count and the losses.
+    /// Writes the checkpoint as one safetensors file, atomically ([`checkpoint::write_tensors`]): the weights of
+    /// `master` under their own names, and under `trainer.`: AdamW's m and v, the EMA, the step count and the
+    /// losses; in its header the [`TrainerConfig`], the [`RunSpec`] and the thread count.
     pub fn save(&self, master: &VarStore, path: &Path) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = master.variables().into_iter().collect();
         for (name, m) in &self.adam.m {
@@ -403,14 +455,23 @@ impl Trainer {
         }
         tensors.push((format!("{STATE}.step"), Tensor::from(self.steps_done as i64)));
         tensors.push((format!("{STATE}.losses"), Tensor::from_slice(&self.losses))); // (steps_done,) f64
-        checkpoint::save(&store_of(tensors), path, &self.cfg)
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let metadata = BTreeMap::from([
+            (checkpoint::CONFIG_KEY.to_string(), serde_json::to_string(&self.cfg)?),
+            (META_RUN.to_string(), serde_json::to_string(&self.spec)?),
+            (META_THREADS.to_string(), tch::get_num_threads().to_string()),
+        ]);
+        checkpoint::write_tensors(path, &tensors, &metadata)
     }
 
     /// Continues the run saved at `path`: loads the weights into `master` and the optimiser state, EMA, step and
-    /// losses into the returned trainer. `cfg` must equal the saved config in every field but `steps`.
-    pub fn resume(master: &VarStore, cfg: TrainerConfig, path: &Path) -> Result<Self> {
-        ensure_same_config(&cfg, path)?;
+    /// losses into the returned trainer. `cfg` and `spec` must equal what the checkpoint records, but for `steps`
+    /// (no fewer than the checkpoint has done) and the `warmup` of a longer schedule; see the module's notes.
+    /// Returns the trainer and a warning when the checkpoint was written on another thread count.
+    pub fn resume(master: &VarStore, cfg: TrainerConfig, spec: RunSpec, path: &Path) -> Result<(Self, Option<String>)> {
+        let warning = ensure_same_run(&cfg, &spec, path)?;
         let mut trainer = Self::new(master, cfg)?;
+        trainer.spec = spec;
         let file: HashMap<String, Tensor> = Tensor::read_safetensors(path)
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| {
@@ -434,9 +495,30 @@ impl Trainer {
             );
             Ok(t.to_kind(like.kind()).to_device(like.device()))
         };
-        let steps_done = take(&format!("{STATE}.step"), &Tensor::from(0i64))?.int64_value(&[]) as usize;
+        let steps_done = take(&format!("{STATE}.step"), &Tensor::from(0i64))?.int64_value(&[]);
+        ensure!(
+            steps_done >= 0,
+            "checkpoint {} says it has done {steps_done} steps: it is corrupt; delete it and start afresh",
+            path.display()
+        );
+        let steps_done = steps_done as usize;
+        ensure!(
+            trainer.cfg.steps >= steps_done,
+            "cannot resume from {}: it has already done {steps_done} steps and this run asks for {} in all; pass \
+             --steps {steps_done} or more to continue it, or start afresh without --resume",
+            path.display(),
+            trainer.cfg.steps
+        );
+        // one loss per step done, checked on the file's shape (a corrupt step count must not size an allocation)
         let losses =
-            take(&format!("{STATE}.losses"), &Tensor::zeros([steps_done as i64], (Kind::Double, Device::Cpu)))?;
+            file.get(&format!("{STATE}.losses")).filter(|l| l.size() == [steps_done as i64]).ok_or_else(|| {
+                anyhow!(
+                "checkpoint {} has no loss history of {steps_done} steps (tensor '{STATE}.losses'): it is corrupt; \
+                 delete it and start afresh",
+                path.display()
+            )
+            })?;
+        let losses = losses.to_kind(Kind::Double);
         // read and check every tensor before changing any, so a bad checkpoint leaves `master` as it was
         let mut loads: Vec<(Tensor, Tensor)> = vec![];
         for (name, var) in master.variables() {
@@ -460,7 +542,7 @@ impl Trainer {
         trainer.adam.t = steps_done;
         trainer.steps_done = steps_done;
         trainer.losses = Vec::<f64>::try_from(&losses)?;
-        Ok(trainer)
+        Ok((trainer, warning))
     }
 }
 
@@ -475,22 +557,73 @@ pub fn load_ema(vs: &mut VarStore, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Resuming is for the same run: every field of the saved config but `steps` must match, else the error names it.
-fn ensure_same_config(cfg: &TrainerConfig, path: &Path) -> Result<()> {
-    let saved: serde_json::Value = checkpoint::load_config(path)?;
-    let now = serde_json::to_value(cfg)?;
-    for (field, value) in now.as_object().expect("a struct serialises to an object") {
-        let old = saved.get(field);
-        if field != "steps" && old != Some(value) {
-            let old = old.map_or("nothing".to_string(), |v| v.to_string());
-            bail!(
-                "cannot resume from {}: it was trained with `{field}` = {old}, this run has `{field}` = {value}; \
-                 use the same setting, or start afresh without --resume",
-                path.display()
-            );
-        }
+/// Resuming is for the same run: the saved [`TrainerConfig`] must match `cfg` in every field but `steps` (and `warmup`
+/// when `steps` changes: a longer schedule), and the saved [`RunSpec`] must match `spec` in every setting; the error
+/// names the first that differs, both values and the fix. Returns a warning when the thread count differs.
+fn ensure_same_run(cfg: &TrainerConfig, spec: &RunSpec, path: &Path) -> Result<Option<String>> {
+    let meta = checkpoint::read_metadata(path)?;
+    let (Some(saved_cfg), Some(saved_spec)) = (meta.get(checkpoint::CONFIG_KEY), meta.get(META_RUN)) else {
+        bail!(
+            "cannot resume from {}: it does not record the settings of its run (it was written by an older version, \
+             with its config beside it); start afresh without --resume",
+            path.display()
+        );
+    };
+    let corrupt =
+        || format!("checkpoint {}: its recorded settings are not JSON; delete it and start afresh", path.display());
+    let saved_cfg: serde_json::Value = serde_json::from_str(saved_cfg).with_context(corrupt)?;
+    let saved_spec: serde_json::Value = serde_json::from_str(saved_spec).with_context(corrupt)?;
+    let now_cfg = serde_json::to_value(cfg)?;
+    // `steps` is checked against the steps done; another total is a new learning-rate schedule for the remaining
+    // steps, whose warm-up a lesson derives from it
+    let skip: &[&str] = if saved_cfg.get("steps") == now_cfg.get("steps") { &["steps"] } else { &["steps", "warmup"] };
+    let without = |v: serde_json::Value| match v {
+        serde_json::Value::Object(o) => o.into_iter().filter(|(k, _)| !skip.contains(&k.as_str())).collect(),
+        other => other,
+    };
+    let (saved_cfg, now_cfg) = (without(saved_cfg), without(now_cfg));
+    let differs = first_difference("", Some(&saved_cfg), Some(&now_cfg))
+        .or_else(|| first_difference("", Some(&saved_spec), Some(&serde_json::Value::Object(spec.clone()))));
+    if let Some((field, old, new)) = differs {
+        bail!(
+            "cannot resume from {}: it was trained with `{field}` = {old}, this run has `{field}` = {new}; \
+             use the same setting, or start afresh without --resume",
+            path.display()
+        );
     }
-    Ok(())
+    let now = tch::get_num_threads();
+    Ok(match meta.get(META_THREADS).and_then(|t| t.parse::<i32>().ok()) {
+        Some(saved) if saved != now => Some(format!(
+            "{} was written by a run on {saved} threads, this one uses {now}: the continuation is valid, but not \
+             bit-identical to an uninterrupted run (the thread count changes float sums); pass --threads {saved} for that",
+            path.display()
+        )),
+        _ => None,
+    })
+}
+
+/// The shapes of the data tensors, as the [`RunSpec`] records them.
+fn data_shapes(data: &[&Tensor]) -> serde_json::Value {
+    data.iter().map(|d| d.size()).collect()
+}
+
+/// The first place where `old` and `new` differ, as (dotted path, old value, new value), descending into objects key
+/// by key (in sorted order) so a nested setting is named by its own path (`model.dropout`).
+fn first_difference(
+    path: &str,
+    old: Option<&serde_json::Value>,
+    new: Option<&serde_json::Value>,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    if let (Some(Value::Object(a)), Some(Value::Object(b))) = (old, new) {
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        return keys.into_iter().find_map(|k| {
+            let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            first_difference(&sub, a.get(k), b.get(k))
+        });
+    }
+    let show = |v: Option<&Value>| v.map_or("nothing".to_string(), |v| v.to_string());
+    (old != new).then(|| (path.to_string(), show(old), show(new)))
 }
 
 /// Trains the model whose f32 weights are `master` for `cfg.steps` steps on `data` (tensors of N rows each, sliced
@@ -509,12 +642,22 @@ pub fn train(
     run: TrainRun,
 ) -> Result<TrainOutcome> {
     // the stores are already on their device; `run.device` is what `train_model` built them on
-    let TrainRun { ckpt, resume, on_step: mut cb, .. } = run;
+    let TrainRun { ckpt, resume, mut spec, on_step: mut cb, mut on_warning, .. } = run;
     ensure!(!resume || ckpt.is_some(), "resume was asked for, but no checkpoint path was given");
+    spec.insert(SPEC_DATA.to_string(), data_shapes(data));
+    if let Some(path) = ckpt {
+        checkpoint::remove_stale_temps(path)?; // what a killed save left behind
+    }
+    let mut warnings = vec![];
     let mut trainer = match ckpt {
-        Some(path) if resume && path.exists() => Trainer::resume(master, cfg.clone(), path)?,
-        _ => Trainer::new(master, cfg.clone())?,
+        Some(path) if resume && path.exists() => {
+            let (trainer, warning) = Trainer::resume(master, cfg.clone(), spec, path)?;
+            warnings.extend(warning);
+            trainer
+        }
+        _ => Trainer { spec, ..Trainer::new(master, cfg.clone())? },
     };
+    warnings.iter().for_each(|w| on_warning(w));
     let resumed_from = (trainer.steps_done > 0).then_some(trainer.steps_done);
     let started = std::time::Instant::now();
     while trainer.steps_done < cfg.steps {
@@ -533,6 +676,7 @@ pub fn train(
         losses: trainer.losses,
         resumed_from,
         ema: trainer.ema,
+        warnings,
     })
 }
 
@@ -748,8 +892,9 @@ mod tests {
             !saved.is_empty() && std::fs::read(&path).unwrap() == saved,
             "the checkpoint of step 5 was overwritten"
         );
-        let resumed = Trainer::resume(&vs, cfg.clone(), &path).unwrap();
-        assert_eq!(resumed.steps_done, 5);
+        let spec = RunSpec::from_iter([(SPEC_DATA.to_string(), data_shapes(&[&x, &y]))]);
+        let (resumed, warning) = Trainer::resume(&vs, cfg.clone(), spec, &path).unwrap();
+        assert_eq!((resumed.steps_done, warning), (5, None));
 
         // a finite loss with a non-finite gradient: d√|z|/dz at z = 0
         let vs = VarStore::new(Device::Cpu);
@@ -792,7 +937,8 @@ mod tests {
             .unwrap()
         );
         assert!(e.contains("`lr`") && e.contains("0.001") && e.contains("0.002"), "{e}");
-        let longer = TrainerConfig { steps: 5, ..cfg };
+        // a longer run is a new schedule for the remaining steps: its warm-up may follow from the new total
+        let longer = TrainerConfig { steps: 5, warmup: 2, ..cfg };
         let out = train(
             &vs,
             None,
@@ -883,5 +1029,146 @@ mod tests {
         let (mut from_file, _) = build(3);
         load_ema(&mut from_file, &path).unwrap(); // the final checkpoint of the resumed run
         assert!(from_file.variables().iter().all(|(name, w)| w.equal(&ema_c.variables()[name])));
+    }
+
+    /// A 3-step ε-prediction run of an MLP on 2-D data through [`crate::train::ddpm::train_eps_model`], as lessons 03
+    /// and 04 call it (the model's config in the run spec), checkpointed to `path`; `resume` continues from it.
+    fn eps_run(
+        path: &Path,
+        resume: bool,
+        (schedule, timesteps, weight): (&str, usize, crate::train::ddpm::LossWeight),
+        model: &crate::nn::eps_mlp::EpsMlpConfig,
+        steps: usize,
+    ) -> Result<TrainOutcome> {
+        use crate::diffusion::schedule::NoiseSchedule;
+        use crate::train::ddpm::{train_eps_model, EpsObjective};
+        let data = toy_data(32, 2).0;
+        let objective = EpsObjective::new(&NoiseSchedule::by_name(schedule, timesteps)?, weight, Device::Cpu);
+        let cfg = TrainerConfig { steps, batch_size: 8, lr: 1e-3, warmup: 1, ..Default::default() };
+        let run = TrainRun::new(Device::Cpu, |_| {}).checkpoint(path, resume).spec("model", model);
+        let build = |p: nn::Path| crate::nn::eps_mlp::EpsMlp::new(p, model.clone());
+        Ok(train_eps_model(build, &data, &objective, &cfg, run, (&[], &mut |_, _| {}))?.2)
+    }
+
+    #[test]
+    fn resuming_with_another_schedule_t_weighting_or_model_is_refused_naming_it() {
+        if !in_child("resuming_with_another_schedule_t_weighting_or_model_is_refused_naming_it") {
+            return;
+        }
+        use crate::nn::eps_mlp::EpsMlpConfig;
+        use crate::train::ddpm::LossWeight::{MinSnr, Uniform};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let model = EpsMlpConfig { depth: 2, ..EpsMlpConfig::tiny(2) };
+        eps_run(&path, false, ("cosine", 100, Uniform), &model, 3).unwrap();
+        let refused = |objective, model: &EpsMlpConfig, steps| {
+            format!("{:#}", eps_run(&path, true, objective, model, steps).err().expect("the resume is refused"))
+        };
+        for (objective, want) in [
+            (("linear", 100, Uniform), ["`schedule`", "\"cosine\"", "\"linear\""]),
+            (("cosine", 50, Uniform), ["`timesteps`", "100", "50"]),
+            (("cosine", 100, MinSnr), ["`loss_weight`", "\"Uniform\"", "\"MinSnr\""]),
+        ] {
+            let e = refused(objective, &model, 5);
+            assert!(want.iter().all(|w| e.contains(w)) && e.contains("without --resume"), "{want:?}: {e}");
+        }
+        // one block fewer: every tensor the smaller model has is in the checkpoint, so only the spec can tell
+        let e = refused(("cosine", 100, Uniform), &EpsMlpConfig { depth: 1, ..model.clone() }, 5);
+        assert!(e.contains("`model.depth` = 2") && e.contains("`model.depth` = 1"), "{e}");
+        // fewer steps than the checkpoint has done
+        let e = refused(("cosine", 100, Uniform), &model, 2);
+        assert!(e.contains("already done 3 steps") && e.contains("--steps 3 or more"), "{e}");
+        // the same settings continue
+        let out = eps_run(&path, true, ("cosine", 100, Uniform), &model, 5).unwrap();
+        assert_eq!((out.resumed_from, out.steps_run, out.warnings.len()), (Some(3), 2, 0));
+    }
+
+    #[test]
+    fn another_thread_count_warns_and_continues() {
+        if !in_child("another_thread_count_warns_and_continues") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let (x, y) = toy_data(32, 4);
+        let vs = VarStore::new(Device::Cpu);
+        let model = mlp(&vs, 4, 8, 2);
+        let mut loss = |b: &[Tensor], _: usize| mse(&model, b);
+        let cfg = TrainerConfig { steps: 3, batch_size: 8, lr: 1e-3, warmup: 1, ..Default::default() };
+        tch::set_num_threads(1);
+        train(&vs, None, &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, |_| {}).checkpoint(&path, false))
+            .unwrap();
+        tch::set_num_threads(2);
+        let mut seen = vec![];
+        let run = TrainRun::new(Device::Cpu, |_| {}).checkpoint(&path, true).on_warning(|w| seen.push(w.to_string()));
+        let out = train(&vs, None, &[&x, &y], &TrainerConfig { steps: 5, ..cfg }, &mut loss, run).unwrap();
+        assert_eq!((out.resumed_from, out.warnings.len()), (Some(3), 1));
+        let w = &out.warnings[0];
+        assert!(w.contains("on 1 threads") && w.contains("uses 2") && w.contains("--threads 1"), "{w}");
+        assert_eq!(seen, out.warnings);
+    }
+
+    #[test]
+    fn a_checkpoint_without_recorded_settings_is_refused_and_stale_temp_files_are_removed() {
+        if !in_child("a_checkpoint_without_recorded_settings_is_refused_and_stale_temp_files_are_removed") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let (x, y) = toy_data(32, 4);
+        let vs = VarStore::new(Device::Cpu);
+        let model = mlp(&vs, 4, 8, 2);
+        let mut loss = |b: &[Tensor], _: usize| mse(&model, b);
+        let cfg = TrainerConfig { steps: 3, batch_size: 8, lr: 1e-3, warmup: 1, ..Default::default() };
+        // what a save killed before its rename leaves: a half-written temporary file (of another process id)
+        let stale = dir.path().join(".ckpt.safetensors.tmp4242.safetensors");
+        std::fs::write(&stale, b"half a checkpoint").unwrap();
+        let unrelated = dir.path().join(".other.safetensors.tmp4242.safetensors");
+        std::fs::write(&unrelated, b"not ours").unwrap();
+        train(&vs, None, &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, |_| {}).checkpoint(&path, false))
+            .unwrap();
+        assert!(!stale.exists() && unrelated.exists(), "the stale temporary file of this checkpoint is removed");
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(files.len(), 2, "the checkpoint is one file, no config beside it: {files:?}");
+
+        // a checkpoint of the old format: weights, config in a JSON file beside them, no run spec inside
+        let old = dir.path().join("old.safetensors");
+        vs.save(&old).unwrap();
+        std::fs::write(checkpoint::config_path(&old), serde_json::to_string(&cfg).unwrap()).unwrap();
+        let e = format!(
+            "{:#}",
+            train(&vs, None, &[&x, &y], &cfg, &mut loss, TrainRun::new(Device::Cpu, |_| {}).checkpoint(&old, true))
+                .err()
+                .unwrap()
+        );
+        assert!(e.contains("does not record the settings") && e.contains("without --resume"), "{e}");
+    }
+
+    #[test]
+    fn a_corrupt_step_count_is_refused_before_anything_is_sized_by_it() {
+        if !in_child("a_corrupt_step_count_is_refused_before_anything_is_sized_by_it") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let (x, y) = toy_data(32, 4);
+        let vs = VarStore::new(Device::Cpu);
+        let model = mlp(&vs, 4, 8, 2);
+        let mut loss = |b: &[Tensor], _: usize| mse(&model, b);
+        let cfg = TrainerConfig { steps: 3, batch_size: 8, lr: 1e-3, warmup: 1, ..Default::default() };
+        let run = || TrainRun::new(Device::Cpu, |_| {}).checkpoint(&path, true);
+        train(&vs, None, &[&x, &y], &cfg, &mut loss, run()).unwrap();
+        let metadata = checkpoint::read_metadata(&path).unwrap();
+        let tensors = Tensor::read_safetensors(&path).unwrap();
+        for (step, want) in [(-1i64, "says it has done -1 steps"), (1_000_000_000_000, "no loss history")] {
+            let edited: Vec<(String, Tensor)> = tensors
+                .iter()
+                .map(|(k, t)| (k.clone(), if k == "trainer.step" { Tensor::from(step) } else { t.shallow_clone() }))
+                .collect();
+            checkpoint::write_tensors(&path, &edited, &metadata).unwrap();
+            let long = TrainerConfig { steps: 2_000_000_000_000, ..cfg.clone() };
+            let e = format!("{:#}", train(&vs, None, &[&x, &y], &long, &mut loss, run()).err().unwrap());
+            assert!(e.contains(want) && e.contains("start afresh"), "{e}");
+        }
     }
 }
