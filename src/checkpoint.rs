@@ -207,6 +207,12 @@ pub fn load(vs: &mut VarStore, path: &Path) -> Result<()> {
                 path.display(), src.size(), var.size()
             );
         }
+        let what = format!("checkpoint {}: tensor '{name}'", path.display());
+        crate::cli::ensure_finite(
+            src,
+            &what,
+            "the file is damaged or was saved from a diverged run; delete it and retrain",
+        )?;
     }
     tch::no_grad(|| {
         for (name, var) in &mut vars {

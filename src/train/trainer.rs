@@ -493,6 +493,9 @@ impl Trainer {
                 t.size(),
                 like.size()
             );
+            let what = format!("checkpoint {}: tensor '{name}'", path.display());
+            let fix = "the file is damaged or was saved from a diverged run; delete it and start afresh";
+            crate::cli::ensure_finite(t, &what, fix)?; // not "lower --lr" later, at the first step
             Ok(t.to_kind(like.kind()).to_device(like.device()))
         };
         let steps_done = take(&format!("{STATE}.step"), &Tensor::from(0i64))?.int64_value(&[]);
@@ -1170,5 +1173,34 @@ mod tests {
             let e = format!("{:#}", train(&vs, None, &[&x, &y], &long, &mut loss, run()).err().unwrap());
             assert!(e.contains(want) && e.contains("start afresh"), "{e}");
         }
+    }
+
+    /// Issue 17, defect 10: a checkpoint holding NaN weights is refused when it is loaded, naming the tensor, instead
+    /// of failing at the first step with "lower --lr".
+    #[test]
+    fn a_checkpoint_with_nan_weights_is_refused_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ckpt.safetensors");
+        let (x, y) = toy_data(32, 4);
+        let vs = VarStore::new(Device::Cpu);
+        let model = mlp(&vs, 4, 8, 2);
+        let mut loss = |b: &[Tensor], _: usize| mse(&model, b);
+        let cfg = TrainerConfig { steps: 2, batch_size: 8, lr: 1e-3, warmup: 1, ..Default::default() };
+        let run = || TrainRun::new(Device::Cpu, |_| {}).checkpoint(&path, true);
+        train(&vs, None, &[&x, &y], &cfg, &mut loss, run()).unwrap();
+        let metadata = checkpoint::read_metadata(&path).unwrap();
+        let edited: Vec<(String, Tensor)> = Tensor::read_safetensors(&path)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| if k == "fc1.weight" { (k, t.fill(f64::NAN)) } else { (k, t) })
+            .collect();
+        checkpoint::write_tensors(&path, &edited, &metadata).unwrap();
+        let more = TrainerConfig { steps: 4, ..cfg.clone() };
+        let e = format!("{:#}", train(&vs, None, &[&x, &y], &more, &mut loss, run()).err().unwrap());
+        assert!(e.contains("fc1.weight") && e.contains("NaN") && !e.contains("--lr"), "{e}");
+        let mut fresh = VarStore::new(Device::Cpu);
+        let _ = mlp(&fresh, 4, 8, 2);
+        let e = format!("{:#}", checkpoint::load(&mut fresh, &path).err().unwrap());
+        assert!(e.contains("fc1.weight") && e.contains("NaN"), "{e}");
     }
 }
