@@ -207,6 +207,16 @@ pub fn load(vs: &mut VarStore, path: &Path) -> Result<()> {
                 path.display(), src.size(), var.size()
             );
         }
+        let float =
+            |k: tch::Kind| matches!(k, tch::Kind::Half | tch::Kind::BFloat16 | tch::Kind::Float | tch::Kind::Double);
+        if float(var.kind()) && !float(src.kind()) {
+            bail!(
+                "checkpoint {}: tensor '{name}' holds {:?} values where the model has float weights: the file is \
+                 damaged or not this model's; retrain it",
+                path.display(),
+                src.kind()
+            );
+        }
         let what = format!("checkpoint {}: tensor '{name}'", path.display());
         crate::cli::ensure_finite(
             src,

@@ -130,15 +130,27 @@ pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed, then renamed over `path`.
-/// A crash mid-write leaves the old file intact, never a half-written one.
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsynced, then renamed over `path`,
+/// then the directory fsynced. A crash mid-write leaves the old file intact, never a half-written one, and the
+/// temporary file is removed on every error path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    anyhow::ensure!(!path.is_dir(), "{} is a directory: give the path of a file to write", path.display());
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .with_context(|| format!("cannot write {} (is the disk full, or the folder read-only?)", tmp.display()))
+        .and_then(|_| {
+            std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp); // never leave a half-written file behind
+        return Err(e);
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all(); // the rename reaches the disk with the directory's entry (some filesystems refuse this)
+    }
     Ok(())
 }
 
@@ -351,6 +363,21 @@ pub fn shipped_path(relative: &str, marker: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn atomic_writes_refuse_a_directory_and_leave_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = write_atomic(dir.path(), b"x").unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        let path = dir.path().join("a.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let e = write_atomic(&dir.path().join("missing/b.json"), b"x").unwrap_err().to_string();
+        assert!(e.contains("cannot write"), "{e}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["a.json"], "no temporary file is left");
+    }
 
     #[test]
     fn text_in_messages_is_escaped_and_shortened() {

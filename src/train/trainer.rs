@@ -1202,5 +1202,14 @@ mod tests {
         let _ = mlp(&fresh, 4, 8, 2);
         let e = format!("{:#}", checkpoint::load(&mut fresh, &path).err().unwrap());
         assert!(e.contains("fc1.weight") && e.contains("NaN"), "{e}");
+        // integer values where float weights belong are refused too, not converted
+        let ints: Vec<(String, Tensor)> = Tensor::read_safetensors(&path)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| if k == "fc1.weight" { (k, t.zeros_like().to_kind(Kind::Int)) } else { (k, t) })
+            .collect();
+        checkpoint::write_tensors(&path, &ints, &metadata).unwrap();
+        let e = format!("{:#}", checkpoint::load(&mut fresh, &path).err().unwrap());
+        assert!(e.contains("fc1.weight") && e.contains("Int"), "{e}");
     }
 }
