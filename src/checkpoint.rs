@@ -8,6 +8,7 @@
 //! An atomic write ([`write_tensors`]): the tensors go to a temporary file in the same directory, which is fsynced,
 //! renamed over the target, and the directory fsynced; on any error the temporary file is removed, and a save first
 //! removes the temporary files of the same checkpoint that a killed process left ([`remove_stale_temps`]).
+use crate::validate::Validate;
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::tensor::{Dtype, View};
 use serde::{de::DeserializeOwned, Serialize};
@@ -71,17 +72,12 @@ impl View for &TensorBytes {
     }
 }
 
-/// The temporary file a save of `path` by this process writes first (`.NAME.tmpPID.safetensors`, beside it).
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-    dir_of(path).join(format!(".{name}.tmp{}.safetensors", std::process::id()))
-}
-
 fn dir_of(path: &Path) -> &Path {
     path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
-/// Removes the temporary files of a save of `path` that a killed or failed process left behind (any process id);
+/// Removes the temporary files of a save of `path` (`.NAME.tmpPID.safetensors` beside it, written by
+/// [`crate::cli::replace_atomically`]) that a killed or failed process left behind (any process id);
 /// returns how many. Call it when nothing else writes `path`: at the start of a run, and before each save.
 pub fn remove_stale_temps(path: &Path) -> Result<usize> {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return Ok(0) };
@@ -110,24 +106,12 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)], metadata: &BTree
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     remove_stale_temps(path)?;
     let views = tensors.iter().map(|(n, t)| Ok((n.clone(), TensorBytes::new(n, t)?))).collect::<Result<Vec<_>>>()?;
-    let tmp = temp_path(path);
     let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let written = safetensors::tensor::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), &Some(meta), &tmp)
-        .map_err(|e| anyhow::anyhow!("{e:?}"))
-        .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(Into::into))
-        .with_context(|| format!("cannot write checkpoint {} (is the disk full?)", tmp.display()))
-        .and_then(|_| {
-            std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
-        });
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp); // never leave a half-written file behind
-        return Err(e);
-    }
-    // the rename itself reaches the disk only with the directory's entry
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all(); // some filesystems refuse fsync on a directory; the file itself is already safe
-    }
-    Ok(())
+    crate::cli::replace_atomically(path, ".safetensors", |tmp| {
+        safetensors::tensor::serialize_to_file(views.iter().map(|(n, v)| (n.as_str(), v)), &Some(meta), tmp)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(std::fs::File::open(tmp)?.sync_all()?)
+    })
 }
 
 /// The `__metadata__` of the safetensors file at `path` (empty when it has none), read from the header alone.
@@ -154,6 +138,18 @@ pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
 /// Reads the config of a checkpoint: from inside the file, or, for checkpoints written before it moved there, from
 /// the JSON beside it.
 pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    Ok(read_config(path)?.0)
+}
+
+/// [`load_config`], then the config's own range checks ([`Validate`]): an error names the file the config came from,
+/// the field, its value and what is allowed, before anything is built from it.
+pub fn load_valid_config<T: DeserializeOwned + Validate>(path: &Path) -> Result<T> {
+    let (config, from) = read_config(path)?;
+    crate::validate::checked(config, &from)
+}
+
+/// The config and the file it was read from.
+fn read_config<T: DeserializeOwned>(path: &Path) -> Result<(T, PathBuf)> {
     let inside = if path.exists() { read_metadata(path)?.remove(CONFIG_KEY) } else { None };
     let (text, from) = match inside {
         Some(text) => (text, path.to_path_buf()),
@@ -169,9 +165,10 @@ pub fn load_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
             (text, cpath)
         }
     };
-    serde_json::from_str(&text).with_context(|| {
+    let config = serde_json::from_str(&text).with_context(|| {
         format!("checkpoint config in {} does not match this model's config: retrain or delete it", from.display())
-    })
+    })?;
+    Ok((config, from))
 }
 
 /// Number of scalars in all the variables of `vs`.

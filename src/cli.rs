@@ -130,16 +130,25 @@ pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsynced, then renamed over `path`,
-/// then the directory fsynced. A crash mid-write leaves the old file intact, never a half-written one, and the
-/// temporary file is removed on every error path.
+/// Writes `bytes` to `path` atomically (see [`replace_atomically`]): after a crash `path` holds the old bytes or the
+/// new ones, never a half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_atomically(path, "", |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(bytes)?;
+        Ok(f.sync_all()?)
+    })
+}
+
+/// Replaces `path` with what `write` puts into a temporary file beside it (`.NAME.tmpPID` + `suffix`; `write` must
+/// flush it to the disk): the temporary file is renamed over `path`, then the directory is synced, so the rename
+/// itself survives a crash. On every error the temporary file is removed; a directory given as `path` is refused.
+pub fn replace_atomically(path: &Path, suffix: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     anyhow::ensure!(!path.is_dir(), "{} is a directory: give the path of a file to write", path.display());
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+    let tmp = dir.join(format!(".{name}.tmp{}{suffix}", std::process::id()));
+    let written = write(&tmp)
         .with_context(|| format!("cannot write {} (is the disk full, or the folder read-only?)", tmp.display()))
         .and_then(|_| {
             std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
@@ -149,7 +158,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(e);
     }
     if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all(); // the rename reaches the disk with the directory's entry (some filesystems refuse this)
+        let _ = d.sync_all(); // some filesystems refuse fsync on a directory; the file itself is already safe
     }
     Ok(())
 }

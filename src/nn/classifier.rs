@@ -117,10 +117,7 @@ impl MnistClassifier {
 
     /// Loads weights saved by [`train_classifier`]'s binary: `path` plus its config JSON beside it.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let config = crate::validate::checked(
-            checkpoint::load_config::<ClassifierConfig>(path)?,
-            &checkpoint::config_path(path),
-        )?;
+        let config = checkpoint::load_valid_config::<ClassifierConfig>(path)?;
         let mut model = Self::new(config, device);
         checkpoint::load(&mut model.vs, path)?;
         Ok(model)

@@ -46,7 +46,7 @@ pub fn load_network<C: DeserializeOwned + Validate, M>(
 ) -> Result<(VarStore, M)> {
     let path = dir.join(format!("{name}.safetensors"));
     let mut vs = VarStore::new(device);
-    let net = build(vs.root(), checked(checkpoint::load_config::<C>(&path)?, &checkpoint::config_path(&path))?);
+    let net = build(vs.root(), checkpoint::load_valid_config::<C>(&path)?);
     checkpoint::load(&mut vs, &path)?;
     Ok((vs, net))
 }

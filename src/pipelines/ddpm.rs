@@ -17,6 +17,13 @@ pub struct SavedUNet {
     pub timesteps: usize,
 }
 
+impl crate::validate::Validate for SavedUNet {
+    fn validate(&self) -> std::result::Result<(), String> {
+        self.unet.validate()?;
+        crate::validate::in_range("timesteps", self.timesteps, 21, 100_000) // the linear schedule needs T > 20
+    }
+}
+
 /// Where lesson 04's trained UNet is shipped (`lesson04 --ship`), for lesson 07 to sample from on a fresh clone.
 pub const SHIPPED_UNET: &str = "data/lesson04/unet.safetensors";
 
@@ -70,11 +77,10 @@ pub fn ship_unet(vs: &VarStore, saved: &SavedUNet, note: &ShipNote) -> Result<st
 /// Loads a UNet saved by [`save_unet`]: its weights (strictly: names and shapes must match the config), the model
 /// and its noise schedule.
 pub fn load_unet(path: &Path, device: Device) -> Result<(VarStore, crate::nn::unet::UNet, NoiseSchedule)> {
-    let saved: SavedUNet = crate::checkpoint::load_config(path)?;
-    let unet = crate::validate::checked(saved.unet, &crate::checkpoint::config_path(path))?;
+    let saved: SavedUNet = crate::checkpoint::load_valid_config(path)?;
     let sched = NoiseSchedule::by_name(&saved.schedule, saved.timesteps)?;
     let mut vs = VarStore::new(device);
-    let net = crate::nn::unet::UNet::new(vs.root(), unet);
+    let net = crate::nn::unet::UNet::new(vs.root(), saved.unet);
     crate::checkpoint::load(&mut vs, path)?;
     vs.freeze();
     Ok((vs, net, sched))

@@ -26,7 +26,7 @@ use crate::sampling::registry::Sampler;
 use crate::sampling::wrappers::KnownRegion;
 use crate::sampling::SamplerStep;
 use crate::text::captions::CONTEXT_LEN;
-use crate::validate::{in_range, Validate};
+use crate::validate::Validate;
 use anyhow::{ensure, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
@@ -53,16 +53,14 @@ pub struct LatentPipelineConfig {
 
 impl Validate for LatentPipelineConfig {
     fn validate(&self) -> Result<(), String> {
-        in_range("image_size", self.image_size, 1, 1024)?;
-        in_range("context_len", self.context_len, 2, 1024)?;
-        if !matches!(self.schedule.as_str(), "linear" | "cosine") {
-            return Err(format!("`schedule` is \"{}\": it must be \"linear\" or \"cosine\"", self.schedule));
-        }
-        in_range("num_train_timesteps", self.num_train_timesteps, 2, 100_000)?;
-        match self.seen_tokens.iter().find(|t| **t < 0) {
-            Some(t) => Err(format!("`seen_tokens` holds {t}: token ids are ≥ 0")),
-            None => Ok(()),
-        }
+        let c = self;
+        crate::pipelines::check_text_pipeline(
+            c.image_size,
+            c.context_len,
+            &c.schedule,
+            c.num_train_timesteps,
+            &c.seen_tokens,
+        )
     }
 }
 
@@ -342,6 +340,7 @@ pub fn shipped_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint;
     use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
     use crate::nn::unet::UNetConfig;
     use crate::nn::vae::VaeConfig;
@@ -480,13 +479,26 @@ mod tests {
             ("text_encoder.json", "layer_norm_eps", serde_json::json!(-1.0)),
         ];
         for (file, field, value) in cases {
-            let path = dir.path().join(file);
-            let good = std::fs::read_to_string(&path).unwrap();
-            let mut json: serde_json::Value = serde_json::from_str(&good).unwrap();
-            json[field] = value;
-            std::fs::write(&path, json.to_string()).unwrap();
+            // pipeline.json is plain JSON; a network's config lives inside its safetensors file
+            let path =
+                dir.path().join(file.replace(".json", if file == "pipeline.json" { ".json" } else { ".safetensors" }));
+            let good = std::fs::read(&path).unwrap();
+            let edit = |json: &str| -> String {
+                let mut json: serde_json::Value = serde_json::from_str(json).unwrap();
+                json[field] = value.clone();
+                json.to_string()
+            };
+            if file == "pipeline.json" {
+                std::fs::write(&path, edit(&String::from_utf8(good.clone()).unwrap())).unwrap();
+            } else {
+                let mut meta = checkpoint::read_metadata(&path).unwrap();
+                let config = edit(&meta[checkpoint::CONFIG_KEY]);
+                meta.insert(checkpoint::CONFIG_KEY.to_string(), config);
+                checkpoint::write_tensors(&path, &Tensor::read_safetensors(&path).unwrap(), &meta).unwrap();
+            }
             let e = format!("{:#}", LatentDiffusion::load(dir.path(), Device::Cpu).err().unwrap());
-            assert!(e.contains(file) && e.contains(&format!("`{field}`")), "{file} {field}: {e}");
+            let name = path.file_name().unwrap().to_str().unwrap();
+            assert!(e.contains(name) && e.contains(&format!("`{field}`")), "{file} {field}: {e}");
             std::fs::write(&path, good).unwrap();
         }
         assert!(LatentDiffusion::load(dir.path(), Device::Cpu).is_ok());

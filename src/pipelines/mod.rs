@@ -57,6 +57,28 @@ pub struct PromptArgs {
     pub device: String,
 }
 
+/// The fields both text pipelines' `pipeline.json` share ([`crate::validate::Validate`]): image and context sizes,
+/// the schedule's name and T, the seen token ids.
+pub(crate) fn check_text_pipeline(
+    image_size: i64,
+    context_len: usize,
+    schedule: &str,
+    num_train_timesteps: usize,
+    seen_tokens: &[i64],
+) -> std::result::Result<(), String> {
+    use crate::validate::in_range;
+    in_range("image_size", image_size, 1, 1024)?;
+    in_range("context_len", context_len, 2, 1024)?;
+    if !matches!(schedule, "linear" | "cosine") {
+        return Err(format!("`schedule` is \"{schedule}\": it must be \"linear\" or \"cosine\""));
+    }
+    in_range("num_train_timesteps", num_train_timesteps, 2, 100_000)?;
+    match seen_tokens.iter().find(|t| **t < 0) {
+        Some(t) => Err(format!("`seen_tokens` holds {t}: token ids are ≥ 0")),
+        None => Ok(()),
+    }
+}
+
 /// `images` unless they hold NaN or infinities, which would be written as a black PNG with exit status 0.
 pub(crate) fn finite_images(images: Tensor) -> Result<Tensor> {
     let fix = "the weights give non-finite values (check the weights files) or the guidance scale is too large";

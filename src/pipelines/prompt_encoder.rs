@@ -136,10 +136,7 @@ impl PromptEncoder {
         let tokenizer = Bpe::load(dir.join("merges.txt"))?;
         let text_path = dir.join("text_encoder.safetensors");
         let mut text_vs = VarStore::new(device);
-        let config = crate::validate::checked(
-            checkpoint::load_config::<TextEncoderConfig>(&text_path)?,
-            &checkpoint::config_path(&text_path),
-        )?;
+        let config = checkpoint::load_valid_config::<TextEncoderConfig>(&text_path)?;
         let text_encoder = TextEncoder::new(text_vs.root() / "text_model", config);
         checkpoint::load(&mut text_vs, &text_path)?;
         Self::assemble(tokenizer, text_vs, text_encoder, context_len, seen_tokens)

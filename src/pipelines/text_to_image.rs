@@ -22,7 +22,7 @@ use crate::sampling::ddpm::{DdpmStep, PosteriorVariance};
 use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::text::captions::CONTEXT_LEN;
 use crate::text::{Bpe, Coverage, Encoded};
-use crate::validate::{in_range, Validate};
+use crate::validate::Validate;
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
@@ -60,16 +60,14 @@ pub struct PipelineConfig {
 
 impl Validate for PipelineConfig {
     fn validate(&self) -> Result<(), String> {
-        in_range("image_size", self.image_size, 1, 1024)?;
-        in_range("context_len", self.context_len, 2, 1024)?;
-        if !matches!(self.schedule.as_str(), "linear" | "cosine") {
-            return Err(format!("`schedule` is \"{}\": it must be \"linear\" or \"cosine\"", self.schedule));
-        }
-        in_range("num_train_timesteps", self.num_train_timesteps, 2, 100_000)?;
-        match self.seen_tokens.iter().find(|t| **t < 0) {
-            Some(t) => Err(format!("`seen_tokens` holds {t}: token ids are ≥ 0")),
-            None => Ok(()),
-        }
+        let c = self;
+        crate::pipelines::check_text_pipeline(
+            c.image_size,
+            c.context_len,
+            &c.schedule,
+            c.num_train_timesteps,
+            &c.seen_tokens,
+        )
     }
 }
 
