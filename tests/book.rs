@@ -74,3 +74,22 @@ fn every_chapter_is_in_the_summary() {
         assert!(name == "SUMMARY.md" || summary.contains(&format!("({name})")), "{name} is not listed in SUMMARY.md");
     }
 }
+
+/// mdBook's MathJax reads `\\(` … `\\)` in markdown (the markdown pass eats one backslash); a span written `\( … \)`
+/// reaches the reader as plain text with brackets. Code blocks are left alone.
+#[test]
+fn inline_math_uses_double_backslashes() {
+    let mut bad = Vec::new();
+    for chapter in chapters() {
+        let text = std::fs::read_to_string(&chapter).unwrap();
+        for (k, block) in text.split("```").enumerate().filter(|(k, _)| k % 2 == 0) {
+            for (i, _) in block.match_indices("\\(").chain(block.match_indices("\\)")) {
+                if !block[..i].ends_with('\\') {
+                    let line = block[..i].lines().last().unwrap_or("");
+                    bad.push(format!("{} (block {k}): …{line}", chapter.display()));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "single-backslash math, write \\\\( … \\\\):\n{}", bad.join("\n"));
+}
