@@ -118,6 +118,16 @@ impl SafetensorsFile {
                 ))
             );
         }
+        // [safetensors] and as its reference reader checks: the tensors' bytes tile the data section, from 0 to its
+        // end, without holes or trailing bytes (with no overlaps, that is: their lengths add up to the data's)
+        let covered: u64 = ranges.iter().map(|(_, e)| e.end - e.begin).sum();
+        let starts_at_zero = ranges.first().is_none_or(|(_, e)| e.begin == 0);
+        ensure!(
+            starts_at_zero && covered == data_len,
+            damaged(format!(
+                "its tensors cover {covered} of the {data_len} data bytes: the header leaves holes or trailing bytes"
+            ))
+        );
         Ok(Self { path: path.to_path_buf(), file, data_start: 8 + header_len, entries })
     }
 
@@ -274,5 +284,12 @@ mod tests {
         // adjacent ranges and empty tensors are fine
         let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]},"c":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}"#;
         assert_eq!(SafetensorsFile::open(&raw_file(dir.path(), header, 12)).unwrap().len(), 3);
+        // a hole between two tensors, or bytes after the last one, are a damaged header too
+        let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+        let e = format!("{:#}", SafetensorsFile::open(&raw_file(dir.path(), gap, 12)).unwrap_err());
+        assert!(e.contains("cover 8 of the 12"), "{e}");
+        let trailing = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let e = format!("{:#}", SafetensorsFile::open(&raw_file(dir.path(), trailing, 12)).unwrap_err());
+        assert!(e.contains("cover 8 of the 12"), "{e}");
     }
 }
