@@ -121,7 +121,7 @@ impl SafetensorsFile {
         // [safetensors] and as its reference reader checks: the tensors' bytes tile the data section, from 0 to its
         // end, without holes or trailing bytes (with no overlaps, that is: their lengths add up to the data's)
         let covered: u64 = ranges.iter().map(|(_, e)| e.end - e.begin).sum();
-        let starts_at_zero = ranges.first().is_none_or(|(_, e)| e.begin == 0);
+        let starts_at_zero = ranges.first().map_or(true, |(_, e)| e.begin == 0);
         ensure!(
             starts_at_zero && covered == data_len,
             damaged(format!(
