@@ -45,7 +45,8 @@ PY
   local cfg
   cfg=$(printf '# Written by ./run.sh setup: where tch finds libtorch (the torch wheel in %s).\n[env]\nLIBTORCH = "%s"\nLIBTORCH_CXX11_ABI = "%s"\n' "$VENV" "$torch_dir" "$abi")
   if [ "$(cat .cargo/config.toml 2>/dev/null)" != "$cfg" ]; then printf '%s\n' "$cfg" > .cargo/config.toml; fi
-  export PATH="$PWD/$VENV/bin:$PATH"
+  case "$VENV" in /*) venv_dir="$VENV" ;; *) venv_dir="$PWD/$VENV" ;; esac  # SCRATCH_DIFFUSION_VENV may be absolute
+  export PATH="$venv_dir/bin:$PATH"
 }
 
 cmd=${1:-help}
