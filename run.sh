@@ -6,7 +6,8 @@
 #   ./run.sh test                   same set-up plus diffusers and transformers (the parity tests' references), then
 #                                   the whole test suite (cargo test) and the book (mdbook build)
 #
-# Other commands: ./run.sh setup | build | book | bench | fetch-mnist.
+# Other commands: ./run.sh setup | build | book | book-check | bench | fetch-mnist (book-check renders every chapter in
+# headless Chromium, offline, and fails on math MathJax could not render).
 # After set-up, plain `cargo run --release --bin lesson01` and `./target/release/lesson01` work too: set-up writes
 # .cargo/config.toml (not committed) with the libtorch location, and build.rs bakes an rpath into every binary.
 set -euo pipefail
@@ -82,7 +83,15 @@ case "$cmd" in
     export RUST_TEST_THREADS=${RUST_TEST_THREADS:-1}
     cargo test --release --no-fail-fast "$@"
     mdbook build book
-    echo "book built: book/book/index.html" ;;
+    echo "book built: book/book/index.html"
+    # the chapters as a browser renders them (offline), where Chromium is installed; ./run.sh book-check runs it alone
+    if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then
+      python3 book/check_render.py out/book-check
+    else
+      echo "book-check skipped: no chromium (Debian: apt-get install chromium) to render the chapters in"
+    fi ;;
+  book-check)
+    setup; mdbook build book; exec python3 book/check_render.py "${1:-out/book-check}" ;;
   book)
     setup; mdbook build book; echo "book built: book/book/index.html (or: mdbook serve book --open)" ;;
   bench)
@@ -90,7 +99,7 @@ case "$cmd" in
   fetch-mnist)
     exec bash data/mnist/fetch.sh ;;
   help|-h|--help)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' ;;
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
-    die "unknown command '$cmd': use lesson NN, test, setup, build, book, bench or fetch-mnist" ;;
+    die "unknown command '$cmd': use lesson NN, test, setup, build, book, book-check, bench or fetch-mnist" ;;
 esac

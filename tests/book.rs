@@ -93,3 +93,17 @@ fn inline_math_uses_double_backslashes() {
     }
     assert!(bad.is_empty(), "single-backslash math, write \\\\( … \\\\):\n{}", bad.join("\n"));
 }
+
+/// The math renderer ships with the book (book/src/mathjax, loaded by book/theme/head.hbs): no page asks a CDN for it,
+/// so a reader offline sees formulas, not TeX source.
+#[test]
+fn the_math_renderer_is_vendored_not_fetched() {
+    let book = Path::new(env!("CARGO_MANIFEST_DIR")).join("book");
+    let head = std::fs::read_to_string(book.join("theme/head.hbs")).unwrap();
+    assert!(head.contains("mathjax/tex-chtml.js") && !head.contains("http"), "{head}");
+    assert!(book.join("src/mathjax/tex-chtml.js").exists() && book.join("src/mathjax/LICENSE").exists());
+    let fonts = book.join("src/mathjax/output/chtml/fonts/woff-v2");
+    assert!(fonts.join("MathJax_Main-Regular.woff").exists(), "the fonts tex-chtml.js loads");
+    let toml = std::fs::read_to_string(book.join("book.toml")).unwrap();
+    assert!(toml.contains("mathjax-support = false"), "mdBook's own MathJax loads from a CDN");
+}
