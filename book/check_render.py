@@ -51,6 +51,8 @@ def main():
     failed = False
     for page in pages:
         rendered, errors, left = check(browser, page)
+        if rendered == 0 and "\\(" in page.read_text():
+            errors.append("the page has math but none was rendered: did MathJax load? (is Chromium working?)")
         shot = OUT / (page.stem + ".png")
         run(browser, f"--screenshot={shot}", "--window-size=1100,1600", page.as_uri())
         status = "ok" if not errors and not left else "FAILED"
