@@ -51,7 +51,8 @@ def main():
     failed = False
     for page in pages:
         rendered, errors, left = check(browser, page)
-        if rendered == 0 and "\\(" in page.read_text():
+        source = re.sub(r"<(script|pre|code)[^>]*>.*?</\1>", " ", page.read_text(), flags=re.S)
+        if rendered == 0 and re.search(r"\\[(\[]", source):
             errors.append("the page has math but none was rendered: did MathJax load? (is Chromium working?)")
         shot = OUT / (page.stem + ".png")
         run(browser, f"--screenshot={shot}", "--window-size=1100,1600", page.as_uri())
