@@ -1,4 +1,6 @@
-//! The noise side of diffusion: noise ladders and the denoising-score-matching objective.
+//! The noise side of diffusion: schedules, the forward process, noise ladders, the denoising-score-matching
+//! objective, and DDPM's variational bound computed exactly on Gaussian data ([`elbo`]).
+pub mod elbo;
 pub mod forward;
 pub mod ladder;
 pub mod schedule;

@@ -17,24 +17,7 @@ use crate::model::EpsModel;
 use tch::Device;
 use tch::{Kind, Tensor};
 
-/// σ_t² of the reverse process, [DDPM] sec. 3.2: β_t or β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t) β_t. The first is the
-/// right per-step variance for data x₀ ~ N(0, I), the second for data that is a single point; real data lies in
-/// between, and the two give similar samples at T = 1000 but not with few (respaced) steps.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
-pub enum PosteriorVariance {
-    Beta,
-    BetaTilde,
-}
-
-impl PosteriorVariance {
-    /// σ_t² at index `t` of `sched`.
-    pub fn sigma_squared(self, sched: &NoiseSchedule, t: usize) -> f64 {
-        match self {
-            PosteriorVariance::Beta => sched.betas[t],
-            PosteriorVariance::BetaTilde => sched.posterior_variance(t),
-        }
-    }
-}
+pub use crate::diffusion::schedule::PosteriorVariance;
 
 /// What the sampler reports at every step (for progress bars and trajectory strips).
 pub struct DdpmStep<'a> {
