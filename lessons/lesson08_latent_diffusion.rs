@@ -202,7 +202,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let losses = [("autoencoder loss (per pixel)", vae_out.losses.as_slice()), ("latent UNet loss", &outcome.losses)];
     plot::loss_curve(&run.path("loss.png"), "Lesson 08: the autoencoder, then the latent UNet", &losses)?;
     let rows: Vec<(usize, Vec<f64>)> = terms.iter().enumerate().map(|(i, t)| (i, t.to_vec())).collect();
-    run.write_loss_csv("vae_terms.csv", &["step", "l1_per_image", "kl_per_image", "perceptual"], &rows)?;
+    run.write_loss_csv("vae_terms.csv", &["l1_per_image", "kl_per_image", "perceptual"], &rows)?;
     recon.plot(&run.path("reconstructions.png"), &test, 16)?;
 
     // ANCHOR: evaluate
