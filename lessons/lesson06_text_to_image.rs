@@ -215,7 +215,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let grades = grade_text_to_image(
         &mut generate,
         &clf,
-        (guidance, eval_n, run.seed),
+        (guidance, eval_n, run.seed, q(3, 64) as usize),
         &args.sweep,
         &data.test_images,
         &run.out,

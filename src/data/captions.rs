@@ -385,6 +385,41 @@ pub fn eval_prompts(digit: i64) -> Vec<String> {
     ]
 }
 
+/// The held-out phrasings (`data/prompts/held_out.txt`, compiled in): prompts written the way people type them, which
+/// [`caption`] never produces (a test checks), for measuring how a text encoder copes with text it never saw.
+const HELD_OUT: &str = include_str!("../../data/prompts/held_out.txt");
+
+/// The held-out templates, comments ("# …") and blank lines dropped.
+pub fn held_out_templates() -> Vec<&'static str> {
+    HELD_OUT.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("# ")).collect()
+}
+
+/// `template` filled for `digit`, once with the numeral and once with the word: "{d}" is the digit, "{D}" the same
+/// in capitals, "{a}" the article that fits the word after it ("an 8", "a neat 7").
+pub fn fill_template(template: &str, digit: i64) -> [String; 2] {
+    let d = digit_index(digit);
+    [d.to_string(), DIGIT_WORDS[d].to_string()].map(|head| {
+        let mut s = template.replace("{d}", &head).replace("{D}", &head.to_uppercase());
+        while let Some(i) = s.find("{a}") {
+            let next = s[i + 3..].split_whitespace().next().unwrap_or("").to_lowercase();
+            s.replace_range(i..i + 3, article(&next));
+        }
+        s
+    })
+}
+
+/// The held-out prompts of `digit` from the first `templates` templates (`usize::MAX`: all), numeral and word forms.
+pub fn held_out_prompts(digit: i64, templates: usize) -> Vec<String> {
+    held_out_templates().into_iter().take(templates).flat_map(|t| fill_template(t, digit)).collect()
+}
+
+/// How two prompts are compared: lowercase, punctuation as spaces, runs of spaces as one.
+pub fn normalize_prompt(prompt: &str) -> String {
+    let spaced: String =
+        prompt.chars().map(|c| if c.is_alphanumeric() { c.to_ascii_lowercase() } else { ' ' }).collect();
+    spaced.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// The (low, high) prompt pair that tests control of one attribute: "a thin 7" / "a bold 7", "a small 7" /
 /// "a large 7", "a 7 leaning left" / "a 7 leaning right". Low is the end that measures smaller (for slant: < 0).
 pub fn attribute_prompts(digit: i64, attribute: Attribute) -> [String; 2] {
@@ -401,6 +436,24 @@ pub fn attribute_prompts(digit: i64, attribute: Attribute) -> [String; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 18: the held-out set has at least 60 templates, each naming its digit, and none of its prompts is a
+    /// caption the generator writes, whatever the case, spacing or punctuation (sampled at length: 300 000 captions
+    /// of every digit and attribute level, and every evaluation prompt).
+    #[test]
+    fn held_out_prompts_are_never_generated() {
+        let templates = held_out_templates();
+        assert!(templates.len() >= 60 && templates.iter().all(|t| t.contains("{d}") || t.contains("{D}")));
+        let held: std::collections::HashSet<String> =
+            (0..10).flat_map(|d| held_out_prompts(d, usize::MAX)).map(|p| normalize_prompt(&p)).collect();
+        for c in caption_corpus(300_000, 18) {
+            assert!(!held.contains(&normalize_prompt(&c)), "the generator wrote the held-out prompt {c:?}");
+        }
+        assert_eq!(fill_template("{a} neat {d}", 8), ["a neat 8".to_string(), "a neat eight".to_string()]);
+        assert_eq!(fill_template("draw {a} {d}", 8), ["draw an 8".to_string(), "draw an eight".to_string()]);
+        assert_eq!(fill_template("{D} NOW!!!", 7)[1], "SEVEN NOW!!!");
+        assert_eq!(normalize_prompt("  Draw the Digit 2. "), "draw the digit 2");
+    }
     use std::collections::HashSet;
 
     const SIDE: usize = 28;

@@ -10,7 +10,7 @@
 //!
 //! Sampling is a closure, `generate(prompt, n, seed) -> (n, 1, 28, 28)` in [0, 1], so any pipeline (or a stand-in
 //! in the tests) can be graded. The figures of lesson 06 that show them are in [`crate::studies::prompts`].
-use crate::data::captions::{attribute_prompts, eval_prompts, stroke_stats, Attribute, StrokeStats};
+use crate::data::captions::{attribute_prompts, eval_prompts, held_out_prompts, stroke_stats, Attribute, StrokeStats};
 use crate::nn::classifier::MnistClassifier;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
@@ -46,10 +46,32 @@ pub fn prompt_accuracy(
     n: i64,
     seed: u64,
 ) -> Result<(PromptAccuracy, Tensor, Tensor)> {
+    prompt_accuracy_on(generate, clf, (n, seed), &eval_prompts)
+}
+
+/// [`prompt_accuracy`] on the held-out phrasings of `data/prompts/held_out.txt` ([`held_out_prompts`]: the first
+/// `templates` templates, numeral and word forms), which no training caption matches: how the model copes with
+/// prompts as people write them.
+pub fn held_out_accuracy(
+    generate: &mut Generate,
+    clf: &MnistClassifier,
+    (n, seed): (i64, u64),
+    templates: usize,
+) -> Result<PromptAccuracy> {
+    Ok(prompt_accuracy_on(generate, clf, (n, seed), &|d| held_out_prompts(d, templates))?.0)
+}
+
+/// [`prompt_accuracy`] with the phrasings `prompts(digit)`.
+fn prompt_accuracy_on(
+    generate: &mut Generate,
+    clf: &MnistClassifier,
+    (n, seed): (i64, u64),
+    prompts: &dyn Fn(i64) -> Vec<String>,
+) -> Result<(PromptAccuracy, Tensor, Tensor)> {
     ensure!(n >= 1, "prompt accuracy needs at least one sample per prompt");
     let (mut per_prompt, mut samples, mut asked) = (Vec::new(), Vec::new(), Vec::new());
     for digit in 0..10 {
-        for prompt in eval_prompts(digit) {
+        for prompt in prompts(digit) {
             let x = generate(&prompt, n, seed + per_prompt.len() as u64)?.to_device(Device::Cpu); // (n, 1, H, W)
             let accuracy = fraction_read_as(clf, &x, digit);
             per_prompt.push(PromptScore { prompt, digit, accuracy });

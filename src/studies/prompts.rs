@@ -54,17 +54,20 @@ pub struct TextToImageGrades {
     pub samples_all: SampleReport,
     /// (w, accuracy) of the guidance sweep.
     pub guidance_sweep: Vec<(f64, f64)>,
+    /// Prompt accuracy on the held-out phrasings no caption matches (`data/prompts/held_out.txt`), one sample each.
+    pub held_out_prompt_accuracy: PromptAccuracy,
 }
 
 /// Grades a text-to-image pipeline through `generate(prompt, n, seed, w)`: `n` samples per digit prompt and half as
 /// many per attribute prompt at guidance `w`, from seeds derived from `seed`; the Fréchet distance against
-/// `test_images` (N, 1, 28, 28) in [0, 1]; accuracy at each scale of `sweep`. Draws prompt_samples.png,
-/// attribute_control.png and guidance_sweep.png into `out`.
+/// `test_images` (N, 1, 28, 28) in [0, 1]; accuracy at each scale of `sweep`; then one sample of every prompt of the
+/// first `held_out` held-out templates. Draws prompt_samples.png, attribute_control.png and guidance_sweep.png into
+/// `out`.
 // ANCHOR: grade
 pub fn grade_text_to_image(
     generate: &mut dyn FnMut(&str, i64, u64, f64) -> Result<Tensor>,
     clf: &MnistClassifier,
-    (w, n, seed): (f64, i64, u64),
+    (w, n, seed, held_out): (f64, i64, u64, usize),
     sweep: &[f64],
     test_images: &Tensor,
     out: &Path,
@@ -82,6 +85,8 @@ pub fn grade_text_to_image(
     let guidance_sweep = guidance_sweep(generate, clf, sweep, 2, 1000 * seed + 200, &out.join("guidance_sweep.png"))?;
     plot_prompt_samples(&out.join("prompt_samples.png"), &samples, &prompt_accuracy, 2)?;
     plot_attribute_pairs(&out.join("attribute_control.png"), &attributes, &pairs, 3)?;
+    let mut at_w = |prompt: &str, n: i64, seed: u64| generate(prompt, n, seed, w);
+    let held_out_prompt_accuracy = grade::held_out_accuracy(&mut at_w, clf, (1, 1000 * seed + 300), held_out)?;
     Ok(TextToImageGrades {
         prompt_accuracy,
         attributes,
@@ -89,6 +94,7 @@ pub fn grade_text_to_image(
         samples: quality,
         samples_all: quality_all,
         guidance_sweep,
+        held_out_prompt_accuracy,
     })
 }
 // ANCHOR_END: grade
@@ -98,10 +104,13 @@ impl TextToImageGrades {
     pub fn summary(&self) -> String {
         let (a, q, all) = (&self.prompt_accuracy, &self.samples, &self.samples_all);
         format!(
-            "prompt accuracy {:.3} (worst digit {:.3}); thickness and slant follow the prompt in {:.0} % of digit × \
-             attribute pairs; Fréchet distance {:.2}, floor {:.2}, ratio {:.2} (n = {}; at all {} images: ratio {:.2})",
+            "prompt accuracy {:.3} (worst digit {:.3}; held-out phrasings {:.3}, worst digit {:.3}); thickness and slant \
+             follow the prompt in {:.0} % of digit × attribute pairs; Fréchet distance {:.2}, floor {:.2}, ratio {:.2} \
+             (n = {}; at all {} images: ratio {:.2})",
             a.overall,
             a.worst_digit,
+            self.held_out_prompt_accuracy.overall,
+            self.held_out_prompt_accuracy.worst_digit,
             100.0 * self.attribute_fraction_following_thickness_slant,
             q.frechet_distance,
             q.frechet_floor,
