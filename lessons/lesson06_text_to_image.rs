@@ -123,8 +123,8 @@ fn sample_cmd(args: PromptArgs) -> Result<()> {
     let dir = args.weights_dir(t2i::shipped_dir);
     // ANCHOR: sample_cmd
     let pipe = TextToImage::load(&dir, device).with_context(|| bundle::no_bundle(&dir, "06", "text-to-image"))?;
-    if let Some(note) = pipe.check_prompt(&args.prompt)?.note() {
-        println!("{note}"); // words the captions never had
+    for note in pipe.prompts.notes(&args.prompt)? {
+        println!("{note}"); // words the captions never had, no digit or several
     }
     let images =
         pipe.generate(&args.prompt, args.negative.as_deref(), args.num, args.guidance, args.steps as usize, args.seed)?;

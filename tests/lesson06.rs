@@ -49,6 +49,20 @@ fn quick_run_writes_figures_and_weights_that_sample_reads() {
     assert_ok(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"please\""), "a note names the unknown word");
     assert_grayscale_digits(Path::new(s), 3);
+    // issue 18: a prompt naming no digit, or two, is drawn with a note saying what to expect
+    let says = |prompt: &str, note: &str| {
+        let out = sample(&["--prompt", prompt, "--num", "1", "--steps", "2"]);
+        assert_ok(&out);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(note),
+            "{prompt}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    let one = sample(&["--prompt", "a bold one", "--num", "1", "--steps", "2"]);
+    assert!(!String::from_utf8_lossy(&one.stdout).contains("names"), "one digit named: no note");
+    says("a bold", "names no digit");
+    says("3 and 5", "names 2 digits (3, 5)");
     assert_user_error(&sample(&["--prompt", "   "]), "the prompt is empty");
     assert_user_error(&sample(&["--prompt", "zebra crossing"]), "\"zebra\", \"crossing\"");
     assert_user_error(&sample(&["--prompt", &"7 ".repeat(30)]), "at most 22");

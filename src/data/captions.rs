@@ -413,6 +413,24 @@ pub fn held_out_prompts(digit: i64, templates: usize) -> Vec<String> {
     held_out_templates().into_iter().take(templates).flat_map(|t| fill_template(t, digit)).collect()
 }
 
+/// The digits a prompt names, in order and without repeats: every numeral character ("7", "#7", "37" names 3 and 7)
+/// and every digit word, singular or plural ("seven", "Sevens", "sixes"). A training caption names exactly one.
+pub fn digits_named(prompt: &str) -> Vec<i64> {
+    let mut named: Vec<i64> = Vec::new();
+    let lower = prompt.to_lowercase();
+    for word in lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
+        let singular = word.strip_suffix("es").filter(|w| w.ends_with('x')).or(word.strip_suffix('s')).unwrap_or(word);
+        let by_word = DIGIT_WORDS.iter().position(|d| *d == word || *d == singular).map(|d| d as i64);
+        let numerals = word.chars().filter_map(|c| c.to_digit(10)).map(i64::from);
+        for d in by_word.into_iter().chain(numerals) {
+            if !named.contains(&d) {
+                named.push(d);
+            }
+        }
+    }
+    named
+}
+
 /// How two prompts are compared: lowercase, punctuation as spaces, runs of spaces as one.
 pub fn normalize_prompt(prompt: &str) -> String {
     let spaced: String =
@@ -436,6 +454,16 @@ pub fn attribute_prompts(digit: i64, attribute: Attribute) -> [String; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digits_a_prompt_names_are_found_as_numerals_and_words() {
+        assert_eq!(digits_named("Draw the digit 2."), [2]);
+        assert_eq!(digits_named("SEVENS please"), [7]);
+        assert_eq!(digits_named("some sixes and a #9"), [6, 9]);
+        assert_eq!(digits_named("3 or 5"), [3, 5]);
+        assert_eq!(digits_named("a 7, a seven"), [7]);
+        assert!(digits_named("a cat").is_empty() && digits_named("someone").is_empty());
+    }
 
     /// Issue 18: the held-out set has at least 60 templates, each naming its digit, and none of its prompts is a
     /// caption the generator writes, whatever the case, spacing or punctuation (sampled at length: 300 000 captions

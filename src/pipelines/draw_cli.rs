@@ -65,8 +65,8 @@ pub fn draw_cmd(args: DrawArgs, edit: Edit) -> Result<()> {
     let dir = a.weights_dir(ld::shipped_dir);
     let pipe =
         LatentDiffusion::load(&dir, device).with_context(|| bundle::no_bundle(&dir, "08", "latent-diffusion"))?;
-    if let Some(note) = pipe.text.check_prompt(&a.prompt)?.note() {
-        println!("{note}"); // words the captions never had
+    for note in pipe.text.notes(&a.prompt)? {
+        println!("{note}"); // words the captions never had, no digit or several
     }
     let (n, negative) = (a.num, a.negative.as_deref());
     // ANCHOR: draw_cmd

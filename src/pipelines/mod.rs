@@ -24,7 +24,8 @@ use tch::{Device, Tensor};
 /// The flags of `lesson06 sample` and `lesson08 sample | img2img | inpaint`: a prompt in, PNGs out.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PromptArgs {
-    /// The prompt, free text: "a bold 7", "Seven, leaning LEFT", "the number 3".
+    /// The prompt, free text: "a bold 7", "Seven, leaning LEFT", "the number 3". One naming no digit, or two, is
+    /// drawn with a note on what to expect.
     #[arg(long)]
     pub prompt: String,
     /// A prompt to steer away from: its prediction replaces the empty prompt's, ε̃ = ε_neg + w (ε_c − ε_neg).

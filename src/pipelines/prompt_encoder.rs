@@ -3,6 +3,7 @@
 //! it into the context τ(y) the UNet cross-attends to (diffusers: the pipeline's `tokenizer` + `text_encoder` and
 //! its `encode_prompt`).
 use crate::checkpoint;
+use crate::data::captions::digits_named;
 use crate::model::Cond;
 use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use crate::nn::text_unet::{encode_context, lens_to_mask};
@@ -113,6 +114,28 @@ impl PromptEncoder {
             self.check_prompt(neg).context("in the negative prompt")?;
         }
         Ok((self.context(prompt).1, self.context(negative.unwrap_or("")).1))
+    }
+
+    /// What to tell the user about `prompt` before drawing, after [`Self::check_prompt`]: words the captions never had,
+    /// and a prompt that names no digit (drawn anyway: the rest of the prompt decides) or several (every training
+    /// caption named one, so expect one of them or a blend).
+    pub fn notes(&self, prompt: &str) -> Result<Vec<String>> {
+        let mut notes: Vec<String> = self.check_prompt(prompt)?.note().into_iter().collect();
+        let named: Vec<String> = digits_named(prompt).iter().map(i64::to_string).collect();
+        match named.len() {
+            0 => notes.push(
+                "note: the prompt names no digit (as a numeral or a word), so the rest of it decides which digit is \
+                 drawn; name one, e.g. \"a bold 7\""
+                    .into(),
+            ),
+            1 => {}
+            n => notes.push(format!(
+                "note: the prompt names {n} digits ({}); every training caption named one, so expect one of them or a \
+                 blend",
+                named.join(", ")
+            )),
+        }
+        Ok(notes)
     }
 
     /// The text of a token for figure labels: "seven", "<start>", "<end>" (a word piece keeps no `</w>` mark).
