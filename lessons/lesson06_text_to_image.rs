@@ -20,7 +20,7 @@ use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::clip::{digit_prompts, tokenize, zero_shot_accuracy, ClipTargets, MiniClipConfig};
 use scratch_diffusion::nn::text_unet::lens_to_mask;
 use scratch_diffusion::pipelines::text_to_image::{self as t2i, PipelineConfig, TextToImage};
-use scratch_diffusion::pipelines::{bundle, PromptArgs};
+use scratch_diffusion::pipelines::{bundle, PromptArgs, TokensArgs};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
 use scratch_diffusion::studies::prompts::{self as figures, grade_text_to_image, EvalArgs};
@@ -59,6 +59,8 @@ enum Command {
     Train(TrainArgs),
     /// Draw digits for a prompt with a trained pipeline (by default the shipped one).
     Sample(PromptArgs),
+    /// Show how the tokenizer reads a prompt: tokens, ids, and those no training caption had.
+    Tokens(TokensArgs),
 }
 
 #[derive(Args, Debug)]
@@ -114,13 +116,13 @@ struct TrainArgs {
 fn main() {
     lesson_main(|| match Cli::parse() {
         Cli { command: Some(Command::Sample(args)), .. } => sample_cmd(args),
+        Cli { command: Some(Command::Tokens(args)), .. } => args.run("06", t2i::shipped_dir),
         Cli { command: Some(Command::Train(args)), .. } | Cli { train: args, .. } => train_cmd(args),
     })
 }
 
 fn sample_cmd(args: PromptArgs) -> Result<()> {
-    let device = args.init()?;
-    let dir = args.weights_dir(t2i::shipped_dir);
+    let (device, dir) = (args.init()?, args.weights_dir(t2i::shipped_dir));
     // ANCHOR: sample_cmd
     let pipe = TextToImage::load(&dir, device).with_context(|| bundle::no_bundle(&dir, "06", "text-to-image"))?;
     for note in pipe.prompts.notes(&args.prompt)? {
@@ -139,8 +141,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let (steps, clip_steps) =
         (args.steps.unwrap_or(q(30, STEPS)) as usize, args.clip_steps.unwrap_or(q(20, CLIP_STEPS)) as usize);
     let (guidance, sample_steps, eval_n) = args.eval.resolve(run.quick);
-    let sched = NoiseSchedule::by_name(&args.schedule, 1000)?; // T = 1000 (PipelineConfig::mnist)
-    let started = std::time::Instant::now();
+    let (sched, started) = (NoiseSchedule::by_name(&args.schedule, 1000)?, std::time::Instant::now()); // T as saved
     let data_set = caption_images(&data.train_images, &data.train_labels, CAPTIONS_PER_IMAGE, run.seed)?;
     let (bpe, caps) = (&data_set.tokenizer, &data_set.captions); // caps: ids (N, K, L), lens (N, K)
     let (merges, vocab) = (bpe.num_merges(), bpe.vocab_size());
@@ -175,8 +176,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     unet_config.cross_attention_dim = Some(clip_config.text.hidden_size); // the width of the text's token states
     unet_config.dropout = args.dropout.unwrap_or(unet_config.dropout);
     unet_config.pooled_context_embedding = args.pooled_context;
-    // lesson 04's recipe (src/train/recipe.rs)
-    let cfg =
+    let cfg = // lesson 04's recipe (src/train/recipe.rs)
         TrainerConfig { bf16: args.bf16, seed: run.seed, ..TrainerConfig::mnist_unet(steps, args.batch, args.lr) };
     let empty = bpe.encode_padded("", CONTEXT_LEN); // the unconditional prompt ∅
     let log = StepLog::new(steps as u64, "UNet", 10);

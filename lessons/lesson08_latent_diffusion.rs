@@ -15,11 +15,11 @@ use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::unet::UNetConfig;
 use scratch_diffusion::nn::vae::{scaling_factor, VaeConfig};
-use scratch_diffusion::pipelines::bundle;
 use scratch_diffusion::pipelines::draw_cli::{draw_cmd, DrawArgs, Edit, Img2ImgArgs, InpaintArgs, STRENGTH};
 use scratch_diffusion::pipelines::latent_diffusion::{self as ld, Draw, LatentDiffusion, LatentPipelineConfig};
 use scratch_diffusion::pipelines::prompt_encoder::PromptEncoder;
 use scratch_diffusion::pipelines::text_to_image::{self as t2i, TextToImage};
+use scratch_diffusion::pipelines::{bundle, TokensArgs};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::registry::Sampler;
 use scratch_diffusion::studies::latent_edits::summary as edits_summary;
@@ -73,6 +73,8 @@ enum Command {
     Img2img(Img2ImgArgs),
     /// Redraw the masked part of a PNG (white in --mask) to fit a prompt, keeping the rest.
     Inpaint(InpaintArgs),
+    /// Show how the tokenizer reads a prompt: tokens, ids, and those no training caption had.
+    Tokens(TokensArgs),
 }
 
 #[derive(Args, Debug)]
@@ -117,21 +119,20 @@ fn main() {
         Cli { command: Some(Command::Sample(args)), .. } => draw_cmd(args, Edit::None),
         Cli { command: Some(Command::Img2img(a)), .. } => draw_cmd(a.draw, Edit::Img2Img(a.image, a.strength)),
         Cli { command: Some(Command::Inpaint(a)), .. } => draw_cmd(a.draw, Edit::Inpaint(a.image, a.mask)),
+        Cli { command: Some(Command::Tokens(args)), .. } => args.run("08", ld::shipped_dir),
         Cli { command: Some(Command::Train(args)), .. } | Cli { train: args, .. } => train_cmd(args),
     })
 }
 
 fn train_cmd(args: TrainArgs) -> Result<()> {
-    let sampler = Sampler::from_name(&args.sampler).context("--sampler")?;
-    let run = args.common.init("lesson08")?;
+    let (sampler, run) = (Sampler::from_name(&args.sampler).context("--sampler")?, args.common.init("lesson08")?);
     let data = mnist::load(&run.data_dir).context("lesson 08 trains on MNIST")?;
     let q = |quick: u64, full: u64| if run.quick { quick } else { full };
     let (vae_steps, steps) = (args.vae_steps.unwrap_or(q(20, VAE_STEPS)), args.steps.unwrap_or(q(30, STEPS)));
     let (guidance, sample_steps, eval_n) = args.eval.resolve(run.quick);
     let text_dir = args.text_from.clone().unwrap_or_else(t2i::shipped_dir);
     let pixel = TextToImage::load(&text_dir, run.device).with_context(|| bundle::no_bundle(&text_dir, "06", "text"))?;
-    let clf = MnistClassifier::load_shipped(Device::Cpu)?;
-    let started = std::time::Instant::now();
+    let (clf, started) = (MnistClassifier::load_shipped(Device::Cpu)?, std::time::Instant::now());
     let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
 
     // ANCHOR: vae

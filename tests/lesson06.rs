@@ -62,6 +62,11 @@ fn quick_run_writes_figures_and_weights_that_sample_reads() {
     let one = sample(&["--prompt", "a bold one", "--num", "1", "--steps", "2"]);
     assert!(!String::from_utf8_lossy(&one.stdout).contains("names"), "one digit named: no note");
     says("a bold", "names no digit");
+    // issue 18: `tokens` shows how the tokenizer reads a prompt, and which tokens no caption had
+    let tokens = run_lesson(BIN, &["tokens", "--weights", w, "--prompt", "Draw the digit 2."]);
+    assert_ok(&tokens);
+    let text = String::from_utf8_lossy(&tokens.stdout);
+    assert!(text.contains("\"<start>\"") && text.contains("never in a training caption"), "{text}");
     says("3 and 5", "names 2 digits (3, 5)");
     assert_user_error(&sample(&["--prompt", "   "]), "the prompt is empty");
     assert_user_error(&sample(&["--prompt", "zebra crossing"]), "\"zebra\", \"crossing\"");

@@ -4,6 +4,7 @@
 //! that says how the bundle was made.
 use crate::checkpoint;
 use crate::data::captions::AttributeBins;
+use crate::pipelines::prompt_encoder::PromptEncoder;
 use crate::validate::{checked, Validate};
 use anyhow::{Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
@@ -49,6 +50,23 @@ pub fn load_network<C: DeserializeOwned + Validate, M>(
     let net = build(vs.root(), checkpoint::load_valid_config::<C>(&path)?);
     checkpoint::load(&mut vs, &path)?;
     Ok((vs, net))
+}
+
+/// The prompt side of a saved text pipeline (lesson 06's or 08's): its tokenizer and frozen text encoder, with the
+/// context length and the training captions' tokens from `pipeline.json`.
+pub fn load_prompt_encoder(dir: &Path, device: Device) -> Result<PromptEncoder> {
+    #[derive(serde::Deserialize)]
+    struct PromptSide {
+        context_len: usize,
+        seen_tokens: Vec<i64>,
+    }
+    impl Validate for PromptSide {
+        fn validate(&self) -> std::result::Result<(), String> {
+            crate::validate::in_range("context_len", self.context_len, 2, 1024)
+        }
+    }
+    let side: PromptSide = load_config(dir, "text pipeline")?;
+    PromptEncoder::load(dir, side.context_len, &side.seen_tokens, device)
 }
 
 /// Writes the captions' attribute bins, when there are any.

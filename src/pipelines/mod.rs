@@ -58,6 +58,39 @@ pub struct PromptArgs {
     pub device: String,
 }
 
+/// `lessonNN tokens`: how a saved pipeline's tokenizer reads a prompt, token by token.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TokensArgs {
+    /// The prompt to look at.
+    #[arg(long)]
+    pub prompt: String,
+    /// A saved pipeline (the weights/ folder of a training run) [default: the shipped one in data/lessonNN].
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Threads libtorch may use [default: all cores].
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    pub threads: Option<i32>,
+}
+
+impl TokensArgs {
+    /// Prints the tokens, ids and unseen tokens of `--prompt` for lesson `lesson`'s pipeline (`shipped`: its
+    /// shipped folder), then what `sample` would note about the prompt.
+    pub fn run(&self, lesson: &str, shipped: impl FnOnce() -> PathBuf) -> Result<()> {
+        if let Some(n) = self.threads {
+            tch::set_num_threads(n);
+        }
+        let dir = self.weights.clone().unwrap_or_else(shipped);
+        let encoder = bundle::load_prompt_encoder(&dir, Device::Cpu)
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", bundle::no_bundle(&dir, lesson, "text")))?;
+        println!("{}", encoder.describe_tokens(&self.prompt));
+        match encoder.notes(&self.prompt) {
+            Ok(notes) => notes.iter().for_each(|n| println!("{n}")),
+            Err(e) => println!("sample would refuse it: {e:#}"),
+        }
+        Ok(())
+    }
+}
+
 /// The fields both text pipelines' `pipeline.json` share ([`crate::validate::Validate`]): image and context sizes,
 /// the schedule's name and T, the seen token ids.
 pub(crate) fn check_text_pipeline(

@@ -116,6 +116,22 @@ impl PromptEncoder {
         Ok((self.context(prompt).1, self.context(negative.unwrap_or("")).1))
     }
 
+    /// How the tokenizer reads `prompt`, a line per token: its position, id, text, and whether the training captions
+    /// ever had it (a token they never had reaches an embedding that never trained). The learner's window into why a
+    /// prompt fails.
+    pub fn describe_tokens(&self, prompt: &str) -> String {
+        let e = self.tokenizer.encode_padded(prompt, self.context_len);
+        let mut lines = vec![format!("{} tokens of {} (start and end included):", e.len, self.context_len)];
+        for (i, &id) in e.ids[..e.len].iter().enumerate() {
+            let seen = if self.seen.contains(&id) { "" } else { "   never in a training caption" };
+            lines.push(format!("{i:>3}  id {id:>5}  {:?}{seen}", crate::cli::for_message(&self.token_label(id), 40)));
+        }
+        if e.truncated {
+            lines.push(format!("(the prompt was cut at {} tokens)", self.context_len));
+        }
+        lines.join("\n")
+    }
+
     /// What to tell the user about `prompt` before drawing, after [`Self::check_prompt`]: words the captions never had,
     /// and a prompt that names no digit (drawn anyway: the rest of the prompt decides) or several (every training
     /// caption named one, so expect one of them or a blend).
