@@ -38,7 +38,21 @@ pub enum DeviceArg {
     Cuda,
 }
 
-fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
+impl DeviceArg {
+    /// The libtorch device, or an error when CUDA is asked for and there is none.
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceArg::Cuda => {
+                bail!("--device cuda was asked for, but libtorch sees no CUDA GPU here: use --device cpu")
+            }
+        }
+    }
+}
+
+/// The clap value parser of `--device`.
+pub fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
     match s.to_ascii_lowercase().as_str() {
         "cpu" => Ok(DeviceArg::Cpu),
         "cuda" | "gpu" => Ok(DeviceArg::Cuda),
@@ -95,13 +109,7 @@ impl CommonArgs {
     pub fn init(&self, lesson: &str) -> Result<Run> {
         let out = self.out.clone().unwrap_or_else(|| PathBuf::from("out").join(lesson));
         ensure_writable_dir(&out)?;
-        let device = match self.device {
-            DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda if tch::Cuda::is_available() => Device::Cuda(0),
-            DeviceArg::Cuda => {
-                bail!("--device cuda was asked for, but libtorch sees no CUDA GPU here: use --device cpu")
-            }
-        };
+        let device = self.device.resolve()?;
         if let Some(n) = self.threads {
             tch::set_num_threads(n);
         }

@@ -54,8 +54,8 @@ pub struct PromptArgs {
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub threads: Option<i32>,
     /// cpu or cuda.
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
-    pub device: String,
+    #[arg(long, default_value = "cpu", value_parser = crate::cli::parse_device)]
+    pub device: crate::cli::DeviceArg,
 }
 
 /// `lessonNN tokens`: how a saved pipeline's tokenizer reads a prompt, token by token.
@@ -135,9 +135,7 @@ impl PromptArgs {
         if let Some(n) = self.threads {
             tch::set_num_threads(n);
         }
-        let device = if self.device == "cuda" { Device::cuda_if_available() } else { Device::Cpu };
-        ensure!(self.device == "cpu" || device.is_cuda(), "--device cuda was asked for, but libtorch sees no GPU");
-        Ok(device)
+        self.device.resolve()
     }
 
     /// --out, or `out/LESSON/samples`.

@@ -153,9 +153,9 @@ impl SdModels {
             "weights {} not found: pass a diffusers folder (with unet/, vae/, text_encoder/) or a .safetensors file",
             path.display()
         );
-        check_single_file(path)?; // before 4 GB of networks are built for it
+        let file = open_single_file(path)?; // its header, read before 4 GB of networks are built for it
         let mut models = Self::new(SdConfig::sd15(), device)?;
-        models.load_single_file(path)?;
+        models.load_from(file)?;
         Ok(models)
     }
 
@@ -186,9 +186,12 @@ impl SdModels {
 
     /// An original single file, mapped through [`KeyMap`] built from this model's configs.
     pub fn load_single_file(&mut self, path: &Path) -> Result<()> {
-        check_single_file(path)?;
+        self.load_from(open_single_file(path)?)
+    }
+
+    /// [`Self::load_single_file`] from a file whose header [`open_single_file`] has read.
+    fn load_from(&mut self, mut file: SafetensorsFile) -> Result<()> {
         let map = KeyMap::new(&self.config.unet, &self.config.vae);
-        let mut file = SafetensorsFile::open(path)?;
         for (component, vs) in self.stores() {
             let original = |name: &str| {
                 let ours = format!("{component}.{name}");
@@ -296,8 +299,9 @@ fn load_strict(
 }
 // ANCHOR_END: load_strict
 
-/// A single file's header, read before any network is built: a safetensors file with SD 1.x's UNet in it.
-fn check_single_file(path: &Path) -> Result<()> {
+/// Opens a single file and reads its header, before any network is built: a safetensors file with SD 1.x's UNet in
+/// it (the file is then read tensor by tensor).
+fn open_single_file(path: &Path) -> Result<SafetensorsFile> {
     let file = SafetensorsFile::open(path)?;
     let has = |prefix: &str| file.names().any(|n| n.starts_with(prefix));
     if !has(crate::sd::keymap::UNET_ORIGINAL) && has("down_blocks.") {
@@ -313,7 +317,7 @@ fn check_single_file(path: &Path) -> Result<()> {
          model as one .safetensors file, or a diffusers folder)",
         path.display()
     );
-    Ok(())
+    Ok(file)
 }
 
 /// A count (layers, blocks) from a config: a non-negative integer.
