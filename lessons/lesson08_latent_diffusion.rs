@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::checkpoint;
 use scratch_diffusion::cli::{crate_root, lesson_main, merge, non_negative, positive, CommonArgs, StepLog};
-use scratch_diffusion::data::mnist;
+use scratch_diffusion::data::{captions::CaptionStyle, mnist};
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::unet::UNetConfig;
@@ -22,9 +22,10 @@ use scratch_diffusion::pipelines::text_to_image::{self as t2i, TextToImage};
 use scratch_diffusion::pipelines::{bundle, TokensArgs};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::registry::Sampler;
+use scratch_diffusion::studies::latent_edits::sampling_speed;
 use scratch_diffusion::studies::latent_edits::summary as edits_summary;
-use scratch_diffusion::studies::latent_edits::{img2img_study, inpaint_study, reconstructions, sampling_speed};
-use scratch_diffusion::studies::prompts::{grade_text_to_image, EvalArgs};
+use scratch_diffusion::studies::latent_edits::{grade_saved, img2img_study, inpaint_study, reconstructions};
+use scratch_diffusion::studies::prompts::{grade_text_to_image, EvalArgs, GradeArgs};
 use scratch_diffusion::text::captions::{caption_images_with, CONTEXT_LEN};
 use scratch_diffusion::train::conditional::DEFAULT_P_UNCOND;
 use scratch_diffusion::train::ddpm::EpsObjective;
@@ -75,6 +76,8 @@ enum Command {
     Inpaint(InpaintArgs),
     /// Show how the tokenizer reads a prompt: tokens, ids, and those no training caption had.
     Tokens(TokensArgs),
+    /// Grade a saved pipeline (by default the shipped one) as training does, held-out phrasings included.
+    Eval(GradeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -120,6 +123,7 @@ fn main() {
         Cli { command: Some(Command::Img2img(a)), .. } => draw_cmd(a.draw, Edit::Img2Img(a.image, a.strength)),
         Cli { command: Some(Command::Inpaint(a)), .. } => draw_cmd(a.draw, Edit::Inpaint(a.image, a.mask)),
         Cli { command: Some(Command::Tokens(args)), .. } => args.run("08", ld::shipped_dir),
+        Cli { command: Some(Command::Eval(args)), .. } => grade_saved(&args, SAMPLER),
         Cli { command: Some(Command::Train(args)), .. } | Cli { train: args, .. } => train_cmd(args),
     })
 }
@@ -141,15 +145,10 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let vae_cfg = TrainerConfig { seed: run.seed, ..TrainerConfig::mnist_vae(vae_steps as usize, VAE_BATCH, VAE_LR) };
     let log = StepLog::new(vae_steps, "VAE", 5);
     let mut terms = Vec::new(); // (L1, KL, perceptual) per step
-    let (vae_vs, mut vae, vae_out) = train_vae(
-        &vae_config,
-        &images,
-        loss,
-        Some(&clf),
-        &vae_cfg,
-        TrainRun::logged(run.device, &log).checkpoint(&run.path("vae_checkpoint.safetensors"), args.resume),
-        &mut |t| terms.push(t),
-    )?;
+    let vae_checkpoint = run.path("vae_checkpoint.safetensors");
+    let logged = TrainRun::logged(run.device, &log).checkpoint(&vae_checkpoint, args.resume);
+    let (vae_vs, mut vae, vae_out) =
+        train_vae(&vae_config, &images, loss, Some(&clf), &vae_cfg, logged, &mut |t| terms.push(t))?;
     log.finish();
     // reconstructions of the test set: PSNR and whether the classifier still reads them right
     let (test, test_labels) = data.test(q(500, 10_000) as i64);
@@ -167,8 +166,8 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     // ANCHOR: latent_unet
     let moments = encode_moments(&vae, &images, 1000); // (60000, 8, 7, 7): μ and log σ² of every training digit
     let tokenizer = pixel.prompts.tokenizer.clone();
-    let captioned =
-        caption_images_with(&data.train_images, &data.train_labels, CAPTIONS_PER_IMAGE, run.seed, tokenizer)?;
+    let (labels, k) = (&data.train_labels, (CAPTIONS_PER_IMAGE, CaptionStyle::Varied)); // as lesson 06 trains
+    let captioned = caption_images_with(&data.train_images, labels, k, run.seed, tokenizer)?;
     let seen = captioned.captions.seen_tokens();
     let text = PromptEncoder::load(&text_dir, CONTEXT_LEN, &seen, run.device)?; // lesson 06's, frozen
     let mut unet_config = if run.quick { UNetConfig::mnist_latent_tiny() } else { UNetConfig::mnist_latent() };
@@ -236,7 +235,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         "train_seconds_total": train_seconds,
         "vae": { "config": pipe.vae.config, "steps": vae_steps, "batch_size": VAE_BATCH, "lr": VAE_LR,
                  "loss": loss, "seconds": vae_out.seconds, "test_images": test.size()[0], "psnr_db": recon.psnr_db,
-                 "classifier_accuracy_on_reconstructions": recon.accuracy, "scaling_factor": s },
+                 "classifier_accuracy_on_reconstructions": recon.accuracy, "scaling_factor": s, "reconstructions": recon },
         "unet": { "config": pipe.unet.0.config, "parameters": parameters, "steps": steps, "batch_size": args.batch,
                   "lr": args.lr, "seconds": outcome.seconds, "resumed_from": outcome.resumed_from },
         "vae_plus_unet_seconds": vae_unet_s,

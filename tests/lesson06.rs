@@ -33,7 +33,12 @@ fn quick_run_writes_figures_and_weights_that_sample_reads() {
     assert_eq!((m["train_steps"].as_i64(), m["clip"]["steps"].as_i64()), (Some(10), Some(5)));
     assert!(m["train_seconds_total"].as_f64().unwrap() > 0.0 && m["parameters"].as_i64().unwrap() > 0);
     assert_eq!(m["network"]["cross_attention_dim"], m["clip"]["config"]["text"]["hidden_size"]);
-    assert_eq!(m["tokenizer"]["context_len"].as_i64(), Some(24));
+    assert_eq!(m["tokenizer"]["context_len"].as_i64(), Some(40));
+    assert_eq!(m["captions"], "varied");
+    // issue 18: held-out phrasings graded for the digit (3 templates × 2 forms × 10 digits) and for the attributes
+    assert_eq!(m["held_out_prompt_accuracy"]["per_prompt"].as_array().unwrap().len(), 60);
+    assert_eq!(m["held_out_attributes"]["pairs"].as_array().unwrap().len(), 30);
+    assert!(dir.path().join("held_out_samples.png").exists());
     let per_digit = m["prompt_accuracy"]["per_digit"].as_array().unwrap();
     assert!(per_digit.len() == 10 && per_digit.iter().all(|a| (0.0..=1.0).contains(&a.as_f64().unwrap())));
     assert_eq!(m["prompt_accuracy"]["per_prompt"].as_array().unwrap().len(), 50);
@@ -41,13 +46,14 @@ fn quick_run_writes_figures_and_weights_that_sample_reads() {
     assert_eq!(m["guidance_sweep"].as_array().unwrap().len(), 2);
     assert!(m["samples"]["fd_over_floor"].as_f64().unwrap().is_finite());
 
-    // sampling from the run's weights: free text, any case, an unknown word and punctuation, a negative prompt
+    // sampling from the run's weights: free text, any case, a word in a script no caption has, punctuation, a
+    // negative prompt (English words are pieces the varied captions' distractor words trained, so none is unknown)
     let (w, s) = (dir.path().join("weights"), dir.path().join("samples"));
     let (w, s) = (w.to_str().unwrap(), s.to_str().unwrap());
     let sample = |extra: &[&str]| run_lesson(BIN, &[&["sample", "--weights", w, "--out", s][..], extra].concat());
-    let out = sample(&["--prompt", "A BOLD 7, please!", "--negative", "a thin 7", "--num", "3", "--steps", "3"]);
+    let out = sample(&["--prompt", "A BOLD 7, пожалуйста!", "--negative", "a thin 7", "--num", "3", "--steps", "3"]);
     assert_ok(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("\"please\""), "a note names the unknown word");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"пожалуйста\""), "a note names the unknown word");
     assert_grayscale_digits(Path::new(s), 3);
     // issue 18: a prompt naming no digit, or two, is drawn with a note saying what to expect
     let says = |prompt: &str, note: &str| {
@@ -68,10 +74,18 @@ fn quick_run_writes_figures_and_weights_that_sample_reads() {
     let text = String::from_utf8_lossy(&tokens.stdout);
     assert!(text.contains("\"<start>\"") && text.contains("never in a training caption"), "{text}");
     says("3 and 5", "names 2 digits (3, 5)");
+    // `eval` grades a saved pipeline as training does, on all 64 held-out templates
+    let e = dir.path().join("eval");
+    let eval = ["eval", "--weights", w, "--out", e.to_str().unwrap(), "--eval-samples", "2", "--sample-steps", "2"];
+    assert_ok(&run_lesson(BIN, &[&eval[..], &["--sweep", "2"]].concat()));
+    let graded = metrics(&e);
+    assert_eq!(graded["held_out_prompt_accuracy"]["per_prompt"].as_array().unwrap().len(), 10 * 128);
+    assert_eq!(graded["weights"].as_str(), Some(w));
+    assert!(e.join("held_out_samples.png").exists());
     assert_user_error(&sample(&["--prompt", "   "]), "the prompt is empty");
-    assert_user_error(&sample(&["--prompt", "zebra crossing"]), "\"zebra\", \"crossing\"");
-    assert_user_error(&sample(&["--prompt", &"7 ".repeat(30)]), "at most 22");
-    assert_user_error(&sample(&["--prompt", "7", "--negative", "zebra"]), "negative prompt");
+    assert_user_error(&sample(&["--prompt", "зебра переход"]), "\"зебра\", \"переход\"");
+    assert_user_error(&sample(&["--prompt", &"7 ".repeat(50)]), "at most 38");
+    assert_user_error(&sample(&["--prompt", "7", "--negative", "зебра"]), "negative prompt");
 
     // --resume: the mini-CLIP run is complete and is reloaded, the UNet continues from its checkpoint at step 10
     let resumed = ["--quick", "--steps", "12", "--clip-steps", "5", "--eval-samples", "2", "--sample-steps", "3"];

@@ -62,6 +62,14 @@ fn quick_run_writes_figures_and_weights_that_the_subcommands_read() {
     assert_grayscale_digits(&out("img2img"), 2);
     assert_ok(&draw("inpaint", &["--image", input, "--mask", input, "--prompt", "three", "--num", "2"]));
     assert_grayscale_digits(&out("inpaint"), 2);
+    // `eval` grades the saved pipeline as training does, and its autoencoder on the test digits
+    let e = out("eval");
+    let eval = ["eval", "--weights", w, "--out", e.to_str().unwrap(), "--eval-samples", "2", "--sample-steps", "2"];
+    assert_ok(&run_lesson(BIN, &[&eval[..], &["--sweep", "2"]].concat()));
+    assert_eq!(metrics(&e)["held_out_attributes"]["pairs"].as_array().unwrap().len(), 30);
+    let autoencoder: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(e.join("autoencoder.json")).unwrap()).unwrap();
+    assert!(autoencoder["posterior_sigma_mean"].as_f64().unwrap() > 0.0, "{autoencoder}");
 
     // bad inputs: one line, naming the problem
     let grid = out("sample").join("grid.png");
@@ -72,7 +80,7 @@ fn quick_run_writes_figures_and_weights_that_the_subcommands_read() {
     assert_user_error(&draw("img2img", &["--image", grid.to_str().unwrap(), "--prompt", "3"]), "28×28");
     assert_user_error(&draw("inpaint", &["--image", input, "--mask", grid.to_str().unwrap(), "--prompt", "3"]), "mask");
     assert_user_error(&draw("img2img", &["--image", input, "--prompt", "3", "--strength", "1.5"]), "--strength");
-    assert_user_error(&draw("sample", &["--prompt", "zebra"]), "\"zebra\"");
+    assert_user_error(&draw("sample", &["--prompt", "зебра"]), "\"зебра\"");
     assert_user_error(&draw("sample", &["--prompt", "7", "--sampler", "magic"]), "unknown sampler");
     assert_user_error(&draw("sample", &["--prompt", "7", "--sampler", "pc"]), "predictor");
 

@@ -16,10 +16,13 @@
 //! Every measure weighs pixels by intensity, so anti-aliased digits and generated samples need no threshold.
 //!
 //! Pipeline: [`stroke_stats`] (N images) -> [`AttributeBins::fit`] on the training set (saved beside the weights)
-//! -> [`AttributeBins::attributes`] per image -> [`caption`] (a fresh phrasing every epoch). For evaluation,
-//! [`eval_prompts`] and [`attribute_prompts`] are fixed phrasings that [`caption`] also produces, and generated
-//! samples are measured with the same [`stroke_stats`] and bins. Words: thickness thin / bold, slant leaning left /
-//! leaning right, size small / large; the middle third of each gets no word.
+//! -> [`AttributeBins::attributes`] per image -> [`caption`] in one of two styles: [`fixed_caption`], nine templates,
+//! or [`varied_caption`], those templates inside requests, politeness, unmeasured descriptions, distractor words,
+//! punctuation and capitals, as people write prompts. For evaluation, [`eval_prompts`] and [`attribute_prompts`]
+//! are fixed phrasings that both styles produce; the held-out prompts of `data/prompts/` are phrasings that neither
+//! produces ([`held_out_prompts`], [`held_out_attribute_prompts`]); generated samples are measured with the same
+//! [`stroke_stats`] and bins. Words: thickness thin / bold, slant leaning left / leaning right, size small / large;
+//! the middle third of each gets no word.
 use anyhow::{ensure, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -296,14 +299,42 @@ fn and_list(phrases: &[&str]) -> String {
     }
 }
 
+/// Which caption distribution a pipeline trains on (`--captions`): the fixed grammar that lessons 06 and 08 first
+/// shipped, or that grammar dressed the way people write prompts (issue 18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum CaptionStyle {
+    /// Nine templates: "a bold 7", "the number seven", "an image of the digit 7 leaning right", "7".
+    Fixed,
+    /// The fixed captions (a quarter of the time as they are) inside requests, politeness, descriptions the
+    /// attributes do not measure, numeral forms, distractor words, sentence punctuation and capitals.
+    #[default]
+    Varied,
+}
+
+/// One caption for an image of `digit` with `attributes` in the given style; see [`fixed_caption`] and
+/// [`varied_caption`]. Deterministic for a given `rng` state.
+pub fn caption(style: CaptionStyle, digit: i64, attributes: &Attributes, rng: &mut impl Rng) -> String {
+    match style {
+        CaptionStyle::Fixed => fixed_caption(digit, attributes, rng),
+        CaptionStyle::Varied => varied_caption(digit, attributes, rng),
+    }
+}
+
 /// One caption for an image of `digit` with `attributes`, e.g. "a bold, large 3", "the number seven",
 /// "7, written thin and leaning right", "a picture of a small handwritten one slanted to the left", or just "7".
 /// The digit appears once, as a numeral or a word (even odds); each attribute not in the middle tercile is
 /// mentioned with probability 0.8, in random order, before the digit ("a thin 7") or after it ("a 7 written
 /// thin"). Deterministic for a given `rng` state.
-pub fn caption(digit: i64, attributes: &Attributes, rng: &mut impl Rng) -> String {
+pub fn fixed_caption(digit: i64, attributes: &Attributes, rng: &mut impl Rng) -> String {
     let d = digit_index(digit);
     let head = if rng.random_bool(0.5) { d.to_string() } else { DIGIT_WORDS[d].to_string() };
+    describe(head, attributes, None, rng)
+}
+
+/// The fixed grammar around `head` (the digit as it is written): an optional `descriptor` ("neat") joins the
+/// attribute adjectives before the digit.
+fn describe(head: String, attributes: &Attributes, descriptor: Option<&str>, rng: &mut impl Rng) -> String {
     if rng.random_bool(BARE_PROB) {
         return head;
     }
@@ -326,6 +357,9 @@ pub fn caption(digit: i64, attributes: &Attributes, rng: &mut impl Rng) -> Strin
     if list_form {
         return format!("{head}, {}", and_list(&after));
     }
+    if let Some(word) = descriptor {
+        before.insert(rng.random_range(0..=before.len()), word);
+    }
     let separator = if rng.random_bool(0.5) { ", " } else { " " }; // "a bold, large 3" or "a small thin one"
     let adjectives = before.join(separator);
     let (lead, noun): (&[&str], &[&str]) = match template {
@@ -346,15 +380,184 @@ pub fn caption(digit: i64, attributes: &Attributes, rng: &mut impl Rng) -> Strin
     join_with_articles(&words)
 }
 
+/// Probability that a varied caption is a fixed one, unchanged.
+const FIXED_PROB: f64 = 0.25;
+/// Requests and imperatives that open a varied caption (half of them).
+const REQUESTS: [&str; 18] = [
+    "draw",
+    "draw me",
+    "please draw",
+    "show me",
+    "show",
+    "make",
+    "make me",
+    "generate",
+    "create",
+    "render",
+    "give me",
+    "i want",
+    "i would like",
+    "can you draw",
+    "could you generate",
+    "can you make",
+    "let me see",
+    "produce",
+];
+/// Greetings and politeness before the caption, and filler after it.
+const OPENERS: [&str; 5] = ["please", "hey,", "hi,", "ok,", "now"];
+const CLOSERS: [&str; 10] =
+    [", please", "please", ", thanks", "thank you", "for me", "now", "if you can", "quickly", "again", "today"];
+/// How a digit may look that the attributes do not measure: the model must learn these change nothing.
+const DESCRIPTORS: [&str; 18] = [
+    "neat",
+    "messy",
+    "pretty",
+    "scribbled",
+    "clean",
+    "sloppy",
+    "careful",
+    "rough",
+    "simple",
+    "plain",
+    "tidy",
+    "wobbly",
+    "shaky",
+    "lovely",
+    "beautiful",
+    "ugly",
+    "random",
+    "cute",
+];
+/// Sentence endings (the empty one most often).
+const ENDINGS: [&str; 8] = ["", "", "", ".", ".", "!", "!!", "?"];
+/// A varied caption has at most this many pre-tokenised pieces before its distractor words are counted; with
+/// them (each counted at one piece per two letters, as a BPE of these captions splits a rare word at worst) it
+/// stays within [`MAX_PIECES`], so it fits the text encoder's context.
+pub const MAX_PIECES: usize = 34;
+/// Distractor words: CLIP's common whole-word tokens that are English words naming neither a digit nor an
+/// attribute nor any word of the held-out prompts (`data/prompts/distractors.txt`, made by the script beside it).
+const DISTRACTORS: &str = include_str!("../../data/prompts/distractors.txt");
+
+/// The distractor words, most common first.
+pub fn distractor_words() -> &'static [&'static str] {
+    static WORDS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    WORDS.get_or_init(|| DISTRACTORS.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect())
+}
+
+/// One caption written the way people write prompts, for training a text encoder that reads text rather than a
+/// grammar (issue 18). A quarter are [`fixed_caption`]s as they are. The rest dress the fixed grammar: the numeral
+/// sometimes as "#7" or "no. 7"; with probability 0.25 a descriptor the attributes do not measure ("a messy 7");
+/// half open with a request ("draw", "can you make", "i want"); some open with a greeting or close with
+/// politeness or filler; 40 % get one to three distractor words ([`distractor_words`]) at random places between
+/// these parts; then a sentence ending, and a capitalised first letter, title case or capitals for some. The digit
+/// is named once and the attribute words only when the image has them, as in the fixed captions. A caption that
+/// would equal a held-out prompt (normalised: [`normalize_prompt`]) is drawn again, so the held-out set stays unseen.
+// ANCHOR: varied_caption
+pub fn varied_caption(digit: i64, attributes: &Attributes, rng: &mut impl Rng) -> String {
+    loop {
+        let caption = draw_varied(digit, attributes, rng);
+        if !held_out_set().contains(&normalize_prompt(&caption)) {
+            return caption;
+        }
+    }
+}
+
+fn draw_varied(digit: i64, attributes: &Attributes, rng: &mut impl Rng) -> String {
+    let d = digit_index(digit);
+    if rng.random_bool(FIXED_PROB) {
+        return fixed_caption(digit, attributes, rng);
+    }
+    let head = match rng.random_range(0..20) {
+        0 => format!("#{d}"),
+        1 => format!("no. {d}"),
+        k if k < 11 => d.to_string(),
+        _ => DIGIT_WORDS[d].to_string(),
+    };
+    let descriptor = rng.random_bool(0.25).then(|| *DESCRIPTORS.choose(rng).expect("non-empty"));
+    let mut parts = vec![describe(head, attributes, descriptor, rng)];
+    let request = rng.random_bool(0.5).then(|| *REQUESTS.choose(rng).expect("non-empty"));
+    if let Some(r) = request {
+        parts.insert(0, r.to_string());
+    }
+    if rng.random_bool(0.15) {
+        parts.insert(0, OPENERS.choose(rng).expect("non-empty").to_string());
+    }
+    if rng.random_bool(0.3) {
+        parts.push(CLOSERS.choose(rng).expect("non-empty").to_string());
+    }
+    if rng.random_bool(0.4) {
+        let budget = MAX_PIECES.saturating_sub(pieces(&parts.join(" ")));
+        let mut spent = 0;
+        for _ in 0..rng.random_range(1..=3) {
+            let word = *distractor_words().choose(rng).expect("non-empty");
+            spent += word.len().div_ceil(2);
+            if spent > budget {
+                break;
+            }
+            parts.insert(rng.random_range(0..=parts.len()), word.to_string());
+        }
+    }
+    let question = request.is_some_and(|r| r.starts_with("can") || r.starts_with("could"));
+    let ending = if question && rng.random_bool(0.7) { "?" } else { *ENDINGS.choose(rng).expect("non-empty") };
+    let text = format!("{}{ending}", parts.join(" ").replace(" ,", ","));
+    let text = text.strip_prefix(", ").map(str::to_string).unwrap_or(text);
+    match rng.random_range(0..20) {
+        0..=2 => capitalize_first(&text),
+        3 => text.split(' ').map(capitalize_first).collect::<Vec<_>>().join(" "),
+        4 => text.to_uppercase(),
+        _ => text,
+    }
+}
+
+// ANCHOR_END: varied_caption
+
+fn capitalize_first(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or_else(String::new, |c| c.to_uppercase().chain(chars).collect())
+}
+
+/// The pieces CLIP's pre-tokeniser cuts `text` into, counted: runs of letters, single digits, runs of other
+/// non-space characters ([`crate::text::bpe::PATTERN`] without its contractions).
+pub fn pieces(text: &str) -> usize {
+    let mut count = 0;
+    let mut last: Option<u8> = None; // 0 letter, 1 digit, 2 punctuation
+    for c in text.chars() {
+        let class = if c.is_whitespace() {
+            None
+        } else if c.is_alphabetic() {
+            Some(0)
+        } else if c.is_numeric() {
+            Some(1)
+        } else {
+            Some(2)
+        };
+        count += usize::from(class.is_some() && (class != last || class == Some(1)));
+        last = class;
+    }
+    count
+}
+
+/// Every held-out prompt, digits and attributes, normalised: what [`varied_caption`] must never write.
+fn held_out_set() -> &'static std::collections::HashSet<String> {
+    static SET: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    SET.get_or_init(|| {
+        let digits = (0..10).flat_map(|d| held_out_prompts(d, usize::MAX));
+        let attributes = (0..10).flat_map(|d| {
+            Attribute::ALL.into_iter().flat_map(move |a| held_out_attribute_prompts(d, a).into_iter().flatten())
+        });
+        digits.chain(attributes).map(|p| normalize_prompt(&p)).collect()
+    })
+}
+
 /// A caption for each image, drawing from one `rng`.
-pub fn captions_for(labels: &[i64], attributes: &[Attributes], rng: &mut impl Rng) -> Vec<String> {
+pub fn captions_for(style: CaptionStyle, labels: &[i64], attributes: &[Attributes], rng: &mut impl Rng) -> Vec<String> {
     assert_eq!(labels.len(), attributes.len(), "one attribute set per label");
-    labels.iter().zip(attributes).map(|(&d, a)| caption(d, a, rng)).collect()
+    labels.iter().zip(attributes).map(|(&d, a)| caption(style, d, a, rng)).collect()
 }
 
 /// `n` captions of random digits with random attribute levels, then every evaluation prompt: the text a caption
 /// tokenizer is trained on, without touching the images.
-pub fn caption_corpus(n: usize, seed: u64) -> Vec<String> {
+pub fn caption_corpus(style: CaptionStyle, n: usize, seed: u64) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let levels = [Level::Low, Level::Middle, Level::High];
     let mut corpus: Vec<String> = (0..n)
@@ -362,7 +565,7 @@ pub fn caption_corpus(n: usize, seed: u64) -> Vec<String> {
             let digit = rng.random_range(0..10);
             let mut level = || *levels.choose(&mut rng).expect("non-empty");
             let attributes = Attributes { thickness: level(), slant: level(), size: level() };
-            caption(digit, &attributes, &mut rng)
+            caption(style, digit, &attributes, &mut rng)
         })
         .collect();
     for digit in 0..10 {
@@ -411,6 +614,33 @@ pub fn fill_template(template: &str, digit: i64) -> [String; 2] {
 /// The held-out prompts of `digit` from the first `templates` templates (`usize::MAX`: all), numeral and word forms.
 pub fn held_out_prompts(digit: i64, templates: usize) -> Vec<String> {
     held_out_templates().into_iter().take(templates).flat_map(|t| fill_template(t, digit)).collect()
+}
+
+/// The held-out attribute phrasings (`data/prompts/held_out_attributes.txt`, compiled in), never written by [`caption`].
+const HELD_OUT_ATTRIBUTES: &str = include_str!("../../data/prompts/held_out_attributes.txt");
+
+/// The held-out templates of `attribute`, e.g. "Draw {a} {x} {d}." for thickness.
+pub fn held_out_attribute_templates(attribute: Attribute) -> Vec<&'static str> {
+    let name = match attribute {
+        Attribute::Thickness => "thickness:",
+        Attribute::Slant => "slant:",
+        Attribute::Size => "size:",
+    };
+    let lines = HELD_OUT_ATTRIBUTES.lines().map(str::trim).filter(|l| !l.starts_with("# "));
+    lines.filter_map(|l| l.strip_prefix(name)).map(str::trim).collect()
+}
+
+/// Every (low, high) prompt pair of the held-out phrasings of `attribute` for `digit` (as a numeral), low first as
+/// in [`attribute_prompts`]: "Draw a thin 7." / "Draw a bold 7.".
+pub fn held_out_attribute_prompts(digit: i64, attribute: Attribute) -> Vec<[String; 2]> {
+    let pair = |template: &str| {
+        [Level::Low, Level::High].map(|level| {
+            let phrase = attribute.word(level).expect("low and high have words");
+            let filled = template.replace("{X}", &phrase.to_uppercase()).replace("{x}", phrase);
+            fill_template(&filled, digit)[0].clone() // the numeral form
+        })
+    };
+    held_out_attribute_templates(attribute).into_iter().map(pair).collect()
 }
 
 /// The digits a prompt names, in order and without repeats: every numeral character ("7", "#7", "37" names 3 and 7)
@@ -474,9 +704,22 @@ mod tests {
         assert!(templates.len() >= 60 && templates.iter().all(|t| t.contains("{d}") || t.contains("{D}")));
         let held: std::collections::HashSet<String> =
             (0..10).flat_map(|d| held_out_prompts(d, usize::MAX)).map(|p| normalize_prompt(&p)).collect();
-        for c in caption_corpus(300_000, 18) {
-            assert!(!held.contains(&normalize_prompt(&c)), "the generator wrote the held-out prompt {c:?}");
+        let attribute_pairs = (0..10).flat_map(|d| Attribute::ALL.map(|a| held_out_attribute_prompts(d, a)));
+        let held_attributes: Vec<String> = attribute_pairs.flatten().flatten().map(|p| normalize_prompt(&p)).collect();
+        assert!(Attribute::ALL.iter().all(|&a| held_out_attribute_templates(a).len() >= 8));
+        assert_eq!(held_attributes.len(), 10 * 2 * 30);
+        let held: std::collections::HashSet<String> = held.into_iter().chain(held_attributes).collect();
+        let mut seen_words: HashSet<String> = HashSet::new();
+        for style in [CaptionStyle::Fixed, CaptionStyle::Varied] {
+            for c in caption_corpus(style, 300_000, 18) {
+                assert!(!held.contains(&normalize_prompt(&c)), "the generator wrote the held-out prompt {c:?}");
+                seen_words.extend(normalize_prompt(&c).split(' ').map(str::to_string));
+            }
         }
+        // Issue 18: some held-out prompts have words that no caption has (they are kept out of the distractors).
+        let unseen = |t: &str| normalize_prompt(t).split(' ').any(|w| w.len() > 2 && !seen_words.contains(w));
+        let with_unseen: Vec<&str> = templates.iter().copied().filter(|t| unseen(t)).collect();
+        assert!(with_unseen.len() >= 20, "only {} held-out templates have a word no caption has", with_unseen.len());
         assert_eq!(fill_template("{a} neat {d}", 8), ["a neat 8".to_string(), "a neat eight".to_string()]);
         assert_eq!(fill_template("draw {a} {d}", 8), ["draw an 8".to_string(), "draw an eight".to_string()]);
         assert_eq!(fill_template("{D} NOW!!!", 7)[1], "SEVEN NOW!!!");
@@ -613,28 +856,36 @@ mod tests {
         Ok(())
     }
 
+    /// The lower-cased words of a caption.
     fn words(caption: &str) -> Vec<String> {
-        caption.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
+        let lower = caption.to_lowercase();
+        lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_string).collect()
     }
+
+    const STYLES: [CaptionStyle; 2] = [CaptionStyle::Fixed, CaptionStyle::Varied];
 
     #[test]
     fn captions_are_deterministic_per_seed_and_always_name_the_digit() {
         let attributes = Attributes { thickness: Level::High, slant: Level::Low, size: Level::Middle };
-        let draw = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            (0..200).map(|i| caption(i % 10, &attributes, &mut rng)).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(1), draw(1));
-        assert_ne!(draw(1), draw(2));
-        let (mut numerals, mut names) = (0, 0);
-        for (i, c) in draw(3).iter().enumerate() {
-            let (w, d) = (words(c), i % 10);
-            let (numeral, name) = (w.contains(&d.to_string()), w.iter().any(|x| x == DIGIT_WORDS[d]));
-            assert!(numeral ^ name, "caption for {d} must name it exactly one way: {c:?}");
-            (numerals, names) = (numerals + usize::from(numeral), names + usize::from(name));
-            assert!(!c.contains("  ") && c.trim() == c);
+        for style in STYLES {
+            let draw = |seed| {
+                let mut rng = StdRng::seed_from_u64(seed);
+                (0..400).map(|i| caption(style, i % 10, &attributes, &mut rng)).collect::<Vec<_>>()
+            };
+            assert_eq!(draw(1), draw(1));
+            assert_ne!(draw(1), draw(2));
+            let (mut numerals, mut names) = (0, 0);
+            for (i, c) in draw(3).iter().enumerate() {
+                let (w, d) = (words(c), i % 10);
+                let (numeral, name) = (w.contains(&d.to_string()), w.iter().any(|x| x == DIGIT_WORDS[d]));
+                assert!(numeral ^ name, "caption for {d} must name it exactly one way: {c:?}");
+                assert_eq!(digits_named(c), [d as i64], "{c:?} names another digit");
+                (numerals, names) = (numerals + usize::from(numeral), names + usize::from(name));
+                assert!(!c.contains("  ") && c.trim() == c && !c.starts_with(','), "{c:?}");
+                assert!(pieces(c) <= MAX_PIECES, "{c:?} has {} pieces", pieces(c));
+            }
+            assert!(numerals > 120 && names > 120, "{style:?}: {numerals} numerals, {names} names");
         }
-        assert!(numerals > 60 && names > 60, "{numerals} numerals, {names} names");
     }
 
     #[test]
@@ -650,27 +901,35 @@ mod tests {
             .flatten()
             .filter(|w| !["to", "the", "a", "in", "with"].contains(&w.as_str()))
             .collect();
-        for _ in 0..300 {
-            let c = caption(7, &Attributes::PLAIN, &mut rng);
-            assert!(words(&c).iter().all(|w| !all.contains(w)), "plain caption has an attribute word: {c:?}");
+        for style in STYLES {
+            for _ in 0..1000 {
+                let c = caption(style, 7, &Attributes::PLAIN, &mut rng);
+                assert!(words(&c).iter().all(|w| !all.contains(w)), "plain caption has an attribute word: {c:?}");
+            }
+            let thin = Attributes { thickness: Level::Low, ..Attributes::PLAIN };
+            let thin_words = vocabulary(Attribute::Thickness, Level::Low);
+            let others: HashSet<&String> = all.iter().filter(|w| !thin_words.contains(*w)).collect();
+            let mut mentioned = 0;
+            for _ in 0..300 {
+                let c = caption(style, 3, &thin, &mut rng);
+                assert!(words(&c).iter().all(|w| !others.contains(w)), "{c:?} mentions an attribute it lacks");
+                mentioned += usize::from(words(&c).iter().any(|w| thin_words.contains(w)));
+            }
+            assert!(mentioned > 150, "thin mentioned in only {mentioned} of 300 captions");
         }
-        let thin = Attributes { thickness: Level::Low, ..Attributes::PLAIN };
-        let thin_words = vocabulary(Attribute::Thickness, Level::Low);
-        let others: HashSet<&String> = all.iter().filter(|w| !thin_words.contains(*w)).collect();
-        let mut mentioned = 0;
-        for _ in 0..300 {
-            let c = caption(3, &thin, &mut rng);
-            assert!(words(&c).iter().all(|w| !others.contains(w)), "{c:?} mentions an attribute it lacks");
-            mentioned += usize::from(words(&c).iter().any(|w| thin_words.contains(w)));
+        // No distractor or descriptor is a digit or attribute word, or has a digit's name inside it.
+        for w in distractor_words().iter().chain(&DESCRIPTORS) {
+            assert!(!all.contains(*w) && !DIGIT_WORDS.iter().any(|d| w.contains(d)), "{w:?}");
         }
-        assert!(mentioned > 150, "thin mentioned in only {mentioned} of 300 captions");
+        assert!(distractor_words().len() >= 5000);
     }
 
     #[test]
     fn eval_and_attribute_prompts_are_captions_the_model_trains_on() {
         let mut rng = StdRng::seed_from_u64(5);
-        for digit in [1, 7, 8] {
-            let plain: HashSet<String> = (0..3000).map(|_| caption(digit, &Attributes::PLAIN, &mut rng)).collect();
+        for (digit, style) in [(1, CaptionStyle::Fixed), (7, CaptionStyle::Varied), (8, CaptionStyle::Varied)] {
+            let plain: HashSet<String> =
+                (0..8000).map(|_| caption(style, digit, &Attributes::PLAIN, &mut rng)).collect();
             for prompt in eval_prompts(digit) {
                 assert!(plain.contains(&prompt), "{prompt:?} is never generated");
             }
@@ -682,7 +941,7 @@ mod tests {
                         Attribute::Slant => attributes.slant = level,
                         Attribute::Size => attributes.size = level,
                     }
-                    let found = (0..3000).any(|_| caption(digit, &attributes, &mut rng) == *prompt);
+                    let found = (0..8000).any(|_| caption(style, digit, &attributes, &mut rng) == *prompt);
                     assert!(found, "{prompt:?} is never generated");
                 }
             }
@@ -694,11 +953,15 @@ mod tests {
     #[test]
     fn articles_agree_with_the_next_word() {
         let mut rng = StdRng::seed_from_u64(6);
-        let corpus = caption_corpus(3000, 7);
-        assert_eq!(corpus, caption_corpus(3000, 7));
-        let eights: Vec<String> = (0..500).map(|_| caption(8, &Attributes::PLAIN, &mut rng)).collect();
+        let corpus = caption_corpus(CaptionStyle::Varied, 3000, 7);
+        assert_eq!(corpus, caption_corpus(CaptionStyle::Varied, 3000, 7));
+        let eights: Vec<String> = STYLES
+            .iter()
+            .flat_map(|&style| (0..500).map(|_| caption(style, 8, &Attributes::PLAIN, &mut rng)).collect::<Vec<_>>())
+            .collect();
         for c in corpus.iter().chain(&eights) {
             for bad in ["a 8", "a eight", "an one", "an 1", "an thin", "a image"] {
+                let c = c.to_lowercase();
                 assert!(!format!(" {c} ").contains(&format!(" {bad} ")), "{c:?} contains {bad:?}");
             }
         }

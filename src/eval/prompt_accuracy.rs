@@ -3,17 +3,22 @@
 //! - **Prompt accuracy**: for every digit d and every fixed phrasing of [`eval_prompts`] ("7", "seven", "a
 //!   handwritten seven", "the number 7", "an image of the digit 7"), n samples; the fraction that the shipped
 //!   classifier reads as d, per phrasing and per digit.
-//! - **Attribute direction**: for every digit d and attribute a, the pair of prompts of [`attribute_prompts`] ("a thin
+//! - **Attribute direction**: for every digit d and attribute a, the pair of prompts of [`attribute_prompts`](crate::data::captions::attribute_prompts) ("a thin
 //!   7" / "a bold 7", "a 7 leaning left" / "a 7 leaning right", "a small 7" / "a large 7"), n samples each from the
 //!   same noise; the pair follows its prompts when the mean measured attribute ([`stroke_stats`], the measure the
 //!   captions were written from) of the "high" samples exceeds that of the "low" ones.
 //!
 //! Sampling is a closure, `generate(prompt, n, seed) -> (n, 1, 28, 28)` in [0, 1], so any pipeline (or a stand-in
 //! in the tests) can be graded. The figures of lesson 06 that show them are in [`crate::studies::prompts`].
-use crate::data::captions::{attribute_prompts, eval_prompts, held_out_prompts, stroke_stats, Attribute, StrokeStats};
+use crate::data::captions::{
+    eval_prompts, held_out_attribute_prompts, held_out_prompts, stroke_stats, Attribute, StrokeStats,
+};
 use crate::nn::classifier::MnistClassifier;
+use crate::pipelines::prompt_encoder::PromptRefused;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
+
+const FLOAT_CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
 
 /// What draws the samples: (prompt, n, seed) -> (n, 1, H, W) in [0, 1].
 pub type Generate<'a> = dyn FnMut(&str, i64, u64) -> Result<Tensor> + 'a;
@@ -24,11 +29,15 @@ pub struct PromptScore {
     pub prompt: String,
     pub digit: i64,
     pub accuracy: f64,
+    /// Whether the pipeline refused the prompt (too long, no known word): accuracy 0.
+    pub refused: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PromptAccuracy {
     pub samples_per_prompt: i64,
+    /// Prompts the pipeline refused to draw, counted as missed.
+    pub refused: usize,
     pub per_prompt: Vec<PromptScore>,
     /// Digit d's accuracy over all its phrasings, d = 0..9.
     pub per_digit: Vec<f64>,
@@ -51,14 +60,16 @@ pub fn prompt_accuracy(
 
 /// [`prompt_accuracy`] on the held-out phrasings of `data/prompts/held_out.txt` ([`held_out_prompts`]: the first
 /// `templates` templates, numeral and word forms), which no training caption matches: how the model copes with
-/// prompts as people write them.
+/// prompts as people write them. Returns the scores and the samples, digit by digit, each digit's prompts in
+/// template order (numeral, then word).
 pub fn held_out_accuracy(
     generate: &mut Generate,
     clf: &MnistClassifier,
     (n, seed): (i64, u64),
     templates: usize,
-) -> Result<PromptAccuracy> {
-    Ok(prompt_accuracy_on(generate, clf, (n, seed), &|d| held_out_prompts(d, templates))?.0)
+) -> Result<(PromptAccuracy, Tensor)> {
+    let (report, samples, _) = prompt_accuracy_on(generate, clf, (n, seed), &|d| held_out_prompts(d, templates))?;
+    Ok((report, samples))
 }
 
 /// [`prompt_accuracy`] with the phrasings `prompts(digit)`.
@@ -72,9 +83,16 @@ fn prompt_accuracy_on(
     let (mut per_prompt, mut samples, mut asked) = (Vec::new(), Vec::new(), Vec::new());
     for digit in 0..10 {
         for prompt in prompts(digit) {
-            let x = generate(&prompt, n, seed + per_prompt.len() as u64)?.to_device(Device::Cpu); // (n, 1, H, W)
-            let accuracy = fraction_read_as(clf, &x, digit);
-            per_prompt.push(PromptScore { prompt, digit, accuracy });
+            let (x, refused) = match generate(&prompt, n, seed + per_prompt.len() as u64) {
+                Ok(x) => (x.to_device(Device::Cpu), false), // (n, 1, H, W)
+                // a prompt the pipeline will not draw is missed, and shown black
+                Err(e) if e.chain().any(|c| c.is::<PromptRefused>()) => {
+                    (Tensor::zeros([n, 1, 28, 28], FLOAT_CPU), true)
+                }
+                Err(e) => return Err(e),
+            };
+            let accuracy = if refused { 0.0 } else { fraction_read_as(clf, &x, digit) };
+            per_prompt.push(PromptScore { prompt, digit, accuracy, refused });
             samples.push(x);
             asked.push(Tensor::full([n], digit, (Kind::Int64, Device::Cpu)));
         }
@@ -87,6 +105,7 @@ fn prompt_accuracy_on(
         (0..10).map(|d| mean(&mut per_prompt.iter().filter(|p| p.digit == d).map(|p| p.accuracy))).collect();
     let report = PromptAccuracy {
         samples_per_prompt: n,
+        refused: per_prompt.iter().filter(|p| p.refused).count(),
         worst_digit: per_digit.iter().copied().fold(f64::INFINITY, f64::min),
         overall: mean(&mut per_digit.iter().copied()),
         per_digit,
@@ -134,12 +153,13 @@ impl AttributeReport {
 }
 
 // ANCHOR: attribute_directions
-/// For each attribute and digit, `n` samples of the low and of the high prompt from the same seed (the same starting
-/// noise, so only the prompt differs), measured with [`stroke_stats`]. Returns the report and the samples of each
-/// pair, (low, high), each (n, 1, H, W), in the report's order.
+/// For each attribute and digit, `n` samples of the low and of the high prompt of `prompts(digit, attribute)`
+/// ([`attribute_prompts`](crate::data::captions::attribute_prompts), or [`held_out_attribute_pair`]) from the same seed (the same starting noise, so only the
+/// prompt differs), measured with [`stroke_stats`]. Returns the report and the samples of each pair, (low, high),
+/// each (n, 1, H, W), in the report's order.
 pub fn attribute_directions(
     generate: &mut Generate,
-    attributes: &[Attribute],
+    (attributes, prompts): (&[Attribute], &dyn Fn(i64, Attribute) -> [String; 2]),
     n: i64,
     seed: u64,
 ) -> Result<(AttributeReport, Vec<[Tensor; 2]>)> {
@@ -147,7 +167,7 @@ pub fn attribute_directions(
     let (mut pairs, mut samples) = (Vec::new(), Vec::new());
     for &attribute in attributes {
         for digit in 0..10 {
-            let prompts = attribute_prompts(digit, attribute);
+            let prompts = prompts(digit, attribute);
             let pair_seed = seed + pairs.len() as u64;
             let low = generate(&prompts[0], n, pair_seed)?.to_device(Device::Cpu); // (n, 1, H, W)
             let high = generate(&prompts[1], n, pair_seed)?.to_device(Device::Cpu);
@@ -164,6 +184,15 @@ pub fn attribute_directions(
 }
 // ANCHOR_END: attribute_directions
 
+/// A held-out (low, high) phrasing of `attribute` for `digit`: template `digit mod count` of
+/// `data/prompts/held_out_attributes.txt` ("Draw a thin 7." / "Draw a bold 7."), so the ten digits read different
+/// templates.
+pub fn held_out_attribute_pair(digit: i64, attribute: Attribute) -> [String; 2] {
+    let mut pairs = held_out_attribute_prompts(digit, attribute);
+    let i = digit as usize % pairs.len();
+    pairs.swap_remove(i)
+}
+
 fn fraction(pairs: &[AttributePair], attribute: Attribute) -> f64 {
     let of: Vec<&AttributePair> = pairs.iter().filter(|p| p.attribute == attribute).collect();
     of.iter().filter(|p| p.follows).count() as f64 / of.len().max(1) as f64
@@ -178,7 +207,7 @@ pub fn fraction_read_as(clf: &MnistClassifier, samples: &Tensor, digit: i64) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::captions::DIGIT_WORDS;
+    use crate::data::captions::{attribute_prompts, DIGIT_WORDS};
 
     /// A 28×28 parallelogram stroke, `width` wide and `height` tall, sheared `shear` pixels right per pixel up,
     /// moved `dx` pixels right: (1, 1, 28, 28).
@@ -194,7 +223,8 @@ mod tests {
 
     /// Strokes that do what the attribute words say (or ignore them), jittered sideways by the seed.
     fn strokes(prompt: &str, n: i64, seed: u64, obey: bool) -> Tensor {
-        let has = |w: &str| obey && prompt.split_whitespace().any(|p| p == w);
+        let prompt = crate::data::captions::normalize_prompt(prompt); // "Draw a THIN 7." reads "draw a thin 7"
+        let has = |w: &str| obey && prompt.split(' ').any(|p| p == w);
         let width = if has("thin") {
             2.0
         } else if has("bold") {
@@ -224,14 +254,22 @@ mod tests {
 
     #[test]
     fn attribute_pairs_follow_when_the_strokes_do_what_the_words_say() -> Result<()> {
-        let (report, samples) = attribute_directions(&mut |p, n, s| Ok(strokes(p, n, s, true)), &Attribute::ALL, 2, 0)?;
+        let all = (Attribute::ALL.as_slice(), &attribute_prompts as &dyn Fn(i64, Attribute) -> [String; 2]);
+        let (report, samples) = attribute_directions(&mut |p, n, s| Ok(strokes(p, n, s, true)), all, 2, 0)?;
         assert_eq!((report.pairs.len(), samples.len(), samples[0][0].size()), (30, 30, vec![2, 1, 28, 28]));
         assert_eq!(report.pairs[0].prompts, ["a thin 0", "a bold 0"]);
         assert!(report.pairs.iter().all(|p| p.follows), "{:?}", report.pairs);
         assert_eq!(report.fraction_following(&[Attribute::Thickness, Attribute::Slant]), 1.0);
         // a model that ignores the attribute words draws the same strokes for both prompts: no pair follows
-        let (ignored, _) = attribute_directions(&mut |p, n, s| Ok(strokes(p, n, s, false)), &[Attribute::Slant], 2, 0)?;
+        let slant = ([Attribute::Slant].as_slice(), all.1);
+        let (ignored, _) = attribute_directions(&mut |p, n, s| Ok(strokes(p, n, s, false)), slant, 2, 0)?;
         assert_eq!(ignored.per_attribute, [(Attribute::Slant, 0.0)]);
+        // the held-out phrasings: one template per digit, each read the same way by a model that obeys the words
+        let held_out = (Attribute::ALL.as_slice(), &held_out_attribute_pair as &dyn Fn(i64, Attribute) -> [String; 2]);
+        let (report, _) = attribute_directions(&mut |p, n, s| Ok(strokes(p, n, s, true)), held_out, 2, 0)?;
+        assert!(report.pairs.iter().all(|p| p.follows), "{:?}", report.pairs);
+        assert_eq!(report.pairs[0].prompts, ["Draw a thin 0.", "Draw a bold 0."]);
+        assert_eq!(report.pairs[11].prompts, ["please make me a 1 leaning left", "please make me a 1 leaning right"]);
         Ok(())
     }
 

@@ -9,11 +9,24 @@ use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use crate::nn::text_unet::{encode_context, lens_to_mask};
 use crate::text::bpe::{END_OF_TEXT, END_OF_WORD, START_OF_TEXT};
 use crate::text::{Bpe, Coverage, Encoded};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::collections::HashSet;
 use std::path::Path;
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
+
+/// Why a pipeline will not draw a prompt ([`PromptEncoder::check_prompt`]): graders count such a prompt as missed
+/// instead of stopping.
+#[derive(Debug)]
+pub struct PromptRefused(pub String);
+
+impl std::fmt::Display for PromptRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PromptRefused {}
 
 /// Tokenizer + frozen text encoder, saved as `merges.txt` and `text_encoder.safetensors` (+ its JSON config).
 pub struct PromptEncoder {
@@ -72,26 +85,33 @@ impl PromptEncoder {
     }
 
     // ANCHOR: check_prompt
-    /// Whether the pipeline can read `prompt`: an error for an empty prompt, one with no word the training captions
-    /// had, or one longer than the context; otherwise which of its words are known. (Byte-level BPE encodes any
-    /// text, an unknown word as many byte tokens, so the vocabulary check comes before the length check.)
+    /// Whether the pipeline can read `prompt`: a [`PromptRefused`] error for an empty prompt, one with no word the
+    /// training captions had, or one longer than the context; otherwise which of its words are known. (Byte-level
+    /// BPE encodes any text, an unknown word as many byte tokens, so the vocabulary check comes before the length
+    /// check.)
     pub fn check_prompt(&self, prompt: &str) -> Result<Coverage> {
         let example = "describe a digit, e.g. \"a bold 7\", \"seven\" or \"the number 3, leaning left\"";
-        ensure!(!prompt.trim().is_empty(), "the prompt is empty: {example}");
+        let refuse = |why: String| Err(PromptRefused(why).into());
+        if prompt.trim().is_empty() {
+            return refuse(format!("the prompt is empty: {example}"));
+        }
         let coverage = self.tokenizer.coverage(prompt, &self.seen);
         if !coverage.any_known() {
             let unknown: Vec<String> = coverage.unknown_words().iter().map(|w| format!("\"{w}\"")).collect();
             let unknown = crate::cli::for_message(&unknown.join(", "), 80);
-            bail!("no word of the prompt was in the training captions (unknown: {unknown}): {example}");
+            return refuse(format!(
+                "no word of the prompt was in the training captions (unknown: {unknown}): {example}"
+            ));
         }
         let tokens = self.tokenizer.encode(prompt).len();
         let limit = self.context_len - 2; // start and end take two positions
-        ensure!(
-            tokens <= limit,
-            "the prompt is {tokens} tokens long, the text encoder reads at most {limit} (context of {} with start and \
-             end tokens): shorten it",
-            self.context_len
-        );
+        if tokens > limit {
+            let context = self.context_len;
+            return refuse(format!(
+                "the prompt is {tokens} tokens long, the text encoder reads at most {limit} (context of {context} with \
+                 start and end tokens): shorten it"
+            ));
+        }
         Ok(coverage)
     }
     // ANCHOR_END: check_prompt

@@ -20,6 +20,28 @@ use std::path::Path;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
+/// `lesson08 eval`: grades a saved lesson 08 pipeline (by default the shipped one) with `sampler`, as training does
+/// ([`crate::studies::prompts::GradeArgs`]).
+pub fn grade_saved(
+    args: &crate::studies::prompts::GradeArgs,
+    sampler: crate::sampling::registry::Sampler,
+) -> Result<()> {
+    use crate::pipelines::{bundle, latent_diffusion as ld};
+    let (dir, (_, steps, _)) = (args.weights_dir(ld::shipped_dir), args.eval.resolve(false));
+    let pipe = LatentDiffusion::load(&dir, Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", bundle::no_bundle(&dir, "08", "latent-diffusion")))?;
+    let draw = |seed, guidance| Draw { guidance, sampler, steps, seed };
+    args.grade("lesson08", &dir, &mut |p: &str, n, seed, w| pipe.generate(p, None, n, &draw(seed, w)))?;
+    // the autoencoder alone, on the 10 000 test digits, as training reports it
+    let data = crate::data::mnist::load(&crate::data::mnist::resolve_dir(None))?;
+    let clf = MnistClassifier::load_shipped(Device::Cpu)?;
+    let recon = reconstructions(&pipe.vae, &clf, (&data.test_images, &data.test_labels), Device::Cpu);
+    let out = args.out_dir("lesson08");
+    crate::cli::write_atomic(&out.join("autoencoder.json"), serde_json::to_string_pretty(&recon)?.as_bytes())?;
+    println!("autoencoder: {}", serde_json::to_string(&recon)?);
+    Ok(())
+}
+
 /// The digit test image i is redrawn into: never its own (label + 1 + i mod 9, mod 10).
 pub fn new_digit(label: i64, i: i64) -> i64 {
     (label + 1 + i % 9) % 10
@@ -218,24 +240,45 @@ pub struct Reconstructions {
     /// Classifier accuracy on the reconstructions, and on the originals.
     pub accuracy: f64,
     pub original_accuracy: f64,
+    /// The posterior q(z|x) of the test digits: its mean σ over all latent entries, the standard deviation of μ
+    /// over them (what [`crate::nn::vae::scaling_factor`] divides by, nearly), and the mean KL per digit in nats.
+    pub posterior_sigma_mean: f64,
+    pub posterior_mean_std: f64,
+    pub kl_per_digit: f64,
 }
 
 /// Encodes and decodes `test` (N, 1, 28, 28) in [0, 1] in chunks of 1000 on `device` (the VAE's) and grades the
-/// result against `labels`.
+/// result against `labels`; also measures the posterior of the test digits.
 pub fn reconstructions(
     vae: &AutoencoderKl,
     clf: &MnistClassifier,
     (test, labels): (&Tensor, &Tensor),
     device: Device,
 ) -> Reconstructions {
-    let images = tch::no_grad(|| {
+    let (images, sigma, mean, kl) = tch::no_grad(|| {
         let x = (test * 2.0 - 1.0).to_device(device);
-        let chunks: Vec<Tensor> = x.split(1000, 0).iter().map(|c| vae.decode(&vae.encode(c).mean)).collect();
-        ((Tensor::cat(&chunks, 0).clamp(-1.0, 1.0) + 1.0) / 2.0).to_device(Device::Cpu)
-        // (N, 1, 28, 28)
+        let (mut chunks, mut sigma, mut mean, mut kl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for c in x.split(1000, 0) {
+            let q = vae.encode(&c);
+            sigma.push(q.std().to_device(Device::Cpu));
+            mean.push(q.mean.to_device(Device::Cpu));
+            kl.push(q.kl().to_device(Device::Cpu)); // (n,)
+            chunks.push(vae.decode(&q.mean));
+        }
+        let images = ((Tensor::cat(&chunks, 0).clamp(-1.0, 1.0) + 1.0) / 2.0).to_device(Device::Cpu); // (N, 1, 28, 28)
+        (images, Tensor::cat(&sigma, 0), Tensor::cat(&mean, 0), Tensor::cat(&kl, 0))
     });
     let (psnr_db, accuracy) = (psnr(test, &images), clf.accuracy(&images, labels));
-    Reconstructions { psnr_db, accuracy, original_accuracy: clf.accuracy(test, labels), images }
+    let scalar = |t: Tensor| t.to_kind(Kind::Double).double_value(&[]);
+    Reconstructions {
+        psnr_db,
+        accuracy,
+        original_accuracy: clf.accuracy(test, labels),
+        posterior_sigma_mean: scalar(sigma.mean(Kind::Double)),
+        posterior_mean_std: scalar(mean.std(true)),
+        kl_per_digit: scalar(kl.mean(Kind::Double)),
+        images,
+    }
 }
 
 impl Reconstructions {

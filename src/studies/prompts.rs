@@ -1,8 +1,8 @@
 //! How lessons 06 and 08 grade a text-to-image pipeline ([`grade_text_to_image`]), and lesson 06's figures of prompt
 //! following: samples per phrasing, attribute pairs, a guidance sweep, and where in the image each token of a prompt
 //! acts (the pipeline's cross-attention maps).
-use crate::data::captions::Attribute;
 use crate::data::captions::Level;
+use crate::data::captions::{attribute_prompts, Attribute};
 use crate::data::to_unit;
 use crate::eval::frechet::{evaluate_samples, SampleReport};
 use crate::eval::prompt_accuracy::{self as grade, fraction_read_as, AttributeReport, PromptAccuracy};
@@ -40,6 +40,94 @@ impl EvalArgs {
     }
 }
 
+/// `lesson06 eval` and `lesson08 eval`: grade a saved pipeline (by default the shipped one) as a training run does,
+/// for example one from an earlier commit or a run with other flags, without training anything.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GradeArgs {
+    /// A saved pipeline (the weights/ folder of a training run) [default: the shipped one in data/lessonNN].
+    #[arg(long)]
+    pub weights: Option<std::path::PathBuf>,
+    /// Where metrics.json and the figures go [default: out/lessonNN/eval].
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub eval: EvalArgs,
+    /// Guidance scales of the sweep, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 1.0, 2.0, 3.0, 5.0], value_parser = crate::cli::finite)]
+    pub sweep: Vec<f64>,
+    /// Seed of the evaluation's noise (a training run grades with its own seed, 0 by default).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Threads libtorch may use [default: all cores].
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    pub threads: Option<i32>,
+}
+
+impl GradeArgs {
+    /// The pipeline folder to grade: `--weights`, or lesson's shipped one from `shipped`.
+    pub fn weights_dir(&self, shipped: impl FnOnce() -> std::path::PathBuf) -> std::path::PathBuf {
+        self.weights.clone().unwrap_or_else(shipped)
+    }
+
+    /// Where the outputs go: `--out`, or out/`lesson`/eval.
+    pub fn out_dir(&self, lesson: &str) -> std::path::PathBuf {
+        self.out.clone().unwrap_or_else(|| crate::cli::crate_root().join("out").join(lesson).join("eval"))
+    }
+
+    /// Grades the pipeline that `generate(prompt, n, seed, w)` draws from, as [`grade_text_to_image`] does after
+    /// training (all 64 held-out templates), on the CPU; writes metrics.json and the figures into `--out` (default
+    /// out/`lesson`/eval) and prints the summary line.
+    pub fn grade(
+        &self,
+        lesson: &str,
+        weights: &Path,
+        generate: &mut dyn FnMut(&str, i64, u64, f64) -> Result<Tensor>,
+    ) -> Result<TextToImageGrades> {
+        if let Some(n) = self.threads {
+            tch::set_num_threads(n);
+        }
+        let out = self.out_dir(lesson);
+        std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
+        let data = crate::data::mnist::load(&crate::data::mnist::resolve_dir(None))?;
+        let clf = MnistClassifier::load_shipped(Device::Cpu)?;
+        let (w, steps, n) = self.eval.resolve(false);
+        let setting = (w, n, self.seed, usize::MAX);
+        let started = std::time::Instant::now();
+        let grades = grade_text_to_image(generate, &clf, setting, &self.sweep, &data.test_images, &out)?;
+        let mut metrics = serde_json::json!({ "lesson": lesson, "weights": weights.display().to_string(),
+            "guidance": w, "sample_steps": steps, "seed": self.seed, "threads": tch::get_num_threads(),
+            "seconds": started.elapsed().as_secs_f64() });
+        crate::cli::merge(&mut metrics, serde_json::json!(grades));
+        crate::cli::write_atomic(&out.join("metrics.json"), serde_json::to_string_pretty(&metrics)?.as_bytes())?;
+        println!(
+            "{}
+outputs in {}",
+            grades.summary(),
+            out.display()
+        );
+        Ok(grades)
+    }
+}
+
+/// `lesson06 eval`: grades a saved lesson 06 pipeline (by default the shipped one) with the DDPM sampler it trains
+/// with.
+pub fn grade_saved(args: &GradeArgs) -> Result<()> {
+    use crate::pipelines::{bundle, text_to_image as t2i};
+    let (dir, (_, steps, _)) = (args.weights_dir(t2i::shipped_dir), args.eval.resolve(false));
+    let pipe = TextToImage::load(&dir, Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", bundle::no_bundle(&dir, "06", "text")))?;
+    let draw = |seed, guidance| Draw { guidance, steps, seed };
+    let mut generate = |p: &str, n, seed, w| pipe.generate_with(p, None, n, &draw(seed, w), &mut |_, _| {});
+    args.grade("lesson06", &dir, &mut generate).map(drop)
+}
+
+/// How many images [`grade_text_to_image`] draws with `n` samples per prompt, `sweep` guidance scales and `held_out`
+/// held-out templates (for a progress bar).
+pub fn images_graded(n: i64, sweep: usize, held_out: usize) -> u64 {
+    let half = (n / 2).max(1) as u64;
+    50 * n as u64 + 2 * 30 * half + 20 * sweep as u64 + 20 * held_out as u64 + 2 * 30 * half
+}
+
 /// What lessons 06 and 08 measure of a text-to-image pipeline (the keys of their metrics.json).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TextToImageGrades {
@@ -56,6 +144,9 @@ pub struct TextToImageGrades {
     pub guidance_sweep: Vec<(f64, f64)>,
     /// Prompt accuracy on the held-out phrasings no caption matches (`data/prompts/held_out.txt`), one sample each.
     pub held_out_prompt_accuracy: PromptAccuracy,
+    /// Attribute control on held-out phrasings (`data/prompts/held_out_attributes.txt`, one template per digit).
+    pub held_out_attributes: AttributeReport,
+    pub held_out_attribute_fraction_following_thickness_slant: f64,
 }
 
 /// Grades a text-to-image pipeline through `generate(prompt, n, seed, w)`: `n` samples per digit prompt and half as
@@ -74,8 +165,12 @@ pub fn grade_text_to_image(
 ) -> Result<TextToImageGrades> {
     let mut at_w = |prompt: &str, n: i64, seed: u64| generate(prompt, n, seed, w);
     let (prompt_accuracy, samples, _) = grade::prompt_accuracy(&mut at_w, clf, n, 1000 * seed)?;
-    let (attributes, pairs) =
-        grade::attribute_directions(&mut at_w, &Attribute::ALL, (n / 2).max(1), 1000 * seed + 100)?;
+    let (attributes, pairs) = grade::attribute_directions(
+        &mut at_w,
+        (&Attribute::ALL, &attribute_prompts),
+        (n / 2).max(1),
+        1000 * seed + 100,
+    )?;
     let following = attributes.fraction_following(&[Attribute::Thickness, Attribute::Slant]);
     let image = &samples.size()[1..]; // (1, S, S)
     let by_prompt = samples.view([&[-1, n], image].concat().as_slice()); // (prompts, n, 1, S, S)
@@ -86,7 +181,13 @@ pub fn grade_text_to_image(
     plot_prompt_samples(&out.join("prompt_samples.png"), &samples, &prompt_accuracy, 2)?;
     plot_attribute_pairs(&out.join("attribute_control.png"), &attributes, &pairs, 3)?;
     let mut at_w = |prompt: &str, n: i64, seed: u64| generate(prompt, n, seed, w);
-    let held_out_prompt_accuracy = grade::held_out_accuracy(&mut at_w, clf, (1, 1000 * seed + 300), held_out)?;
+    let (held_out_prompt_accuracy, held_out_samples) =
+        grade::held_out_accuracy(&mut at_w, clf, (1, 1000 * seed + 300), held_out)?;
+    plot_held_out_samples(&out.join("held_out_samples.png"), &held_out_samples, &held_out_prompt_accuracy)?;
+    let phrasings = (Attribute::ALL.as_slice(), &grade::held_out_attribute_pair as &dyn Fn(_, _) -> _);
+    let (held_out_attributes, _) =
+        grade::attribute_directions(&mut at_w, phrasings, (n / 2).max(1), 1000 * seed + 400)?;
+    let held_out_following = held_out_attributes.fraction_following(&[Attribute::Thickness, Attribute::Slant]);
     Ok(TextToImageGrades {
         prompt_accuracy,
         attributes,
@@ -95,6 +196,8 @@ pub fn grade_text_to_image(
         samples_all: quality_all,
         guidance_sweep,
         held_out_prompt_accuracy,
+        held_out_attributes,
+        held_out_attribute_fraction_following_thickness_slant: held_out_following,
     })
 }
 // ANCHOR_END: grade
@@ -105,13 +208,14 @@ impl TextToImageGrades {
         let (a, q, all) = (&self.prompt_accuracy, &self.samples, &self.samples_all);
         format!(
             "prompt accuracy {:.3} (worst digit {:.3}; held-out phrasings {:.3}, worst digit {:.3}); thickness and slant \
-             follow the prompt in {:.0} % of digit × attribute pairs; Fréchet distance {:.2}, floor {:.2}, ratio {:.2} \
-             (n = {}; at all {} images: ratio {:.2})",
+             follow the prompt in {:.0} % of digit × attribute pairs ({:.0} % in held-out phrasings); Fréchet distance \
+             {:.2}, floor {:.2}, ratio {:.2} (n = {}; at all {} images: ratio {:.2})",
             a.overall,
             a.worst_digit,
             self.held_out_prompt_accuracy.overall,
             self.held_out_prompt_accuracy.worst_digit,
             100.0 * self.attribute_fraction_following_thickness_slant,
+            100.0 * self.held_out_attribute_fraction_following_thickness_slant,
             q.frechet_distance,
             q.frechet_floor,
             q.fd_over_floor,
@@ -158,6 +262,44 @@ pub fn plot_prompt_samples(path: &Path, samples: &Tensor, report: &PromptAccurac
         (0..10 * row).map(|i| if i % row == 0 { accuracy(i / row) } else { String::new() }).collect();
     let title = format!("{k} per phrasing: d · word · a handwritten word · the number d · an image of the digit d");
     plot::image_grid(path, &title, &Tensor::cat(&tiles, 0), row as usize, 3, &labels)
+}
+
+/// Held-out templates shown in held_out_samples.png, when the run graded them.
+const SHOWN_HELD_OUT: [&str; 8] = [
+    "Draw the digit {d}.",
+    "can you draw {a} {d}?",
+    "{a} messy {d}",
+    "#{d} in ink",
+    "{D} NOW!!!",
+    "{a} {d} for my homework",
+    "my favourite number is {d}",
+    "write the number {d} by hand",
+];
+
+/// A row per held-out template of [`SHOWN_HELD_OUT`] (numeral and word forms alternate by row), a column per digit:
+/// the one sample of each prompt ([`grade::held_out_accuracy`]'s `samples` and `report`, n = 1), with the
+/// template and its accuracy over the ten digits under the row's first image.
+pub fn plot_held_out_samples(path: &Path, samples: &Tensor, report: &PromptAccuracy) -> Result<()> {
+    let per_digit = report.per_prompt.len() as i64 / 10; // 2 × templates graded
+    let templates = crate::data::captions::held_out_templates();
+    let shown: Vec<usize> = SHOWN_HELD_OUT
+        .iter()
+        .filter_map(|t| templates.iter().position(|u| u == t))
+        .filter(|&i| (2 * i as i64) < per_digit)
+        .collect();
+    let (mut tiles, mut labels) = (Vec::new(), Vec::new());
+    for (row, &t) in shown.iter().enumerate() {
+        let index = |d: i64| d * per_digit + 2 * t as i64 + (row % 2) as i64; // numeral, then word
+        let right = (0..10).filter(|&d| report.per_prompt[index(d) as usize].accuracy > 0.5).count();
+        for d in 0..10 {
+            tiles.push(samples.narrow(0, index(d), 1));
+            let form = if row % 2 == 0 { "numeral" } else { "word" };
+            labels.push(if d == 0 { format!("\"{}\" ({form}): {right}/10", templates[t]) } else { String::new() });
+        }
+    }
+    anyhow::ensure!(!tiles.is_empty(), "no shown held-out template was graded");
+    let title = "Held-out prompts, never a training caption: one sample each, digits 0-9";
+    plot::image_grid(path, title, &Tensor::cat(&tiles, 0), 10, 3, &labels)
 }
 
 /// A row per digit: for each attribute its first `k` low samples, then the `k` high ones from the same noise.

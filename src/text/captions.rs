@@ -1,16 +1,18 @@
 //! Captioned MNIST as a text-to-image data set: every image measured, captioned K times from its digit and its
 //! attributes ([`crate::data::captions`]), and each caption tokenised to a fixed context length.
-use crate::data::captions::{caption_corpus, captions_for, stroke_stats, AttributeBins, Attributes};
+use crate::data::captions::{caption_corpus, captions_for, stroke_stats, AttributeBins, Attributes, CaptionStyle};
 use crate::text::{Bpe, Encoded};
 use anyhow::{ensure, Result};
 use rand::{rngs::StdRng, SeedableRng};
 use std::collections::HashMap;
 use tch::Tensor;
 
-/// Tokens a prompt may have, start and end included. The longest caption [`crate::data::captions::caption`] writes
-/// ("an image of the digit 1 in a thin pen, leaning to the right and drawn large") is 20 tokens; 24 leaves room for a
-/// few extra words. (SD 1.x: 77, [`crate::text::bpe::CLIP_CONTEXT_LEN`].)
-pub const CONTEXT_LEN: usize = 24;
+/// Tokens a prompt may have, start and end included. The longest fixed caption ("an image of the digit 1 in a thin
+/// pen, leaning to the right and drawn large") is 20 tokens; a varied one has at most
+/// [`crate::data::captions::MAX_PIECES`] pieces, counting a distractor word as one piece per letter (a BPE token
+/// has at least one byte), and 40 leaves room for a few frequent words split in two. (SD 1.x: 77,
+/// [`crate::text::bpe::CLIP_CONTEXT_LEN`].) Pipelines save the length they were trained with: the first ones read 24.
+pub const CONTEXT_LEN: usize = 40;
 /// The tokenizer learns from this many random captions (plus every evaluation prompt), with at most
 /// `BPE_MAX_MERGES` merges: it stops earlier (about 110 merges), once no pair of symbols occurs twice.
 pub const BPE_CORPUS: usize = 20_000;
@@ -67,11 +69,16 @@ pub struct CaptionedImages {
 
 // ANCHOR: caption_images
 /// Captions for images (N, 1, H, W) in [0, 1] with digit `labels` (N,): measures every image ([`stroke_stats`]),
-/// fits the attribute terciles on them, draws `k` captions per image from a generator seeded with `seed`, trains the
-/// BPE tokenizer on [`BPE_CORPUS`] random captions and tokenises every caption to [`CONTEXT_LEN`].
-pub fn caption_images(images: &Tensor, labels: &Tensor, k: usize, seed: u64) -> Result<CaptionedImages> {
-    let tokenizer = Bpe::train(&caption_corpus(BPE_CORPUS, seed), BPE_MAX_MERGES);
-    caption_images_with(images, labels, k, seed, tokenizer)
+/// fits the attribute terciles on them, draws `k` captions per image in `style` from a generator seeded with `seed`,
+/// trains the BPE tokenizer on [`BPE_CORPUS`] random captions and tokenises every caption to [`CONTEXT_LEN`].
+pub fn caption_images(
+    images: &Tensor,
+    labels: &Tensor,
+    (k, style): (usize, CaptionStyle),
+    seed: u64,
+) -> Result<CaptionedImages> {
+    let tokenizer = Bpe::train(&caption_corpus(style, BPE_CORPUS, seed), BPE_MAX_MERGES);
+    caption_images_with(images, labels, (k, style), seed, tokenizer)
 }
 // ANCHOR_END: caption_images
 
@@ -80,7 +87,7 @@ pub fn caption_images(images: &Tensor, labels: &Tensor, k: usize, seed: u64) -> 
 pub fn caption_images_with(
     images: &Tensor,
     labels: &Tensor,
-    k: usize,
+    (k, style): (usize, CaptionStyle),
     seed: u64,
     tokenizer: Bpe,
 ) -> Result<CaptionedImages> {
@@ -89,9 +96,27 @@ pub fn caption_images_with(
     let bins = AttributeBins::fit(&stats, &labels)?;
     let attributes: Vec<Attributes> = stats.iter().zip(&labels).map(|(s, &d)| bins.attributes(s, d)).collect();
     let mut rng = StdRng::seed_from_u64(seed);
-    let drawn: Vec<Vec<String>> = (0..k).map(|_| captions_for(&labels, &attributes, &mut rng)).collect(); // k × N
+    let drawn: Vec<Vec<String>> = (0..k).map(|_| captions_for(style, &labels, &attributes, &mut rng)).collect(); // k × N
     let mut per_image: Vec<Vec<String>> =
         (0..labels.len()).map(|i| drawn.iter().map(|c| c[i].clone()).collect()).collect();
     let captions = CaptionIds::tokenize(&tokenizer, &per_image, CONTEXT_LEN)?; // ids (N, k, L), lens (N, k)
     Ok(CaptionedImages { bins, tokenizer, captions, example: per_image.swap_remove(0) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every varied caption fits the context: a tokenizer trained as the lessons train it, then 100 000 captions
+    /// from another seed, none cut (the bound of [`CONTEXT_LEN`]'s doc).
+    #[test]
+    fn varied_captions_fit_the_context() {
+        let tokenizer = Bpe::train(&caption_corpus(CaptionStyle::Varied, BPE_CORPUS, 0), BPE_MAX_MERGES);
+        let longest = caption_corpus(CaptionStyle::Varied, 100_000, 1)
+            .iter()
+            .map(|c| tokenizer.encode(c).len() + 2)
+            .max()
+            .expect("captions");
+        assert!(longest <= CONTEXT_LEN, "a caption of {longest} tokens does not fit {CONTEXT_LEN}");
+    }
 }
