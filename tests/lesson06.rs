@@ -69,7 +69,7 @@ fn quick_run_writes_figures_and_weights_that_sample_reads() {
     assert!(!String::from_utf8_lossy(&one.stdout).contains("names"), "one digit named: no note");
     says("a bold", "names no digit");
     // issue 18: `tokens` shows how the tokenizer reads a prompt, and which tokens no caption had
-    let tokens = run_lesson(BIN, &["tokens", "--weights", w, "--prompt", "Draw the digit 2."]);
+    let tokens = run_lesson(BIN, &["tokens", "--weights", w, "--prompt", "Draw the digit 2, пожалуйста."]);
     assert_ok(&tokens);
     let text = String::from_utf8_lossy(&tokens.stdout);
     assert!(text.contains("\"<start>\"") && text.contains("never in a training caption"), "{text}");

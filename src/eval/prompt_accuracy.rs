@@ -18,7 +18,17 @@ use crate::pipelines::prompt_encoder::PromptRefused;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-const FLOAT_CPU: (Kind, Device) = (Kind::Float, Device::Cpu);
+/// `generate(prompt, n, seed)` on the CPU, and whether the pipeline refused the prompt ([`PromptRefused`]: too long,
+/// no known word), which graders count as missed: its samples are then n black 28×28 images.
+fn draw(generate: &mut Generate, prompt: &str, n: i64, seed: u64) -> Result<(Tensor, bool)> {
+    match generate(prompt, n, seed) {
+        Ok(x) => Ok((x.to_device(Device::Cpu), false)),
+        Err(e) if e.chain().any(|c| c.is::<PromptRefused>()) => {
+            Ok((Tensor::zeros([n, 1, 28, 28], (Kind::Float, Device::Cpu)), true))
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// What draws the samples: (prompt, n, seed) -> (n, 1, H, W) in [0, 1].
 pub type Generate<'a> = dyn FnMut(&str, i64, u64) -> Result<Tensor> + 'a;
@@ -83,14 +93,7 @@ fn prompt_accuracy_on(
     let (mut per_prompt, mut samples, mut asked) = (Vec::new(), Vec::new(), Vec::new());
     for digit in 0..10 {
         for prompt in prompts(digit) {
-            let (x, refused) = match generate(&prompt, n, seed + per_prompt.len() as u64) {
-                Ok(x) => (x.to_device(Device::Cpu), false), // (n, 1, H, W)
-                // a prompt the pipeline will not draw is missed, and shown black
-                Err(e) if e.chain().any(|c| c.is::<PromptRefused>()) => {
-                    (Tensor::zeros([n, 1, 28, 28], FLOAT_CPU), true)
-                }
-                Err(e) => return Err(e),
-            };
+            let (x, refused) = draw(generate, &prompt, n, seed + per_prompt.len() as u64)?; // (n, 1, H, W)
             let accuracy = if refused { 0.0 } else { fraction_read_as(clf, &x, digit) };
             per_prompt.push(PromptScore { prompt, digit, accuracy, refused });
             samples.push(x);
@@ -134,6 +137,8 @@ pub struct AttributePair {
     pub means: [f64; 2],
     /// Whether the high prompt's samples measure more than the low prompt's.
     pub follows: bool,
+    /// Whether the pipeline refused either prompt (then the pair does not follow).
+    pub refused: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -169,13 +174,14 @@ pub fn attribute_directions(
         for digit in 0..10 {
             let prompts = prompts(digit, attribute);
             let pair_seed = seed + pairs.len() as u64;
-            let low = generate(&prompts[0], n, pair_seed)?.to_device(Device::Cpu); // (n, 1, H, W)
-            let high = generate(&prompts[1], n, pair_seed)?.to_device(Device::Cpu);
+            let (low, low_refused) = draw(generate, &prompts[0], n, pair_seed)?; // (n, 1, H, W)
+            let (high, high_refused) = draw(generate, &prompts[1], n, pair_seed)?;
             let mean_of = |x: &Tensor| -> Result<f64> {
                 Ok(stroke_stats(x)?.iter().map(|s| measure(s, attribute)).sum::<f64>() / n as f64)
             };
-            let means = [mean_of(&low)?, mean_of(&high)?];
-            pairs.push(AttributePair { digit, attribute, prompts, means, follows: means[1] > means[0] });
+            let (means, refused) = ([mean_of(&low)?, mean_of(&high)?], low_refused || high_refused);
+            let follows = !refused && means[1] > means[0];
+            pairs.push(AttributePair { digit, attribute, prompts, means, follows, refused });
             samples.push([low, high]);
         }
     }
@@ -270,6 +276,31 @@ mod tests {
         assert!(report.pairs.iter().all(|p| p.follows), "{:?}", report.pairs);
         assert_eq!(report.pairs[0].prompts, ["Draw a thin 0.", "Draw a bold 0."]);
         assert_eq!(report.pairs[11].prompts, ["please make me a 1 leaning left", "please make me a 1 leaning right"]);
+        Ok(())
+    }
+
+    /// A prompt the pipeline refuses (too long for an old context, no known word) is graded as missed, shown black,
+    /// and counted; any other error stops the grading.
+    #[test]
+    fn refused_prompts_count_as_missed_and_other_errors_stop_the_grading() -> Result<()> {
+        let clf = MnistClassifier::load_shipped(Device::Cpu)?;
+        let refuse = |p: &str| anyhow::Error::new(PromptRefused(format!("{p:?} is too long"))).context("in the prompt");
+        let mut generate =
+            |p: &str, n, s| if p.contains("number") { Err(refuse(p)) } else { Ok(strokes(p, n, s, true)) };
+        let (report, samples, _) = prompt_accuracy(&mut generate, &clf, 1, 0)?;
+        assert_eq!((report.refused, samples.size()), (10, vec![50, 1, 28, 28])); // "the number d", each digit
+        assert!(report
+            .per_prompt
+            .iter()
+            .filter(|p| p.refused)
+            .all(|p| p.accuracy == 0.0 && p.prompt.contains("number")));
+        let thickness =
+            ([Attribute::Thickness].as_slice(), &attribute_prompts as &dyn Fn(i64, Attribute) -> [String; 2]);
+        let mut bold_refused =
+            |p: &str, n, s| if p.contains("bold") { Err(refuse(p)) } else { Ok(strokes(p, n, s, true)) };
+        let (pairs, _) = attribute_directions(&mut bold_refused, thickness, 1, 0)?;
+        assert!(pairs.pairs.iter().all(|p| p.refused && !p.follows));
+        assert!(prompt_accuracy(&mut |_, _, _| anyhow::bail!("out of memory"), &clf, 1, 0).is_err());
         Ok(())
     }
 
