@@ -1,6 +1,7 @@
 //! The book can never drift from the code: every `{{#include path:anchor}}` in book/src must name an existing file
 //! and, when it names an anchor, that file must hold both `ANCHOR: name` and `ANCHOR_END: name`. Every figure the
-//! book shows must exist too.
+//! book shows must exist too, every run whose files the book keeps says how it was made, and the numbers a chapter
+//! quotes from a run's files are checked against them (issue 19).
 use std::path::{Path, PathBuf};
 
 fn chapters() -> Vec<PathBuf> {
@@ -106,4 +107,53 @@ fn the_math_renderer_is_vendored_not_fetched() {
     assert!(fonts.join("MathJax_Main-Regular.woff").exists(), "the fonts tex-chtml.js loads");
     let toml = std::fs::read_to_string(book.join("book.toml")).unwrap();
     assert!(toml.contains("mathjax-support = false"), "mdBook's own MathJax loads from a CDN");
+}
+
+/// The numbers a chapter states from a run's files: each `<!-- metric FILE POINTER VALUE -->` marker (FILE relative
+/// to book/src, POINTER a JSON pointer into it, VALUE as the chapter rounds it) must hold, to VALUE's last decimal, of
+/// the file the run wrote. The marker sits beside the prose or table that quotes the number, so a refreshed run that
+/// changes it fails here until the chapter says the new number.
+#[test]
+fn numbers_quoted_from_runs_match_their_files() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("book/src");
+    let mut checked = 0;
+    for chapter in chapters() {
+        let text = std::fs::read_to_string(&chapter).unwrap();
+        for (i, _) in text.match_indices("<!-- metric ") {
+            let marker = text[i + 12..].split("-->").next().unwrap();
+            let [file, pointer, value] = marker.split_whitespace().collect::<Vec<_>>()[..] else {
+                panic!("{}: a metric marker is `<!-- metric FILE POINTER VALUE -->`: {marker:?}", chapter.display())
+            };
+            let json: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(src.join(file))
+                    .unwrap_or_else(|_| panic!("{}: {file} does not exist", chapter.display())),
+            )
+            .unwrap();
+            let actual = json.pointer(pointer).and_then(|v| v.as_f64());
+            let actual = actual.unwrap_or_else(|| panic!("{}: no number at {pointer} in {file}", chapter.display()));
+            let decimals = value.split_once('.').map_or(0, |(_, d)| d.len()) as i32;
+            let stated: f64 = value.parse().unwrap();
+            assert!(
+                (actual - stated).abs() <= 0.5 * 10f64.powi(-decimals) + 1e-9,
+                "{}: the chapter says {value} for {file}{pointer}, the run wrote {actual}",
+                chapter.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "only {checked} quoted numbers are checked against their runs");
+}
+
+/// A figures folder that holds a run's metrics.json also says which run made it: RUN.md with the command and the CPU.
+#[test]
+fn every_run_in_the_book_has_its_stamp() {
+    let figures = Path::new(env!("CARGO_MANIFEST_DIR")).join("book/src/figures");
+    for dir in std::fs::read_dir(&figures).unwrap().filter_map(|e| e.ok().map(|e| e.path())) {
+        if dir.join("metrics.json").exists() {
+            let stamp = std::fs::read_to_string(dir.join("RUN.md"))
+                .unwrap_or_else(|_| panic!("{} has a metrics.json but no RUN.md", dir.display()));
+            assert!(stamp.contains("EPYC") || stamp.contains("Intel"), "{}: RUN.md names no CPU", dir.display());
+            assert!(stamp.contains("lesson"), "{}: RUN.md names no command", dir.display());
+        }
+    }
 }
