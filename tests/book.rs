@@ -110,7 +110,7 @@ fn the_math_renderer_is_vendored_not_fetched() {
 }
 
 /// The numbers a chapter states from a run's files: each `<!-- metric FILE POINTER VALUE -->` marker (FILE relative
-/// to book/src, POINTER a JSON pointer into it, VALUE as the chapter rounds it) must hold, to VALUE's last decimal, of
+/// to book/src, POINTER a JSON pointer into it with spaces as %20, VALUE as the chapter rounds it) must hold, to VALUE's last decimal, of
 /// the file the run wrote. The marker sits beside the prose or table that quotes the number, so a refreshed run that
 /// changes it fails here until the chapter says the new number.
 #[test]
@@ -129,7 +129,8 @@ fn numbers_quoted_from_runs_match_their_files() {
                     .unwrap_or_else(|_| panic!("{}: {file} does not exist", chapter.display())),
             )
             .unwrap();
-            let actual = json.pointer(pointer).and_then(|v| v.as_f64());
+            // RFC 6901 sec. 6, as in a URI fragment: a key's spaces are written %20
+            let actual = json.pointer(&pointer.replace("%20", " ")).and_then(|v| v.as_f64());
             let actual = actual.unwrap_or_else(|| panic!("{}: no number at {pointer} in {file}", chapter.display()));
             let decimals = value.split_once('.').map_or(0, |(_, d)| d.len()) as i32;
             let stated: f64 = value.parse().unwrap();
