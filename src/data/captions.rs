@@ -637,7 +637,8 @@ pub fn held_out_attribute_prompts(digit: i64, attribute: Attribute) -> Vec<[Stri
         [Level::Low, Level::High].map(|level| {
             let phrase = attribute.word(level).expect("low and high have words");
             let filled = template.replace("{X}", &phrase.to_uppercase()).replace("{x}", phrase);
-            fill_template(&filled, digit)[0].clone() // the numeral form
+            let [numeral, _word] = fill_template(&filled, digit);
+            numeral
         })
     };
     held_out_attribute_templates(attribute).into_iter().map(pair).collect()

@@ -31,10 +31,9 @@ pub fn grade_saved(
     let pipe = LatentDiffusion::load(&dir, Device::Cpu)
         .map_err(|e| anyhow::anyhow!("{}: {e:#}", bundle::no_bundle(&dir, "08", "latent-diffusion")))?;
     let draw = |seed, guidance| Draw { guidance, sampler, steps, seed };
-    args.grade("lesson08", &dir, &mut |p: &str, n, seed, w| pipe.generate(p, None, n, &draw(seed, w)))?;
+    let (data, clf) = crate::studies::prompts::GradeArgs::inputs()?;
+    args.grade("lesson08", &dir, (&data, &clf), &mut |p: &str, n, seed, w| pipe.generate(p, None, n, &draw(seed, w)))?;
     // the autoencoder alone, on the 10 000 test digits, as training reports it
-    let data = crate::data::mnist::load(&crate::data::mnist::resolve_dir(None))?;
-    let clf = MnistClassifier::load_shipped(Device::Cpu)?;
     let recon = reconstructions(&pipe.vae, &clf, (&data.test_images, &data.test_labels), Device::Cpu);
     let out = args.out_dir("lesson08");
     crate::cli::write_atomic(&out.join("autoencoder.json"), serde_json::to_string_pretty(&recon)?.as_bytes())?;

@@ -74,6 +74,14 @@ impl GradeArgs {
         self.out.clone().unwrap_or_else(|| crate::cli::crate_root().join("out").join(lesson).join("eval"))
     }
 
+    /// MNIST and the shipped classifier, which grading reads: loaded once by the caller, who may grade more with them.
+    pub fn inputs() -> Result<(crate::data::mnist::Mnist, MnistClassifier)> {
+        Ok((
+            crate::data::mnist::load(&crate::data::mnist::resolve_dir(None))?,
+            MnistClassifier::load_shipped(Device::Cpu)?,
+        ))
+    }
+
     /// Grades the pipeline that `generate(prompt, n, seed, w)` draws from, as [`grade_text_to_image`] does after
     /// training (all 64 held-out templates), on the CPU; writes metrics.json and the figures into `--out` (default
     /// out/`lesson`/eval) and prints the summary line.
@@ -81,6 +89,7 @@ impl GradeArgs {
         &self,
         lesson: &str,
         weights: &Path,
+        (data, clf): (&crate::data::mnist::Mnist, &MnistClassifier),
         generate: &mut dyn FnMut(&str, i64, u64, f64) -> Result<Tensor>,
     ) -> Result<TextToImageGrades> {
         if let Some(n) = self.threads {
@@ -88,23 +97,16 @@ impl GradeArgs {
         }
         let out = self.out_dir(lesson);
         std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
-        let data = crate::data::mnist::load(&crate::data::mnist::resolve_dir(None))?;
-        let clf = MnistClassifier::load_shipped(Device::Cpu)?;
         let (w, steps, n) = self.eval.resolve(false);
         let setting = (w, n, self.seed, usize::MAX);
         let started = std::time::Instant::now();
-        let grades = grade_text_to_image(generate, &clf, setting, &self.sweep, &data.test_images, &out)?;
+        let grades = grade_text_to_image(generate, clf, setting, &self.sweep, &data.test_images, &out)?;
         let mut metrics = serde_json::json!({ "lesson": lesson, "weights": weights.display().to_string(),
             "guidance": w, "sample_steps": steps, "seed": self.seed, "threads": tch::get_num_threads(),
             "seconds": started.elapsed().as_secs_f64() });
         crate::cli::merge(&mut metrics, serde_json::json!(grades));
         crate::cli::write_atomic(&out.join("metrics.json"), serde_json::to_string_pretty(&metrics)?.as_bytes())?;
-        println!(
-            "{}
-outputs in {}",
-            grades.summary(),
-            out.display()
-        );
+        println!("{}\noutputs in {}", grades.summary(), out.display());
         Ok(grades)
     }
 }
@@ -118,7 +120,8 @@ pub fn grade_saved(args: &GradeArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e:#}", bundle::no_bundle(&dir, "06", "text")))?;
     let draw = |seed, guidance| Draw { guidance, steps, seed };
     let mut generate = |p: &str, n, seed, w| pipe.generate_with(p, None, n, &draw(seed, w), &mut |_, _| {});
-    args.grade("lesson06", &dir, &mut generate).map(drop)
+    let (data, clf) = GradeArgs::inputs()?;
+    args.grade("lesson06", &dir, (&data, &clf), &mut generate).map(drop)
 }
 
 /// How many images [`grade_text_to_image`] draws with `n` samples per prompt, `sweep` guidance scales and `held_out`
