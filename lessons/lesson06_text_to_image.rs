@@ -217,9 +217,14 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
             bar.inc(st.x_t.size()[0] as u64)
         })
     };
-    // prompt accuracy, attributes, Fréchet distance (lesson 04's harness) and the guidance sweep
-    let eval = (guidance, eval_n, run.seed, held_out);
-    let grades = grade_text_to_image(&mut generate, &clf, eval, &args.sweep, &data.test_images, &run.out)?;
+    let mut generate_each = |prompts: &[String], seed: u64, w: f64| {
+        let (x, refused) = pipe.generate_each(prompts, &t2i::Draw { guidance: w, steps: sample_steps, seed })?;
+        bar.inc(prompts.len() as u64 * sample_steps as u64);
+        Ok((x, refused)) // one image per held-out prompt, a digit's prompts in one batch
+    };
+    // prompt accuracy, attributes, Fréchet distance (lesson 04's harness), the guidance sweep, held-out phrasings
+    let (eval, by) = ((guidance, eval_n, run.seed, held_out), (&mut generate as _, &mut generate_each as _));
+    let grades = grade_text_to_image(by, &clf, eval, &args.sweep, &data.test_images, &run.out)?;
     // ANCHOR_END: evaluate
     bar.finish_and_clear();
     println!("{}", grades.summary());

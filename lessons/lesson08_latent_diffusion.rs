@@ -207,10 +207,12 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
 
     // ANCHOR: evaluate
     let draw = Draw { guidance, sampler, steps: sample_steps, seed: 0 };
-    let mut generate =
-        |prompt: &str, n: i64, seed: u64, w: f64| pipe.generate(prompt, None, n, &Draw { guidance: w, seed, ..draw });
+    let at = |seed: u64, w: f64| Draw { guidance: w, seed, ..draw };
+    let mut generate = |prompt: &str, n: i64, seed: u64, w: f64| pipe.generate(prompt, None, n, &at(seed, w));
+    let mut generate_each = |prompts: &[String], seed: u64, w: f64| pipe.generate_each(prompts, &at(seed, w)); // held-out
     let (sweep, eval) = ([0.0, 1.0, 2.0, 3.0, 5.0], (guidance, eval_n, run.seed, q(3, 64) as usize)); // held-out templates
-    let grades = grade_text_to_image(&mut generate, &clf, eval, &sweep, &data.test_images, &run.out)?;
+    let by = (&mut generate as _, &mut generate_each as _);
+    let grades = grade_text_to_image(by, &clf, eval, &sweep, &data.test_images, &run.out)?;
     // ANCHOR_END: evaluate
     println!("{}", grades.summary());
 

@@ -102,6 +102,8 @@ pub struct Run {
     pub quick: bool,
     pub data_dir: PathBuf,
     started: std::time::Instant,
+    started_at: std::time::SystemTime,
+    stamp: RunStamp,
 }
 
 impl CommonArgs {
@@ -122,6 +124,8 @@ impl CommonArgs {
             quick: self.quick,
             data_dir: self.data_dir.clone().unwrap_or_else(|| shipped_path(MNIST_DIR, MNIST_TRAIN_IMAGES)),
             started: std::time::Instant::now(),
+            started_at: std::time::SystemTime::now(),
+            stamp: RunStamp::now(lesson, self.seed),
         })
     }
 }
@@ -182,7 +186,14 @@ impl Run {
         self.started.elapsed().as_secs_f64()
     }
 
-    /// Writes `metrics.json` (pretty-printed, atomically), adding the lesson name, seed, budget and wall time.
+    /// Who made this run's outputs ([`RunStamp`]).
+    pub fn stamp(&self) -> &RunStamp {
+        &self.stamp
+    }
+
+    /// Writes `metrics.json` (pretty-printed, atomically), adding the lesson name, seed, budget, wall time and the
+    /// run's stamp (`run`); then `run.json`, the stamp with the SHA-256 of every file this run wrote into its
+    /// directory ([`write_manifest`]). Lessons call it last.
     pub fn write_metrics(&self, mut metrics: serde_json::Value) -> Result<PathBuf> {
         if let Some(obj) = metrics.as_object_mut() {
             obj.insert("lesson".into(), self.lesson.clone().into());
@@ -190,9 +201,19 @@ impl Run {
             obj.insert("quick".into(), self.quick.into());
             obj.insert("threads".into(), tch::get_num_threads().into());
             obj.insert("wall_time_s".into(), ((self.elapsed_s() * 10.0).round() / 10.0).into());
+            obj.insert("run".into(), serde_json::to_value(&self.stamp)?);
         }
         let path = self.path("metrics.json");
         write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes())?;
+        write_manifest(&self.out, &self.stamp, self.started_at)?;
+        Ok(path)
+    }
+
+    /// Writes `results.md`: the run's stamp as an HTML comment, then each (anchor, markdown) section between mdBook
+    /// `ANCHOR` comments, so a chapter includes one table with `{{#include figures/lessonNN/results.md:anchor}}`.
+    pub fn write_results(&self, sections: &[(&str, String)]) -> Result<PathBuf> {
+        let path = self.path("results.md");
+        write_atomic(&path, results_markdown(&self.stamp, sections)?.as_bytes())?;
         Ok(path)
     }
 
@@ -215,6 +236,155 @@ impl Run {
         self.write_loss_csv("loss.csv", &[column], &rows)?;
         crate::plot::loss_curve(&self.path("loss.png"), title, &[(label, losses)])
     }
+}
+
+/// Who made a run's outputs, and where: written into metrics.json (`run`), at the top of results.md and into
+/// run.json beside the files' hashes, so that the book can show that a chapter's figures, tables and numbers come
+/// from one run (tests/book.rs compares the three).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunStamp {
+    pub lesson: String,
+    /// The command line, the program by its file name: `lesson04 --threads 2 --out /tmp/full04`.
+    pub command: String,
+    pub seed: u64,
+    /// `git rev-parse --short=12 HEAD` of the crate, with `+changes` when tracked files differ from it; `unknown`
+    /// outside a git checkout.
+    pub commit: String,
+    /// The CPU's model name and its widest matrix units ([`cpu_description`]).
+    pub cpu: String,
+    pub threads: i32,
+    /// When the run started, UTC, to the second: `2026-12-05T03:58:12Z`.
+    pub started_utc: String,
+}
+
+impl RunStamp {
+    /// The stamp of a run of `lesson` with `seed` starting now, on this machine, from this process's command line.
+    pub fn now(lesson: &str, seed: u64) -> Self {
+        let mut args = std::env::args();
+        let program = args.next().map(|p| Path::new(&p).file_name().map_or(p.clone(), |n| n.to_string_lossy().into()));
+        let command = program.into_iter().chain(args).collect::<Vec<_>>().join(" ");
+        RunStamp {
+            lesson: lesson.to_string(),
+            command,
+            seed,
+            commit: git_commit(crate_root()),
+            cpu: cpu_description(),
+            threads: tch::get_num_threads(),
+            started_utc: utc_timestamp(std::time::SystemTime::now()),
+        }
+    }
+}
+
+/// The commit of the checkout at `root` (12 hex digits), `+changes` when tracked files differ from it, or
+/// `unknown` when git or the checkout is missing.
+pub fn git_commit(root: &Path) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match (git(&["rev-parse", "--short=12", "HEAD"]), git(&["status", "--porcelain", "--untracked-files=no"])) {
+        (Some(head), Some(changes)) if !changes.is_empty() => format!("{head}+changes"),
+        (Some(head), Some(_)) => head,
+        _ => "unknown".into(),
+    }
+}
+
+/// The CPU as benchmarks and run stamps name it: the model name of /proc/cpuinfo and its widest matrix units (AMX,
+/// AVX-512 BF16, AVX-512, AVX2), e.g. `AMD EPYC (AVX-512 BF16)`; the architecture elsewhere.
+pub fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
+    };
+    let flags = field("flags").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let units = [("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")]
+        .iter()
+        .find(|(flag, _)| has(flag))
+        .map(|(_, name)| *name);
+    let model = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    match units {
+        Some(u) => format!("{model} ({u})"),
+        None => model,
+    }
+}
+
+/// `t` as an ISO 8601 UTC timestamp to the second (the civil-from-days algorithm of H. Hinnant's date library).
+pub fn utc_timestamp(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097; // day of the 400-year era
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// results.md's text: `<!-- run {stamp as JSON} -->`, a `run` section saying where the numbers come from, then each
+/// (anchor, markdown) section between `<!-- ANCHOR: name -->` and `<!-- ANCHOR_END: name -->` (mdBook drops those
+/// lines when it includes a part).
+pub fn results_markdown(stamp: &RunStamp, sections: &[(&str, String)]) -> Result<String> {
+    let mut md = format!("<!-- run {} -->\n", serde_json::to_string(stamp)?);
+    let date = stamp.started_utc.split('T').next().unwrap_or_default();
+    let from = format!(
+        "<small>From one run: <code>{}</code>, seed {}, commit {}, {}, {} threads, {date}.</small>",
+        stamp.command, stamp.seed, stamp.commit, stamp.cpu, stamp.threads
+    );
+    let first = ("run", from);
+    for (anchor, body) in std::iter::once(&first).chain(sections) {
+        md.push_str(&format!("\n<!-- ANCHOR: {anchor} -->\n{}\n<!-- ANCHOR_END: {anchor} -->\n", body.trim_end()));
+    }
+    Ok(md)
+}
+
+/// A markdown table: `header`, then `rows` (each as long as the header).
+pub fn markdown_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let line = |cells: &[String]| format!("| {} |\n", cells.join(" | "));
+    let mut md = line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    md.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+    for row in rows {
+        md.push_str(&line(row));
+    }
+    md
+}
+
+/// Writes `dir/run.json`: `stamp` and the SHA-256 of every file directly in `dir` modified since `since` (the run's
+/// start), run.json and hidden files aside — the files one run wrote, which the book copies together.
+pub fn write_manifest(dir: &Path, stamp: &RunStamp, since: std::time::SystemTime) -> Result<()> {
+    use sha2::Digest;
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let (entry, name) = match entry {
+            Ok(e) => {
+                let name = e.file_name().to_string_lossy().into_owned();
+                (e, name)
+            }
+            Err(_) => continue,
+        };
+        let meta = match entry.metadata() {
+            Ok(m) if m.is_file() => m,
+            _ => continue,
+        };
+        let fresh = meta.modified().map_or(true, |m| m >= since);
+        if name == "run.json" || name.starts_with('.') || !fresh {
+            continue;
+        }
+        let bytes = std::fs::read(entry.path()).with_context(|| format!("cannot read {}", entry.path().display()))?;
+        files.insert(name, format!("{:x}", sha2::Sha256::digest(&bytes)));
+    }
+    let manifest = serde_json::json!({ "run": stamp, "sha256": files });
+    write_atomic(&dir.join("run.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())
 }
 
 /// A progress bar for a loop of `len` iterations, showing the message (for example the running loss) and the rate.
@@ -407,18 +577,68 @@ mod tests {
     #[test]
     fn write_loss_writes_a_csv_with_one_row_per_step_and_the_curve() {
         let dir = tempfile::tempdir().unwrap();
-        let run = Run {
-            lesson: "test".into(),
-            out: dir.path().to_path_buf(),
-            device: Device::Cpu,
-            seed: 0,
-            quick: true,
-            data_dir: dir.path().to_path_buf(),
-            started: std::time::Instant::now(),
-        };
+        let run = test_run(dir.path());
         run.write_loss("loss", ("l_simple", "L_simple"), &[0.5, 0.25]).unwrap();
         let csv = std::fs::read_to_string(run.path("loss.csv")).unwrap();
         assert_eq!(csv, "step,l_simple\n0,5.000000e-1\n1,2.500000e-1\n");
         assert_eq!(&std::fs::read(run.path("loss.png")).unwrap()[1..4], b"PNG");
+    }
+
+    fn test_run(dir: &Path) -> Run {
+        Run {
+            lesson: "test".into(),
+            out: dir.to_path_buf(),
+            device: Device::Cpu,
+            seed: 3,
+            quick: true,
+            data_dir: dir.to_path_buf(),
+            started: std::time::Instant::now(),
+            started_at: std::time::SystemTime::now(),
+            stamp: RunStamp::now("test", 3),
+        }
+    }
+
+    /// metrics.json, results.md and run.json carry the same stamp, and run.json hashes exactly the files this run
+    /// wrote: not one left from an earlier run, not itself.
+    #[test]
+    fn a_run_stamps_its_metrics_results_and_files() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old.png");
+        std::fs::write(&old, b"an earlier run").unwrap();
+        let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options().write(true).open(&old).unwrap().set_modified(an_hour_ago).unwrap();
+        let run = test_run(dir.path());
+        assert_eq!((run.stamp().seed, run.stamp().lesson.as_str()), (3, "test"));
+        assert!(run.stamp().command.starts_with("scratch_diffusion-"), "{}", run.stamp().command); // the test binary
+        let table = markdown_table(&["σ", "error"], &[vec!["1.0".into(), "0.5".into()]]);
+        assert_eq!(table, "| σ | error |\n|---|---|\n| 1.0 | 0.5 |\n");
+        run.write_results(&[("errors", table)]).unwrap();
+        run.write_metrics(serde_json::json!({ "loss": 0.5 })).unwrap();
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+        let metrics: serde_json::Value = serde_json::from_str(&read("metrics.json")).unwrap();
+        let stamp = serde_json::to_value(run.stamp()).unwrap();
+        assert_eq!(metrics["run"], stamp);
+        let results = read("results.md");
+        let first = results.lines().next().unwrap();
+        let json = first.strip_prefix("<!-- run ").and_then(|l| l.strip_suffix(" -->")).unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(json).unwrap(), stamp);
+        assert!(results.contains("<!-- ANCHOR: errors -->\n| σ | error |"), "{results}");
+        assert!(results.contains("<!-- ANCHOR: run -->\n<small>From one run: <code>"), "{results}");
+        let manifest: serde_json::Value = serde_json::from_str(&read("run.json")).unwrap();
+        assert_eq!(manifest["run"], stamp);
+        let hashes = manifest["sha256"].as_object().unwrap();
+        assert_eq!(hashes.keys().collect::<Vec<_>>(), ["metrics.json", "results.md"]);
+        let sha = format!("{:x}", sha2::Sha256::digest(read("metrics.json").as_bytes()));
+        assert_eq!(hashes["metrics.json"], sha);
+    }
+
+    #[test]
+    fn timestamps_are_utc_civil_dates() {
+        let at = |s: u64| utc_timestamp(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z"); // a leap day of a year divisible by 400
+        assert_eq!(at(1_764_906_073), "2025-12-05T03:41:13Z");
+        assert_eq!(at(4_107_542_399), "2100-02-28T23:59:59Z"); // 2100 is not a leap year
     }
 }

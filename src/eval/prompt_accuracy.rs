@@ -68,18 +68,38 @@ pub fn prompt_accuracy(
     prompt_accuracy_on(generate, clf, (n, seed), &eval_prompts)
 }
 
+/// What draws one sample for each of many prompts in one batch: (prompts, seed) -> ((P, 1, H, W) in [0, 1], which
+/// prompts the pipeline refused ([`PromptRefused`]; their images are black)). The pipelines' `generate_each`.
+pub type GenerateEach<'a> = dyn FnMut(&[String], u64) -> Result<(Tensor, Vec<bool>)> + 'a;
+
 /// [`prompt_accuracy`] on the held-out phrasings of `data/prompts/held_out.txt` ([`held_out_prompts`]: the first
 /// `templates` templates, numeral and word forms), which no training caption matches: how the model copes with
-/// prompts as people write them. Returns the scores and the samples, digit by digit, each digit's prompts in
-/// template order (numeral, then word).
+/// prompts as people write them. One sample per prompt, a digit's prompts in one batch from seed `seed + digit`
+/// (`generate_each`). Returns the scores and the samples, digit by digit, each digit's prompts in template order
+/// (numeral, then word).
 pub fn held_out_accuracy(
-    generate: &mut Generate,
+    generate_each: &mut GenerateEach,
     clf: &MnistClassifier,
-    (n, seed): (i64, u64),
+    seed: u64,
     templates: usize,
 ) -> Result<(PromptAccuracy, Tensor)> {
-    let (report, samples, _) = prompt_accuracy_on(generate, clf, (n, seed), &|d| held_out_prompts(d, templates))?;
-    Ok((report, samples))
+    let (mut per_prompt, mut samples) = (Vec::new(), Vec::new());
+    for digit in 0..10 {
+        let prompts = held_out_prompts(digit, templates);
+        let (x, refused) = generate_each(&prompts, seed + digit as u64)?;
+        let x = x.to_device(Device::Cpu); // (P, 1, H, W)
+        ensure!(
+            x.size()[0] == prompts.len() as i64 && refused.len() == prompts.len(),
+            "generate_each must return one image and one refusal flag per prompt"
+        );
+        let read: Vec<i64> = Vec::try_from(clf.probabilities(&x).argmax(-1, false).to_device(Device::Cpu))?; // (P,)
+        for ((prompt, refused), read) in prompts.into_iter().zip(refused).zip(read) {
+            let accuracy = if !refused && read == digit { 1.0 } else { 0.0 };
+            per_prompt.push(PromptScore { prompt, digit, accuracy, refused });
+        }
+        samples.push(x);
+    }
+    Ok((report(per_prompt, 1), Tensor::cat(&samples, 0)))
 }
 
 /// [`prompt_accuracy`] with the phrasings `prompts(digit)`.
@@ -100,21 +120,25 @@ fn prompt_accuracy_on(
             asked.push(Tensor::full([n], digit, (Kind::Int64, Device::Cpu)));
         }
     }
+    Ok((report(per_prompt, n), Tensor::cat(&samples, 0), Tensor::cat(&asked, 0)))
+}
+
+/// The accuracy per digit (the mean over its phrasings), the worst digit's and the mean over digits.
+fn report(per_prompt: Vec<PromptScore>, samples_per_prompt: i64) -> PromptAccuracy {
     let mean = |v: &mut dyn Iterator<Item = f64>| {
         let (sum, count) = v.fold((0.0, 0), |(s, c), a| (s + a, c + 1));
         sum / count as f64
     };
     let per_digit: Vec<f64> =
         (0..10).map(|d| mean(&mut per_prompt.iter().filter(|p| p.digit == d).map(|p| p.accuracy))).collect();
-    let report = PromptAccuracy {
-        samples_per_prompt: n,
+    PromptAccuracy {
+        samples_per_prompt,
         refused: per_prompt.iter().filter(|p| p.refused).count(),
         worst_digit: per_digit.iter().copied().fold(f64::INFINITY, f64::min),
         overall: mean(&mut per_digit.iter().copied()),
         per_digit,
         per_prompt,
-    };
-    Ok((report, Tensor::cat(&samples, 0), Tensor::cat(&asked, 0)))
+    }
 }
 
 /// The measurement of `attribute` in one image's stroke statistics.
@@ -301,6 +325,45 @@ mod tests {
         let (pairs, _) = attribute_directions(&mut bold_refused, thickness, 1, 0)?;
         assert!(pairs.pairs.iter().all(|p| p.refused && !p.follows));
         assert!(prompt_accuracy(&mut |_, _, _| anyhow::bail!("out of memory"), &clf, 1, 0).is_err());
+        Ok(())
+    }
+
+    /// Held-out prompts go to `generate_each` a digit at a time, one image each; a refused prompt's black image
+    /// counts as missed, and a reply with the wrong number of images stops the grading.
+    #[test]
+    fn held_out_prompts_are_graded_a_digit_per_batch() -> Result<()> {
+        let data = crate::data::mnist::load(&crate::data::mnist::resolve_dir(None))?;
+        let clf = MnistClassifier::load_shipped(Device::Cpu)?;
+        let first_of =
+            |d: i64| data.test_images.index_select(0, &data.test_labels.eq(d).nonzero().narrow(0, 0, 1).view([1]));
+        let mut calls = Vec::new();
+        let mut each = |prompts: &[String], seed: u64| {
+            calls.push((prompts.len(), seed));
+            let refused: Vec<bool> = prompts.iter().map(|p| p.contains("homework")).collect();
+            let rows: Vec<Tensor> = prompts
+                .iter()
+                .zip(&refused)
+                .map(|(p, &r)| {
+                    if r {
+                        Tensor::zeros([1, 1, 28, 28], tch::kind::FLOAT_CPU)
+                    } else {
+                        first_of(crate::data::captions::digits_named(p)[0])
+                    }
+                })
+                .collect();
+            Ok((Tensor::cat(&rows, 0), refused))
+        };
+        let (report, samples) = held_out_accuracy(&mut each, &clf, 300, 64)?;
+        let homework = held_out_prompts(0, 64).iter().filter(|p| p.contains("homework")).count();
+        assert!(homework > 0);
+        assert_eq!((report.per_prompt.len(), samples.size()), (1280, vec![1280, 1, 28, 28]));
+        assert_eq!(calls, (0..10).map(|d| (128, 300 + d)).collect::<Vec<_>>());
+        assert_eq!(report.refused, 10 * homework);
+        assert!(report.per_prompt.iter().filter(|p| p.refused).all(|p| p.accuracy == 0.0));
+        let expected = 1.0 - homework as f64 / 128.0; // the first test image of each digit reads right
+        assert!(report.per_digit.iter().all(|&a| (a - expected).abs() < 1e-12), "{:?}", report.per_digit);
+        let mut short = |_: &[String], _: u64| Ok((Tensor::zeros([1, 1, 28, 28], tch::kind::FLOAT_CPU), vec![false]));
+        assert!(held_out_accuracy(&mut short, &clf, 0, 2).is_err());
         Ok(())
     }
 

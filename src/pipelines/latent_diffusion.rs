@@ -14,7 +14,7 @@
 use crate::data::captions::AttributeBins;
 use crate::data::to_unit;
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::model::{Denoiser, EpsDenoiser};
+use crate::model::{Cond, Denoiser, EpsDenoiser};
 use crate::nn::text_unet::TextUNet;
 use crate::nn::unet::UNet;
 use crate::nn::vae::AutoencoderKl;
@@ -168,14 +168,12 @@ impl LatentDiffusion {
     /// the denoiser optionally wrapped by `wrap` (inpainting), in batches; returns the final latents.
     fn run(
         &self,
-        prompt: &str,
-        negative: Option<&str>,
+        (cond, uncond): (Cond, Cond),
         draw: &Draw,
         (start, sigmas): (&Tensor, &[f64]),
         wrap: Option<(&Tensor, &Tensor)>,
         cb: &mut dyn FnMut(i64, SamplerStep),
     ) -> Result<Tensor> {
-        let (cond, uncond) = self.text.cond_uncond(prompt, negative)?;
         let guided = ClassifierFreeGuidance::new(&self.unet, cond, uncond, draw.guidance);
         let denoiser = EpsDenoiser::new(&guided, &self.scheduler);
         let n = start.size()[0];
@@ -219,10 +217,33 @@ impl LatentDiffusion {
         let shape = self.latent_shape();
         let z_t = Tensor::randn([n, shape[0], shape[1], shape[2]], (Kind::Float, self.device())); // z_T ~ N(0, I)
         let start = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt(); // σ-space: x = z_T √(1 + σ₀²)
-        let z0 = self.run(prompt, negative, draw, (&start, &sigmas), None, cb)?;
+        let z0 = self.run(self.text.cond_uncond(prompt, negative)?, draw, (&start, &sigmas), None, cb)?;
         finite_images(self.decode(&z0)) // D(z₀ / s)
     }
     // ANCHOR_END: generate
+
+    /// One image per prompt of `prompts` (at most 500), all in one batch from the noise of `draw.seed`, with plain
+    /// CFG: (P, 1, S, S) in [0, 1] on the CPU, and which prompts the pipeline refused (their images are black):
+    /// [`TextToImage::generate_each`](crate::pipelines::text_to_image::TextToImage::generate_each) for latents.
+    pub fn generate_each(&self, prompts: &[String], draw: &Draw) -> Result<(Tensor, Vec<bool>)> {
+        ensure!((1..=SAMPLE_BATCH as usize).contains(&prompts.len()), "give 1 to {SAMPLE_BATCH} prompts at once");
+        self.check_draw(draw)?;
+        let (conds, refused) = self.text.conds_each(prompts)?;
+        let drawn = match conds {
+            Some(conds) => {
+                let sigmas = draw.sampler.grid(&self.scheduler, draw.steps);
+                tch::manual_seed(draw.seed as i64);
+                let shape = self.latent_shape();
+                let z_t = Tensor::randn([conds.0.batch(), shape[0], shape[1], shape[2]], (Kind::Float, self.device()));
+                let start = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt(); // as in generate
+                let z0 = self.run(conds, draw, (&start, &sigmas), None, &mut |_, _| {})?;
+                Some(finite_images(self.decode(&z0))?)
+            }
+            None => None,
+        };
+        let s = self.config.image_size;
+        Ok((crate::pipelines::black_where_refused(drawn, &refused, [1, s, s]), refused))
+    }
 
     // ANCHOR: img2img
     /// [SDEdit] img2img: encode `images` (B, 1, S, S) in [0, 1], noise them to the σ that `strength` ∈ [0, 1] picks
@@ -248,7 +269,7 @@ impl LatentDiffusion {
         }
         tch::manual_seed(draw.seed as i64);
         let start = &z0 + z0.randn_like() * tail[0]; // q(z_σ | z₀) in σ-space: z₀ + σ ε
-        let z = self.run(prompt, negative, draw, (&start, tail), None, &mut |_, _| {})?;
+        let z = self.run(self.text.cond_uncond(prompt, negative)?, draw, (&start, tail), None, &mut |_, _| {})?;
         finite_images(self.decode(&z))
     }
     // ANCHOR_END: img2img
@@ -284,7 +305,13 @@ impl LatentDiffusion {
         tch::manual_seed(draw.seed as i64);
         let start = z0.randn_like() * (1.0 + sigmas[0] * sigmas[0]).sqrt();
         let keep = 1.0 - repaint;
-        let z = self.run(prompt, negative, draw, (&start, &sigmas), Some((&z0, &keep)), &mut |_, _| {})?;
+        let z = self.run(
+            self.text.cond_uncond(prompt, negative)?,
+            draw,
+            (&start, &sigmas),
+            Some((&z0, &keep)),
+            &mut |_, _| {},
+        )?;
         let decoded = finite_images(self.decode(&z))?;
         let mask = mask.to_device(Device::Cpu);
         let pasted = &mask * &decoded + (1.0 - &mask) * images.to_kind(Kind::Float).to_device(Device::Cpu);
@@ -448,7 +475,9 @@ mod tests {
         let sigmas = d.sampler.grid(&pipe.scheduler, d.steps);
         let start = z0.randn_like() * (1.0 + sigmas[0] * sigmas[0]).sqrt();
         let keep = keep.expand([2, 1, 4, 4], false);
-        let z = pipe.run("one", None, &d, (&start, &sigmas), Some((&z0, &keep)), &mut |_, _| {}).unwrap();
+        let z = pipe
+            .run(pipe.text.cond_uncond("one", None).unwrap(), &d, (&start, &sigmas), Some((&z0, &keep)), &mut |_, _| {})
+            .unwrap();
         assert!(max_diff(&(&z * &keep), &(&z0 * &keep)) < 1e-5);
         assert!(max_diff(&z, &z0) > 1e-3, "the masked cells are redrawn");
         let err = format!(
@@ -502,5 +531,23 @@ mod tests {
             std::fs::write(&path, good).unwrap();
         }
         assert!(LatentDiffusion::load(dir.path(), Device::Cpu).is_ok());
+    }
+
+    /// [`LatentDiffusion::generate_each`]: one prompt draws what `generate` draws from the same seed (a
+    /// deterministic sampler: the start noise is all the randomness); refused prompts come back black and flagged.
+    #[test]
+    fn generate_each_draws_a_batch_of_prompts_and_flags_the_refused() {
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1);
+        let pipe = toy();
+        let d = draw(Sampler::DpmSolverPp2m);
+        let (x, refused) = pipe.generate_each(&["a thin zero".into()], &d).unwrap();
+        assert!(
+            x.allclose(&pipe.generate("a thin zero", None, 1, &d).unwrap(), 1e-6, 1e-6, false) && refused == [false]
+        );
+        let (x, refused) = pipe.generate_each(&["one".into(), "zebra".into()], &d).unwrap();
+        assert_eq!((x.size(), refused), (vec![2, 1, 8, 8], vec![false, true]));
+        assert_eq!(x.get(1).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        tch::set_num_threads(threads);
     }
 }

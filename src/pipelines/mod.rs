@@ -120,6 +120,24 @@ pub(crate) fn finite_images(images: Tensor) -> Result<Tensor> {
     Ok(images)
 }
 
+/// One image (C, H, W) = `image` per prompt: the rows of `drawn` (one per prompt read, in order) where `refused` is
+/// false, black ones where it is true (graders count those prompts as missed). (P, C, H, W) on the CPU.
+pub(crate) fn black_where_refused(drawn: Option<Tensor>, refused: &[bool], image: [i64; 3]) -> Tensor {
+    let black = Tensor::zeros([1, image[0], image[1], image[2]], (tch::Kind::Float, tch::Device::Cpu));
+    let mut next = 0;
+    let rows: Vec<Tensor> = refused
+        .iter()
+        .map(|&r| match (&drawn, r) {
+            (Some(x), false) => {
+                next += 1;
+                x.narrow(0, next - 1, 1).to_device(tch::Device::Cpu)
+            }
+            _ => black.shallow_clone(),
+        })
+        .collect();
+    Tensor::cat(&rows, 0)
+}
+
 /// The guidance scale `w` if it is a number within ±[`MAX_SCALE`].
 pub(crate) fn check_guidance(w: f64) -> Result<()> {
     ensure!(

@@ -28,6 +28,9 @@ impl std::fmt::Display for PromptRefused {
 
 impl std::error::Error for PromptRefused {}
 
+/// The conditionings of the prompts and of what guidance pushes away from (the empty prompt or a negative one).
+pub type CondPair = (Cond, Cond);
+
 /// Tokenizer + frozen text encoder, saved as `merges.txt` and `text_encoder.safetensors` (+ its JSON config).
 pub struct PromptEncoder {
     pub tokenizer: Bpe,
@@ -134,6 +137,31 @@ impl PromptEncoder {
             self.check_prompt(neg).context("in the negative prompt")?;
         }
         Ok((self.context(prompt).1, self.context(negative.unwrap_or("")).1))
+    }
+
+    /// One conditioning per prompt of `prompts` that the pipeline reads, as one batch (A, L, D), with the empty
+    /// prompt's for each (A, L, D), and which prompts it refused ([`PromptRefused`]; they have no row). `None` when
+    /// it refused them all. Graders draw many one-sample prompts in one batch with it, at the cost of one.
+    pub fn conds_each(&self, prompts: &[String]) -> Result<(Option<CondPair>, Vec<bool>)> {
+        let mut conds = Vec::new();
+        let mut refused = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let read = match self.check_prompt(prompt) {
+                Ok(_) => true,
+                Err(e) if e.is::<PromptRefused>() => false,
+                Err(e) => return Err(e),
+            };
+            if read {
+                conds.push(self.context(prompt).1); // (1, L, D)
+            }
+            refused.push(!read);
+        }
+        if conds.is_empty() {
+            return Ok((None, refused));
+        }
+        let cond = Cond::cat(&conds.iter().collect::<Vec<_>>()); // (A, L, D)
+        let uncond = self.context("").1.for_batch(conds.len() as i64); // (A, L, D), expanded
+        Ok((Some((cond, uncond)), refused))
     }
 
     /// How the tokenizer reads `prompt`, a line per token: its position, id, text, and whether the training captions

@@ -32,7 +32,9 @@ pub fn grade_saved(
         .map_err(|e| anyhow::anyhow!("{}: {e:#}", bundle::no_bundle(&dir, "08", "latent-diffusion")))?;
     let draw = |seed, guidance| Draw { guidance, sampler, steps, seed };
     let (data, clf) = crate::studies::prompts::GradeArgs::inputs()?;
-    args.grade("lesson08", &dir, (&data, &clf), &mut |p: &str, n, seed, w| pipe.generate(p, None, n, &draw(seed, w)))?;
+    let mut generate = |p: &str, n, seed, w| pipe.generate(p, None, n, &draw(seed, w));
+    let mut generate_each = |prompts: &[String], seed, w| pipe.generate_each(prompts, &draw(seed, w));
+    args.grade("lesson08", &dir, (&data, &clf), &mut generate, &mut generate_each)?;
     // the autoencoder alone, on the 10 000 test digits, as training reports it
     let recon = reconstructions(&pipe.vae, &clf, (&data.test_images, &data.test_labels), Device::Cpu);
     let out = args.out_dir("lesson08");

@@ -82,15 +82,16 @@ impl GradeArgs {
         ))
     }
 
-    /// Grades the pipeline that `generate(prompt, n, seed, w)` draws from, as [`grade_text_to_image`] does after
-    /// training (all 64 held-out templates), on the CPU; writes metrics.json and the figures into `--out` (default
+    /// Grades the pipeline that `generate(prompt, n, seed, w)` and `generate_each(prompts, seed, w)` draw from, as
+    /// [`grade_text_to_image`] does after training (all 64 held-out templates), on the CPU; writes metrics.json and the figures into `--out` (default
     /// out/`lesson`/eval) and prints the summary line.
     pub fn grade(
         &self,
         lesson: &str,
         weights: &Path,
         (data, clf): (&crate::data::mnist::Mnist, &MnistClassifier),
-        generate: &mut dyn FnMut(&str, i64, u64, f64) -> Result<Tensor>,
+        generate: &mut GenerateAt,
+        generate_each: &mut GenerateEachAt,
     ) -> Result<TextToImageGrades> {
         if let Some(n) = self.threads {
             tch::set_num_threads(n);
@@ -100,7 +101,8 @@ impl GradeArgs {
         let (w, steps, n) = self.eval.resolve(false);
         let setting = (w, n, self.seed, usize::MAX);
         let started = std::time::Instant::now();
-        let grades = grade_text_to_image(generate, clf, setting, &self.sweep, &data.test_images, &out)?;
+        let grades =
+            grade_text_to_image((generate, generate_each), clf, setting, &self.sweep, &data.test_images, &out)?;
         let mut metrics = serde_json::json!({ "lesson": lesson, "weights": weights.display().to_string(),
             "guidance": w, "sample_steps": steps, "seed": self.seed, "threads": tch::get_num_threads(),
             "seconds": started.elapsed().as_secs_f64() });
@@ -120,8 +122,9 @@ pub fn grade_saved(args: &GradeArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}: {e:#}", bundle::no_bundle(&dir, "06", "text")))?;
     let draw = |seed, guidance| Draw { guidance, steps, seed };
     let mut generate = |p: &str, n, seed, w| pipe.generate_with(p, None, n, &draw(seed, w), &mut |_, _| {});
+    let mut generate_each = |prompts: &[String], seed, w| pipe.generate_each(prompts, &draw(seed, w));
     let (data, clf) = GradeArgs::inputs()?;
-    args.grade("lesson06", &dir, (&data, &clf), &mut generate).map(drop)
+    args.grade("lesson06", &dir, (&data, &clf), &mut generate, &mut generate_each).map(drop)
 }
 
 /// How many images [`grade_text_to_image`] draws with `n` samples per prompt, `sweep` guidance scales and `held_out`
@@ -130,6 +133,13 @@ pub fn images_graded(n: i64, sweep: usize, held_out: usize) -> u64 {
     let half = (n / 2).max(1) as u64;
     50 * n as u64 + 2 * 30 * half + 20 * sweep as u64 + 20 * held_out as u64 + 2 * 30 * half
 }
+
+/// `n` images of one prompt at guidance w: (prompt, n, seed, w) -> (n, 1, S, S) in [0, 1].
+pub type GenerateAt<'a> = dyn FnMut(&str, i64, u64, f64) -> Result<Tensor> + 'a;
+
+/// One image per prompt at guidance w, in one batch: (prompts, seed, w) -> (images, refused), the pipelines'
+/// `generate_each` ([`grade::GenerateEach`] with the scale).
+pub type GenerateEachAt<'a> = dyn FnMut(&[String], u64, f64) -> Result<(Tensor, Vec<bool>)> + 'a;
 
 /// What lessons 06 and 08 measure of a text-to-image pipeline (the keys of their metrics.json).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -155,11 +165,11 @@ pub struct TextToImageGrades {
 /// Grades a text-to-image pipeline through `generate(prompt, n, seed, w)`: `n` samples per digit prompt and half as
 /// many per attribute prompt at guidance `w`, from seeds derived from `seed`; the Fréchet distance against
 /// `test_images` (N, 1, 28, 28) in [0, 1]; accuracy at each scale of `sweep`; then one sample of every prompt of the
-/// first `held_out` held-out templates. Draws prompt_samples.png, attribute_control.png and guidance_sweep.png into
+/// first `held_out` held-out templates, a digit's prompts in one batch (`generate_each(prompts, seed, w)`). Draws prompt_samples.png, attribute_control.png and guidance_sweep.png into
 /// `out`.
 // ANCHOR: grade
 pub fn grade_text_to_image(
-    generate: &mut dyn FnMut(&str, i64, u64, f64) -> Result<Tensor>,
+    (generate, generate_each): (&mut GenerateAt, &mut GenerateEachAt),
     clf: &MnistClassifier,
     (w, n, seed, held_out): (f64, i64, u64, usize),
     sweep: &[f64],
@@ -184,8 +194,12 @@ pub fn grade_text_to_image(
     plot_prompt_samples(&out.join("prompt_samples.png"), &samples, &prompt_accuracy, 2)?;
     plot_attribute_pairs(&out.join("attribute_control.png"), &attributes, &pairs, 3)?;
     let mut at_w = |prompt: &str, n: i64, seed: u64| generate(prompt, n, seed, w);
-    let (held_out_prompt_accuracy, held_out_samples) =
-        grade::held_out_accuracy(&mut at_w, clf, (1, 1000 * seed + 300), held_out)?;
+    let (held_out_prompt_accuracy, held_out_samples) = grade::held_out_accuracy(
+        &mut |p: &[String], seed| generate_each(p, seed, w),
+        clf,
+        1000 * seed + 300,
+        held_out,
+    )?;
     plot_held_out_samples(&out.join("held_out_samples.png"), &held_out_samples, &held_out_prompt_accuracy)?;
     let phrasings = (Attribute::ALL.as_slice(), &grade::held_out_attribute_pair as &dyn Fn(_, _) -> _);
     let (held_out_attributes, _) =
@@ -233,7 +247,7 @@ impl TextToImageGrades {
 /// every digit (digit d from seed `seed + d` at every w, so a row of the figure differs only in w), graded by `clf`;
 /// draws them into `figure`, a row per digit. `generate(prompt, n, seed, w)`.
 pub fn guidance_sweep(
-    generate: &mut dyn FnMut(&str, i64, u64, f64) -> Result<Tensor>,
+    generate: &mut GenerateAt,
     clf: &MnistClassifier,
     scales: &[f64],
     n: i64,
