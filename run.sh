@@ -6,8 +6,9 @@
 #   ./run.sh test                   same set-up plus diffusers and transformers (the parity tests' references), then
 #                                   the whole test suite (cargo test) and the book (mdbook build)
 #
-# Other commands: ./run.sh setup | build | book | book-check | bench | fetch-mnist (book-check renders every chapter in
-# headless Chromium, offline, and fails on math MathJax could not render).
+# Other commands: ./run.sh setup | build | book | book-check | book-refresh NN [DIR] | bench | fetch-mnist (book-check
+# renders every chapter in headless Chromium, offline, and fails on math MathJax could not render; book-refresh copies
+# one run's figures, results.md and metrics.json into the book, checked against the run's run.json).
 # After set-up, plain `cargo run --release --bin lesson01` and `./target/release/lesson01` work too: set-up writes
 # .cargo/config.toml (not committed) with the libtorch location, and build.rs bakes an rpath into every binary.
 set -euo pipefail
@@ -92,6 +93,8 @@ case "$cmd" in
     fi ;;
   book-check)
     setup; mdbook build book; exec python3 book/check_render.py "${1:-out/book-check}" ;;
+  book-refresh)
+    exec python3 book/refresh.py "$@" ;;
   book)
     setup; mdbook build book; echo "book built: book/book/index.html (or: mdbook serve book --open)" ;;
   bench)
@@ -101,5 +104,5 @@ case "$cmd" in
   help|-h|--help)
     sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
   *)
-    die "unknown command '$cmd': use lesson NN, test, setup, build, book, book-check, bench or fetch-mnist" ;;
+    die "unknown command '$cmd': use lesson NN, test, setup, build, book, book-check, book-refresh NN, bench or fetch-mnist" ;;
 esac

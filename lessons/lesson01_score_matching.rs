@@ -7,7 +7,7 @@
 use anyhow::Result;
 use clap::Parser;
 use plotters::style::{Color, RED, WHITE};
-use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, CommonArgs, StepLog};
+use scratch_diffusion::cli::{lesson_main, markdown_table, mean_of_last, positive, CommonArgs, StepLog};
 use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::ladder;
 use scratch_diffusion::eval::score_error::{score_errors, ScoreErrors};
@@ -119,6 +119,15 @@ fn run(args: Args) -> Result<()> {
         "low_density_error_largest_sigma": large.low_density_rel_error,
         "low_density_worse_at_small_noise": small.low_density_rel_error > large.low_density_rel_error,
     });
+    let cell = |e: &ScoreErrors| {
+        vec![
+            format!("{:.3}", e.sigma),
+            format!("{:.4}", e.weighted_rel_error),
+            format!("{:.4}", e.low_density_rel_error),
+        ]
+    };
+    let header = ["σ", "relative error where the data is", "relative error in the low-density region"];
+    run.write_results(&[("score_error", markdown_table(&header, &errors.iter().map(cell).collect::<Vec<_>>()))])?;
     run.write_metrics(metrics)?;
     println!(
         "summary: at σ = {:.2} the low-density score error is {:.3} (vs {:.3} where the data is); at σ = {:.1} it is {:.3}. \

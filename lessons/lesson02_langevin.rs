@@ -7,7 +7,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use scratch_diffusion::checkpoint;
-use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, progress, CommonArgs, Run, StepLog};
+use scratch_diffusion::cli::{lesson_main, markdown_table, mean_of_last, positive, progress, CommonArgs, Run, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::ladder;
@@ -139,7 +139,7 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
         ("plain Langevin, learned score", &plain_learned),
         ("annealed Langevin, learned scores", &annealed_learned),
     ];
-    let mut per_method = serde_json::Map::new();
+    let (mut per_method, mut rows) = (serde_json::Map::new(), Vec::new());
     for (name, x) in &methods {
         let w = mode_weights(&p, x);
         let (err, ed) = (mode_weight_error(&p, x), energy_distance(x, &truth));
@@ -147,6 +147,7 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
             "{name:<36} small-mode weight {:.3} (true 0.200)  mode-weight error {err:.3}  energy distance {ed:.4}",
             w[0]
         );
+        rows.push(vec![name.to_string(), format!("{:.3}", w[0]), format!("{err:.3}"), format!("{ed:.4}")]);
         per_method.insert(
             name.to_string(),
             json!({"small_mode_weight": w[0], "mode_weight_error": err, "energy_distance": ed}),
@@ -157,6 +158,13 @@ fn toy_part(run: &Run, args: &Args, t_steps: usize) -> Result<serde_json::Value>
     let paths = [paths_plain, paths_annealed];
     let figures = ToyFigures { mixture: &p, truth: &truth, methods: &methods, stuck: &stuck, reached_big, paths };
     plot_toy(&run.out, figures)?;
+    let header = [
+        "sampler",
+        "weight of the small mode (true 0.200)",
+        "mode-weight error (TV)",
+        "energy distance to exact samples",
+    ];
+    run.write_results(&[("samplers", markdown_table(&header, &rows))])?;
 
     let get = |k: &str, f: &str| per_method[k][f].as_f64().unwrap_or(f64::NAN);
     Ok(json!({

@@ -6,12 +6,12 @@
 //! strokes, not good enough for digits, which is why lesson 04 builds a UNet. Chapter 03 walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, progress, CommonArgs, Run, StepLog};
+use scratch_diffusion::cli::{lesson_main, markdown_table, mean_of_last, positive, progress, CommonArgs, Run, StepLog};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
-use scratch_diffusion::eval::frechet::evaluate_samples;
+use scratch_diffusion::eval::frechet::{evaluate_samples, QUALITY_HEADER};
 use scratch_diffusion::eval::sample_quality;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::eps_mlp::{EpsMlp, EpsMlpConfig};
@@ -20,6 +20,7 @@ use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVari
 use scratch_diffusion::studies::ddpm_figures as figures;
 use scratch_diffusion::studies::trajectory::Trajectory;
 use scratch_diffusion::train::ddpm::{train_eps_model, EpsObjective, LossWeight};
+use scratch_diffusion::train::recipe::describe;
 use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
 use tch::Device;
@@ -185,6 +186,9 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
         "MNIST MLP: {steps} steps in {:.0} s; {n} samples: Fréchet distance {:.2} (real-vs-real floor {:.2}, ratio {:.1}), class entropy {:.3} of ln 10, confidence {:.3}",
         outcome.seconds, report.frechet_distance, report.frechet_floor, report.fd_over_floor, report.entropy_over_max, report.mean_confidence
     );
+    let recipe = describe(&args.schedule, args.loss_weight, args.lr, args.variance);
+    let row = report.row("MLP (lesson 03)", &recipe, (steps as u64, args.batch), outcome.seconds);
+    run.write_results(&[("quality", markdown_table(&QUALITY_HEADER, &[row]))])?;
     Ok(json!({
         "network": config, "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds,
         "resumed_from": outcome.resumed_from, "bf16": args.bf16,

@@ -8,11 +8,13 @@
 //! Chapter 04 walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, mean_of_last, positive, progress, unit_interval, CommonArgs, StepLog};
+use scratch_diffusion::cli::{
+    lesson_main, markdown_table, mean_of_last, positive, progress, unit_interval, CommonArgs, StepLog,
+};
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
-use scratch_diffusion::eval::frechet::evaluate_samples;
+use scratch_diffusion::eval::frechet::{evaluate_samples, QUALITY_HEADER};
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::pipelines::ddpm::{save_unet, ship_unet, SavedUNet, ShipNote};
@@ -22,7 +24,7 @@ use scratch_diffusion::studies::trajectory::Trajectory;
 use scratch_diffusion::studies::unet_figures;
 use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::ddpm::{train_eps_model, LossWeight};
-use scratch_diffusion::train::recipe;
+use scratch_diffusion::train::recipe::{self, describe};
 use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
 use serde_json::json;
 use tch::{Device, Tensor};
@@ -182,25 +184,29 @@ fn run(args: Args) -> Result<()> {
         "UNet: {steps} steps in {:.0} s; {n} samples ({sample_steps} steps, {:.1} images/s): Fréchet distance {:.2} (floor {:.2}, ratio {:.2}), class entropy {:.3} of ln 10, confidence {:.3}",
         outcome.seconds, n as f64 / sample_seconds, report.frechet_distance, report.frechet_floor, report.fd_over_floor, report.entropy_over_max, report.mean_confidence
     );
-    // the comparison with lesson 03, when its metrics are there
-    let l03 = std::fs::read_to_string("out/lesson03/metrics.json")
-        .ok()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
-    let l03_ratio = l03.as_ref().and_then(|m| m["mnist"]["samples"]["fd_over_floor"].as_f64());
-    if let Some(r) = l03_ratio {
-        println!(
-            "lesson 03's MLP reached FD/floor {r:.2} with {} steps; the UNet {:.2}",
-            l03.as_ref().unwrap()["mnist"]["train_steps"],
-            report.fd_over_floor
-        );
-    }
+    // the table of results, under lesson 03's row when its run's results are there (./run.sh lesson 03)
+    let l03 = std::fs::read_to_string("out/lesson03/results.md").ok();
+    let l03_row = l03.as_deref().and_then(|md| md.lines().find(|l| l.starts_with("| MLP (lesson 03)")));
+    let parameters = vs.variables().values().map(|t| t.numel()).sum::<usize>();
+    let (network, how) = (
+        format!("UNet {:?}, {parameters} parameters", config.block_out_channels),
+        describe(&args.schedule, args.loss_weight, args.lr, args.variance),
+    );
+    let table =
+        markdown_table(&QUALITY_HEADER, &[report.row(&network, &how, (steps as u64, args.batch), outcome.seconds)]);
+    run.write_results(&[(
+        "quality",
+        match l03_row {
+            Some(row) => table.replacen("|---|\n", &format!("|---|\n{row}\n"), 1),
+            None => table,
+        },
+    )])?;
     run.write_metrics(json!({
-        "network": config, "schedule": args.schedule, "loss_weight": args.loss_weight, "lr": args.lr, "parameters": vs.variables().values().map(|t| t.numel()).sum::<usize>(),
+        "network": config, "schedule": args.schedule, "loss_weight": args.loss_weight, "lr": args.lr, "parameters": parameters,
         "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,
         "bf16": args.bf16,
         "final_loss_mean_last_100": mean_of_last(&outcome.losses, 100),
         "sample_steps": sample_steps, "sample_images_per_second": n as f64 / sample_seconds, "samples": report,
-        "lesson03_fd_over_floor": l03_ratio,
     }))?;
     if args.ship {
         let (samples, frechet_distance, frechet_floor) = (report.n, report.frechet_distance, report.frechet_floor);

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use scratch_diffusion::checkpoint;
 use scratch_diffusion::cli::{
-    finite, lesson_main, log_line, mean_of_last, positive, progress, unit_interval, CommonArgs, StepLog,
+    finite, lesson_main, log_line, markdown_table, mean_of_last, positive, progress, unit_interval, CommonArgs, StepLog,
 };
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::to_unit;
@@ -19,7 +19,7 @@ use scratch_diffusion::nn::class_cond::ClassCondConfig;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use scratch_diffusion::studies::attention;
-use scratch_diffusion::studies::guidance::{grade_guided, plot_samples_by_class, plot_tradeoff};
+use scratch_diffusion::studies::guidance::{grade_guided, plot_samples_by_class, plot_tradeoff, GuidanceReport};
 use scratch_diffusion::train::conditional::{train_cond_eps_model, DEFAULT_P_UNCOND};
 use scratch_diffusion::train::ddpm::EpsObjective;
 use scratch_diffusion::train::ddpm::LossWeight;
@@ -181,6 +181,30 @@ fn run(args: Args) -> Result<()> {
     let (path, seed) = (run.path("cross_attention.png"), run.seed);
     attention::plot_cross_attention(&path, &model, &sched, sample_steps, (seed, run.device))?;
 
+    let row = |r: &GuidanceReport| {
+        let (q, f) = (&r.samples, |v: f64| format!("{v:.3}"));
+        let fd = format!("{:.2} / {:.2} = {:.2}", q.frechet_distance, q.frechet_floor, q.fd_over_floor);
+        let diversity = format!("{:.2}", r.diversity_over_real);
+        vec![
+            r.scale.to_string(),
+            f(r.accuracy),
+            f(r.mean_p_requested),
+            diversity,
+            fd,
+            f(q.entropy_over_max),
+            f(q.mean_confidence),
+        ]
+    };
+    let header = [
+        "w",
+        "accuracy",
+        "p(asked digit)",
+        "diversity / real",
+        "Fréchet distance / floor",
+        "class entropy / ln 10",
+        "mean confidence",
+    ];
+    run.write_results(&[("guidance", markdown_table(&header, &reports.iter().map(row).collect::<Vec<_>>()))])?;
     run.write_metrics(json!({
         "attention_check": check, "network": config, "parameters": parameters,
         "train_steps": steps, "batch_size": args.batch, "train_seconds": outcome.seconds, "resumed_from": outcome.resumed_from,

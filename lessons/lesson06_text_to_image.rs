@@ -249,6 +249,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         "guidance": guidance, "sample_steps": sample_steps, "variance": args.variance,
     });
     merge(&mut metrics, json!(grades));
+    run.write_results(&[("results", figures::lesson06_results(&metrics, &grades))])?;
     run.write_metrics(metrics)?;
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
     Ok(())

@@ -9,7 +9,7 @@
 //! Chapter 07 walks through this file.
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
-use scratch_diffusion::cli::{lesson_main, log_line, progress, write_atomic, CommonArgs};
+use scratch_diffusion::cli::{lesson_main, log_line, progress, CommonArgs};
 use scratch_diffusion::data::captions::eval_prompts;
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::toy2d::GaussianMixture;
@@ -181,7 +181,6 @@ fn run(args: Args) -> Result<()> {
     let all: Vec<_> = rows.iter().chain([&reference]).collect();
     let table = study::markdown_table(&all, &fd, "Fréchet distance");
     println!("Fréchet distance against NFE, {n} samples per cell, the same starting noise:\n{table}");
-    write_atomic(&run.path("nfe_table.md"), table.as_bytes())?;
     figures::plot_fd_study(&run.out, (&rows, &reference), (n, reference_steps), &budgets)?;
     let dpmpp_10 = rows.iter().find(|r| r.sampler == Sampler::DpmSolverPp2m.key() && r.budget == 10);
     let target = dpmpp_10.map(|r| r.grade.frechet_distance / ref_fd);
@@ -207,7 +206,6 @@ fn run(args: Args) -> Result<()> {
     let all: Vec<_> = text_rows.iter().collect();
     let text_table = study::markdown_table(&all, &study::overall_accuracy, "prompt accuracy over the 50 prompts");
     println!("{text_table}");
-    write_atomic(&run.path("prompt_accuracy_table.md"), text_table.as_bytes())?;
     figures::plot_prompt_study(&run.out, &text_rows, DEFAULT_GUIDANCE)?;
 
     // ANCHOR: bits_per_dim
@@ -222,6 +220,7 @@ fn run(args: Args) -> Result<()> {
         bpd.probes, bpd.rk4_steps, bpd.nfe, bpd.mean, bpd.std_error, bpd.seconds
     );
 
+    run.write_results(&[("nfe", table), ("prompt_accuracy", text_table)])?;
     run.write_metrics(json!({
         "unet": unet_path, "pipeline": pipe_dir, "clamp_x0": args.clamp, "estimated_seconds": estimate,
         "order_study": { "setup": setup, "solvers": orders },

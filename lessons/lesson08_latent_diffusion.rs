@@ -23,8 +23,8 @@ use scratch_diffusion::pipelines::{bundle, TokensArgs};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::registry::Sampler;
 use scratch_diffusion::studies::latent_edits::sampling_speed;
-use scratch_diffusion::studies::latent_edits::summary as edits_summary;
 use scratch_diffusion::studies::latent_edits::{grade_saved, img2img_study, inpaint_study, reconstructions};
+use scratch_diffusion::studies::latent_edits::{lesson08_results, summary as edits_summary};
 use scratch_diffusion::studies::prompts::{grade_text_to_image, EvalArgs, GradeArgs};
 use scratch_diffusion::text::captions::{caption_images_with, CONTEXT_LEN};
 use scratch_diffusion::train::conditional::DEFAULT_P_UNCOND;
@@ -245,6 +245,8 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         "img2img": img2img, "inpainting": inpaint, "speed": speed,
     });
     merge(&mut metrics, json!(grades));
+    let edits = (STRENGTH, img2img.as_slice(), &inpaint, &speed);
+    run.write_results(&[("results", lesson08_results(&metrics, &grades, edits))])?;
     run.write_metrics(metrics)?;
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
     Ok(())

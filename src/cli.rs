@@ -2,7 +2,7 @@
 //!
 //! Library code never prints; lessons (binaries) own the terminal. Errors that a user can cause (a flag, a file)
 //! come back as `anyhow::Error` with context, and [`lesson_main`] prints them on one line and exits with status 2.
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -247,8 +247,8 @@ pub struct RunStamp {
     /// The command line, the program by its file name: `lesson04 --threads 2 --out /tmp/full04`.
     pub command: String,
     pub seed: u64,
-    /// `git rev-parse --short=12 HEAD` of the crate, with `+changes` when tracked files differ from it; `unknown`
-    /// outside a git checkout.
+    /// `git rev-parse --short=12 HEAD` of the crate, with `+changes` when its code, build files or shipped data
+    /// differ from it; `unknown` outside a git checkout.
     pub commit: String,
     /// The CPU's model name and its widest matrix units ([`cpu_description`]).
     pub cpu: String,
@@ -275,8 +275,8 @@ impl RunStamp {
     }
 }
 
-/// The commit of the checkout at `root` (12 hex digits), `+changes` when tracked files differ from it, or
-/// `unknown` when git or the checkout is missing.
+/// The commit of the checkout at `root` (12 hex digits), `+changes` when tracked files of src/, lessons/, data/ or
+/// the build (Cargo.toml, Cargo.lock, build.rs) differ from it, or `unknown` when git or the checkout is missing.
 pub fn git_commit(root: &Path) -> String {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
@@ -288,7 +288,9 @@ pub fn git_commit(root: &Path) -> String {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
-    match (git(&["rev-parse", "--short=12", "HEAD"]), git(&["status", "--porcelain", "--untracked-files=no"])) {
+    // what a run runs: the code, the build and the shipped data (the book and the tests can change meanwhile)
+    let status = ["status", "--porcelain", "--untracked-files=no", "--", "src", "lessons", "Cargo.toml", "Cargo.lock"];
+    match (git(&["rev-parse", "--short=12", "HEAD"]), git(&[&status[..], &["build.rs", "data"]].concat())) {
         (Some(head), Some(changes)) if !changes.is_empty() => format!("{head}+changes"),
         (Some(head), Some(_)) => head,
         _ => "unknown".into(),
@@ -385,6 +387,52 @@ pub fn write_manifest(dir: &Path, stamp: &RunStamp, since: std::time::SystemTime
     }
     let manifest = serde_json::json!({ "run": stamp, "sha256": files });
     write_atomic(&dir.join("run.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())
+}
+
+/// Checks that the files in `dir` come from one run, and returns its stamp: every file run.json lists that is in
+/// `dir` has the SHA-256 it lists; metrics.json is there and carries the same stamp, and so does results.md's first
+/// line when it is there. With `complete`, every other file directly in `dir` must be listed too (RUN.md and hidden
+/// files aside): how tests/book.rs holds the book's figure folders to one run each.
+pub fn verify_run_folder(dir: &Path, complete: bool) -> Result<RunStamp> {
+    use sha2::Digest;
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).with_context(|| format!("{} has no {name}", dir.display()))
+    };
+    let manifest: serde_json::Value = serde_json::from_str(&read("run.json")?).context("run.json is not JSON")?;
+    let stamp: RunStamp = serde_json::from_value(manifest["run"].clone()).context("run.json has no run stamp")?;
+    let listed = manifest["sha256"].as_object().context("run.json has no sha256 table")?;
+    for (name, sha) in listed {
+        if let Ok(bytes) = std::fs::read(dir.join(name)) {
+            let actual = format!("{:x}", sha2::Sha256::digest(&bytes));
+            ensure!(Some(actual.as_str()) == sha.as_str(), "{}/{name} is not the file its run wrote", dir.display());
+        }
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&read("metrics.json")?).context("metrics.json is not JSON")?;
+    ensure!(listed.contains_key("metrics.json"), "run.json does not list metrics.json");
+    ensure!(metrics["run"] == manifest["run"], "metrics.json's run stamp differs from run.json's in {}", dir.display());
+    if let Ok(results) = read("results.md") {
+        let first = results.lines().next().unwrap_or_default();
+        let json = first.strip_prefix("<!-- run ").and_then(|l| l.strip_suffix(" -->"));
+        let of_results: Option<RunStamp> = json.and_then(|j| serde_json::from_str(j).ok());
+        ensure!(
+            of_results.as_ref() == Some(&stamp),
+            "results.md's run stamp differs from run.json's in {}",
+            dir.display()
+        );
+    }
+    if complete {
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let skip = name == "run.json" || name == "RUN.md" || name.starts_with('.') || entry.path().is_dir();
+            ensure!(
+                skip || listed.contains_key(&name),
+                "{}/{name} is not a file of the run in run.json",
+                dir.display()
+            );
+        }
+    }
+    Ok(stamp)
 }
 
 /// A progress bar for a loop of `len` iterations, showing the message (for example the running loss) and the rate.

@@ -145,16 +145,45 @@ fn numbers_quoted_from_runs_match_their_files() {
     assert!(checked >= 40, "only {checked} quoted numbers are checked against their runs");
 }
 
-/// A figures folder that holds a run's metrics.json also says which run made it: RUN.md with the command and the CPU.
+/// Each chapter's figures, tables and numbers come from one run: lessons 01–08's figures folders hold the files of one
+/// run each (run.json lists them with their SHA-256; metrics.json and results.md carry its stamp; no other file is
+/// there), copied by `./run.sh book-refresh`, and so does every subfolder that keeps a comparison run. A run made from
+/// uncommitted code cannot be in the book.
 #[test]
-fn every_run_in_the_book_has_its_stamp() {
+fn figures_and_tables_of_each_chapter_come_from_one_run() {
     let figures = Path::new(env!("CARGO_MANIFEST_DIR")).join("book/src/figures");
+    let mut folders: Vec<PathBuf> = Vec::new();
     for dir in std::fs::read_dir(&figures).unwrap().filter_map(|e| e.ok().map(|e| e.path())) {
-        if dir.join("metrics.json").exists() {
-            let stamp = std::fs::read_to_string(dir.join("RUN.md"))
-                .unwrap_or_else(|_| panic!("{} has a metrics.json but no RUN.md", dir.display()));
-            assert!(stamp.contains("EPYC") || stamp.contains("Intel"), "{}: RUN.md names no CPU", dir.display());
-            assert!(stamp.contains("lesson"), "{}: RUN.md names no command", dir.display());
+        folders
+            .extend(std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()));
+        folders.push(dir);
+    }
+    let mut runs = Vec::new();
+    for dir in folders.iter().filter(|d| d.join("metrics.json").exists() || d.join("run.json").exists()) {
+        let stamp = scratch_diffusion::cli::verify_run_folder(dir, true).unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(!stamp.commit.contains("+changes") && stamp.commit != "unknown", "{}: {stamp:?}", dir.display());
+        runs.push(dir.strip_prefix(&figures).unwrap().to_path_buf());
+    }
+    for lesson in 1..=8 {
+        let dir = PathBuf::from(format!("lesson{lesson:02}"));
+        assert!(runs.contains(&dir), "book/src/figures/{} holds no stamped run", dir.display());
+    }
+}
+
+/// What the chapters include from a run's results.md is there: the file, and the anchor, whose table the lesson wrote.
+#[test]
+fn chapters_include_the_tables_their_runs_wrote() {
+    let mut tables = 0;
+    for chapter in chapters() {
+        let text = std::fs::read_to_string(&chapter).unwrap();
+        for inc in includes(&text).iter().filter(|i| i.starts_with("figures/") && i.contains("results.md")) {
+            let (file, anchor) = inc.split_once(':').unwrap_or((inc, ""));
+            let md = std::fs::read_to_string(chapter.parent().unwrap().join(file))
+                .unwrap_or_else(|_| panic!("{}: no {file}", chapter.display()));
+            assert!(md.starts_with("<!-- run {"), "{file} has no run stamp");
+            assert!(anchor.is_empty() || md.contains(&format!("ANCHOR: {anchor} -->")), "{file} has no table {anchor}");
+            tables += 1;
         }
     }
+    assert!(tables >= 8, "only {tables} tables are included from the runs' results.md");
 }

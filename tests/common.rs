@@ -28,7 +28,11 @@ pub fn assert_user_error(out: &Output, needle: &str) {
     assert!(err.contains(needle), "error should mention {needle:?}: {err}");
 }
 
+/// What a lesson run wrote into `dir`: metrics.json, after checking that it, results.md and the files of run.json
+/// carry one run stamp ([`verify_run_folder`](scratch_diffusion::cli::verify_run_folder)).
 pub fn metrics(dir: &Path) -> serde_json::Value {
+    let stamp = scratch_diffusion::cli::verify_run_folder(dir, false).unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(stamp.command.contains("--threads 1"), "{stamp:?}");
     let text = std::fs::read_to_string(dir.join("metrics.json")).expect("metrics.json written");
     serde_json::from_str(&text).expect("metrics.json is JSON")
 }

@@ -26,10 +26,10 @@ fn quick_run_writes_outputs_and_the_orders_match_theory() {
             "trajectories.png",
             "fd_vs_nfe.png",
             "samples_by_sampler.png",
-            "nfe_table.md",
             "prompt_accuracy_vs_nfe.png",
-            "prompt_accuracy_table.md",
+            "results.md",
             "metrics.json",
+            "run.json",
         ],
     );
     let m = metrics(&out);
@@ -53,8 +53,10 @@ fn quick_run_writes_outputs_and_the_orders_match_theory() {
     assert!(text.iter().all(|r| (0.0..=1.0).contains(&r["grade"]["overall"].as_f64().unwrap())));
     assert_eq!(m["trajectories"]["panels"].as_array().unwrap().len(), 4);
     assert_eq!(m["bits_per_dim"]["per_image"].as_array().unwrap().len(), 2);
-    let table = std::fs::read_to_string(out.join("nfe_table.md")).unwrap();
-    assert!(table.contains("| DPM-Solver++(2M) | DPM++ 2M Karras |"), "{table}");
+    let results = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(results.contains("<!-- ANCHOR: nfe -->\n| sampler |"), "{results}");
+    assert!(results.contains("| DPM-Solver++(2M) | DPM++ 2M Karras |"), "{results}");
+    assert!(results.contains("<!-- ANCHOR: prompt_accuracy -->"), "{results}");
 }
 
 #[test]

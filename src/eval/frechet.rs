@@ -64,7 +64,7 @@ pub fn frechet_distance(f1: &Tensor, f2: &Tensor) -> f64 {
 }
 
 /// How a set of generated digits looks to the classifier.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SampleReport {
     /// Samples graded (and test images in each reference set).
     pub n: i64,
@@ -82,6 +82,37 @@ pub struct SampleReport {
     pub entropy_over_max: f64,
     /// Mean over samples of the largest softmax probability: low for digits the classifier cannot read.
     pub mean_confidence: f64,
+}
+
+/// The header of the lessons' sample-quality tables: a row per model, [`SampleReport::row`].
+pub const QUALITY_HEADER: [&str; 8] = [
+    "network",
+    "recipe",
+    "steps × batch",
+    "training time",
+    "Fréchet distance",
+    "FD / floor",
+    "class entropy / ln 10",
+    "mean confidence",
+];
+
+impl SampleReport {
+    /// A row of a [`QUALITY_HEADER`] table: the network, its recipe, (steps, batch), training seconds, then
+    /// [`Self::cells`].
+    pub fn row(&self, network: &str, recipe: &str, (steps, batch): (u64, i64), seconds: f64) -> Vec<String> {
+        let head = [network.to_string(), recipe.to_string(), format!("{steps} × {batch}"), format!("{seconds:.0} s")];
+        head.into_iter().chain(self.cells()).collect()
+    }
+
+    /// The cells of a results table: Fréchet distance, FD / floor, class entropy / ln 10, mean confidence.
+    pub fn cells(&self) -> [String; 4] {
+        [
+            format!("{:.2}", self.frechet_distance),
+            format!("{:.2}", self.fd_over_floor),
+            format!("{:.3}", self.entropy_over_max),
+            format!("{:.3}", self.mean_confidence),
+        ]
+    }
 }
 
 /// A fixed permutation of 0..t (Fisher–Yates driven by SplitMix64 from [`REFERENCE_SEED`]): the same reference images

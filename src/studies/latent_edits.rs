@@ -15,6 +15,7 @@ use crate::nn::vae::AutoencoderKl;
 use crate::pipelines::latent_diffusion::{Draw, LatentDiffusion};
 use crate::pipelines::text_to_image::TextToImage;
 use crate::plot;
+use crate::studies::prompts::{number, ResultRow, TextToImageGrades};
 use anyhow::Result;
 use std::path::Path;
 use std::time::Instant;
@@ -288,6 +289,91 @@ impl Reconstructions {
         let shown = Tensor::cat(&[originals.narrow(0, 0, k), self.images.narrow(0, 0, k)], 0); // (2k, 1, 28, 28)
         plot::image_grid(figure, "test digits (top) and their VAE reconstructions", &shown, k as usize, 3, &[])
     }
+}
+
+/// Lesson 08's results.md table: training and the autoencoder from its `metrics`, the `grades`, then the edits and
+/// the speed ([`edit_rows`]).
+pub fn lesson08_results(
+    metrics: &serde_json::Value,
+    grades: &TextToImageGrades,
+    edits: (f64, &[Img2ImgPoint], &InpaintReport, &SpeedReport),
+) -> String {
+    let n = |p: &str| number(metrics, p);
+    let trained = |what: &str, at: &str| {
+        let (steps, batch, s) =
+            (n(&format!("{at}/steps")), n(&format!("{at}/batch_size")), n(&format!("{at}/seconds")));
+        [format!("{what}, {steps} steps of {batch}"), format!("{s:.0} s"), String::new()]
+    };
+    let reported = |q: String, v: String| [q, v, String::new()];
+    let before = [
+        trained("autoencoder training", "/vae"),
+        trained(&format!("latent UNet training ({} parameters)", n("/unet/parameters")), "/unet"),
+        [
+            "VAE + latent UNet training".into(),
+            format!(
+                "**{:.0} s** ({:.0} s with captioning and encoding the training set)",
+                n("/vae_plus_unet_seconds"),
+                n("/train_seconds_total")
+            ),
+            "≤ 10 min".into(),
+        ],
+        reported(
+            format!("reconstructions of the {} test digits: PSNR", n("/vae/test_images")),
+            format!("{:.2} dB", n("/vae/psnr_db")),
+        ),
+        [
+            "classifier accuracy on those reconstructions (on the originals)".into(),
+            format!(
+                "**{:.4}** ({:.4})",
+                n("/vae/reconstructions/accuracy"),
+                n("/vae/reconstructions/original_accuracy")
+            ),
+            "≥ 0.98".into(),
+        ],
+        reported("scaling factor 1/σ̂".into(), format!("{:.4}", n("/vae/scaling_factor"))),
+    ];
+    let (strength, img2img, inpaint, speed) = edits;
+    let after = edit_rows(strength, img2img, inpaint, speed);
+    grades.results_table(&before, ["≥ 0.97", "≥ 0.96 / ≥ 0.90", "≥ 90 %", "≤ 3"], &after)
+}
+
+/// Lesson 08's rows of results (quantity, value, target) about its edits and its speed, img2img at `strength`.
+pub fn edit_rows(
+    strength: f64,
+    img2img: &[Img2ImgPoint],
+    inpaint: &InpaintReport,
+    speed: &SpeedReport,
+) -> Vec<ResultRow> {
+    let at_strength = img2img.iter().find(|p| p.strength == strength).map_or(0.0, |p| p.new_digit);
+    let n = inpaint.n;
+    vec![
+        [
+            format!("img2img at strength {strength} towards another digit ({n} test digits)"),
+            format!("**{:.0} %** read as the new digit", 100.0 * at_strength),
+            "≥ 90 %".into(),
+        ],
+        [
+            format!("inpainting the bottom half ({n} test digits): error on the kept half, before pasting"),
+            format!(
+                "{:.4} (the autoencoder alone: {:.4}; after pasting: {})",
+                inpaint.unmasked_mae, inpaint.unmasked_mae_reconstruction, inpaint.unmasked_mae_pasted
+            ),
+            String::new(),
+        ],
+        [
+            "inpainting: completed digits read as the prompted digit".into(),
+            format!("{:.0} %", 100.0 * inpaint.accuracy),
+            String::new(),
+        ],
+        [
+            format!("sampling, {} images, {} steps: latent vs lesson 06's pixel pipeline", speed.images, speed.steps),
+            format!(
+                "**{:.1} vs {:.1} images/s: {:.1}×**",
+                speed.latent_images_per_s, speed.pixel_images_per_s, speed.speedup
+            ),
+            "≥ 3×".into(),
+        ],
+    ]
 }
 
 /// The line lesson 08 prints about its edits and its speed, img2img at `strength`.

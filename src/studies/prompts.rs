@@ -100,14 +100,16 @@ impl GradeArgs {
         std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
         let (w, steps, n) = self.eval.resolve(false);
         let setting = (w, n, self.seed, usize::MAX);
+        let (stamp, since) = (crate::cli::RunStamp::now(lesson, self.seed), std::time::SystemTime::now());
         let started = std::time::Instant::now();
         let grades =
             grade_text_to_image((generate, generate_each), clf, setting, &self.sweep, &data.test_images, &out)?;
         let mut metrics = serde_json::json!({ "lesson": lesson, "weights": weights.display().to_string(),
             "guidance": w, "sample_steps": steps, "seed": self.seed, "threads": tch::get_num_threads(),
-            "seconds": started.elapsed().as_secs_f64() });
+            "seconds": started.elapsed().as_secs_f64(), "run": stamp });
         crate::cli::merge(&mut metrics, serde_json::json!(grades));
         crate::cli::write_atomic(&out.join("metrics.json"), serde_json::to_string_pretty(&metrics)?.as_bytes())?;
+        crate::cli::write_manifest(&out, &stamp, since)?;
         println!("{}\noutputs in {}", grades.summary(), out.display());
         Ok(grades)
     }
@@ -219,7 +221,96 @@ pub fn grade_text_to_image(
 }
 // ANCHOR_END: grade
 
+/// A row of a results table: quantity, value, target (empty: reported).
+pub type ResultRow = [String; 3];
+
+/// `pointer` of `metrics` as a number (NaN when missing), for the results tables the lessons write.
+pub fn number(metrics: &serde_json::Value, pointer: &str) -> f64 {
+    metrics.pointer(pointer).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN)
+}
+
+/// Lesson 06's results.md table, from its `metrics` (training) and `grades`.
+pub fn lesson06_results(metrics: &serde_json::Value, grades: &TextToImageGrades) -> String {
+    let n = |p: &str| number(metrics, p);
+    let trained = format!(
+        "**{:.0} s** (mini-CLIP {:.0} s, UNet {:.0} s), {} threads",
+        n("/train_seconds_total"),
+        n("/clip/seconds"),
+        n("/unet_seconds"),
+        tch::get_num_threads()
+    );
+    let before = [
+        ["training time: captions, BPE, mini-CLIP, UNet".into(), trained, "≤ 10 min".into()],
+        [
+            "mini-CLIP zero-shot accuracy (\"a handwritten seven\" …)".into(),
+            format!("{:.3}", n("/clip/zero_shot_accuracy")),
+            String::new(),
+        ],
+    ];
+    let targets = ["≥ 0.98", "≥ 0.97 / ≥ 0.90", "≥ 90 %", "≤ 2.30 (the first pipeline's)"];
+    grades.results_table(&before, targets, &[])
+}
+
 impl TextToImageGrades {
+    /// Lessons 06 and 08's table of results (quantity | value | target): the rows `before` (training), then the
+    /// grades with `targets` = (prompt accuracy, held-out prompt accuracy, attribute pairs, FD / floor), then `after`.
+    pub fn results_table(&self, before: &[ResultRow], targets: [&str; 4], after: &[ResultRow]) -> String {
+        let (a, h, q) = (&self.prompt_accuracy, &self.held_out_prompt_accuracy, &self.samples);
+        let worst = |p: &PromptAccuracy| {
+            let digits: Vec<String> =
+                (0..10).filter(|&d| p.per_digit[d] == p.worst_digit).map(|d| d.to_string()).collect();
+            format!("digit{} {}", if digits.len() > 1 { "s" } else { "" }, digits.join(", "))
+        };
+        let pct = |f: f64| format!("{:.0} %", 100.0 * f);
+        let size = |r: &AttributeReport| pct(r.fraction_following(&[Attribute::Size]));
+        let sweep: Vec<String> = self.guidance_sweep.iter().map(|(w, acc)| format!("{w}: {acc:.2}")).collect();
+        let row = |q: &str, v: String, t: &str| [q.to_string(), v, t.to_string()];
+        let grades = [
+            row(
+                "prompt accuracy, the captions' phrasings: mean / worst digit",
+                format!("**{:.3}** / {:.2} ({})", a.overall, a.worst_digit, worst(a)),
+                targets[0],
+            ),
+            row(
+                &format!("prompt accuracy, {} held-out prompts: mean / worst digit", h.per_prompt.len()),
+                format!("**{:.3}** / {:.3} ({})", h.overall, h.worst_digit, worst(h)),
+                targets[1],
+            ),
+            row(
+                "thickness and slant follow the prompt: the captions' phrasings, held-out ones",
+                format!(
+                    "**{}** and **{}** of digit × attribute pairs (size: {} and {})",
+                    pct(self.attribute_fraction_following_thickness_slant),
+                    pct(self.held_out_attribute_fraction_following_thickness_slant),
+                    size(&self.attributes),
+                    size(&self.held_out_attributes)
+                ),
+                targets[2],
+            ),
+            row(
+                &format!("Fréchet distance / floor, n = {}", q.n),
+                format!("**{:.2} / {:.2} = {:.2}**", q.frechet_distance, q.frechet_floor, q.fd_over_floor),
+                targets[3],
+            ),
+            row(
+                &format!("the same at all n = {} samples", self.samples_all.n),
+                format!(
+                    "{:.2} / {:.2} = {:.2}",
+                    self.samples_all.frechet_distance, self.samples_all.frechet_floor, self.samples_all.fd_over_floor
+                ),
+                "",
+            ),
+            row(
+                "mean classifier confidence, class entropy / ln 10",
+                format!("{:.3}, {:.3}", q.mean_confidence, q.entropy_over_max),
+                "",
+            ),
+            row("prompt accuracy against w (2 samples per digit)", sweep.join(", "), ""),
+        ];
+        let rows: Vec<Vec<String>> = before.iter().chain(&grades).chain(after).map(|r| r.to_vec()).collect();
+        crate::cli::markdown_table(&["quantity", "value", "target"], &rows)
+    }
+
     /// The summary line the lessons print.
     pub fn summary(&self) -> String {
         let (a, q, all) = (&self.prompt_accuracy, &self.samples, &self.samples_all);

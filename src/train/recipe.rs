@@ -7,6 +7,7 @@
 //! Chapter 04 measures what each choice buys: on the same 64 000 training images, the cosine schedule with Min-SNR
 //! weighting and no dropout took the UNet's Fréchet distance from 101 to about 70, and batches of 32 at a six times
 //! higher learning rate (with the narrower top level of `UNetConfig::mnist`) from 70 to about 34.
+use crate::diffusion::schedule::PosteriorVariance;
 use crate::train::ddpm::LossWeight;
 use crate::train::trainer::TrainerConfig;
 
@@ -33,6 +34,20 @@ pub const GRAD_CLIP: f64 = 1.0;
 /// Steps between atomic checkpoints.
 pub const CHECKPOINT_EVERY: usize = 250;
 // ANCHOR_END: recipe
+
+/// How a run's results tables name its recipe: schedule, loss weighting, peak learning rate and the sampler's
+/// variance, e.g. `cosine, Min-SNR, lr 0.01, σ² = β̃`.
+pub fn describe(schedule: &str, weight: LossWeight, lr: f64, variance: PosteriorVariance) -> String {
+    let weight = match weight {
+        LossWeight::Uniform => "uniform",
+        LossWeight::MinSnr => "Min-SNR",
+    };
+    let variance = match variance {
+        PosteriorVariance::Beta => "β",
+        PosteriorVariance::BetaTilde => "β̃",
+    };
+    format!("{schedule}, {weight}, lr {lr}, σ² = {variance}")
+}
 
 /// Named training presets, one per kind of network the lessons train; each lesson's `--help` shows its flags'
 /// defaults from these. ([`TrainerConfig::default`] is [DDPM]'s own CIFAR-10 run, for reference.)
