@@ -14,7 +14,7 @@ use scratch_diffusion::data::captions::eval_prompts;
 use scratch_diffusion::data::mnist;
 use scratch_diffusion::data::toy2d::GaussianMixture;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
-use scratch_diffusion::eval::bits_per_dim::mnist_bits_per_dim;
+use scratch_diffusion::eval::bits_per_dim::{likelihood_table, mnist_bits_per_dim, mnist_vlb_bits_per_dim};
 use scratch_diffusion::eval::frechet::SampleReport;
 use scratch_diffusion::model::Cond;
 use scratch_diffusion::model::{Denoiser, EpsDenoiser};
@@ -40,6 +40,8 @@ const TEXT_MAX_NFE: usize = 50;
 const BPD_PROBES: usize = 1;
 const BPD_RK4_STEPS: usize = 24;
 const BPD_BATCH: i64 = 16;
+/// The variational bound: timesteps per network call (all T = 1000 of every bits/dim image, forward passes only).
+const VLB_BATCH: i64 = 250;
 
 /// Lesson 07: fast samplers and the SDE view.
 #[derive(Parser, Debug)]
@@ -122,7 +124,8 @@ fn run(args: Args) -> Result<()> {
         (study::seconds_per_image(d, n, run.device), study::seconds_per_image(text_d, 50, run.device));
     let estimate = per_image * n as f64 * (study::plan_nfe(&plan) + study::plan_nfe(&reference)) as f64
         + per_text * 50.0 * study::plan_nfe(&text_plan) as f64
-        + per_image * 3.0 * (bpd_images * 4 * bpd_steps as i64) as f64; // a backward pass ≈ two forwards
+        + per_image * 3.0 * (bpd_images * 4 * bpd_steps as i64) as f64 // a backward pass ≈ two forwards
+        + per_image * (bpd_images * sched.num_steps() as i64) as f64; // the variational bound
     println!(
         "estimated time about {:.0} s ({:.1} ms per image per network evaluation; {n} samples × {} sampler runs + the \
          reference, {} text runs, bits/dim of {bpd_images} images)",
@@ -213,6 +216,8 @@ fn run(args: Args) -> Result<()> {
     // (N, 1, 28, 28) in [0, 1]; the unclamped denoiser: the ODE (and its divergence) of the model itself
     let images = data.test_images.narrow(0, 0, bpd_images).to_device(run.device);
     let bpd = mnist_bits_per_dim(&eps, &images, eps.sigma_range(), bpd_steps, BPD_PROBES, BPD_BATCH);
+    // the same images under [DDPM]'s variational bound of the same model: every timestep, one draw of x_t each
+    let vlb = mnist_vlb_bits_per_dim(&unet, &sched, &images, VLB_BATCH);
     // ANCHOR_END: bits_per_dim
     println!(
         "bits/dim of the first {bpd_images} test images (uniform dequantisation, {} Rademacher probe, {} RK4 steps = \
@@ -220,7 +225,9 @@ fn run(args: Args) -> Result<()> {
         bpd.probes, bpd.rk4_steps, bpd.nfe, bpd.mean, bpd.std_error, bpd.seconds
     );
 
-    run.write_results(&[("nfe", table), ("prompt_accuracy", text_table)])?;
+    let likelihood = likelihood_table(&bpd, &vlb);
+    println!("{likelihood}(the variational bound in {:.0} s)", vlb.seconds);
+    run.write_results(&[("nfe", table), ("prompt_accuracy", text_table), ("likelihood", likelihood)])?;
     run.write_metrics(json!({
         "unet": unet_path, "pipeline": pipe_dir, "clamp_x0": args.clamp, "estimated_seconds": estimate,
         "order_study": { "setup": setup, "solvers": orders },
@@ -228,7 +235,7 @@ fn run(args: Args) -> Result<()> {
         "nfe_study": { "num_samples": n, "budgets": budgets, "reference": reference, "rows": rows,
                        "dpm_solver_pp_2m_10_over_reference": target },
         "text_to_image": { "guidance": DEFAULT_GUIDANCE, "prompts": 50, "samples_per_prompt": 1, "rows": text_rows },
-        "bits_per_dim": bpd,
+        "bits_per_dim": bpd, "vlb_bits_per_dim": vlb,
     }))?;
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
     Ok(())

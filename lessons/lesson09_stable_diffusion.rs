@@ -9,7 +9,7 @@
 //! through this file; the flags every drawing command shares are `pipelines::stable_diffusion::DrawArgs`.
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use scratch_diffusion::cli::{lesson_main, Run};
+use scratch_diffusion::cli::{lesson_main, markdown_table, Run};
 use scratch_diffusion::data::png::{read_png_rgb, read_png_text};
 use scratch_diffusion::model::{sigmas_of_schedule, timestep_of_sigma};
 use scratch_diffusion::pipelines::stable_diffusion::{DrawArgs, GenerateParams, StableDiffusion};
@@ -212,6 +212,40 @@ fn tour(args: TourArgs) -> Result<()> {
     let paths = sd.save_pngs(&run, &p, &images, None)?;
     let infotext = read_png_text(&paths[0], "parameters")?.context("the PNG's parameters chunk")?;
     println!("8. wrote {} with parameters:\n{infotext}", paths[0].display());
+    // the tables of results.md, what chapter 09 shows of each stage
+    let token_rows: Vec<Vec<String>> =
+        (0..encoded.len).map(|i| vec![i.to_string(), encoded.ids[i].to_string(), format!("`{}`", pieces[i])]).collect();
+    let grid_rows: Vec<Vec<String>> = (0..sigmas.len())
+        .map(|i| {
+            vec![i.to_string(), format!("{:.4}", sigmas[i]), ts.get(i).cloned().unwrap_or_else(|| "(the end)".into())]
+        })
+        .collect();
+    let stage = |what: String, shape: String, out: String| vec![what, shape, out];
+    let std = |t: &Tensor| format!("std {:.3}", t.std(true).double_value(&[]));
+    let stage_rows = [
+        stage("text states τ(y), prompt and negative".into(), format!("{:?} each", cond.size()), std(&cond)),
+        stage(format!("starting noise x_T, seed {}", p.seed), format!("{:?}", z_t.size()), std(&z_t)),
+        stage(
+            format!("one guided UNet evaluation at σ₀ = {:.3}", sigmas[0]),
+            format!("ε̂ {:?}", eps_uncond.size()),
+            format!("rms of ε_c − ε_∅ {gap:.4}, guided {}", std(&guided)),
+        ),
+        stage(
+            format!("the loop: {} steps of {}", p.steps, p.sampler.name()),
+            format!("latents {:?}", latents.size()),
+            std(&latents),
+        ),
+        stage(
+            "VAE decoder".into(),
+            format!("pixels {:?}", images.size()),
+            format!("in [{:.2}, {:.2}]", images.min().double_value(&[]), images.max().double_value(&[])),
+        ),
+    ];
+    run.write_results(&[
+        ("tokens", markdown_table(&["position", "id", "piece"], &token_rows)),
+        ("grid", markdown_table(&["step", "σ", "timestep of the UNet"], &grid_rows)),
+        ("stages", markdown_table(&["stage", "shape", "what came out"], &stage_rows)),
+    ])?;
     let mut metrics = json!({"command": "tour", "model": sd.model_name,
         "parameters": {"text_encoder": n_text, "unet": n_unet, "vae": n_vae},
         "tokens": {"ids": &encoded.ids[..encoded.len], "pieces": pieces},

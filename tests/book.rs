@@ -1,7 +1,7 @@
 //! The book can never drift from the code: every `{{#include path:anchor}}` in book/src must name an existing file
 //! and, when it names an anchor, that file must hold both `ANCHOR: name` and `ANCHOR_END: name`. Every figure the
-//! book shows must exist too, every run whose files the book keeps says how it was made, and the numbers a chapter
-//! quotes from a run's files are checked against them (issue 19).
+//! book shows must exist too; each figures folder holds the files of one stamped run, unchanged (run.json), and the
+//! numbers a chapter quotes from a run's files are checked against them (issue 19).
 use std::path::{Path, PathBuf};
 
 fn chapters() -> Vec<PathBuf> {
@@ -145,7 +145,7 @@ fn numbers_quoted_from_runs_match_their_files() {
     assert!(checked >= 40, "only {checked} quoted numbers are checked against their runs");
 }
 
-/// Each chapter's figures, tables and numbers come from one run: lessons 01–08's figures folders hold the files of one
+/// Each chapter's figures, tables and numbers come from one run: lessons 01–09's figures folders hold the files of one
 /// run each (run.json lists them with their SHA-256; metrics.json and results.md carry its stamp; no other file is
 /// there), copied by `./run.sh book-refresh`, and so does every subfolder that keeps a comparison run. A run made from
 /// uncommitted code cannot be in the book.
@@ -164,7 +164,7 @@ fn figures_and_tables_of_each_chapter_come_from_one_run() {
         assert!(!stamp.commit.contains("+changes") && stamp.commit != "unknown", "{}: {stamp:?}", dir.display());
         runs.push(dir.strip_prefix(&figures).unwrap().to_path_buf());
     }
-    for lesson in 1..=8 {
+    for lesson in 1..=9 {
         let dir = PathBuf::from(format!("lesson{lesson:02}"));
         assert!(runs.contains(&dir), "book/src/figures/{} holds no stamped run", dir.display());
     }

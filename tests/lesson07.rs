@@ -53,10 +53,19 @@ fn quick_run_writes_outputs_and_the_orders_match_theory() {
     assert!(text.iter().all(|r| (0.0..=1.0).contains(&r["grade"]["overall"].as_f64().unwrap())));
     assert_eq!(m["trajectories"]["panels"].as_array().unwrap().len(), 4);
     assert_eq!(m["bits_per_dim"]["per_image"].as_array().unwrap().len(), 2);
+    // the variational bound of the same model on the same 2 images: T = 1000 evaluations each, β̃ and β
+    let vlb = &m["vlb_bits_per_dim"];
+    assert_eq!((vlb["images"].as_i64(), vlb["nfe"].as_u64()), (Some(2), Some(1000)));
+    for b in vlb["bounds"].as_array().unwrap() {
+        let (mean, terms) =
+            (b["mean"].as_f64().unwrap(), ["prior", "steps", "decoder"].map(|k| b[k].as_f64().unwrap()));
+        assert!(mean > 0.0 && (terms.iter().sum::<f64>() - mean).abs() < 1e-9, "{b}");
+    }
     let results = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(results.contains("<!-- ANCHOR: nfe -->\n| sampler |"), "{results}");
     assert!(results.contains("| DPM-Solver++(2M) | DPM++ 2M Karras |"), "{results}");
     assert!(results.contains("<!-- ANCHOR: prompt_accuracy -->"), "{results}");
+    assert!(results.contains("| variational bound, σ² = β̃ ([DDPM] eq. 5) |"), "{results}");
 }
 
 #[test]

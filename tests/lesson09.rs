@@ -31,6 +31,11 @@ fn quick_tour_runs_every_stage_and_writes_its_parameters() {
         "{text}"
     );
     assert_eq!(png(dir.path(), "image_00_seed0.png").size(), [1, 3, 64, 64]);
+    // results.md: what each stage produced, the tables chapter 09 includes
+    let results = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+    assert!(results.contains(&format!("| 3 | {} | `fox` |", m["tokens"]["ids"][3])), "{results}");
+    assert!(results.contains("<!-- ANCHOR: grid -->") && results.contains("| 4 | 0.0000 | (the end) |"), "{results}");
+    assert!(results.contains("| VAE decoder | pixels [1, 3, 64, 64] |"), "{results}");
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! of lesson 08's latent UNet (the same, on 4 × 7 × 7 latents, each sampled latent then decoded by the VAE) at the
 //! default batch size, f32 vs bf16, with 1 and 2 threads, and the peak resident memory of each configuration.
 //!
-//! `cargo run --release --bin bench` prints a table and writes out/bench/bench.json. Each configuration runs in its
+//! `cargo run --release --bin bench` prints a table and writes it into out/bench/ as results.md, with metrics.json and
+//! run.json, stamped like a lesson's run (the book shows it: `./run.sh book-refresh bench`). Each configuration runs in its
 //! own process (this binary re-invoked with `--one`), so thread counts and peak memory do not leak between them.
 //! Compare numbers only within one run: the machine's load changes from minute to minute.
 use anyhow::{bail, Context, Result};
@@ -44,7 +45,7 @@ struct Args {
     /// Channels of each UNet level, comma-separated [default: the mnist preset's].
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(i64).range(1..=1024))]
     channels: Option<Vec<i64>>,
-    /// Where to write bench.json.
+    /// Where to write metrics.json, results.md and run.json.
     #[arg(long, default_value = "out/bench")]
     out: std::path::PathBuf,
     /// Internal: run one configuration (model "unet", "text" or "latent", dtype "f32" or "bf16", threads) and print its JSON.
@@ -52,10 +53,11 @@ struct Args {
     one: Option<Vec<String>>,
 }
 
-/// Lesson 06's text side: the mini-CLIP text encoder's width and a vocabulary of the size its BPE reaches.
-const TEXT_VOCAB: i64 = 627;
-/// Lesson 06's default guidance scale: sampling runs the UNet on 2B images per step.
-const GUIDANCE: f64 = 3.0;
+/// Lesson 06's text side: the mini-CLIP text encoder's width and a vocabulary of the size its BPE reaches on the varied
+/// captions (1 514 tokens).
+const TEXT_VOCAB: i64 = 1514;
+/// Lesson 06's default guidance scale: sampling runs the UNet on 2B images per step (any w but 0 and 1 does).
+const GUIDANCE: f64 = scratch_diffusion::pipelines::text_to_image::DEFAULT_GUIDANCE;
 
 fn main() {
     scratch_diffusion::cli::lesson_main(|| {
@@ -198,8 +200,9 @@ impl EpsModel for CastTo<'_> {
     }
 }
 
-/// Every configuration, each in a child process; prints the table and writes bench.json.
+/// Every configuration, each in a child process; prints the table and writes metrics.json, results.md and run.json.
 fn all(args: &Args) -> Result<()> {
+    let (stamp, since) = (scratch_diffusion::cli::RunStamp::now("bench", 0), std::time::SystemTime::now());
     let exe = std::env::current_exe()?;
     let mut rows = Vec::new();
     println!(
@@ -270,10 +273,29 @@ fn all(args: &Args) -> Result<()> {
     }
     println!("ratios (same run): {}", serde_json::to_string_pretty(&ratios)?);
     scratch_diffusion::cli::ensure_writable_dir(&args.out)?;
-    let path = args.out.join("bench.json");
+    let cells = |r: &serde_json::Value| {
+        let f = |k: &str, d: usize| format!("{:.*}", d, r[k].as_f64().unwrap_or(f64::NAN));
+        let name = r["model"].as_str().unwrap_or_default().to_string();
+        vec![
+            name,
+            r["dtype"].to_string().replace('"', ""),
+            r["threads"].to_string(),
+            f("train_steps_per_s", 3),
+            f("sample_images_per_s", 2),
+            f("peak_rss_mib", 0),
+        ]
+    };
+    let header = ["model", "dtype", "threads", "training steps/s", "sampled images/s", "peak RSS (MiB)"];
+    let table = scratch_diffusion::cli::markdown_table(&header, &rows.iter().map(cells).collect::<Vec<_>>());
+    let results = scratch_diffusion::cli::results_markdown(&stamp, &[("bench", table)])?;
+    scratch_diffusion::cli::write_atomic(&args.out.join("results.md"), results.as_bytes())?;
     let report = json!({"unet": unet_config(args), "batch": args.batch, "sample_steps": args.sample_steps,
-                        "guidance": GUIDANCE, "rows": rows, "ratios": ratios});
-    scratch_diffusion::cli::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
-    println!("wrote {}", path.display());
+                        "guidance": GUIDANCE, "rows": rows, "ratios": ratios, "run": stamp});
+    scratch_diffusion::cli::write_atomic(
+        &args.out.join("metrics.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    scratch_diffusion::cli::write_manifest(&args.out, &stamp, since)?;
+    println!("wrote {}/metrics.json, results.md and run.json", args.out.display());
     Ok(())
 }
