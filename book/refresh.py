@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KEPT = (".png", ".md", ".json")  # figures, tables, metrics; not checkpoints, weights or loss logs
+KEPT = (".png", ".md", "metrics.json", "autoencoder.json")  # figures, tables, numbers; not weights, configs or logs
 
 
 def fail(message):
@@ -30,18 +30,18 @@ def stamp_of_results(path):
 
 
 def main(argv):
-    if not 1 <= len(argv) <= 3 or not argv[0].isdigit():
-        fail("usage: ./run.sh book-refresh NN [RUN_DIR [SUBFOLDER]], for example ./run.sh book-refresh 04")
-    lesson = f"{int(argv[0]):02d}"
-    src = Path(argv[1]) if len(argv) > 1 else ROOT / "out" / f"lesson{lesson}"
-    dest = ROOT / "book" / "src" / "figures" / f"lesson{lesson}"
+    if not 1 <= len(argv) <= 3 or not (argv[0].isdigit() or argv[0] == "bench"):
+        fail("usage: ./run.sh book-refresh NN|bench [RUN_DIR [SUBFOLDER]], for example ./run.sh book-refresh 04")
+    name = "bench" if argv[0] == "bench" else f"lesson{int(argv[0]):02d}"
+    src = Path(argv[1]) if len(argv) > 1 else ROOT / "out" / name
+    dest = ROOT / "book" / "src" / "figures" / name
     if len(argv) > 2:
         if not argv[2].replace("_", "").isalnum():
             fail(f"the subfolder name {argv[2]!r} must be letters, digits and underscores")
         dest = dest / argv[2]
     manifest_path = src / "run.json"
     if not manifest_path.is_file():
-        fail(f"{manifest_path} is missing: run the lesson first (./run.sh lesson {lesson}), then refresh from its folder")
+        fail(f"{manifest_path} is missing: run {name} first (./run.sh lesson NN, or ./run.sh bench), then refresh")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     stamp, listed = manifest["run"], manifest["sha256"]
     if "+changes" in stamp["commit"] or stamp["commit"] == "unknown":

@@ -37,12 +37,12 @@ fn every_include_and_anchor_resolves() {
                 .unwrap_or_else(|_| panic!("{}: include {file} does not exist", chapter.display()));
             if let Some(a) = anchor.filter(|a| !a.chars().next().unwrap().is_ascii_digit()) {
                 assert!(
-                    code.contains(&format!("ANCHOR: {a}\n")),
+                    code.contains(&format!("ANCHOR: {a}\n")) || code.contains(&format!("ANCHOR: {a} -->")),
                     "{}: anchor {a} missing in {file}",
                     chapter.display()
                 );
                 assert!(
-                    code.contains(&format!("ANCHOR_END: {a}\n")),
+                    code.contains(&format!("ANCHOR_END: {a}\n")) || code.contains(&format!("ANCHOR_END: {a} -->")),
                     "{}: ANCHOR_END {a} missing in {file}",
                     chapter.display()
                 );
