@@ -367,19 +367,10 @@ pub fn write_manifest(dir: &Path, stamp: &RunStamp, since: std::time::SystemTime
     use sha2::Digest;
     let mut files = std::collections::BTreeMap::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let (entry, name) = match entry {
-            Ok(e) => {
-                let name = e.file_name().to_string_lossy().into_owned();
-                (e, name)
-            }
-            Err(_) => continue,
-        };
-        let meta = match entry.metadata() {
-            Ok(m) if m.is_file() => m,
-            _ => continue,
-        };
+        let Some((entry, meta)) = entry.ok().and_then(|e| e.metadata().ok().map(|m| (e, m))) else { continue };
+        let name = entry.file_name().to_string_lossy().into_owned();
         let fresh = meta.modified().map_or(true, |m| m >= since);
-        if name == "run.json" || name.starts_with('.') || !fresh {
+        if !meta.is_file() || name == "run.json" || name.starts_with('.') || !fresh {
             continue;
         }
         let bytes = std::fs::read(entry.path()).with_context(|| format!("cannot read {}", entry.path().display()))?;

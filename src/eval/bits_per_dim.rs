@@ -61,13 +61,19 @@ pub fn mnist_bits_per_dim(
         per_image.extend(Vec::<f64>::try_from(bpd.to_kind(Kind::Double)).expect("(B,) f64"));
         nfe = ll.nfe;
     }
-    let mean = per_image.iter().sum::<f64>() / n as f64;
-    let var = per_image.iter().map(|b| (b - mean).powi(2)).sum::<f64>() / (n - 1).max(1) as f64;
+    let (mean, std_error) = mean_and_std_error(&per_image);
     let seconds = started.elapsed().as_secs_f64();
-    let std_error = (var / n as f64).sqrt();
     BitsPerDimReport { images: n, probes, rk4_steps, nfe, sigma_min, sigma_max, mean, std_error, per_image, seconds }
 }
 // ANCHOR_END: bits_per_dim
+
+/// The mean of per-image values and its standard error (sample variance over n − 1, divided by n).
+fn mean_and_std_error(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|b| (b - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, (var / n).sqrt())
+}
 
 /// The variational bound of one choice of reverse variances, in bits/dim.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -142,17 +148,9 @@ pub fn mnist_vlb_bits_per_dim(model: &dyn EpsModel, sched: &NoiseSchedule, image
         .enumerate()
         .map(|(v, &variance)| {
             let per_image: Vec<f64> = terms.iter().map(|t| to_bits(t[v].iter().sum())).collect();
-            let mean = per_image.iter().sum::<f64>() / n as f64;
-            let var = per_image.iter().map(|b| (b - mean).powi(2)).sum::<f64>() / (n - 1).max(1) as f64;
+            let (mean, std_error) = mean_and_std_error(&per_image);
             let term = |k: usize| to_bits(terms.iter().map(|t| t[v][k]).sum::<f64>() / n as f64);
-            VlbBits {
-                variance,
-                mean,
-                std_error: (var / n as f64).sqrt(),
-                prior: term(0),
-                steps: term(1),
-                decoder: term(2),
-            }
+            VlbBits { variance, mean, std_error, prior: term(0), steps: term(1), decoder: term(2) }
         })
         .collect();
     VlbReport { images: n, nfe: t_max, bounds, seconds: started.elapsed().as_secs_f64() }
