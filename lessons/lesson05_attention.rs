@@ -17,6 +17,7 @@ use scratch_diffusion::data::to_unit;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::nn::class_cond::ClassCondConfig;
 use scratch_diffusion::nn::classifier::MnistClassifier;
+use scratch_diffusion::pipelines::ddpm::{ship_class_cond, SavedClassCond};
 use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use scratch_diffusion::studies::attention;
 use scratch_diffusion::studies::guidance::{grade_guided, plot_samples_by_class, plot_tradeoff, GuidanceReport};
@@ -77,6 +78,9 @@ struct Args {
     /// Continue an interrupted training run from OUT/checkpoint.safetensors.
     #[arg(long)]
     resume: bool,
+    /// Also save the trained UNet into data/lesson05/ (what lesson 10 guides), with a README on how it was made.
+    #[arg(long)]
+    ship: bool,
 }
 
 fn main() {
@@ -213,6 +217,23 @@ fn run(args: Args) -> Result<()> {
         "sample_steps": sample_steps, "samples_per_scale": 10 * per_class, "sample_seconds": sample_seconds,
         "guidance": reports,
     }))?;
+    if args.ship {
+        let saved = SavedClassCond { model: config.clone(), schedule: args.schedule.clone(), timesteps: 1000 };
+        let scores: Vec<String> =
+            reports.iter().map(|r| format!("w = {}: accuracy {:.3}", r.scale, r.accuracy)).collect();
+        let how = format!(
+            "Made by `{}` (seed {}, {steps} steps of {} images, {:.0} s of training on {} threads; {} samples per \
+             scale at {sample_steps} steps: {}).",
+            run.stamp().command,
+            run.seed,
+            args.batch,
+            outcome.seconds,
+            tch::get_num_threads(),
+            10 * per_class,
+            scores.join(", ")
+        );
+        println!("shipped the UNet to {}", ship_class_cond(&vs, &saved, &how)?.display());
+    }
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
     Ok(())
 }

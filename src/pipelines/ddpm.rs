@@ -86,6 +86,68 @@ pub fn load_unet(path: &Path, device: Device) -> Result<(VarStore, crate::nn::un
     Ok((vs, net, sched))
 }
 
+/// Lesson 05's class-conditional UNet as it ships: the network and label table's shapes and the noise schedule,
+/// saved as the JSON beside `data/lesson05/unet.safetensors` (lesson 10 guides it with classifier-free guidance).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedClassCond {
+    pub model: crate::nn::class_cond::ClassCondConfig,
+    /// A name [`NoiseSchedule::by_name`] knows.
+    pub schedule: String,
+    pub timesteps: usize,
+}
+
+impl crate::validate::Validate for SavedClassCond {
+    fn validate(&self) -> std::result::Result<(), String> {
+        self.model.unet.validate()?;
+        if self.model.unet.cross_attention_dim.is_none() {
+            return Err("model.unet.cross_attention_dim must be set: the UNet cross-attends to the label tokens".into());
+        }
+        crate::validate::in_range("model.num_classes", self.model.num_classes, 1, 100_000)?;
+        crate::validate::in_range("model.tokens", self.model.tokens, 1, 1024)?;
+        crate::validate::in_range("timesteps", self.timesteps, 21, 100_000)
+    }
+}
+
+/// Where `lesson05 --ship` writes the class-conditional UNet.
+pub const SHIPPED_CLASS_COND: &str = "data/lesson05/unet.safetensors";
+
+/// [`SHIPPED_CLASS_COND`] under the working directory if it is there, else under the crate root.
+pub fn shipped_class_cond() -> std::path::PathBuf {
+    crate::cli::shipped_path(SHIPPED_CLASS_COND, "")
+}
+
+/// `lesson05 --ship`: saves the class-conditional UNet and its label table to [`SHIPPED_CLASS_COND`] under the crate
+/// root with a README (how it was made: the command, the threads, what it scored at guidance `scores`). Returns the
+/// path.
+pub fn ship_class_cond(vs: &VarStore, saved: &SavedClassCond, how: &str) -> Result<std::path::PathBuf> {
+    let path = crate::cli::crate_root().join(SHIPPED_CLASS_COND);
+    crate::checkpoint::save(vs, &path, saved)?;
+    let readme = format!(
+        "# Lesson 05 class-conditional UNet\n\nThe EMA weights of lesson 05's UNet with spatial transformers that \
+         cross-attend to {} learned tokens per digit label (∅ included, for classifier-free guidance), {:?} \
+         channels, {} schedule, T = {}. Lesson 10 compares classifier-free guidance of it with classifier and CLIP \
+         guidance.\n\n{how}\n",
+        saved.model.tokens, saved.model.unet.block_out_channels, saved.schedule, saved.timesteps
+    );
+    crate::cli::write_atomic(&path.with_file_name("README.md"), readme.as_bytes())?;
+    Ok(path)
+}
+
+/// Loads a class-conditional UNet saved by [`ship_class_cond`] (strictly: names and shapes must match its config),
+/// frozen, with its noise schedule.
+pub fn load_class_cond(
+    path: &Path,
+    device: Device,
+) -> Result<(VarStore, crate::nn::class_cond::LabelConditioned<crate::nn::unet::UNet>, NoiseSchedule)> {
+    let saved: SavedClassCond = crate::checkpoint::load_valid_config(path)?;
+    let sched = NoiseSchedule::by_name(&saved.schedule, saved.timesteps)?;
+    let mut vs = VarStore::new(device);
+    let model = saved.model.build(vs.root());
+    crate::checkpoint::load(&mut vs, path)?;
+    vs.freeze();
+    Ok((vs, model, sched))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +170,31 @@ mod tests {
         let (a, b) = tch::no_grad(|| (net.forward(&x, &t, false), net2.forward(&x, &t, false)));
         assert!(a.equal(&b));
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_saved_class_conditional_unet_loads_and_reads_its_labels_alike() {
+        tch::manual_seed(2);
+        let vs = VarStore::new(Device::Cpu);
+        let model = crate::nn::class_cond::ClassCondConfig::tiny().build(vs.root());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("unet.safetensors");
+        let saved = SavedClassCond {
+            model: crate::nn::class_cond::ClassCondConfig::tiny(),
+            schedule: "linear".into(),
+            timesteps: 1000,
+        };
+        crate::checkpoint::save(&vs, &path, &saved).unwrap();
+        let (_vs2, model2, _) = load_class_cond(&path, Device::Cpu).unwrap();
+        let x = Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+        let (t, y) = (Tensor::from_slice(&[3i64, 700]), Tensor::from_slice(&[4i64, 10]));
+        let (a, b) = tch::no_grad(|| (model.eps_labels(&x, &t, &y, false), model2.eps_labels(&x, &t, &y, false)));
+        assert!(a.equal(&b));
+        // a config that would build a UNet without cross-attention is refused before any tensor is made
+        let mut bad = saved.clone();
+        bad.model.unet.cross_attention_dim = None;
+        crate::checkpoint::save(&vs, &path, &bad).unwrap();
+        let err = load_class_cond(&path, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("cross_attention_dim"), "{err}");
     }
 }
