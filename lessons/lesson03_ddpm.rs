@@ -17,6 +17,7 @@ use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::eps_mlp::{EpsMlp, EpsMlpConfig};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
+use scratch_diffusion::sampling::wrappers::Threshold;
 use scratch_diffusion::studies::ddpm_figures as figures;
 use scratch_diffusion::studies::trajectory::Trajectory;
 use scratch_diffusion::train::ddpm::{train_eps_model, EpsObjective, LossWeight};
@@ -118,7 +119,12 @@ fn toy_part(run: &Run, sched: &NoiseSchedule) -> Result<serde_json::Value> {
         &model,
         sched,
         &[n, 2],
-        &AncestralSampling { steps: sched.num_steps(), variance: PosteriorVariance::BetaTilde, clip: None, batch: n },
+        &AncestralSampling {
+            steps: sched.num_steps(),
+            variance: PosteriorVariance::BetaTilde,
+            threshold: Threshold::None,
+            batch: n,
+        },
         run.device,
         &mut |_, _| {},
     ) / SCALE;
@@ -164,7 +170,7 @@ fn mnist_part(run: &Run, args: &Args, sched: &NoiseSchedule, data: &mnist::Mnist
         &model,
         sched,
         &[n, 1, 28, 28],
-        &AncestralSampling { steps: sample_steps, variance: args.variance, clip: Some((-1.0, 1.0)), batch: 250 },
+        &AncestralSampling { steps: sample_steps, variance: args.variance, threshold: Threshold::Static, batch: 250 },
         run.device,
         &mut |start, st| {
             traj.record(start, &st);

@@ -20,6 +20,7 @@ use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::pipelines::ddpm::{save_unet, ship_unet, SavedUNet, ShipNote};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
+use scratch_diffusion::sampling::wrappers::Threshold;
 use scratch_diffusion::studies::trajectory::Trajectory;
 use scratch_diffusion::studies::unet_figures;
 use scratch_diffusion::train::ddpm::EpsObjective;
@@ -125,7 +126,12 @@ fn run(args: Args) -> Result<()> {
             net,
             &sched,
             &[16, 1, 28, 28],
-            &AncestralSampling { steps: 50, variance: PosteriorVariance::Beta, clip: Some((-1.0, 1.0)), batch: 16 },
+            &AncestralSampling {
+                steps: 50,
+                variance: PosteriorVariance::Beta,
+                threshold: Threshold::Static,
+                batch: 16,
+            },
             run.device,
             &mut |_, _| {},
         );
@@ -164,7 +170,7 @@ fn run(args: Args) -> Result<()> {
         &model,
         &sched,
         &[n, 1, 28, 28],
-        &AncestralSampling { steps: sample_steps, variance: args.variance, clip: Some((-1.0, 1.0)), batch: 250 },
+        &AncestralSampling { steps: sample_steps, variance: args.variance, threshold: Threshold::Static, batch: 250 },
         run.device,
         &mut |start, st| {
             traj.record(start, &st);

@@ -19,6 +19,7 @@ use scratch_diffusion::nn::class_cond::ClassCondConfig;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::pipelines::ddpm::{ship_class_cond, SavedClassCond};
 use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
+use scratch_diffusion::sampling::wrappers::Threshold;
 use scratch_diffusion::studies::attention;
 use scratch_diffusion::studies::guidance::{grade_guided, plot_samples_by_class, plot_tradeoff, GuidanceReport};
 use scratch_diffusion::train::conditional::{train_cond_eps_model, DEFAULT_P_UNCOND};
@@ -154,7 +155,7 @@ fn run(args: Args) -> Result<()> {
                 &AncestralSampling {
                     steps: sample_steps,
                     variance: args.variance,
-                    clip: Some((-1.0, 1.0)),
+                    threshold: Threshold::Static,
                     batch: 250,
                 },
                 run.device,

@@ -20,7 +20,7 @@ use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::clip::{digit_prompts, tokenize, zero_shot_accuracy, ClipTargets, MiniClipConfig};
 use scratch_diffusion::nn::text_unet::lens_to_mask;
 use scratch_diffusion::pipelines::text_to_image::{self as t2i, PipelineConfig, TextToImage};
-use scratch_diffusion::pipelines::{bundle, PromptArgs, TokensArgs};
+use scratch_diffusion::pipelines::{bundle, PromptArgs, ThresholdArgs, TokensArgs};
 use scratch_diffusion::plot;
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
 use scratch_diffusion::studies::prompts::{self as figures, grade_text_to_image, EvalArgs, GradeArgs};
@@ -57,11 +57,19 @@ enum Command {
     /// Train the whole pipeline (the default without a subcommand).
     Train(TrainArgs),
     /// Draw digits for a prompt with a trained pipeline (by default the shipped one).
-    Sample(PromptArgs),
+    Sample(SampleArgs),
     /// Show how the tokenizer reads a prompt: tokens, ids, and those no training caption had.
     Tokens(TokensArgs),
     /// Grade a saved pipeline (by default the shipped one) as training does, held-out phrasings included.
     Eval(GradeArgs),
+}
+
+#[derive(Args, Debug)]
+struct SampleArgs {
+    #[command(flatten)]
+    prompt: PromptArgs,
+    #[command(flatten)]
+    threshold: ThresholdArgs,
 }
 
 #[derive(Args, Debug)]
@@ -126,15 +134,16 @@ fn main() {
     })
 }
 
-fn sample_cmd(args: PromptArgs) -> Result<()> {
+fn sample_cmd(SampleArgs { prompt: args, threshold }: SampleArgs) -> Result<()> {
     let (device, dir) = (args.init()?, args.weights_dir(t2i::shipped_dir));
     // ANCHOR: sample_cmd
     let pipe = TextToImage::load(&dir, device).with_context(|| bundle::no_bundle(&dir, "06", "text-to-image"))?;
     for note in pipe.prompts.notes(&args.prompt)? {
         println!("{note}"); // words the captions never had, no digit or several
     }
-    let images =
-        pipe.generate(&args.prompt, args.negative.as_deref(), args.num, args.guidance, args.steps as usize, args.seed)?;
+    let draw =
+        t2i::Draw { threshold: threshold.threshold(), ..t2i::Draw::new(args.guidance, args.steps as usize, args.seed) };
+    let images = pipe.generate_with(&args.prompt, args.negative.as_deref(), args.num, &draw, &mut |_, _| {})?;
     // ANCHOR_END: sample_cmd
     bundle::write_samples(&args.out_dir("lesson06"), &images, &args.title(&format!("{} steps", args.steps)))
 }
@@ -213,12 +222,12 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let held_out = q(3, 64) as usize; // held-out templates graded
     let bar = progress(figures::images_graded(eval_n, args.sweep.len(), held_out) * sample_steps as u64, "sample");
     let mut generate = |prompt: &str, n: i64, seed: u64, w: f64| {
-        pipe.generate_with(prompt, None, n, &t2i::Draw { guidance: w, steps: sample_steps, seed }, &mut |_, st| {
+        pipe.generate_with(prompt, None, n, &t2i::Draw::new(w, sample_steps, seed), &mut |_, st| {
             bar.inc(st.x_t.size()[0] as u64)
         })
     };
     let mut generate_each = |prompts: &[String], seed: u64, w: f64| {
-        let (x, refused) = pipe.generate_each(prompts, &t2i::Draw { guidance: w, steps: sample_steps, seed })?;
+        let (x, refused) = pipe.generate_each(prompts, &t2i::Draw::new(w, sample_steps, seed))?;
         bar.inc(prompts.len() as u64 * sample_steps as u64);
         Ok((x, refused)) // one image per held-out prompt, a digit's prompts in one batch
     };

@@ -18,6 +18,7 @@ use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
 use scratch_diffusion::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use scratch_diffusion::sampling::guidance::ClassifierFreeGuidance;
+use scratch_diffusion::sampling::wrappers::Threshold;
 use scratch_diffusion::text::captions::CONTEXT_LEN;
 use scratch_diffusion::train::ddpm::l_simple;
 use scratch_diffusion::train::trainer::{Trainer, TrainerConfig};
@@ -146,13 +147,13 @@ fn one(args: &Args, model_name: &str, dtype: &str, threads: i32) -> Result<()> {
     let guided = ClassifierFreeGuidance::new(net_of(), cond, uncond, GUIDANCE);
     let sampler: &dyn EpsModel = if text { &guided } else { net_of() };
     let cast = CastTo { inner: sampler, kind };
-    let clip = (!latent).then_some((-1.0, 1.0));
+    let threshold = if latent { Threshold::None } else { Threshold::Static };
     let draw = |steps: usize| {
         sample(
             &cast,
             &sched,
             &shape,
-            &AncestralSampling { steps, variance: PosteriorVariance::BetaTilde, clip, batch: args.batch },
+            &AncestralSampling { steps, variance: PosteriorVariance::BetaTilde, threshold, batch: args.batch },
             Device::Cpu,
             &mut |_, _| {},
         )

@@ -180,7 +180,7 @@ impl MiniClip {
 }
 
 /// x (B, d) -> x / ‖x‖₂ per row.
-fn l2_normalize(x: &Tensor) -> Tensor {
+pub fn l2_normalize(x: &Tensor) -> Tensor {
     x / x.norm_scalaropt_dim(2.0, [-1i64].as_slice(), true).clamp_min(1e-12) // (B, d)
 }
 

@@ -58,6 +58,25 @@ pub struct PromptArgs {
     pub device: crate::cli::DeviceArg,
 }
 
+/// What a pixel-space pipeline's sampler does to its estimate x̂₀ at every step (lesson 06's `sample`; lesson 10
+/// measures the three).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ThresholdArgs {
+    /// x̂₀ at each step: clipped to [−1, 1] (static), Imagen's dynamic thresholding (each sample scaled back into
+    /// [−1, 1] by its --threshold-percentile of |x̂₀|: keeps large --guidance from saturating), or left alone (none).
+    #[arg(long, value_enum, default_value_t = crate::sampling::wrappers::ThresholdKind::Static)]
+    pub threshold: crate::sampling::wrappers::ThresholdKind,
+    /// The percentile p of dynamic thresholding, in [0, 1] (Imagen: 0.995).
+    #[arg(long, default_value_t = crate::sampling::wrappers::DYNAMIC_PERCENTILE, value_parser = crate::cli::unit_interval)]
+    pub threshold_percentile: f64,
+}
+
+impl ThresholdArgs {
+    pub fn threshold(&self) -> crate::sampling::wrappers::Threshold {
+        self.threshold.with(self.threshold_percentile)
+    }
+}
+
 /// `lessonNN tokens`: how a saved pipeline's tokenizer reads a prompt, token by token.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TokensArgs {

@@ -20,6 +20,7 @@ use crate::sampling::ddpm::sample;
 use crate::sampling::ddpm::AncestralSampling;
 use crate::sampling::ddpm::{DdpmStep, PosteriorVariance};
 use crate::sampling::guidance::ClassifierFreeGuidance;
+use crate::sampling::wrappers::Threshold;
 use crate::text::captions::CONTEXT_LEN;
 use crate::text::{Bpe, Coverage, Encoded};
 use crate::validate::Validate;
@@ -80,13 +81,22 @@ impl PipelineConfig {
     }
 }
 
-/// How [`TextToImage::generate_with`] draws: guidance scale w, DDPM steps over the training schedule, and the seed of
-/// the noise (image i of a call uses the noise drawn after seeding with `seed`, in order).
+/// How [`TextToImage::generate_with`] draws: guidance scale w, DDPM steps over the training schedule, the seed of
+/// the noise (image i of a call uses the noise drawn after seeding with `seed`, in order) and what each step does to
+/// x̂₀ ([`Threshold::Static`] unless asked).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Draw {
     pub guidance: f64,
     pub steps: usize,
     pub seed: u64,
+    pub threshold: Threshold,
+}
+
+impl Draw {
+    /// w, steps and seed, with x̂₀ clipped to [−1, 1] as lessons 03–06 sample.
+    pub fn new(guidance: f64, steps: usize, seed: u64) -> Self {
+        Self { guidance, steps, seed, threshold: Threshold::Static }
+    }
 }
 
 /// The pipeline: tokenizer and frozen text encoder ([`PromptEncoder`]), UNet, schedule, and the attribute bins that
@@ -158,7 +168,7 @@ impl TextToImage {
         steps: usize,
         seed: u64,
     ) -> Result<Tensor> {
-        self.generate_with(prompt, negative, n, &Draw { guidance, steps, seed }, &mut |_, _| {})
+        self.generate_with(prompt, negative, n, &Draw::new(guidance, steps, seed), &mut |_, _| {})
     }
 
     /// [`Self::generate`], with `cb` seeing every step of every batch (its first argument is the batch's first
@@ -186,7 +196,7 @@ impl TextToImage {
         draw: &Draw,
         cb: &mut dyn FnMut(i64, DdpmStep),
     ) -> Result<Tensor> {
-        let Draw { guidance, steps, seed } = *draw;
+        let Draw { guidance, steps, seed, threshold } = *draw;
         let guided = ClassifierFreeGuidance::new(&self.unet, cond, uncond, guidance);
         let s = self.config.image_size;
         tch::manual_seed(seed as i64);
@@ -195,7 +205,7 @@ impl TextToImage {
             &guided,
             &self.sched,
             &[n, 1, s, s],
-            &AncestralSampling { steps, variance, clip: Some((-1.0, 1.0)), batch: SAMPLE_BATCH },
+            &AncestralSampling { steps, variance, threshold, batch: SAMPLE_BATCH },
             device,
             cb,
         );
@@ -376,7 +386,7 @@ mod tests {
         let threads = tch::get_num_threads();
         tch::set_num_threads(1);
         let pipe = toy();
-        let draw = Draw { guidance: 3.0, steps: 5, seed: 7 };
+        let draw = Draw::new(3.0, 5, 7);
         let one = |p: &str| pipe.generate(p, None, 1, 3.0, 5, 7).unwrap();
         let (x, refused) = pipe.generate_each(&["a thin zero".into()], &draw).unwrap();
         assert!(x.equal(&one("a thin zero")) && refused == [false]);

@@ -172,10 +172,18 @@ mod tests {
         ] {
             let (mut states, mut x0s) = (Vec::new(), Vec::new());
             let model = |x: &Tensor, t: &Tensor| eps_model.eps(x, t, false);
-            let reference = ddpm_sample(model, &sched, &timesteps, x_t.copy(), variance, None, &mut |st| {
-                states.push(st.x_t.copy());
-                x0s.push(st.x0_hat.copy());
-            });
+            let reference = ddpm_sample(
+                model,
+                &sched,
+                &timesteps,
+                x_t.copy(),
+                variance,
+                crate::sampling::wrappers::Threshold::None,
+                &mut |st| {
+                    states.push(st.x_t.copy());
+                    x0s.push(st.x0_hat.copy());
+                },
+            );
             let n = sched.num_steps();
             let zs: Vec<Tensor> = (0..n - 1)
                 .map(|k| {

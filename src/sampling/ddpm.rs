@@ -14,6 +14,7 @@
 use crate::diffusion::forward::{posterior_mean, predict_x0_from_eps};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::EpsModel;
+use crate::sampling::wrappers::Threshold;
 use tch::Device;
 use tch::{Kind, Tensor};
 
@@ -34,7 +35,8 @@ pub struct DdpmStep<'a> {
 /// [DDPM] Algorithm 2 from `x_t` (B, ...), usually N(0, I) noise, down to x₀.
 /// `eps_model(x_t, t)` predicts ε from x_t and the ORIGINAL timestep indices t (B,) i64; `timesteps` are the
 /// original timesteps kept (ascending: from [`NoiseSchedule::respaced`], or 0..T) and `sched` is the (respaced)
-/// schedule over them. `clip_x0 = Some((lo, hi))` clamps x̂₀ to the data range before the posterior mean.
+/// schedule over them. `threshold` acts on x̂₀ before the posterior mean ([`Threshold`]: none, clipped to the data
+/// range [−1, 1], or Imagen's dynamic thresholding).
 /// No noise is added at the last step, so the result is the last x̂₀.
 // ANCHOR: ddpm_sample
 pub fn ddpm_sample(
@@ -43,7 +45,7 @@ pub fn ddpm_sample(
     timesteps: &[usize],
     x_t: Tensor,
     variance: PosteriorVariance,
-    clip_x0: Option<(f64, f64)>,
+    threshold: Threshold,
     cb: &mut dyn FnMut(DdpmStep),
 ) -> Tensor {
     assert_eq!(timesteps.len(), sched.num_steps(), "one original timestep per step of the schedule");
@@ -56,11 +58,8 @@ pub fn ddpm_sample(
         // a 0-dim f64 ᾱ_t: the coefficients are computed in f64 whatever x's kind and device (bf16 would round
         // ᾱ_0 = 0.9999 to 1)
         let alpha_bar = Tensor::from(sched.alpha_bar(i));
-        // x̂₀ = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t, clipped to the data range if asked
-        let mut x0_hat = predict_x0_from_eps(&alpha_bar, &x, &eps);
-        if let Some((lo, hi)) = clip_x0 {
-            x0_hat = x0_hat.clamp(lo, hi);
-        }
+        // x̂₀ = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t, thresholded as asked
+        let x0_hat = threshold.apply(&predict_x0_from_eps(&alpha_bar, &x, &eps));
         // [DDPM] eq. 7: μ̃_t(x_t, x̂₀), which is Algorithm 2, line 4 without the noise when x̂₀ is not clipped
         let mean = posterior_mean(sched, i, &x, &x0_hat);
         cb(DdpmStep { i, t, x_t: &x, x0_hat: &x0_hat });
@@ -71,13 +70,13 @@ pub fn ddpm_sample(
 }
 // ANCHOR_END: ddpm_sample
 
-/// How [`sample`] walks the schedule: `steps` evenly respaced timesteps, the posterior variance σ_t², x̂₀ clipped to
-/// `clip` (images: the data range [−1, 1]), at most `batch` images per network call.
+/// How [`sample`] walks the schedule: `steps` evenly respaced timesteps, the posterior variance σ_t², what is done to
+/// x̂₀ (images: clipped to the data range [−1, 1], [`Threshold::Static`]), at most `batch` images per network call.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AncestralSampling {
     pub steps: usize,
     pub variance: PosteriorVariance,
-    pub clip: Option<(f64, f64)>,
+    pub threshold: Threshold,
     pub batch: i64,
 }
 
@@ -94,7 +93,7 @@ pub fn sample(
     device: Device,
     cb: &mut dyn FnMut(i64, DdpmStep),
 ) -> Tensor {
-    let AncestralSampling { steps, variance, clip, batch } = *how;
+    let AncestralSampling { steps, variance, threshold, batch } = *how;
     let (timesteps, respaced) = sched.respaced(steps.min(sched.num_steps()));
     let n = shape[0];
     let mut chunks = Vec::new();
@@ -105,7 +104,7 @@ pub fn sample(
         s[0] = b;
         let x_t = Tensor::randn(s.as_slice(), (Kind::Float, device)); // x_T ~ N(0, I)
         let eps = |x: &Tensor, t: &Tensor| tch::no_grad(|| model.eps(x, t, false));
-        chunks.push(ddpm_sample(eps, &respaced, &timesteps, x_t, variance, clip, &mut |st| cb(start, st)));
+        chunks.push(ddpm_sample(eps, &respaced, &timesteps, x_t, variance, threshold, &mut |st| cb(start, st)));
         start += b;
     }
     Tensor::cat(&chunks, 0)
@@ -160,7 +159,7 @@ mod tests {
                 let what = format!("{} steps, {variance:?}", sched.num_steps());
                 let (mut line4_means, mut states) = (Vec::new(), Vec::new());
                 let x_start = Tensor::randn([256, 2], (Kind::Double, Device::Cpu));
-                let out = ddpm_sample(&model, &sched, &timesteps, x_start, variance, None, &mut |st| {
+                let out = ddpm_sample(&model, &sched, &timesteps, x_start, variance, Threshold::None, &mut |st| {
                     let (a, beta) = (sched.alpha_bar(st.i), sched.betas[st.i]);
                     let eps = model(st.x_t, &Tensor::full([256], st.t as i64, (Kind::Int64, Device::Cpu)));
                     // [DDPM] Algorithm 2, line 4 without the noise: 1/√α_t (x_t − β_t/√(1 − ᾱ_t) ε̂)
@@ -219,7 +218,7 @@ mod tests {
                 &timesteps,
                 Tensor::randn([n, 2], (Kind::Float, Device::Cpu)),
                 variance,
-                None,
+                Threshold::None,
                 &mut |_| {},
             );
             let x = x.to_kind(Kind::Double);
@@ -287,7 +286,7 @@ mod tests {
         let (mut steps, mut last_x0_hat) = (Vec::new(), None);
         tch::manual_seed(23);
         let x = Tensor::randn([5, 3, 4, 4], (Kind::Float, Device::Cpu)); // (B, C, H, W)
-        let out = ddpm_sample(model, &sched, &timesteps, x, PosteriorVariance::BetaTilde, None, &mut |st| {
+        let out = ddpm_sample(model, &sched, &timesteps, x, PosteriorVariance::BetaTilde, Threshold::None, &mut |st| {
             assert_eq!(st.x_t.size(), vec![5, 3, 4, 4]);
             steps.push((st.i, st.t));
             last_x0_hat = Some(st.x0_hat.copy());
@@ -313,9 +312,9 @@ mod tests {
             });
             (out.abs().max().double_value(&[]), in_range)
         };
-        let (max_clipped, in_range) = run(Some((-1.0, 1.0)));
+        let (max_clipped, in_range) = run(Threshold::Static);
         assert!(max_clipped <= 1.0 + 1e-6 && in_range, "{max_clipped}");
-        let (max_unclipped, in_range) = run(None);
+        let (max_unclipped, in_range) = run(Threshold::None);
         assert!(max_unclipped > 1.0 && !in_range);
     }
 }

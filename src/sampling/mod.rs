@@ -1,4 +1,5 @@
 //! Samplers: plain functions from a score (or denoiser) and a noise schedule to samples.
+pub mod classifier_guidance;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpm_solver;

@@ -12,6 +12,7 @@ use crate::nn::layers::timestep_embedding;
 use crate::nn::unet::UNet;
 use crate::plot;
 use crate::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
+use crate::sampling::wrappers::Threshold;
 use anyhow::Result;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -78,7 +79,7 @@ pub fn plot_cross_attention(
             &model.guided(digit, 3.0),
             sched,
             &[1, 1, 28, 28],
-            &AncestralSampling { steps, variance: PosteriorVariance::Beta, clip: Some((-1.0, 1.0)), batch: 1 },
+            &AncestralSampling { steps, variance: PosteriorVariance::Beta, threshold: Threshold::Static, batch: 1 },
             device,
             &mut |_, st| {
                 if keep.contains(&st.i) {

@@ -122,7 +122,7 @@ pub fn grade_saved(args: &GradeArgs) -> Result<()> {
     let (dir, (_, steps, _)) = (args.weights_dir(t2i::shipped_dir), args.eval.resolve(false));
     let pipe = TextToImage::load(&dir, Device::Cpu)
         .map_err(|e| anyhow::anyhow!("{}: {e:#}", bundle::no_bundle(&dir, "06", "text")))?;
-    let draw = |seed, guidance| Draw { guidance, steps, seed };
+    let draw = |seed, guidance| Draw::new(guidance, steps, seed);
     let mut generate = |p: &str, n, seed, w| pipe.generate_with(p, None, n, &draw(seed, w), &mut |_, _| {});
     let mut generate_each = |prompts: &[String], seed, w| pipe.generate_each(prompts, &draw(seed, w));
     let (data, clf) = GradeArgs::inputs()?;
@@ -441,7 +441,7 @@ pub fn plot_token_attention(
 ) -> Result<()> {
     let keep = [steps - 1, (steps - 1) * 2 / 3, (steps - 1) / 3, 0];
     let mut chain = Vec::new();
-    let _ = pipe.generate_with(prompt, None, 1, &Draw { guidance: w, steps, seed }, &mut |_, st| {
+    let _ = pipe.generate_with(prompt, None, 1, &Draw::new(w, steps, seed), &mut |_, st| {
         if keep.contains(&st.i) {
             chain.push((st.t, to_unit(st.x_t), to_unit(st.x0_hat), st.x_t.copy()));
         }

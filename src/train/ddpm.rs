@@ -134,6 +134,7 @@ mod tests {
     use crate::sampling::ddpm::sample;
     use crate::sampling::ddpm::AncestralSampling;
     use crate::sampling::ddpm::PosteriorVariance;
+    use crate::sampling::wrappers::Threshold;
     use tch::Device;
 
     /// An exact ε-predictor for x₀ ~ N(μ, s²): E[ε | x_t] = √(1−ᾱ)(x_t − √ᾱ μ)/(ᾱ s² + 1 − ᾱ).
@@ -212,7 +213,12 @@ mod tests {
             &oracle,
             &sched,
             &[6000, 1],
-            &AncestralSampling { steps: 100, variance: PosteriorVariance::Beta, clip: None, batch: 2500 },
+            &AncestralSampling {
+                steps: 100,
+                variance: PosteriorVariance::Beta,
+                threshold: Threshold::None,
+                batch: 2500,
+            },
             Device::Cpu,
             &mut |_, _| calls += 1,
         );

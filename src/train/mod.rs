@@ -7,6 +7,7 @@ pub mod conditional;
 pub mod ddpm;
 pub mod ema;
 pub mod latent_diffusion;
+pub mod noise_aware;
 pub mod recipe;
 pub mod text_cond;
 pub mod toy_score;

@@ -118,6 +118,7 @@ mod tests {
     use crate::nn::text_encoder::TextEncoderConfig;
     use crate::sampling::ddpm::AncestralSampling;
     use crate::sampling::guidance::ClassifierFreeGuidance;
+    use crate::sampling::wrappers::Threshold;
     use crate::text::Bpe;
     use crate::train::ddpm::LossWeight;
     use crate::train::trainer::TrainRun;
@@ -240,7 +241,7 @@ mod tests {
                 &AncestralSampling {
                     steps: 20,
                     variance: crate::sampling::ddpm::PosteriorVariance::BetaTilde,
-                    clip: Some((-1.0, 1.0)),
+                    threshold: Threshold::Static,
                     batch: 16,
                 },
                 Device::Cpu,
