@@ -17,7 +17,8 @@ use scratch_diffusion::nn::clip::digit_prompts;
 use scratch_diffusion::nn::encoder_unet::EncoderUNetConfig;
 use scratch_diffusion::pipelines::ddpm::{load_class_cond, load_unet, shipped_class_cond, shipped_unet};
 use scratch_diffusion::pipelines::text_to_image::{shipped_dir, TextToImage};
-use scratch_diffusion::sampling::classifier_guidance::{ClassifierGuide, ClipGuide, GradientGuidance};
+use scratch_diffusion::sampling::classifier_guidance::{ClassifierGuide, ClipGuide, GradientGuidance, GuidanceForm};
+use scratch_diffusion::sampling::ddpm::PosteriorVariance;
 use scratch_diffusion::sampling::guidance::ClassifierFreeGuidance;
 use scratch_diffusion::sampling::wrappers::{Threshold, DYNAMIC_PERCENTILE};
 use scratch_diffusion::studies::guidance_methods::{self as study, ddim_samples, sweep, Grading};
@@ -56,8 +57,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = [1.0, 1.5, 2.0, 3.0, 5.0], value_parser = finite)]
     cfg_scales: Vec<f64>,
     /// Classifier guidance scales s (0: lesson 04's unguided model).
-    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0], value_parser = finite)]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], value_parser = finite)]
     classifier_scales: Vec<f64>,
+    /// Classifier guidance scales of Algorithm 1 on DDPM's ancestral sampler (the same steps; none: skip it).
+    #[arg(long, value_delimiter = ',', default_values_t = [8.0, 32.0], value_parser = finite)]
+    algorithm1_scales: Vec<f64>,
     /// CLIP guidance scales s.
     #[arg(long, value_delimiter = ',', default_values_t = [1.0, 2.0, 4.0, 8.0, 16.0], value_parser = finite)]
     clip_scales: Vec<f64>,
@@ -67,9 +71,9 @@ struct Args {
     /// Percentiles p of dynamic thresholding, comma-separated (Imagen's 0.995, and one inside MNIST's sparse ink).
     #[arg(long, value_delimiter = ',', default_values_t = [DYNAMIC_PERCENTILE, 0.95], value_parser = unit_interval)]
     percentiles: Vec<f64>,
-    /// Accuracy at which the methods' Fréchet distances are compared.
-    #[arg(long, default_value_t = 0.95, value_parser = unit_interval)]
-    matched_accuracy: f64,
+    /// Accuracies at which the methods' Fréchet distances are compared, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.85, 0.95], value_parser = unit_interval)]
+    matched_accuracy: Vec<f64>,
     /// Continue interrupted training from OUT/*_checkpoint.safetensors.
     #[arg(long)]
     resume: bool,
@@ -152,25 +156,23 @@ fn run(args: Args) -> Result<()> {
     let mut tiles = Vec::new();
     // classifier-free guidance of lesson 05's class-conditional UNet
     let (cond, null) = (class_cond.labels.forward(&labels), class_cond.labels.null_context(1));
-    let cfg_rows = sweep(
-        "classifier-free",
-        &args.cfg_scales,
-        &mut |w| {
-            let guided = ClassifierFreeGuidance::new(&class_cond.net, cond.shallow_clone(), null.shallow_clone(), w);
-            ddim_samples(&guided, &sched05, &z, sample_steps)
-        },
-        &grading,
-        &mut tiles,
-    );
+    let mut draw = |w| {
+        let guided = ClassifierFreeGuidance::new(&class_cond.net, cond.shallow_clone(), null.shallow_clone(), w);
+        ddim_samples(&guided, &sched05, &z, sample_steps)
+    };
+    let cfg_rows = sweep("classifier-free", &args.cfg_scales, &mut draw, &grading, &mut tiles);
     // classifier guidance of lesson 04's unconditional UNet
     let guide = ClassifierGuide { classifier: &clf, labels: labels.shallow_clone() };
-    let clf_rows = sweep(
-        "classifier",
-        &args.classifier_scales,
-        &mut |s| ddim_samples(&GradientGuidance::new(&unet, &guide, &sched, s), &sched, &z, sample_steps),
-        &grading,
-        &mut tiles,
-    );
+    let mut draw = |s| ddim_samples(&GradientGuidance::new(&unet, &guide, &sched, s), &sched, &z, sample_steps);
+    let clf_rows = sweep("classifier", &args.classifier_scales, &mut draw, &grading, &mut tiles);
+    // the same guide in Algorithm 1's form, a shift of the mean of DDPM's ancestral steps, from the same z
+    let (timesteps, respaced) = sched.respaced(sample_steps);
+    let form = GuidanceForm::Ddpm { respaced, timesteps, variance: PosteriorVariance::Beta };
+    let mut draw = |s| {
+        let guided = GradientGuidance::new(&unet, &guide, &sched, s).with_form(form.clone());
+        study::ddpm_samples(&guided, &sched, &z.size(), sample_steps, (run.seed as i64 + 1, run.device))
+    };
+    let alg1_rows = sweep("classifier, Alg. 1 (DDPM)", &args.algorithm1_scales, &mut draw, &grading, &mut tiles);
     // CLIP guidance of the same UNet, towards held-out prompts (phrasings no caption had), one per sample
     let prompts: Vec<String> = (0..labels.size()[0])
         .map(|i| {
@@ -181,15 +183,10 @@ fn run(args: Args) -> Result<()> {
         .collect();
     let guide =
         ClipGuide { clip: &clip, text: clip.encode_text(&study::pooled_prompt_states(&pipe.prompts, &prompts)?) };
-    let clip_rows = sweep(
-        "CLIP",
-        &args.clip_scales,
-        &mut |s| ddim_samples(&GradientGuidance::new(&unet, &guide, &sched, s), &sched, &z, sample_steps),
-        &grading,
-        &mut tiles,
-    );
+    let mut draw = |s| ddim_samples(&GradientGuidance::new(&unet, &guide, &sched, s), &sched, &z, sample_steps);
+    let clip_rows = sweep("CLIP", &args.clip_scales, &mut draw, &grading, &mut tiles);
     // ANCHOR_END: sweeps
-    let all: Vec<_> = [&cfg_rows, &clf_rows, &clip_rows].into_iter().flatten().cloned().collect();
+    let all: Vec<_> = [&cfg_rows, &clf_rows, &alg1_rows, &clip_rows].into_iter().flatten().cloned().collect();
     study::plot_comparison(&run.path("guidance_comparison.png"), &all)?;
     study::plot_rows(
         &run.path("guidance_samples.png"),
@@ -221,7 +218,7 @@ fn run(args: Args) -> Result<()> {
     let by_t_table = study::accuracy_by_timestep_table(&read_by_t);
     run.write_results(&[
         ("comparison", study::comparison_table(&all)),
-        ("matched", study::matched_table(&methods, args.matched_accuracy)),
+        ("matched", study::matched_table(&methods, &args.matched_accuracy)),
         ("thresholding", study::thresholding_table(&threshold_rows)),
         ("accuracy_by_timestep", by_t_table),
     ])?;
@@ -231,9 +228,10 @@ fn run(args: Args) -> Result<()> {
         "clip": { "network": trunk(64), "train_seconds": clip_outcome.seconds, "final_loss": clip_outcome.losses.last() },
         "accuracy_by_timestep": read_by_t.iter().map(|(n, p)| json!({"reader": n, "points": p})).collect::<Vec<_>>(),
         "sample_steps": sample_steps, "samples_per_scale": n,
-        "classifier_free": cfg_rows, "classifier_guidance": clf_rows, "clip_guidance": clip_rows,
-        "matched_accuracy": args.matched_accuracy,
-        "matched": methods.iter().map(|(name, rows)| json!({"method": name, "at": study::at_accuracy(rows, args.matched_accuracy)})).collect::<Vec<_>>(),
+        "classifier_free": cfg_rows, "classifier_guidance": clf_rows, "classifier_guidance_algorithm1": alg1_rows,
+        "clip_guidance": clip_rows,
+        "matched": args.matched_accuracy.iter().map(|&a| json!({"accuracy": a, "methods": methods.iter()
+            .map(|(name, rows)| json!({"method": name, "at": study::at_accuracy(rows, a)})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
         "thresholding": threshold_rows,
     }))?;
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());

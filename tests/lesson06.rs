@@ -109,6 +109,13 @@ fn sample_with_the_shipped_weights_writes_digits() {
     );
     assert_ok(&out);
     assert_grayscale_digits(dir.path(), 2);
+    // Imagen's dynamic thresholding at a large scale, and no thresholding, are options of the same command
+    for threshold in [&["--threshold", "dynamic", "--threshold-percentile", "0.95"][..], &["--threshold", "none"]] {
+        let d = dir.path().join(threshold[1]);
+        let args = [&["sample", "--prompt", "seven", "--num", "2", "--steps", "5", "--guidance", "10"][..], threshold];
+        assert_ok(&run_lesson(BIN, &[&args.concat()[..], &["--out", d.to_str().unwrap()]].concat()));
+        assert_grayscale_digits(&d, 2);
+    }
 }
 
 #[test]
@@ -117,6 +124,11 @@ fn bad_flags_exit_with_a_readable_message() {
     assert_user_error(&run_lesson(BIN, &["--quick", "--sweep", "1,x"]), "--sweep");
     assert_user_error(&run_lesson(BIN, &["sample", "--num", "2"]), "--prompt");
     assert_user_error(&run_lesson(BIN, &["sample", "--prompt", "7", "--num", "0"]), "--num");
+    assert_user_error(&run_lesson(BIN, &["sample", "--prompt", "7", "--threshold", "soft"]), "--threshold");
+    assert_user_error(
+        &run_lesson(BIN, &["sample", "--prompt", "7", "--threshold-percentile", "1.5"]),
+        "--threshold-percentile",
+    );
     let missing = run_lesson(BIN, &["sample", "--prompt", "7", "--weights", "/nonexistent/lesson06"]);
     assert_user_error(&missing, "no usable text-to-image weights in /nonexistent/lesson06");
 }

@@ -15,6 +15,7 @@ use crate::nn::unet::pooled_context;
 use crate::pipelines::prompt_encoder::PromptEncoder;
 use crate::pipelines::text_to_image::{Draw, TextToImage};
 use crate::plot::{self, LinePanel};
+use crate::sampling::ddpm::{AncestralSampling, PosteriorVariance};
 use crate::sampling::registry::Sampler;
 use crate::sampling::wrappers::{Threshold, Thresholded};
 use crate::studies::guidance::{grade_guided, GuidanceReport};
@@ -52,6 +53,22 @@ pub fn ddim_samples(model: &dyn EpsModel, sched: &NoiseSchedule, z: &Tensor, ste
     to_unit(&x).to_device(Device::Cpu)
 }
 // ANCHOR_END: ddim_samples
+
+/// Samples of an ε-model from the noise drawn after seeding with `seed` (the same z as `Tensor::randn` of `shape` there):
+/// DDPM's ancestral sampler ([DDPM] Algorithm 2) over `steps` respaced timesteps, σ_t² = β_t, x̂₀ clipped to
+/// [−1, 1]; (N, 1, H, W) in [0, 1]. What [Guidance] Algorithm 1 runs on.
+pub fn ddpm_samples(
+    model: &dyn EpsModel,
+    sched: &NoiseSchedule,
+    shape: &[i64],
+    steps: usize,
+    (seed, device): (i64, Device),
+) -> Tensor {
+    tch::manual_seed(seed);
+    let how = AncestralSampling { steps, variance: PosteriorVariance::Beta, threshold: Threshold::Static, batch: 1000 };
+    let x = crate::sampling::ddpm::sample(model, sched, shape, &how, device, &mut |_, _| {});
+    to_unit(&x).to_device(Device::Cpu)
+}
 
 /// Draws and grades the samples of `method` at every scale of `scales`: `draw(scale)` gives (N, 1, H, W) in [0, 1]
 /// for the digits of `grading.requested`. Each row is logged as it is graded.
@@ -354,22 +371,23 @@ pub fn comparison_table(rows: &[MethodRow]) -> String {
     crate::cli::markdown_table(&header, &body)
 }
 
-/// The matched-accuracy table: each method's scale, Fréchet ratio and class entropy where its accuracy reaches
-/// `target`.
-pub fn matched_table(methods: &[(&str, &[MethodRow])], target: f64) -> String {
-    let body: Vec<Vec<String>> = methods
-        .iter()
-        .map(|(name, rows)| match at_accuracy(rows, target) {
-            Some((s, fd, h)) => vec![name.to_string(), format!("{s:.2}"), format!("{fd:.2}"), format!("{h:.3}")],
+/// The matched-accuracy table: for each target accuracy and method, the scale, Fréchet ratio and class entropy where
+/// the method's accuracy reaches it.
+pub fn matched_table(methods: &[(&str, &[MethodRow])], targets: &[f64]) -> String {
+    let cells = |target: f64, name: &str, rows: &[MethodRow]| {
+        let mut row = vec![format!("{target:.2}"), name.to_string()];
+        match at_accuracy(rows, target) {
+            Some((s, fd, h)) => row.extend([format!("{s:.2}"), format!("{fd:.2}"), format!("{h:.3}")]),
             None => {
                 let best = rows.iter().map(|r| r.report.accuracy).fold(0.0, f64::max);
-                vec![name.to_string(), format!("not reached (best {best:.3})"), "–".into(), "–".into()]
+                row.extend([format!("not reached (best {best:.3})"), "–".into(), "–".into()])
             }
-        })
-        .collect();
-    let header =
-        [format!("method (accuracy {target:.3})"), "scale".into(), "FD / floor".into(), "class entropy / ln 10".into()];
-    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        }
+        row
+    };
+    let body: Vec<Vec<String>> =
+        targets.iter().flat_map(|&t| methods.iter().map(move |(name, rows)| cells(t, name, rows))).collect();
+    let header = ["accuracy", "method", "scale", "FD / floor", "class entropy / ln 10"];
     crate::cli::markdown_table(&header, &body)
 }
 
