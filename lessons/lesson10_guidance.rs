@@ -212,6 +212,7 @@ fn run(args: Args) -> Result<()> {
     )?;
     // ANCHOR_END: thresholds
     study::plot_thresholding(&run.path("thresholding.png"), &threshold_rows)?;
+    let real_saturation = study::saturation(&data.test_images.narrow(0, 0, prompts.len() as i64)); // as many real digits
     let title = "Lesson 06's pipeline at growing w: none, static, dynamic thresholding of x̂₀ (held-out prompts)";
     study::plot_rows(&run.path("thresholding_samples.png"), title, &threshold_tiles)?;
 
@@ -219,7 +220,7 @@ fn run(args: Args) -> Result<()> {
     run.write_results(&[
         ("comparison", study::comparison_table(&all)),
         ("matched", study::matched_table(&methods, &args.matched_accuracy)),
-        ("thresholding", study::thresholding_table(&threshold_rows)),
+        ("thresholding", study::thresholding_table(&threshold_rows, real_saturation)),
         ("accuracy_by_timestep", by_t_table),
     ])?;
     run.write_metrics(json!({
@@ -232,7 +233,7 @@ fn run(args: Args) -> Result<()> {
         "clip_guidance": clip_rows,
         "matched": args.matched_accuracy.iter().map(|&a| json!({"accuracy": a, "methods": methods.iter()
             .map(|(name, rows)| json!({"method": name, "at": study::at_accuracy(rows, a)})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
-        "thresholding": threshold_rows,
+        "thresholding": threshold_rows, "real_test_saturation": real_saturation,
     }))?;
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
     Ok(())

@@ -11,9 +11,10 @@
 //! - [`model`]: what networks and samplers share: ε-models (plain and conditional), their conditioning [`model::Cond`]
 //!   (a context and, for prompts, its padding mask), and the denoiser D(x, σ) → x̂₀ with its adapters.
 //! - [`nn`]: the networks only: MLPs, the UNet (unconditional, class- and text-conditioned), attention, the text
-//!   encoder, the mini-CLIP, the VAE, the graders' classifier.
+//!   encoder, the mini-CLIP, the VAE, the graders' classifier, the UNet's encoder half that reads noised images
+//!   (lesson 10's noise-aware classifier and noised CLIP).
 //! - [`sampling`]: samplers as plain functions over a σ grid, one registry with the UIs' names, and the denoisers
-//!   that wrap a denoiser (guidance, clamping, inpainting).
+//!   that wrap a denoiser (classifier-free, classifier and CLIP guidance, static and dynamic thresholding, inpainting).
 //! - [`sd`]: Stable Diffusion 1.x weight files: safetensors, the key map of original single files, loaders.
 //! - [`train`]: one training loop that every model of the crate trains on, the objectives, and named recipes.
 //! - [`pipelines`]: trained networks put together for inference, saved and loaded as bundles of one format

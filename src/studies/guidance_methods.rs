@@ -391,9 +391,10 @@ pub fn matched_table(methods: &[(&str, &[MethodRow])], targets: &[f64]) -> Strin
     crate::cli::markdown_table(&header, &body)
 }
 
-/// The thresholding table.
-pub fn thresholding_table(rows: &[ThresholdRow]) -> String {
-    let body: Vec<Vec<String>> = rows
+/// The thresholding table, ending with the [`saturation`] of real test digits, `real` (ink at full white, pixels at
+/// 0 or 1), for reference.
+pub fn thresholding_table(rows: &[ThresholdRow], real: (f64, f64)) -> String {
+    let mut body: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             vec![
@@ -406,6 +407,15 @@ pub fn thresholding_table(rows: &[ThresholdRow]) -> String {
             ]
         })
         .collect();
+    let dash = || "–".to_string();
+    body.push(vec![
+        "real test digits".into(),
+        dash(),
+        dash(),
+        format!("{:.3}", real.0),
+        format!("{:.3}", real.1),
+        dash(),
+    ]);
     let header = ["x̂₀", "w", "accuracy", "ink at full white", "pixels at 0 or 1", "FD / floor"];
     crate::cli::markdown_table(&header, &body)
 }
