@@ -90,9 +90,12 @@ fn run(args: Args) -> Result<()> {
     let (sample_steps, n) =
         (args.sample_steps.unwrap_or(q(10, 50)) as usize, args.num_samples.unwrap_or(q(20, 200) as i64));
     let data = mnist::load(&run.data_dir).context("lesson 10 trains on MNIST")?;
-    let (_vs04, unet, sched) = load_unet(&shipped_unet(), run.device).context("lesson 04's shipped UNet")?;
-    let (_vs05, class_cond, sched05) = load_class_cond(&shipped_class_cond(), run.device).context("lesson 05's")?;
-    let pipe = TextToImage::load(&shipped_dir(), run.device).context("lesson 06's shipped pipeline")?;
+    let shipped =
+        |lesson: &str| format!("lesson {lesson}'s shipped model (remake it with ./run.sh lesson {lesson} --ship)");
+    let (_vs04, unet, sched) = load_unet(&shipped_unet(), run.device).with_context(|| shipped("04"))?;
+    let (_vs05, class_cond, sched05) =
+        load_class_cond(&shipped_class_cond(), run.device).with_context(|| shipped("05"))?;
+    let pipe = TextToImage::load(&shipped_dir(), run.device).with_context(|| shipped("06"))?;
     let images = (&data.train_images * 2.0 - 1.0).to_device(run.device); // (60000, 1, 28, 28) in [−1, 1]
     let labels = data.train_labels.to_device(run.device);
     let cfg = TrainerConfig { seed: run.seed, ..TrainerConfig::mnist_unet(steps, args.batch, args.lr) };

@@ -33,6 +33,9 @@ pub struct Grading<'a> {
     pub requested: Tensor,
 }
 
+/// A labelled row of sample images for a figure: (label, (10, 1, H, W), one per digit).
+pub type Tile = (String, Tensor);
+
 /// One scale of one method: the sweep's row.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MethodRow {
@@ -77,7 +80,7 @@ pub fn sweep(
     scales: &[f64],
     draw: &mut dyn FnMut(f64) -> Tensor,
     grading: &Grading,
-    tiles: &mut Vec<(String, Tensor)>,
+    tiles: &mut Vec<Tile>,
 ) -> Vec<MethodRow> {
     scales
         .iter()
@@ -238,7 +241,7 @@ pub fn pooled_prompt_states(prompts: &PromptEncoder, texts: &[String]) -> Result
 }
 
 /// A grid of sample rows, each labelled: (label, (10, 1, H, W)) -> one row per entry, digits 0–9 across.
-pub fn plot_rows(path: &Path, title: &str, rows: &[(String, Tensor)]) -> Result<()> {
+pub fn plot_rows(path: &Path, title: &str, rows: &[Tile]) -> Result<()> {
     let images = Tensor::cat(&rows.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>(), 0);
     let labels: Vec<String> = rows
         .iter()
@@ -282,7 +285,7 @@ pub fn thresholding_study(
     (thresholds, scales): (&[Threshold], &[f64]),
     (steps, seed): (usize, u64),
     grading: &Grading,
-) -> Result<(Vec<ThresholdRow>, Vec<(String, Tensor)>)> {
+) -> Result<(Vec<ThresholdRow>, Vec<Tile>)> {
     let (mut rows, mut tiles) = (Vec::new(), Vec::new());
     for threshold in thresholds {
         for &w in scales {
