@@ -1,4 +1,5 @@
 //! Data sets: MNIST from its canonical IDX files, and 2-D Gaussian mixtures whose density and score are exact.
+pub mod canny;
 pub mod captions;
 pub mod mnist;
 pub mod png;
