@@ -219,7 +219,8 @@ fn run(args: Args) -> Result<()> {
         "guidance": reports,
     }))?;
     if args.ship {
-        let saved = SavedClassCond { model: config.clone(), schedule: args.schedule.clone(), timesteps: 1000 };
+        let saved =
+            SavedClassCond { model: config.clone(), schedule: args.schedule.clone(), timesteps: sched.num_steps() };
         let scores: Vec<String> =
             reports.iter().map(|r| format!("w = {}: accuracy {:.3}", r.scale, r.accuracy)).collect();
         let how = format!(

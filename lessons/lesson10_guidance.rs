@@ -16,7 +16,7 @@ use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::clip::digit_prompts;
 use scratch_diffusion::nn::encoder_unet::EncoderUNetConfig;
 use scratch_diffusion::pipelines::ddpm::{load_class_cond, load_unet, shipped_class_cond, shipped_unet};
-use scratch_diffusion::pipelines::text_to_image::{shipped_dir, TextToImage};
+use scratch_diffusion::pipelines::text_to_image::{shipped_dir, TextToImage, DEFAULT_SAMPLE_STEPS};
 use scratch_diffusion::sampling::classifier_guidance::{ClassifierGuide, ClipGuide, GradientGuidance, GuidanceForm};
 use scratch_diffusion::sampling::ddpm::PosteriorVariance;
 use scratch_diffusion::sampling::guidance::ClassifierFreeGuidance;
@@ -59,8 +59,9 @@ struct Args {
     /// Classifier guidance scales s (0: lesson 04's unguided model).
     #[arg(long, value_delimiter = ',', default_values_t = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0], value_parser = finite)]
     classifier_scales: Vec<f64>,
-    /// Classifier guidance scales of Algorithm 1 on DDPM's ancestral sampler (the same steps; none: skip it).
-    #[arg(long, value_delimiter = ',', default_values_t = [8.0, 32.0], value_parser = finite)]
+    /// Classifier guidance scales of Algorithm 1 on DDPM's ancestral sampler, the same number of steps (0: that
+    /// sampler unguided).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 8.0, 32.0], value_parser = finite)]
     algorithm1_scales: Vec<f64>,
     /// CLIP guidance scales s.
     #[arg(long, value_delimiter = ',', default_values_t = [1.0, 2.0, 4.0, 8.0, 16.0], value_parser = finite)]
@@ -89,6 +90,9 @@ fn run(args: Args) -> Result<()> {
     let steps = args.steps.unwrap_or(q(20, 1500)) as usize;
     let (sample_steps, n) =
         (args.sample_steps.unwrap_or(q(10, 50)) as usize, args.num_samples.unwrap_or(q(20, 200) as i64));
+    anyhow::ensure!(n % 10 == 0, "--num-samples must be a multiple of 10 (as many of each digit), got {n}");
+    let m = args.clip_images.unwrap_or(q(512, 20000) as i64);
+    anyhow::ensure!(m >= args.batch, "--clip-images ({m}) must be at least --batch ({}): lower --batch", args.batch);
     let data = mnist::load(&run.data_dir).context("lesson 10 trains on MNIST")?;
     let shipped =
         |lesson: &str| format!("lesson {lesson}'s shipped model (remake it with ./run.sh lesson {lesson} --ship)");
@@ -112,7 +116,6 @@ fn run(args: Args) -> Result<()> {
     clf_vs.freeze();
     log.finish();
     // the noised CLIP: its image tower against lesson 06's frozen text encoder, one caption per image
-    let m = args.clip_images.unwrap_or(q(512, 20000) as i64);
     let captioned = caption_images_with(
         &data.train_images.narrow(0, 0, m),
         &data.train_labels.narrow(0, 0, m),
@@ -130,22 +133,27 @@ fn run(args: Args) -> Result<()> {
     log.finish();
     // ANCHOR_END: train
     println!("noise-aware classifier: {:.0} s; noised CLIP: {:.0} s", clf_outcome.seconds, clip_outcome.seconds);
-    run.write_loss(
-        "Lesson 10: cross-entropy of the noise-aware classifier",
-        ("loss", "cross-entropy"),
-        &clf_outcome.losses,
-    )?;
+    let losses: Vec<_> =
+        clf_outcome.losses.iter().zip(&clip_outcome.losses).map(|(a, b)| vec![*a, *b]).enumerate().collect();
+    run.write_loss_csv("loss.csv", &["classifier_cross_entropy", "clip_contrastive"], &losses)?;
+    let series =
+        [("classifier cross-entropy", &clf_outcome.losses[..]), ("CLIP contrastive", &clip_outcome.losses[..])];
+    scratch_diffusion::plot::loss_curve(&run.path("loss.png"), "Lesson 10: the two guides' training losses", &series)?;
 
     // how well each reads the digit from x_t, against the graders' classifier that never saw noise
     let grader = MnistClassifier::load_shipped(Device::Cpu)?;
-    let test = (&(data.test_images.narrow(0, 0, 1000) * 2.0 - 1.0), &data.test_labels.narrow(0, 0, 1000));
+    let test_images = (data.test_images.narrow(0, 0, 1000) * 2.0 - 1.0).to_device(run.device); // (1000, 1, 28, 28)
+    let test = (&test_images, &data.test_labels.narrow(0, 0, 1000));
     let digit_text = clip.encode_text(&study::pooled_prompt_states(&pipe.prompts, &digit_prompts())?); // (10, d_e)
     let timesteps: Vec<usize> = (0..=10).map(|k| (k * 100).min(sched.num_steps() - 1)).collect();
     let by_t = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| study::accuracy_by_timestep(f, &sched, test, &timesteps);
     let read_by_t = [
         ("noise-aware classifier", by_t(&|x, t| clf.forward(x, t, false))),
-        ("noised CLIP, zero-shot", by_t(&|x, t| clip.encode_image(x, t).matmul(&digit_text.tr()))),
-        ("graders' classifier (no noise in training)", by_t(&|x, _| grader.logits(&to_unit(x), false))),
+        ("noised CLIP, zero-shot", by_t(&|x, t| clip.encode_image(x, t).matmul(&digit_text.tr()))), // (N, 10)
+        (
+            "graders' classifier (no noise in training)",
+            by_t(&|x, _| grader.logits(&to_unit(x).to_device(Device::Cpu), false)),
+        ),
     ];
     study::plot_accuracy_by_timestep(&run.path("accuracy_by_timestep.png"), &read_by_t)?;
 
@@ -210,7 +218,7 @@ fn run(args: Args) -> Result<()> {
         &pipe,
         &prompts,
         (&thresholds, &args.threshold_scales),
-        (pipe.config.num_train_timesteps.min(20), run.seed),
+        (DEFAULT_SAMPLE_STEPS, run.seed),
         &grading,
     )?;
     // ANCHOR_END: thresholds

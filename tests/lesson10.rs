@@ -84,4 +84,6 @@ fn bad_flags_exit_with_a_readable_message() {
     assert_user_error(&run_lesson(BIN, &["--quick", "--percentiles", "1.5"]), "--percentiles");
     assert_user_error(&run_lesson(BIN, &["--quick", "--num-samples", "5"]), "--num-samples");
     assert_user_error(&run_lesson(BIN, &["--quick", "--clip-images", "1"]), "--clip-images");
+    assert_user_error(&run_lesson(BIN, &["--quick", "--num-samples", "25"]), "multiple of 10");
+    assert_user_error(&run_lesson(BIN, &["--quick", "--clip-images", "64"]), "lower --batch");
 }

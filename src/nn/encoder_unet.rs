@@ -130,8 +130,9 @@ impl EncoderUNet {
         }
         h = self.mid_resnets[0].forward(&h, &emb, train);
         h = self.mid_attention.forward(&h);
-        h = self.mid_resnets[1].forward(&h, &emb, train); // (B, c_last, h, w)
-                                                          // guided-diffusion's adaptive pool: GroupNorm, SiLU, the mean over positions, a projection
+        // (B, c_last, h, w)
+        h = self.mid_resnets[1].forward(&h, &emb, train);
+        // guided-diffusion's adaptive pool: GroupNorm, SiLU, the mean over positions, a projection
         let pooled = silu_fresh(self.out_norm.forward(&h)).mean_dim([2i64, 3].as_slice(), false, h.kind()); // (B, c_last)
         self.out_proj.forward(&pooled) // (B, out_dim)
     }

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod class_cond;
 pub mod classifier;
 pub mod clip;
+pub mod controlnet;
 pub mod encoder_unet;
 pub mod eps_mlp;
 pub mod label_context;

@@ -189,6 +189,20 @@ struct Cond<'a> {
     maps: Option<Vec<CrossAttentionMap>>,
 }
 
+/// The conditioning a UNet's attention blocks read, checked against the config's context width.
+fn check_cond<'a>(
+    config: &UNetConfig,
+    context: Option<&'a Tensor>,
+    mask: Option<&'a Tensor>,
+    keep_maps: bool,
+) -> Cond<'a> {
+    if let Some(c) = context {
+        let want = config.cross_attention_dim.expect("a context needs a UNet with cross_attention_dim");
+        assert_eq!(c.size().last(), Some(&want), "context (B, L, {want}) expected, got {:?}", c.size());
+    }
+    Cond { context, mask, maps: keep_maps.then(Vec::new) }
+}
+
 /// The cross-attention weights of one transformer block in one forward pass, for per-token heat maps.
 #[derive(Debug)]
 pub struct CrossAttentionMap {
@@ -229,9 +243,11 @@ enum Resample {
     Up(Upsample),
 }
 
-/// The UNet: ε̂ = UNet(x_t, t), same shape in and out.
+/// The UNet's way down, everything before the up path: the time embedding (and the pooled-context projection),
+/// conv_in, the down levels and the middle block. The UNet holds one; a ControlNet holds a trainable copy of it
+/// ([`crate::nn::controlnet`]), under the same module paths.
 #[derive(Debug)]
-pub struct UNet {
+pub struct UNetEncoder {
     pub config: UNetConfig,
     time_linear_1: nn::Linear,
     time_linear_2: nn::Linear,
@@ -241,40 +257,52 @@ pub struct UNet {
     down: Vec<Level>,
     mid_resnets: [ResBlock; 2],
     mid_attention: Attention,
-    up: Vec<Level>,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
 }
 
-impl UNet {
-    pub fn new(vs: nn::Path, config: UNetConfig) -> Self {
+/// What the way down hands on: the time embedding, the skips (conv_in's output, each down resnet's, each
+/// downsampler's, in order) and the middle block's output.
+pub struct Encoded {
+    pub emb: Tensor,
+    pub skips: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+/// The attention block of a level at path `p` with `c` channels: self-attention, or a spatial transformer once the
+/// config has a context (named by its path below the model's root, which is `root_depth` components deep).
+fn attention_block(p: nn::Path, c: i64, config: &UNetConfig, root_depth: usize) -> Attention {
+    match config.cross_attention_dim {
+        None => {
+            let head_dim = config.attention_heads.map_or(config.head_dim, |h| c / h);
+            Attention::SelfOnly(SpatialSelfAttention::new(p, c, head_dim))
+        }
+        Some(context_dim) => {
+            let name = p.components().skip(root_depth).collect::<Vec<_>>().join(".");
+            let heads = config.attention_heads.unwrap_or((c / config.head_dim).max(1));
+            Attention::Transformer(Box::new(SpatialTransformer::new(p, c, heads, c / heads, context_dim, 1)), name)
+        }
+    }
+}
+
+impl UNetEncoder {
+    pub fn new(vs: &nn::Path, config: UNetConfig) -> Self {
         let ch = &config.block_out_channels;
         let n = ch.len();
         assert!(n >= 1 && config.attention.len() == n, "one attention flag per level");
         let (c0, emb, drop) = (ch[0], config.emb_dim(), config.dropout);
         let pad = nn::ConvConfig { padding: 1, ..Default::default() };
         let root_depth = vs.components().count();
-        let attn = |p: nn::Path, c: i64| match config.cross_attention_dim {
-            None => {
-                let head_dim = config.attention_heads.map_or(config.head_dim, |h| c / h);
-                Attention::SelfOnly(SpatialSelfAttention::new(p, c, head_dim))
-            }
-            Some(context_dim) => {
-                let name = p.components().skip(root_depth).collect::<Vec<_>>().join(".");
-                let heads = config.attention_heads.unwrap_or((c / config.head_dim).max(1));
-                Attention::Transformer(Box::new(SpatialTransformer::new(p, c, heads, c / heads, context_dim, 1)), name)
-            }
-        };
         // ANCHOR: unet_down
         let mut down = Vec::new();
         let mut c_prev = c0;
         for (i, &c) in ch.iter().enumerate() {
-            let p = &vs / "down_blocks" / i;
+            let p = vs / "down_blocks" / i;
             let resnets = (0..config.layers_per_block)
                 .map(|j| ResBlock::new(&p / "resnets" / j, if j == 0 { c_prev } else { c }, c, emb, drop))
                 .collect();
             let attentions = if config.attention[i] {
-                (0..config.layers_per_block).map(|j| attn(&p / "attentions" / j, c)).collect()
+                (0..config.layers_per_block)
+                    .map(|j| attention_block(&p / "attentions" / j, c, &config, root_depth))
+                    .collect()
             } else {
                 vec![]
             };
@@ -284,18 +312,121 @@ impl UNet {
         }
         // ANCHOR_END: unet_down
         let c_last = ch[n - 1];
-        let m = &vs / "mid_block";
-        let mid_resnets = [
-            ResBlock::new(&m / "resnets" / 0, c_last, c_last, emb, drop),
-            ResBlock::new(&m / "resnets" / 1, c_last, c_last, emb, drop),
-        ];
-        let mid_attention = attn(&m / "attentions" / 0, c_last);
+        let m = vs / "mid_block";
+        Self {
+            time_linear_1: nn::linear(vs / "time_embedding" / "linear_1", c0, emb, Default::default()),
+            time_linear_2: nn::linear(vs / "time_embedding" / "linear_2", emb, emb, Default::default()),
+            class_embedding: match (config.pooled_context_embedding, config.cross_attention_dim) {
+                (true, Some(d)) => Some((
+                    nn::linear(vs / "class_embedding" / "linear_1", d, emb, Default::default()),
+                    nn::linear(vs / "class_embedding" / "linear_2", emb, emb, Default::default()),
+                )),
+                (true, None) => panic!("pooled_context_embedding needs a context: set cross_attention_dim"),
+                (false, _) => None,
+            },
+            conv_in: nn::conv2d(vs / "conv_in", config.in_channels, c0, 3, pad),
+            down,
+            mid_resnets: [
+                ResBlock::new(&m / "resnets" / 0, c_last, c_last, emb, drop),
+                ResBlock::new(&m / "resnets" / 1, c_last, c_last, emb, drop),
+            ],
+            mid_attention: attention_block(&m / "attentions" / 0, c_last, &config, root_depth),
+            config,
+        }
+    }
+
+    /// Channels of each skip [`Self::encode`] returns, in order.
+    pub fn skip_channels(&self) -> Vec<i64> {
+        let ch = &self.config.block_out_channels;
+        let mut out = vec![ch[0]];
+        for (i, &c) in ch.iter().enumerate() {
+            out.extend(std::iter::repeat(c).take(self.config.layers_per_block));
+            if i + 1 < ch.len() {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// The way down from x (B, C_in, H, W) at timesteps t (B,), with `after_conv_in` (B, c0, H, W) added to conv_in's
+    /// output when given (where a ControlNet adds its hint).
+    fn encode(&self, x: &Tensor, t: &Tensor, cond: &mut Cond, after_conv_in: Option<&Tensor>, train: bool) -> Encoded {
+        let c0 = self.config.block_out_channels[0];
+        let temb = timestep_embedding(t, c0, 10_000.0).to_kind(x.kind()); // (B, c0), [DDPM] sinusoidal position of t
+        let mut emb = self.time_linear_2.forward(&self.time_linear_1.forward(&temb).silu()); // (B, 4·c0)
+        if let (Some((linear_1, linear_2)), Some(context)) = (&self.class_embedding, cond.context) {
+            // [SDXL] sec. 2.1: emb += MLP(pooled context)
+            emb += linear_2.forward(&linear_1.forward(&pooled_context(context, cond.mask)).silu());
+        }
+        let mut h = self.conv_in.forward(x); // (B, c0, H, W)
+        if let Some(extra) = after_conv_in {
+            h += extra;
+        }
+        let mut skips = vec![h.shallow_clone()];
+        for level in &self.down {
+            for (j, resnet) in level.resnets.iter().enumerate() {
+                h = resnet.forward(&h, &emb, train);
+                if let Some(a) = level.attentions.get(j) {
+                    h = a.forward(&h, cond);
+                }
+                skips.push(h.shallow_clone());
+            }
+            if let Some(Resample::Down(d)) = &level.resample {
+                h = d.forward(&h); // (B, c_i, H/2, W/2)
+                skips.push(h.shallow_clone());
+            }
+        }
+        h = self.mid_resnets[0].forward(&h, &emb, train);
+        h = self.mid_attention.forward(&h, cond);
+        let mid = self.mid_resnets[1].forward(&h, &emb, train);
+        Encoded { emb, skips, mid }
+    }
+
+    /// [`Self::encode`] with a context (B, L, cross_attention_dim) and its mask, for a ControlNet's copy.
+    pub fn encode_cond(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        (context, mask): (Option<&Tensor>, Option<&Tensor>),
+        after_conv_in: Option<&Tensor>,
+        train: bool,
+    ) -> Encoded {
+        let mut cond = check_cond(&self.config, context, mask, false);
+        self.encode(x, t, &mut cond, after_conv_in, train)
+    }
+}
+
+/// What a ControlNet adds to a UNet's way down: one residual per skip (the UNet's skip shapes) and one for the
+/// middle block's output ([ControlNet] Fig. 3: the zero convolutions' outputs).
+pub struct Residuals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+/// The UNet: ε̂ = UNet(x_t, t), same shape in and out.
+#[derive(Debug)]
+pub struct UNet {
+    pub config: UNetConfig,
+    pub encoder: UNetEncoder,
+    up: Vec<Level>,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+impl UNet {
+    pub fn new(vs: nn::Path, config: UNetConfig) -> Self {
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let (c0, emb, drop) = (ch[0], config.emb_dim(), config.dropout);
+        let pad = nn::ConvConfig { padding: 1, ..Default::default() };
+        let root_depth = vs.components().count();
+        let encoder = UNetEncoder::new(&vs, config.clone());
         // ANCHOR: unet_up
         // Up level r mirrors down level i = n−1−r. Its resnet j takes the running features plus one skip: the skip is
         // a resnet output of level i (c_i channels), except the last one, which is the downsampler output of level i−1
         // (or conv_in's output at the top): c_{i−1} channels.
         let mut up = Vec::new();
-        let mut c_run = c_last;
+        let mut c_run = ch[n - 1];
         for r in 0..n {
             let i = n - 1 - r;
             let c = ch[i];
@@ -308,7 +439,9 @@ impl UNet {
                 })
                 .collect();
             let attentions = if config.attention[i] {
-                (0..=config.layers_per_block).map(|j| attn(&p / "attentions" / j, c)).collect()
+                (0..=config.layers_per_block)
+                    .map(|j| attention_block(&p / "attentions" / j, c, &config, root_depth))
+                    .collect()
             } else {
                 vec![]
             };
@@ -318,20 +451,7 @@ impl UNet {
         }
         // ANCHOR_END: unet_up
         Self {
-            time_linear_1: nn::linear(&vs / "time_embedding" / "linear_1", c0, emb, Default::default()),
-            time_linear_2: nn::linear(&vs / "time_embedding" / "linear_2", emb, emb, Default::default()),
-            class_embedding: match (config.pooled_context_embedding, config.cross_attention_dim) {
-                (true, Some(d)) => Some((
-                    nn::linear(&vs / "class_embedding" / "linear_1", d, emb, Default::default()),
-                    nn::linear(&vs / "class_embedding" / "linear_2", emb, emb, Default::default()),
-                )),
-                (true, None) => panic!("pooled_context_embedding needs a context: set cross_attention_dim"),
-                (false, _) => None,
-            },
-            conv_in: nn::conv2d(&vs / "conv_in", config.in_channels, c0, 3, pad),
-            down,
-            mid_resnets,
-            mid_attention,
+            encoder,
             up,
             conv_norm_out: nn::group_norm(&vs / "conv_norm_out", groups_for(c0), c0, Default::default()),
             conv_out: nn::conv2d(&vs / "conv_out", c0, config.out_channels, 3, pad),
@@ -355,7 +475,20 @@ impl UNet {
         context_mask: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
-        self.run(x, t, &mut self.cond(context, context_mask, false), train)
+        self.run(x, t, &mut self.cond(context, context_mask, false), None, train)
+    }
+
+    /// `forward_cond` with a ControlNet's residuals added to the skips and the middle block's output ([ControlNet]
+    /// Fig. 3; diffusers' `down_block_additional_residuals`, `mid_block_additional_residual`).
+    pub fn forward_controlled(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        (context, context_mask): (Option<&Tensor>, Option<&Tensor>),
+        residuals: &Residuals,
+        train: bool,
+    ) -> Tensor {
+        self.run(x, t, &mut self.cond(context, context_mask, false), Some(residuals), train)
     }
 
     /// `forward_cond` (in eval mode) that also returns every transformer's cross-attention weights, in network order.
@@ -367,45 +500,24 @@ impl UNet {
         context_mask: Option<&Tensor>,
     ) -> (Tensor, Vec<CrossAttentionMap>) {
         let mut cond = self.cond(Some(context), context_mask, true);
-        let out = self.run(x, t, &mut cond, false);
+        let out = self.run(x, t, &mut cond, None, false);
         (out, cond.maps.unwrap_or_default())
     }
 
     fn cond<'a>(&self, context: Option<&'a Tensor>, mask: Option<&'a Tensor>, keep_maps: bool) -> Cond<'a> {
-        if let Some(c) = context {
-            let want = self.config.cross_attention_dim.expect("a context needs a UNet with cross_attention_dim");
-            assert_eq!(c.size().last(), Some(&want), "context (B, L, {want}) expected, got {:?}", c.size());
-        }
-        Cond { context, mask, maps: keep_maps.then(Vec::new) }
+        check_cond(&self.config, context, mask, keep_maps)
     }
 
-    fn run(&self, x: &Tensor, t: &Tensor, cond: &mut Cond, train: bool) -> Tensor {
+    fn run(&self, x: &Tensor, t: &Tensor, cond: &mut Cond, control: Option<&Residuals>, train: bool) -> Tensor {
         // ANCHOR: unet_forward
-        let c0 = self.config.block_out_channels[0];
-        let temb = timestep_embedding(t, c0, 10_000.0).to_kind(x.kind()); // (B, c0), [DDPM] sinusoidal position of t
-        let mut emb = self.time_linear_2.forward(&self.time_linear_1.forward(&temb).silu()); // (B, 4·c0)
-        if let (Some((linear_1, linear_2)), Some(context)) = (&self.class_embedding, cond.context) {
-            // [SDXL] sec. 2.1: emb += MLP(pooled context)
-            emb += linear_2.forward(&linear_1.forward(&pooled_context(context, cond.mask)).silu());
+        let Encoded { emb, mut skips, mut mid } = self.encoder.encode(x, t, cond, None, train);
+        if let Some(r) = control {
+            // [ControlNet] Fig. 3: the zero convolutions' outputs join the skips and the middle block's output
+            assert_eq!(r.down.len(), skips.len(), "one ControlNet residual per skip");
+            skips = skips.iter().zip(&r.down).map(|(s, d)| s + d).collect();
+            mid += &r.mid;
         }
-        let mut h = self.conv_in.forward(x); // (B, c0, H, W)
-        let mut skips = vec![h.shallow_clone()];
-        for level in &self.down {
-            for (j, resnet) in level.resnets.iter().enumerate() {
-                h = resnet.forward(&h, &emb, train);
-                if let Some(a) = level.attentions.get(j) {
-                    h = a.forward(&h, cond);
-                }
-                skips.push(h.shallow_clone());
-            }
-            if let Some(Resample::Down(d)) = &level.resample {
-                h = d.forward(&h); // (B, c_i, H/2, W/2)
-                skips.push(h.shallow_clone());
-            }
-        }
-        h = self.mid_resnets[0].forward(&h, &emb, train);
-        h = self.mid_attention.forward(&h, cond);
-        h = self.mid_resnets[1].forward(&h, &emb, train);
+        let mut h = mid;
         for level in &self.up {
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up resnet");

@@ -98,9 +98,11 @@ impl EpsModel for GradientGuidance<'_> {
         if self.scale == 0.0 {
             return eps; // the unconditional model, one evaluation
         }
-        let grad = guide_gradient(self.guide, x_t, t).to_kind(eps.kind()); // ∇ log p(y | x_t): (B, ...)
-                                                                           // [Guidance] Alg. 2: ε̂ = ε_θ(x_t) − s √(1 − ᾱ_t) ∇ log p_φ(y | x_t)  (Alg. 1: see GuidanceForm::Ddpm)
-        let c = append_dims(&self.coefficient(t).to_kind(eps.kind()), &eps); // (B, 1, ...)
+        // ∇ log p(y | x_t): (B, ...)
+        let grad = guide_gradient(self.guide, x_t, t).to_kind(eps.kind());
+        // (B, 1, ...): √(1 − ᾱ_t), or Alg. 1's coefficient (GuidanceForm::Ddpm)
+        let c = append_dims(&self.coefficient(t).to_kind(eps.kind()), &eps);
+        // [Guidance] Alg. 2: ε̂ = ε_θ(x_t) − s √(1 − ᾱ_t) ∇ log p_φ(y | x_t)
         eps - c * grad * self.scale
     }
 }
@@ -254,6 +256,31 @@ mod tests {
                 assert!(err < 1e-9, "{variance:?}, step {i}: {err}");
             }
         }
+    }
+
+    /// The CLIP guide is exp(τ) times the cosine of the image and text embeddings, and its gradient matches central
+    /// finite differences.
+    #[test]
+    fn the_clip_guide_is_the_scaled_cosine_and_its_gradient_is_right() {
+        tch::manual_seed(6);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let clip = NoisyClip::new(vs.root(), EncoderUNetConfig::tiny(8), 5);
+        let text = clip.encode_text(&Tensor::randn([1, 5], (Kind::Float, Device::Cpu))); // (1, 8)
+        let guide = ClipGuide { clip: &clip, text: text.shallow_clone() };
+        let x = Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[50i64, 500]);
+        let f = |x: &Tensor| tch::no_grad(|| guide.log_prob(x, &t)).to_kind(Kind::Double);
+        let image = tch::no_grad(|| clip.vision_model.forward(&x, &t, false)); // (2, 8), not normalised
+        let cosine = (&image * &text).sum_dim_intlist(-1, false, Kind::Double)
+            / image.norm_scalaropt_dim(2.0, [-1i64].as_slice(), false).to_kind(Kind::Double);
+        let want = cosine * crate::nn::clip::LOGIT_SCALE_INIT.exp();
+        assert!((f(&x) - want).abs().max().double_value(&[]) < 1e-4);
+        let g = guide_gradient(&guide, &x, &t);
+        let (h, v) = (1e-2, Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu)));
+        let fd = (f(&(&x + &v * h)) - f(&(&x - &v * h))) / (2.0 * h); // (2,)
+        let analytic = (&g * &v).sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Double);
+        let rel = ((&fd - &analytic).abs() / analytic.abs().clamp_min(1e-6)).max().double_value(&[]);
+        assert!(rel < 2e-2, "finite differences {fd:?} vs the gradient {analytic:?}");
     }
 
     /// The gradient a trained-or-not noise-aware classifier gives raises log p(y | x_t): a step along it increases

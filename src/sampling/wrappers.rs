@@ -70,11 +70,13 @@ impl ThresholdKind {
 pub fn dynamic_threshold(x0: &Tensor, percentile: f64) -> Tensor {
     assert!((0.0..=1.0).contains(&percentile), "the percentile must lie in [0, 1], got {percentile}");
     let b = x0.size()[0];
-    let abs = x0.abs().reshape([b, -1]).to_kind(Kind::Float); // (B, N)
-                                                              // s = max(quantile_p(|x̂₀|), 1): (B,), linear interpolation between order statistics as numpy's percentile
+    // |x̂₀| (B, N)
+    let abs = x0.abs().reshape([b, -1]).to_kind(Kind::Float);
+    // [Imagen] Fig. A.10: s = max(quantile_p(|x̂₀|), 1), (B,), interpolated between order statistics as numpy's
     let s = abs.quantile_scalar(percentile, Some(1), false, "linear").clamp_min(1.0).to_kind(x0.kind());
-    let s = append_dims(&s, x0); // (B, 1, ...)
-                                 // clip(x̂₀, −s, s)/s
+    // (B, 1, ...)
+    let s = append_dims(&s, x0);
+    // [Imagen] Fig. A.10: x̂₀ ← clip(x̂₀, −s, s)/s
     x0.maximum(&(-&s)).minimum(&s) / s
 }
 // ANCHOR_END: threshold

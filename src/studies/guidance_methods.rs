@@ -6,6 +6,7 @@
 //! diversity). [GLIDE] Nichol et al. 2022, arXiv:2112.10741, sec. 5.1 and Fig. 6 (classifier-free guidance against
 //! CLIP guidance). [Imagen] Saharia et al. 2022, arXiv:2205.11487, sec. 2.3 and 4.4 (thresholding at large w).
 use crate::data::to_unit;
+use crate::diffusion::forward::q_sample;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::eval::frechet::{evaluate_samples, SampleReport};
 use crate::model::{EpsDenoiser, EpsModel};
@@ -68,7 +69,9 @@ pub fn ddpm_samples(
     (seed, device): (i64, Device),
 ) -> Tensor {
     tch::manual_seed(seed);
-    let how = AncestralSampling { steps, variance: PosteriorVariance::Beta, threshold: Threshold::Static, batch: 1000 };
+    // all of them in one batch, so that the noise drawn is the one Tensor::randn(shape) draws after the seed
+    let how =
+        AncestralSampling { steps, variance: PosteriorVariance::Beta, threshold: Threshold::Static, batch: shape[0] };
     let x = crate::sampling::ddpm::sample(model, sched, shape, &how, device, &mut |_, _| {});
     to_unit(&x).to_device(Device::Cpu)
 }
@@ -106,8 +109,8 @@ pub fn sweep(
 
 /// The first sample of each digit 0–9: (10, 1, H, W).
 fn first_of_each_digit(samples: &Tensor, requested: &Tensor) -> Tensor {
-    let idx: Vec<Tensor> = (0..10).map(|d| requested.eq(d).nonzero().get(0)).collect();
-    samples.index_select(0, &Tensor::cat(&idx, 0))
+    let idx: Vec<Tensor> = (0..10).map(|d| requested.eq(d).nonzero().get(0)).collect(); // 10 × (1,)
+    samples.index_select(0, &Tensor::cat(&idx, 0)) // (10, 1, H, W)
 }
 
 // ANCHOR: matched
@@ -139,9 +142,8 @@ pub fn accuracy_by_timestep(
     timesteps
         .iter()
         .map(|&t| {
-            let ab = sched.alpha_bar(t);
-            let x_t = images * ab.sqrt() + &eps * (1.0 - ab).sqrt(); // [DDPM] eq. 4
-            let tt = Tensor::full([images.size()[0]], t as i64, (Kind::Int64, images.device()));
+            let tt = Tensor::full([images.size()[0]], t as i64, (Kind::Int64, images.device())); // (N,)
+            let x_t = q_sample(&sched.to_tensor_alpha_bar(images.device()), images, &tt, &eps); // [DDPM] eq. 4
             let predicted = tch::no_grad(|| logits(&x_t, &tt)).argmax(-1, false).to_device(Device::Cpu);
             let acc = predicted.eq_tensor(&labels.to_device(Device::Cpu)).to_kind(Kind::Double).mean(Kind::Double);
             (t as f64, acc.double_value(&[]))
@@ -224,7 +226,7 @@ pub fn pooled_text_states(prompts: &PromptEncoder, ids: &Tensor, lens: &Tensor) 
             pooled_context(&cond.context, cond.mask.as_ref()) // (b, D)
         })
         .collect();
-    Tensor::cat(&chunks, 0)
+    Tensor::cat(&chunks, 0) // (N, D)
 }
 
 /// The pooled states (N, D) of prompts as a user types them (each checked as the pipeline checks its prompts).
@@ -237,12 +239,12 @@ pub fn pooled_prompt_states(prompts: &PromptEncoder, texts: &[String]) -> Result
             Ok(pooled_context(&cond.context, cond.mask.as_ref())) // (1, D)
         })
         .collect();
-    Ok(Tensor::cat(&rows?, 0))
+    Ok(Tensor::cat(&rows?, 0)) // (N, D)
 }
 
 /// A grid of sample rows, each labelled: (label, (10, 1, H, W)) -> one row per entry, digits 0–9 across.
 pub fn plot_rows(path: &Path, title: &str, rows: &[Tile]) -> Result<()> {
-    let images = Tensor::cat(&rows.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>(), 0);
+    let images = Tensor::cat(&rows.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>(), 0); // (10·rows, 1, H, W)
     let labels: Vec<String> = rows
         .iter()
         .flat_map(|(l, t)| (0..t.size()[0]).map(move |j| if j == 0 { l.clone() } else { String::new() }))
@@ -251,8 +253,8 @@ pub fn plot_rows(path: &Path, title: &str, rows: &[Tile]) -> Result<()> {
 }
 
 /// How saturated samples (N, 1, H, W) in [0, 1] are: the share of their ink pixels (> 0.1) at full white (≥ 254/255),
-/// and the share of all pixels at either end (≤ 1/255 or ≥ 254/255), the [Imagen] measure, which MNIST's black
-/// background dominates.
+/// and the share of all pixels at either end (≤ 1/255 or ≥ 254/255), a measure of our own (Imagen shows saturation
+/// in pictures, with no number), which MNIST's black background dominates.
 pub fn saturation(samples: &Tensor) -> (f64, f64) {
     let x = samples.to_kind(Kind::Double);
     let (white, black) = (x.ge(254.0 / 255.0), x.le(1.0 / 255.0));
