@@ -50,6 +50,19 @@ impl ControlNetConfig {
     }
 }
 
+/// A trained ControlNet as saved: its shape and the kind of hint it reads (the JSON beside its weights).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedControlNet {
+    pub network: ControlNetConfig,
+    pub hint: crate::data::hints::HintKind,
+}
+
+impl Validate for SavedControlNet {
+    fn validate(&self) -> Result<(), String> {
+        self.network.validate().map_err(|e| format!("network: {e}"))
+    }
+}
+
 /// Zero-initialised weights and bias: the convolution outputs exactly 0 until training moves it ([ControlNet] eq. 2).
 fn zero_conv(vs: nn::Path, c_in: i64, c_out: i64, k: i64, padding: i64) -> nn::Conv2D {
     let cfg =

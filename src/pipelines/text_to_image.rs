@@ -147,6 +147,16 @@ impl TextToImage {
         self.unet_vs.device()
     }
 
+    /// Freezes the UNet's weights, for a network that trains beside it without changing it (lesson 13's ControlNet).
+    pub fn freeze_unet(&mut self) {
+        self.unet_vs.freeze();
+    }
+
+    /// The VarStore the UNet's weights live on.
+    pub fn unet_vs(&self) -> &VarStore {
+        &self.unet_vs
+    }
+
     /// [`PromptEncoder::check_prompt`].
     pub fn check_prompt(&self, prompt: &str) -> Result<Coverage> {
         self.prompts.check_prompt(prompt)

@@ -1,5 +1,6 @@
 //! Samplers: plain functions from a score (or denoiser) and a noise schedule to samples.
 pub mod classifier_guidance;
+pub mod controlled;
 pub mod ddim;
 pub mod ddpm;
 pub mod dpm_solver;

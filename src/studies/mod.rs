@@ -2,6 +2,7 @@
 //! `src/` but the lessons depends on them.
 /// Lesson 05's attention check against libtorch and its cross-attention figure.
 pub mod attention;
+pub mod controlnet;
 /// Lesson 03's figures: noise schedules, the forward process on digits, DDPM samples over a 2-D density.
 pub mod ddpm_figures;
 pub mod guidance;

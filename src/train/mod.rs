@@ -4,6 +4,7 @@
 pub mod classifier;
 pub mod clip;
 pub mod conditional;
+pub mod controlnet;
 pub mod ddpm;
 pub mod ema;
 pub mod latent_diffusion;

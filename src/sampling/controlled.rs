@@ -1,0 +1,136 @@
+//! A frozen text-conditioned UNet steered by a ControlNet, behind classifier-free guidance: the ε-model lesson 13's
+//! samplers draw from, with the options Stable Diffusion UIs give a ControlNet (control weight, guess mode, the
+//! window of steps where it acts).
+//!
+//! [ControlNet] Zhang, Rao, Agrawala 2023, arXiv:2302.05543, sec. 3.4 ("classifier-free guidance resolution
+//! weighting" and guess mode: the ControlNet on the conditional branch only) and Fig. 3 (where the residuals enter).
+//! [CFG] Ho & Salimans 2022, arXiv:2207.12598, eq. 6, in SD's convention ε̃ = ε_∅ + w (ε_c − ε_∅).
+//! diffusers' `StableDiffusionControlNetPipeline`: `controlnet_conditioning_scale`, `guess_mode`,
+//! `control_guidance_start`/`control_guidance_end` (fractions of the sampling steps).
+use crate::model::{Cond, EpsModel};
+use crate::nn::controlnet::{ControlNet, ControlScale};
+use crate::nn::unet::{Residuals, UNet};
+use tch::Tensor;
+
+// ANCHOR: controlled_guidance
+/// ε̃ = ε_∅ + w (ε_c − ε_∅) of a UNet whose skips get a ControlNet's residuals for the hint (batch 1 or B) while the
+/// sampler is inside `window` (fractions of the way from t = T − 1 to t = 0); in guess mode only the conditional
+/// rows get them ([ControlNet] sec. 3.4).
+pub struct ControlledGuidance<'a> {
+    pub unet: &'a UNet,
+    pub control: &'a ControlNet,
+    pub cond: Cond,
+    pub uncond: Cond,
+    /// (B or 1, C_hint, H', W') in [0, 1].
+    pub hint: Tensor,
+    pub guidance: f64,
+    pub scale: ControlScale,
+    /// (start, end) in [0, 1]: the control acts where start ≤ 1 − t/(T − 1) ≤ end.
+    pub window: (f64, f64),
+    /// T, the UNet's training timesteps.
+    pub num_train_timesteps: usize,
+}
+
+impl ControlledGuidance<'_> {
+    /// Whether the control acts at timestep t (the samplers give every row the same t).
+    fn active(&self, t: &Tensor) -> bool {
+        let progress = 1.0 - t.double_value(&[0]) / (self.num_train_timesteps - 1) as f64;
+        self.scale.conditioning_scale != 0.0 && self.window.0 <= progress && progress <= self.window.1
+    }
+}
+
+impl EpsModel for ControlledGuidance<'_> {
+    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
+        let b = x_t.size()[0];
+        let (cond, uncond) = (self.cond.for_batch(b), self.uncond.for_batch(b));
+        // both branches in one batch of 2B: rows 0..B unconditional, B..2B conditional
+        let (x2, t2) = (Tensor::cat(&[x_t, x_t], 0), Tensor::cat(&[t, t], 0)); // (2B, C, H, W), (2B,)
+        let both = Cond::cat(&[&uncond, &cond]); // (2B, L, D) and the masks (2B, L)
+        let ctx = (Some(&both.context), both.mask.as_ref());
+        let eps = if !self.active(t) {
+            self.unet.forward_cond(&x2, &t2, ctx.0, ctx.1, train)
+        } else {
+            let size = self.hint.size();
+            let hint = self.hint.expand([b, size[1], size[2], size[3]], false); // (B, C_hint, H', W')
+            let residuals = if self.scale.guess_mode {
+                // guess mode: the ControlNet reads the conditional rows only; ∅'s rows get no residual
+                let r =
+                    self.control.residuals(x_t, t, (Some(&cond.context), cond.mask.as_ref()), &hint, self.scale, train);
+                let pad = |d: &Tensor| Tensor::cat(&[d.zeros_like(), d.shallow_clone()], 0); // (2B, ...)
+                Residuals { down: r.down.iter().map(pad).collect(), mid: pad(&r.mid) }
+            } else {
+                let hint2 = Tensor::cat(&[&hint, &hint], 0); // (2B, C_hint, H', W')
+                self.control.residuals(&x2, &t2, ctx, &hint2, self.scale, train)
+            };
+            self.unet.forward_controlled(&x2, &t2, ctx, &residuals, train)
+        };
+        let eps = eps.chunk(2, 0); // (B, C, H, W) each
+                                   // [CFG] eq. 6 with w = 1 + w': ε̃ = ε_∅ + w (ε_c − ε_∅)
+        &eps[0] + (&eps[1] - &eps[0]) * self.guidance
+    }
+}
+// ANCHOR_END: controlled_guidance
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::controlnet::{copy_unet_encoder, ControlNetConfig};
+    use crate::nn::unet::UNetConfig;
+    use crate::sampling::guidance::ClassifierFreeGuidance;
+    use tch::{nn::VarStore, Device, Kind};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    /// Outside its window, or at control weight 0, the controlled model is plain CFG bit for bit; inside it a trained
+    /// ControlNet changes ε̃; guess mode leaves ε_∅ alone and controls ε_c only.
+    #[test]
+    fn the_window_the_weight_and_guess_mode_act_as_the_uis_say() {
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(1);
+        tch::manual_seed(2);
+        let (uvs, cvs) = (VarStore::new(Device::Cpu), VarStore::new(Device::Cpu));
+        let unet = UNet::new(uvs.root(), UNetConfig::tiny_cond(6));
+        let control = ControlNet::new(cvs.root(), ControlNetConfig::pixel_space(UNetConfig::tiny_cond(6), 1));
+        copy_unet_encoder(&cvs, &uvs).unwrap();
+        tch::no_grad(|| {
+            for (_, mut v) in cvs.variables() {
+                v.copy_(&(v.randn_like() * 0.1)); // a "trained" ControlNet
+            }
+        });
+        let opts = (Kind::Float, Device::Cpu);
+        let (c, u) = (Tensor::randn([1, 3, 6], opts), Tensor::randn([1, 3, 6], opts));
+        let x = Tensor::randn([2, 1, 16, 16], opts);
+        let hint = Tensor::rand([1, 1, 16, 16], opts);
+        let model = |scale: f64, guess_mode: bool, window: (f64, f64)| ControlledGuidance {
+            unet: &unet,
+            control: &control,
+            cond: Cond::new(c.copy()),
+            uncond: Cond::new(u.copy()),
+            hint: hint.copy(),
+            guidance: 3.0,
+            scale: ControlScale { conditioning_scale: scale, guess_mode },
+            window,
+            num_train_timesteps: 1000,
+        };
+        let plain = ClassifierFreeGuidance::new(&unet, c.copy(), u.copy(), 3.0);
+        let early = Tensor::from_slice(&[999i64, 999]); // progress 0
+        let late = Tensor::from_slice(&[0i64, 0]); // progress 1
+        let plain_early = plain.eps(&x, &early, false);
+        assert!(model(0.0, false, (0.0, 1.0)).eps(&x, &early, false).equal(&plain_early), "weight 0 is plain CFG");
+        assert!(model(1.0, false, (0.5, 1.0)).eps(&x, &early, false).equal(&plain_early), "before the window");
+        assert!(model(1.0, false, (0.0, 0.5)).eps(&x, &late, false).equal(&plain.eps(&x, &late, false)), "after it");
+        assert!(max_diff(&model(1.0, false, (0.0, 1.0)).eps(&x, &early, false), &plain_early) > 1e-4, "inside it");
+        // guess mode: ε_∅ without residuals, ε_c with them
+        let scale = ControlScale { conditioning_scale: 1.0, guess_mode: true };
+        let (cb, ub) = (c.expand([2, 3, 6], false), u.expand([2, 3, 6], false));
+        let r = control.residuals(&x, &early, (Some(&cb), None), &hint.expand([2, 1, 16, 16], false), scale, false);
+        let eps_c = unet.forward_controlled(&x, &early, (Some(&cb), None), &r, false);
+        let eps_u = unet.forward_cond(&x, &early, Some(&ub), None, false);
+        let want = &eps_u + (&eps_c - &eps_u) * 3.0;
+        let got = model(1.0, true, (0.0, 1.0)).eps(&x, &early, false);
+        assert!(max_diff(&got, &want) < 1e-4 * want.abs().max().double_value(&[]), "{}", max_diff(&got, &want));
+        tch::set_num_threads(threads);
+    }
+}
