@@ -72,7 +72,7 @@ struct TrainArgs {
     /// Control weights of the sweep (0: the frozen pipeline, the baseline).
     #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.25, 0.5, 1.0, 1.5], value_parser = positive_or_zero)]
     scales: Vec<f64>,
-    /// Measure the hint-following every this many training steps [default: 50, or 10 with --quick].
+    /// Measure the hint-following every 10 steps up to step 100, then every this many [default: 100].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every: Option<u64>,
     /// The hint the ControlNet learns to follow: the digit's Canny edges, or a coarse mask of where its ink is.
@@ -131,16 +131,12 @@ fn sample_cmd(args: SampleArgs) -> Result<()> {
     ensure!(args.control_start <= args.control_end, "--control-start must not come after --control-end");
     let pipe = TextToImage::load(&dir, device).with_context(|| bundle::no_bundle(&dir, "06", "text-to-image"))?;
     let path = args.controlnet.clone().unwrap_or_else(|| crate_root().join(SHIPPED));
-    let saved: SavedControlNet = checkpoint::load_valid_config(&path)
-        .with_context(|| format!("no ControlNet at {}: make it with ./run.sh lesson 13 --ship", path.display()))?;
-    let mut vs = tch::nn::VarStore::new(device);
-    let control = ControlNet::new(vs.root(), saved.network);
-    checkpoint::load(&mut vs, &path)?;
+    let (_vs, control, kind) = ControlNet::load(&path, device)?;
     // ANCHOR: sample_cmd
     let s = pipe.config.image_size;
     let hint = match (&args.hint, &args.hint_from) {
         (Some(p), _) => read_png_gray(p)?.gt(0.5).to_kind(Kind::Float), // (1, 1, H, W): the edges as given
-        (None, Some(p)) => saved.hint.make(&read_png_gray(p)?)?,        // Canny first, as the annotator (or the mask)
+        (None, Some(p)) => kind.make(&read_png_gray(p)?)?,              // Canny first, as the annotator (or the mask)
         (None, None) => unreachable!("clap requires one of --hint, --hint-from"),
     };
     ensure!(
@@ -171,14 +167,12 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let run = args.common.init("lesson13")?;
     let q = |quick: u64, full: u64| if run.quick { quick } else { full };
     let (steps, m) = (args.steps.unwrap_or(q(20, 800)) as usize, args.train_images.unwrap_or(q(256, 20000) as i64));
-    let (n, every) =
-        (args.num_samples.unwrap_or(q(20, 200) as i64), args.snapshot_every.unwrap_or(q(10, 50)) as usize);
+    let (n, every) = (args.num_samples.unwrap_or(q(20, 200) as i64), args.snapshot_every.unwrap_or(100) as usize);
     ensure!(m >= args.batch, "--train-images ({m}) must be at least --batch ({}): lower --batch", args.batch);
     let data = mnist::load(&run.data_dir).context("lesson 13 trains on MNIST")?;
     let mut pipe = TextToImage::load(&shipped_dir(), run.device)
         .context("lesson 06's shipped pipeline (./run.sh lesson 06 --ship)")?;
     pipe.freeze_unet(); // only the ControlNet trains
-    let pipe = pipe;
     let sched = NoiseSchedule::by_name(&pipe.config.schedule, pipe.config.num_train_timesteps)?;
     let clf = MnistClassifier::load_shipped(Device::Cpu)?;
 
@@ -211,8 +205,10 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let objective = EpsObjective::new(&sched, LossWeight::Uniform, run.device);
     let (log, ckpt) = (StepLog::new(steps as u64, "train", 10), run.path("checkpoint.safetensors"));
     let snap = set.head(n.min(50)); // a quick look at fidelity every `every` steps
-    let (mut by_step, snapshot_at): (Vec<_>, Vec<usize>) =
-        (vec![], (0..steps).step_by(every).chain([steps - 1]).collect());
+                                    // every 10 steps up to 100, where the ControlNet learns fastest, then every `every`
+    let early = (0..steps.min(100)).step_by(10);
+    let snapshot_at: Vec<usize> = early.chain((100..steps).step_by(every)).chain([steps - 1]).collect();
+    let mut by_step = vec![];
     let mut on_snapshot = |step: usize, control: &ControlNet| {
         let s = draw_controlled(&pipe, control, &snap.prompts, &snap.hints, &draw(1.0, false));
         by_step.push((step, s.and_then(|s| grade(&clf, &s, (&snap.asked, &snap.hints), args.hint))));

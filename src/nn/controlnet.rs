@@ -13,6 +13,7 @@
 //! under `controlnet_cond_embedding.{conv_in, blocks.i, conv_out}`, the zero convolutions under
 //! `controlnet_down_blocks.i` and `controlnet_mid_block`.
 //! Notation (code -> paper): encoder -> F(·; Θ_c), hint -> c, hint encoder -> E, zero_convs -> Z(·; Θ_z2).
+use crate::data::hints::HintKind;
 use crate::nn::unet::{Encoded, Residuals, UNetConfig, UNetEncoder};
 use crate::validate::{in_range, list_in, Validate, MAX_WIDTH};
 use anyhow::{ensure, Result};
@@ -54,7 +55,7 @@ impl ControlNetConfig {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SavedControlNet {
     pub network: ControlNetConfig,
-    pub hint: crate::data::hints::HintKind,
+    pub hint: HintKind,
 }
 
 impl Validate for SavedControlNet {
@@ -156,6 +157,19 @@ impl ControlNet {
             encoder,
             config,
         }
+    }
+
+    /// A ControlNet saved by lesson 13 (its [`SavedControlNet`] beside the weights), on `device`, frozen, with the
+    /// kind of hint it reads; the error says how to make one when there is none.
+    pub fn load(path: &std::path::Path, device: tch::Device) -> anyhow::Result<(nn::VarStore, Self, HintKind)> {
+        use anyhow::Context;
+        let saved: SavedControlNet = crate::checkpoint::load_valid_config(path)
+            .with_context(|| format!("no ControlNet at {}: make it with ./run.sh lesson 13 --ship", path.display()))?;
+        let mut vs = nn::VarStore::new(device);
+        let control = Self::new(vs.root(), saved.network);
+        crate::checkpoint::load(&mut vs, path)?;
+        vs.freeze();
+        Ok((vs, control, saved.hint))
     }
 
     // ANCHOR: residuals
