@@ -212,3 +212,33 @@ fn our_pipeline_matches_diffusers_stable_diffusion_pipeline() {
     assert!(dl <= 1e-5, "final latents differ by {dl} of their size");
     assert!(di <= 1e-4, "images differ by {di}");
 }
+
+/// Our Canny against OpenCV's `cv2.Canny(image, 100, 200)` (ControlNet's annotator) on the first 64 MNIST test digits
+/// and four synthetic images: the same edge pixels, all of them.
+#[test]
+fn our_canny_matches_opencv_canny() {
+    let Some(dir) = reference() else { return };
+    let path = dir.join("canny_reference.safetensors");
+    if !path.exists() {
+        println!("skipped: make_reference.py wrote no Canny reference (opencv-python-headless is not installed)");
+        return;
+    }
+    let r = read(&path);
+    let (images, edges) = (&r["images"], &r["edges"]); // (N, 28, 28) uint8 each
+    let (n, h, w) = images.size3().unwrap();
+    let (mut differing, mut total) = (0, 0);
+    for i in 0..n {
+        let pixels = Vec::<u8>::try_from(images.get(i).flatten(0, -1)).unwrap();
+        let gray = scratch_diffusion::data::canny::Gray { height: h as usize, width: w as usize, pixels };
+        let ours = scratch_diffusion::data::canny::canny(&gray, &scratch_diffusion::data::canny::ANNOTATOR);
+        let theirs = Vec::<u8>::try_from(edges.get(i).flatten(0, -1)).unwrap();
+        let diff = ours.pixels.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+        if diff > 0 {
+            println!("image {i}: {diff} pixels differ");
+        }
+        differing += diff;
+        total += theirs.iter().filter(|&&p| p == 255).count();
+    }
+    println!("OpenCV's Canny: {total} edge pixels over {n} images; ours differs in {differing}");
+    assert_eq!(differing, 0, "our Canny differs from OpenCV's in {differing} pixels");
+}

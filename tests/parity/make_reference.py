@@ -20,6 +20,9 @@ inputs, and writes the weights and the outputs as safetensors into the folder gi
     pipeline_reference.safetensors  latents (the starting noise of seeds 7 and 8), final_latents (before the VAE) and
                                 images (the pipeline's output, (2, 64, 64, 3) in [0, 1]) of a 4-step DDIM txt2img
                                 with a negative prompt, w = 7.5
+    canny_reference.safetensors images (N, 28, 28) uint8 — the first 64 MNIST test digits, then synthetic shapes — and
+                                edges: OpenCV's cv2.Canny(image, 100, 200) of each (ControlNet's annotator), when
+                                opencv-python-headless is installed
     versions.txt                torch, diffusers and transformers versions
 
 Run from the venv that provides libtorch, with diffusers installed (./run.sh setup installs it).
@@ -291,7 +294,31 @@ def tokenize_corpus(out: Path) -> None:
     (out / "tokens.json").write_text(json.dumps([{"text": t, "ids": tok.encode(t)} for t in lines]))
 
 
+def canny(out: Path) -> None:
+    """cv2.Canny(image, 100, 200) of MNIST test digits and of synthetic shapes, for tests/parity.rs's Canny parity."""
+    try:
+        import cv2
+        import numpy as np
+    except ImportError:
+        return
+    import gzip
+
+    root = Path(__file__).resolve().parents[2]
+    raw = gzip.open(root / "data/mnist/t10k-images-idx3-ubyte.gz").read()
+    digits = np.frombuffer(raw[16:], dtype=np.uint8).reshape(-1, 28, 28)[:64]
+    shapes = np.zeros((4, 28, 28), dtype=np.uint8)
+    shapes[0, 6:20, 8:22] = 255  # a square
+    yy, xx = np.mgrid[:28, :28]
+    shapes[1][(yy - 13.5) ** 2 + (xx - 13.5) ** 2 <= 64] = 255  # a disc
+    shapes[2, 12, 3:25] = 255  # a line
+    shapes[3] = np.clip(xx * 9 + yy * 4, 0, 255).astype(np.uint8)  # a ramp
+    images = np.concatenate([digits, shapes])
+    edges = np.stack([cv2.Canny(im, 100, 200) for im in images])
+    save_file({"images": torch.from_numpy(images.copy()), "edges": torch.from_numpy(edges)}, str(out / "canny_reference.safetensors"))
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    canny(Path(sys.argv[1]))
     tokenize_corpus(Path(sys.argv[1]))
     pipeline(Path(sys.argv[1]))
