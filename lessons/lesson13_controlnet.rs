@@ -10,7 +10,7 @@
 use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::checkpoint;
-use scratch_diffusion::cli::{crate_root, lesson_main, positive, unit_interval, CommonArgs, StepLog};
+use scratch_diffusion::cli::{crate_root, lesson_main, non_negative, positive, unit_interval, CommonArgs, StepLog};
 use scratch_diffusion::data::captions::CaptionStyle;
 use scratch_diffusion::data::hints::HintKind;
 use scratch_diffusion::data::mnist;
@@ -18,7 +18,7 @@ use scratch_diffusion::data::png::read_png_gray;
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::controlnet::{ControlNet, ControlNetConfig, ControlScale, SavedControlNet};
-use scratch_diffusion::pipelines::text_to_image::{shipped_dir, TextToImage, DEFAULT_GUIDANCE};
+use scratch_diffusion::pipelines::text_to_image::{shipped_dir, TextToImage, DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS};
 use scratch_diffusion::pipelines::{bundle, PromptArgs};
 use scratch_diffusion::studies::controlnet::{self as study, draw_controlled, grade, ControlDraw, EvalSet};
 use scratch_diffusion::studies::guidance_methods::plot_rows;
@@ -70,7 +70,7 @@ struct TrainArgs {
     #[arg(long, value_parser = clap::value_parser!(i64).range(10..=250))]
     num_samples: Option<i64>,
     /// Control weights of the sweep (0: the frozen pipeline, the baseline).
-    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.25, 0.5, 1.0, 1.5], value_parser = positive_or_zero)]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.25, 0.5, 1.0, 1.5], value_parser = non_negative)]
     scales: Vec<f64>,
     /// Measure the hint-following every 10 steps up to step 100, then every this many [default: 100].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -102,7 +102,7 @@ struct SampleArgs {
     #[arg(long)]
     controlnet: Option<std::path::PathBuf>,
     /// Control weight (the UIs' "control weight"): 0 is the frozen pipeline.
-    #[arg(long, default_value_t = 1.0, value_parser = positive_or_zero)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     control_scale: f64,
     /// Guess mode: the ControlNet on the conditional branch only, its skips weighted 0.1 → 1 with depth.
     #[arg(long)]
@@ -112,11 +112,6 @@ struct SampleArgs {
     control_start: f64,
     #[arg(long, default_value_t = 1.0, value_parser = unit_interval)]
     control_end: f64,
-}
-
-fn positive_or_zero(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    (v.is_finite() && (0.0..=10.0).contains(&v)).then_some(v).ok_or_else(|| format!("{v} must lie in [0, 10]"))
 }
 
 fn main() {
@@ -132,6 +127,21 @@ fn sample_cmd(args: SampleArgs) -> Result<()> {
     let pipe = TextToImage::load(&dir, device).with_context(|| bundle::no_bundle(&dir, "06", "text-to-image"))?;
     let path = args.controlnet.clone().unwrap_or_else(|| crate_root().join(SHIPPED));
     let (_vs, control, kind) = ControlNet::load(&path, device)?;
+    ensure!(
+        control.config.unet == pipe.unet.0.config && control.config.hint_channels == 1,
+        "the ControlNet at {} was trained for another UNet than the pipeline in {}: pass the pair that belong together",
+        path.display(),
+        dir.display()
+    );
+    ensure!(
+        args.prompt.negative.is_none(),
+        "lesson13 sample takes no --negative: it guides away from the empty prompt"
+    );
+    ensure!(
+        args.prompt.num <= 250,
+        "--num must be at most 250 for lesson13 sample (one batch), got {}",
+        args.prompt.num
+    );
     // ANCHOR: sample_cmd
     let s = pipe.config.image_size;
     let hint = match (&args.hint, &args.hint_from) {
@@ -193,7 +203,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     // ANCHOR_END: data
     let draw = |scale: f64, guess_mode: bool| ControlDraw {
         guidance: DEFAULT_GUIDANCE,
-        steps: q(5, 20) as usize,
+        steps: if run.quick { 5 } else { DEFAULT_SAMPLE_STEPS },
         seed: run.seed + 1,
         scale: ControlScale { conditioning_scale: scale, guess_mode },
         window: (0.0, 1.0),
@@ -204,8 +214,8 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let cfg = TrainerConfig { seed: run.seed, ..TrainerConfig::mnist_unet(steps, args.batch, args.lr) };
     let objective = EpsObjective::new(&sched, LossWeight::Uniform, run.device);
     let (log, ckpt) = (StepLog::new(steps as u64, "train", 10), run.path("checkpoint.safetensors"));
-    let snap = set.head(n.min(50)); // a quick look at fidelity every `every` steps
-                                    // every 10 steps up to 100, where the ControlNet learns fastest, then every `every`
+    // a quick look at fidelity on 50 of the digits: every 10 steps up to 100, where it learns fastest, then every `every`
+    let snap = set.head(n.min(50));
     let early = (0..steps.min(100)).step_by(10);
     let snapshot_at: Vec<usize> = early.chain((100..steps).step_by(every)).chain([steps - 1]).collect();
     let mut by_step = vec![];

@@ -62,6 +62,8 @@ fn quick_run_trains_measures_and_samples() {
     assert_user_error(&sample(&[]), "--hint");
     assert_user_error(&sample(&["--hint", digit, "--control-start", "0.9", "--control-end", "0.1"]), "--control-start");
     assert_user_error(&sample(&["--hint", "/nonexistent.png"]), "nonexistent");
+    assert_user_error(&sample(&["--hint", digit, "--negative", "a 7"]), "--negative");
+    assert_user_error(&sample(&["--hint", digit, "--num", "300"]), "--num");
 }
 
 #[test]

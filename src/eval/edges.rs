@@ -1,11 +1,12 @@
-//! How well samples follow a spatial hint (lesson 13): for an edge hint, the F1 score of their edge pixels against
-//! the hint's, each pixel counted as matched when the other map has an edge within a tolerance (one pixel, as edge
-//! benchmarks such as BSDS allow, here at MNIST's scale), the same Canny on both sides; for a mask hint, the
-//! intersection over union of the sample's grown ink and the mask.
+//! How well samples follow a spatial hint (lesson 13): for an edge hint, a dilation-based F1 of their edge pixels
+//! against the hint's — a pixel counts as matched when the other map has an edge within Chebyshev distance r (one
+//! pixel here, at MNIST's scale), the same Canny on both sides; for a mask hint, the intersection over union of the
+//! sample's grown ink and the mask.
 //!
 //! [BSDS] Martin, Fowlkes, Malik 2004, "Learning to Detect Natural Image Boundaries Using Local Brightness, Color,
-//! and Texture Cues", IEEE TPAMI 26(5), sec. 5 (precision and recall of boundary pixels with a distance tolerance,
-//! F = 2PR/(P + R)).
+//! and Texture Cues", IEEE TPAMI 26(5), sec. 5: boundary precision and recall with a distance tolerance and
+//! F = 2PR/(P + R). BSDS matches pixels one to one within a Euclidean radius; the dilation here is simpler and a
+//! little more lenient (a predicted pixel may match a target pixel another one also matched).
 use tch::{Kind, Tensor};
 
 /// Edge maps (N, 1, H, W) of 0/1 grown by `tolerance` pixels in every direction (a (2r + 1)² max-pool): the pixels
@@ -17,7 +18,7 @@ fn near(edges: &Tensor, tolerance: i64) -> Tensor {
 
 // ANCHOR: edge_f1
 /// Per-image F1 of `predicted` against `target` edge maps (N, 1, H, W) of 0/1 with a tolerance of `tolerance` pixels
-/// ([BSDS]; lesson 13 uses 1, and 0 for the strict version): precision = share of predicted edge pixels within the
+/// (module docs; lesson 13 uses 1, and 0 for the strict version): precision = share of predicted edge pixels within the
 /// tolerance of a target edge, recall = share of target edge pixels within it of a predicted edge,
 /// F1 = 2PR/(P + R); 1 when both maps are empty, 0 when one is. (N,) f64.
 pub fn edge_f1(predicted: &Tensor, target: &Tensor, tolerance: i64) -> Tensor {

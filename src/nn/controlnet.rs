@@ -163,8 +163,13 @@ impl ControlNet {
     /// kind of hint it reads; the error says how to make one when there is none.
     pub fn load(path: &std::path::Path, device: tch::Device) -> anyhow::Result<(nn::VarStore, Self, HintKind)> {
         use anyhow::Context;
+        anyhow::ensure!(
+            path.exists(),
+            "no ControlNet at {}: make it with ./run.sh lesson 13 --ship, or pass --controlnet FILE",
+            path.display()
+        );
         let saved: SavedControlNet = crate::checkpoint::load_valid_config(path)
-            .with_context(|| format!("no ControlNet at {}: make it with ./run.sh lesson 13 --ship", path.display()))?;
+            .with_context(|| format!("the ControlNet at {}", path.display()))?;
         let mut vs = nn::VarStore::new(device);
         let control = Self::new(vs.root(), saved.network);
         crate::checkpoint::load(&mut vs, path)?;

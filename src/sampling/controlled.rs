@@ -10,12 +10,12 @@
 use crate::model::{Cond, EpsModel};
 use crate::nn::controlnet::{ControlNet, ControlScale};
 use crate::nn::unet::{Residuals, UNet};
+use crate::sampling::guidance::cfg_combine;
 use tch::Tensor;
 
 // ANCHOR: controlled_guidance
-/// ε̃ = ε_∅ + w (ε_c − ε_∅) of a UNet whose skips get a ControlNet's residuals for the hint (batch 1 or B) while the
-/// sampler is inside `window` (fractions of the way from t = T − 1 to t = 0); in guess mode only the conditional
-/// rows get them ([ControlNet] sec. 3.4).
+/// ε̃ = ε_∅ + w (ε_c − ε_∅) of a UNet whose skips get a ControlNet's residuals for the hint (batch 1 or B) at the
+/// sampling steps inside `window`; in guess mode only the conditional rows get them ([ControlNet] sec. 3.4).
 pub struct ControlledGuidance<'a> {
     pub unet: &'a UNet,
     pub control: &'a ControlNet,
@@ -25,17 +25,23 @@ pub struct ControlledGuidance<'a> {
     pub hint: Tensor,
     pub guidance: f64,
     pub scale: ControlScale,
-    /// (start, end) in [0, 1]: the control acts where start ≤ 1 − t/(T − 1) ≤ end.
+    /// (start, end) in [0, 1]: step k of the N sampling steps (k = 0 first) is controlled when k/N ≥ start and
+    /// (k + 1)/N ≤ end (diffusers' `control_guidance_start`/`_end`).
     pub window: (f64, f64),
-    /// T, the UNet's training timesteps.
-    pub num_train_timesteps: usize,
+    /// The timesteps the sampler visits, ascending (the respaced ones of lesson 06's DDPM sampler).
+    pub timesteps: Vec<usize>,
 }
 
 impl ControlledGuidance<'_> {
-    /// Whether the control acts at timestep t (the samplers give every row the same t).
+    /// Whether the control acts at timestep t (the samplers give every row the same t): diffusers'
+    /// `controlnet_keep`, 1 − (k/N < start or (k + 1)/N > end) for step k of N.
     fn active(&self, t: &Tensor) -> bool {
-        let progress = 1.0 - t.double_value(&[0]) / (self.num_train_timesteps - 1) as f64;
-        self.scale.conditioning_scale != 0.0 && self.window.0 <= progress && progress <= self.window.1
+        let t = t.int64_value(&[0]) as usize;
+        let n = self.timesteps.len();
+        let from_top = self.timesteps.iter().rposition(|&s| s <= t).unwrap_or(0); // its place, ascending
+        let k = (n - 1 - from_top) as f64; // the step's index in sampling order
+        let kept = k / n as f64 >= self.window.0 && (k + 1.0) / n as f64 <= self.window.1;
+        self.scale.conditioning_scale != 0.0 && kept
     }
 }
 
@@ -64,9 +70,9 @@ impl EpsModel for ControlledGuidance<'_> {
             };
             self.unet.forward_controlled(&x2, &t2, ctx, &residuals, train)
         };
-        let eps = eps.chunk(2, 0); // (B, C, H, W) each
-                                   // [CFG] eq. 6 with w = 1 + w': ε̃ = ε_∅ + w (ε_c − ε_∅)
-        &eps[0] + (&eps[1] - &eps[0]) * self.guidance
+        // (B, C, H, W) each
+        let eps = eps.chunk(2, 0);
+        cfg_combine(&eps[0], &eps[1], self.guidance) // [CFG] eq. 6: ε̃ = ε_∅ + w (ε_c − ε_∅)
     }
 }
 // ANCHOR_END: controlled_guidance
@@ -112,9 +118,16 @@ mod tests {
             guidance: 3.0,
             scale: ControlScale { conditioning_scale: scale, guess_mode },
             window,
-            num_train_timesteps: 1000,
+            timesteps: (0..1000).collect(),
         };
         let plain = ClassifierFreeGuidance::new(&unet, c.copy(), u.copy(), 3.0);
+        // diffusers' window over 5 steps with end 0.5: steps 0 and 1 controlled (2/5 ≤ 0.5 < 3/5), then not
+        let five = ControlledGuidance { timesteps: vec![0, 250, 500, 750, 999], ..model(1.0, false, (0.0, 0.5)) };
+        let active: Vec<bool> =
+            [999i64, 750, 500, 250, 0].iter().map(|&t| five.active(&Tensor::from_slice(&[t]))).collect();
+        assert_eq!(active, [true, true, false, false, false]);
+        let none = ControlledGuidance { timesteps: vec![0, 250, 500, 750, 999], ..model(1.0, false, (0.4, 0.4)) };
+        assert!([999i64, 750, 500, 250, 0].iter().all(|&t| !none.active(&Tensor::from_slice(&[t]))), "start = end");
         let early = Tensor::from_slice(&[999i64, 999]); // progress 0
         let late = Tensor::from_slice(&[0i64, 0]); // progress 1
         let plain_early = plain.eps(&x, &early, false);

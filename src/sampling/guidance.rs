@@ -59,10 +59,13 @@ impl<M: CondEpsModel + ?Sized> EpsModel for ClassifierFreeGuidance<'_, M> {
         let both = Cond::cat(&[&uncond, &cond]); // (2B, L, D), and the masks (2B, L) when there are any
         let eps = self.model.eps_cond(&x2, &t2, &both, train).chunk(2, 0);
         // (B, C, H, W) each
-        let (eps_uncond, eps_cond) = (&eps[0], &eps[1]);
-        // [CFG] eq. 6 with w = 1 + w': ε̃ = ε_∅ + w (ε_c − ε_∅)
-        eps_uncond + (eps_cond - eps_uncond) * self.scale
+        cfg_combine(&eps[0], &eps[1], self.scale)
     }
+}
+
+/// [CFG] eq. 6 with w = 1 + w': ε̃ = ε_∅ + w (ε_c − ε_∅), from the two branches' predictions.
+pub fn cfg_combine(eps_uncond: &Tensor, eps_cond: &Tensor, w: f64) -> Tensor {
+    eps_uncond + (eps_cond - eps_uncond) * w
 }
 // ANCHOR_END: cfg_eps
 

@@ -44,7 +44,7 @@ pub fn draw_controlled(
     hints: &Tensor,
     draw: &ControlDraw,
 ) -> Result<Tensor> {
-    ensure!((1..=250).contains(&prompts.len()), "give 1 to 250 prompts at once");
+    ensure!((1..=250).contains(&prompts.len()), "give 1 to 250 images at once (--num), got {}", prompts.len());
     let (conds, refused) = pipe.prompts.conds_each(prompts)?;
     if let Some(i) = refused.iter().position(|r| *r) {
         pipe.check_prompt(&prompts[i]).with_context(|| format!("prompt {i}"))?;
@@ -60,7 +60,7 @@ pub fn draw_controlled(
         guidance: draw.guidance,
         scale: draw.scale,
         window: draw.window,
-        num_train_timesteps: sched.num_steps(),
+        timesteps: sched.respaced(draw.steps.min(sched.num_steps())).0, // the steps `sample` takes
     };
     let (p, s) = (prompts.len() as i64, pipe.config.image_size);
     tch::manual_seed(draw.seed as i64);

@@ -33,7 +33,8 @@ impl EpsModel for Controlled<'_> {
         let cond = (Some(&self.cond.context), self.cond.mask.as_ref());
         let full = ControlScale { conditioning_scale: 1.0, guess_mode: false };
         let residuals = self.control.residuals(x_t, t, cond, self.hint, full, train);
-        self.unet.forward_controlled(x_t, t, cond, &residuals, train) // (B, C, H, W)
+        // the frozen UNet runs in eval mode whatever the ControlNet does (dropout, if it had any, stays off)
+        self.unet.forward_controlled(x_t, t, cond, &residuals, false) // (B, C, H, W)
     }
 }
 // ANCHOR_END: controlled
