@@ -7,6 +7,7 @@
 //! give the same 4-step txt2img from the same seeds. The
 //! tests skip, saying why, when Python or a reference is missing (`./run.sh test` installs them into .venv).
 use scratch_diffusion::checkpoint;
+use scratch_diffusion::nn::controlnet::{ControlNet, ControlNetConfig, ControlScale};
 use scratch_diffusion::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use scratch_diffusion::nn::unet::{UNet, UNetConfig};
 use scratch_diffusion::nn::vae::{AutoencoderKl, VaeConfig};
@@ -100,8 +101,18 @@ fn our_autoencoder_matches_diffusers_autoencoder_kl() {
 fn our_unet_matches_diffusers_unet_2d_condition_model() {
     let Some(dir) = reference() else { return };
     tch::set_num_threads(1);
-    // UNET_CONFIG of make_reference.py: CrossAttnDownBlock2D + DownBlock2D, UpBlock2D + CrossAttnUpBlock2D
-    let config = UNetConfig {
+    let mut vs = VarStore::new(Device::Cpu);
+    let unet = UNet::new(vs.root(), reference_unet_config());
+    let r = load_reference(dir, "unet", &mut vs);
+    let eps = tch::no_grad(|| unet.forward_cond(&r["sample"], &r["timestep"], Some(&r["context"]), None, false));
+    let d = max_diff(&eps, &r["eps"]);
+    println!("max |ours − diffusers|: UNet output {d:.2e}");
+    assert!(d <= 1e-4, "UNet output differs by {d}");
+}
+
+/// UNET_CONFIG of make_reference.py: CrossAttnDownBlock2D + DownBlock2D, UpBlock2D + CrossAttnUpBlock2D.
+fn reference_unet_config() -> UNetConfig {
+    UNetConfig {
         in_channels: 4,
         out_channels: 4,
         block_out_channels: vec![64, 128],
@@ -112,14 +123,48 @@ fn our_unet_matches_diffusers_unet_2d_condition_model() {
         cross_attention_dim: Some(32),
         attention_heads: Some(2),
         pooled_context_embedding: false,
+    }
+}
+
+/// Our ControlNet reads diffusers' `ControlNetModel` under its own names (a two-stage hint encoder with stride 2, RGB
+/// hints twice the latent size) and gives the same residuals, at scale 1 and in guess mode at 0.7, and the UNet with
+/// them added gives the same ε̂ as diffusers' with `down_block_additional_residuals`.
+#[test]
+fn our_controlnet_matches_diffusers_controlnet_model() {
+    let Some(dir) = reference() else { return };
+    tch::set_num_threads(1);
+    let mut unet_vs = VarStore::new(Device::Cpu);
+    let unet = UNet::new(unet_vs.root(), reference_unet_config());
+    load_reference(dir, "unet", &mut unet_vs);
+    let config = ControlNetConfig {
+        unet: reference_unet_config(),
+        hint_channels: 3,
+        hint_embedding_channels: vec![16, 32],
+        hint_stride: 2,
     };
     let mut vs = VarStore::new(Device::Cpu);
-    let unet = UNet::new(vs.root(), config);
-    let r = load_reference(dir, "unet", &mut vs);
-    let eps = tch::no_grad(|| unet.forward_cond(&r["sample"], &r["timestep"], Some(&r["context"]), None, false));
-    let d = max_diff(&eps, &r["eps"]);
-    println!("max |ours − diffusers|: UNet output {d:.2e}");
-    assert!(d <= 1e-4, "UNet output differs by {d}");
+    let control = ControlNet::new(vs.root(), config);
+    let r = load_reference(dir, "controlnet", &mut vs);
+    let cond = (Some(&r["context"]), None);
+    for (prefix, scale) in [("", 1.0, false), ("guess_", 0.7, true)]
+        .map(|(p, s, g)| (p, ControlScale { conditioning_scale: s, guess_mode: g }))
+    {
+        let res = tch::no_grad(|| control.residuals(&r["sample"], &r["timestep"], cond, &r["hint"], scale, false));
+        for (i, d) in res.down.iter().enumerate() {
+            let want = &r[&format!("{prefix}down_{i}")];
+            let diff = max_diff(d, want) / want.abs().max().double_value(&[]).max(1e-6);
+            assert!(diff <= 1e-5, "{prefix}down_{i} differs by {diff} of its size");
+        }
+        let want = &r[&format!("{prefix}mid")];
+        let diff = max_diff(&res.mid, want) / want.abs().max().double_value(&[]).max(1e-6);
+        assert!(diff <= 1e-5, "{prefix}mid differs by {diff} of its size");
+        if prefix.is_empty() {
+            let eps = tch::no_grad(|| unet.forward_controlled(&r["sample"], &r["timestep"], cond, &res, false));
+            let d = max_diff(&eps, &r["eps_controlled"]);
+            println!("max |ours − diffusers|: controlled UNet output {d:.2e}, {} residuals", res.down.len());
+            assert!(d <= 1e-4, "the controlled UNet's output differs by {d}");
+        }
+    }
 }
 
 #[test]

@@ -20,6 +20,9 @@ inputs, and writes the weights and the outputs as safetensors into the folder gi
     pipeline_reference.safetensors  latents (the starting noise of seeds 7 and 8), final_latents (before the VAE) and
                                 images (the pipeline's output, (2, 64, 64, 3) in [0, 1]) of a 4-step DDIM txt2img
                                 with a negative prompt, w = 7.5
+    controlnet.safetensors      diffusers' ControlNetModel (from the UNet, then randomised), under its own names
+    controlnet_reference.safetensors  the UNet's inputs, hint, the residuals (down_i, mid; guess_down_i, guess_mid at
+                                scale 0.7 in guess mode) and eps_controlled (the UNet with the first residuals added)
     canny_reference.safetensors images (N, 28, 28) uint8 — the first 64 MNIST test digits, then synthetic shapes — and
                                 edges: OpenCV's cv2.Canny(image, 100, 200) of each (ControlNet's annotator), when
                                 opencv-python-headless is installed
@@ -121,6 +124,7 @@ def main(out: Path) -> None:
     with torch.no_grad():
         eps = unet(sample, timestep, encoder_hidden_states=context).sample
     save(out, "unet", unet, {"sample": sample, "timestep": timestep, "context": context, "eps": eps})
+    controlnet(out, unet, {"sample": sample, "timestep": timestep, "context": context})
     text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
     randomize(text, 5)
     ids = torch.randint(0, 99, (2, 16), generator=torch.Generator().manual_seed(6))
@@ -292,6 +296,30 @@ def tokenize_corpus(out: Path) -> None:
         return
     lines = (ROOT / "tests/parity/tokenizer_corpus.txt").read_text(encoding="utf-8").splitlines()
     (out / "tokens.json").write_text(json.dumps([{"text": t, "ids": tok.encode(t)} for t in lines]))
+
+
+def controlnet(out: Path, unet, inputs: dict) -> None:
+    """ControlNetModel.from_unet(unet) with a two-stage hint encoder (16, 32: one stride-2 stage, a hint twice the
+    latent size), every parameter then randomised (the zero convolutions too, or the residuals would be 0); its
+    residuals at conditioning scale 1 and in guess mode at 0.7, and the UNet's output with the first ones added."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    randomize(net, 7)
+    hint = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    sample, timestep, context = inputs["sample"], inputs["timestep"], inputs["context"]
+    reference = {"hint": hint, **inputs}
+    with torch.no_grad():
+        for prefix, scale, guess in (("", 1.0, False), ("guess_", 0.7, True)):
+            down, mid = net(sample, timestep, encoder_hidden_states=context, controlnet_cond=hint,
+                            conditioning_scale=scale, guess_mode=guess, return_dict=False)
+            reference.update({f"{prefix}down_{i}": d for i, d in enumerate(down)})
+            reference[f"{prefix}mid"] = mid
+            if not guess:
+                reference["eps_controlled"] = unet(sample, timestep, encoder_hidden_states=context,
+                                                   down_block_additional_residuals=down,
+                                                   mid_block_additional_residual=mid).sample
+    save(out, "controlnet", net, reference)
 
 
 def canny(out: Path) -> None:
