@@ -283,13 +283,25 @@ fn attention_block(p: nn::Path, c: i64, config: &UNetConfig, root_depth: usize) 
     }
 }
 
+/// The parts of the way down made first: the down levels and the middle block (see [`UNetEncoder::new`]).
+type Trunk = (Vec<Level>, [ResBlock; 2], Attention);
+
 impl UNetEncoder {
+    /// Builds the way down on `vs`: the down levels and the middle block first, then the time embedding, the
+    /// pooled-context projection and conv_in.
     pub fn new(vs: &nn::Path, config: UNetConfig) -> Self {
+        let trunk = Self::trunk(vs, &config);
+        Self::finish(vs, config, trunk)
+    }
+
+    /// The down levels and the middle block. [`UNet::new`] builds its up path between this and [`Self::finish`]:
+    /// the random initialisation draws the variables in creation order, and this keeps the order every run of
+    /// lessons 04–08 has used, so a seed still gives the same weights.
+    fn trunk(vs: &nn::Path, config: &UNetConfig) -> Trunk {
         let ch = &config.block_out_channels;
         let n = ch.len();
         assert!(n >= 1 && config.attention.len() == n, "one attention flag per level");
         let (c0, emb, drop) = (ch[0], config.emb_dim(), config.dropout);
-        let pad = nn::ConvConfig { padding: 1, ..Default::default() };
         let root_depth = vs.components().count();
         // ANCHOR: unet_down
         let mut down = Vec::new();
@@ -301,7 +313,7 @@ impl UNetEncoder {
                 .collect();
             let attentions = if config.attention[i] {
                 (0..config.layers_per_block)
-                    .map(|j| attention_block(&p / "attentions" / j, c, &config, root_depth))
+                    .map(|j| attention_block(&p / "attentions" / j, c, config, root_depth))
                     .collect()
             } else {
                 vec![]
@@ -313,6 +325,18 @@ impl UNetEncoder {
         // ANCHOR_END: unet_down
         let c_last = ch[n - 1];
         let m = vs / "mid_block";
+        let mid_resnets = [
+            ResBlock::new(&m / "resnets" / 0, c_last, c_last, emb, drop),
+            ResBlock::new(&m / "resnets" / 1, c_last, c_last, emb, drop),
+        ];
+        let mid_attention = attention_block(&m / "attentions" / 0, c_last, config, root_depth);
+        (down, mid_resnets, mid_attention)
+    }
+
+    /// The time embedding, the pooled-context projection and conv_in, around a [`Self::trunk`].
+    fn finish(vs: &nn::Path, config: UNetConfig, (down, mid_resnets, mid_attention): Trunk) -> Self {
+        let (c0, emb) = (config.block_out_channels[0], config.emb_dim());
+        let pad = nn::ConvConfig { padding: 1, ..Default::default() };
         Self {
             time_linear_1: nn::linear(vs / "time_embedding" / "linear_1", c0, emb, Default::default()),
             time_linear_2: nn::linear(vs / "time_embedding" / "linear_2", emb, emb, Default::default()),
@@ -326,11 +350,8 @@ impl UNetEncoder {
             },
             conv_in: nn::conv2d(vs / "conv_in", config.in_channels, c0, 3, pad),
             down,
-            mid_resnets: [
-                ResBlock::new(&m / "resnets" / 0, c_last, c_last, emb, drop),
-                ResBlock::new(&m / "resnets" / 1, c_last, c_last, emb, drop),
-            ],
-            mid_attention: attention_block(&m / "attentions" / 0, c_last, &config, root_depth),
+            mid_resnets,
+            mid_attention,
             config,
         }
     }
@@ -420,7 +441,7 @@ impl UNet {
         let (c0, emb, drop) = (ch[0], config.emb_dim(), config.dropout);
         let pad = nn::ConvConfig { padding: 1, ..Default::default() };
         let root_depth = vs.components().count();
-        let encoder = UNetEncoder::new(&vs, config.clone());
+        let trunk = UNetEncoder::trunk(&vs, &config);
         // ANCHOR: unet_up
         // Up level r mirrors down level i = n−1−r. Its resnet j takes the running features plus one skip: the skip is
         // a resnet output of level i (c_i channels), except the last one, which is the downsampler output of level i−1
@@ -450,6 +471,7 @@ impl UNet {
             c_run = c;
         }
         // ANCHOR_END: unet_up
+        let encoder = UNetEncoder::finish(&vs, config.clone(), trunk);
         Self {
             encoder,
             up,
