@@ -165,6 +165,17 @@ fn our_controlnet_matches_diffusers_controlnet_model() {
             assert!(d <= 1e-4, "the controlled UNet's output differs by {d}");
         }
     }
+    // the same network from its diffusers folder, config.json read into our config
+    let (_fvs, folder) =
+        scratch_diffusion::sd::weights::load_controlnet_diffusers(&dir.join("controlnet-diffusers"), Device::Cpu)
+            .unwrap_or_else(|e| panic!("the save_pretrained folder loads: {e:#}"));
+    // config.json reads as the network the test built (head_dim is unused where the number of heads is given)
+    let unet = UNetConfig { head_dim: control.config.unet.head_dim, ..folder.config.unet.clone() };
+    assert_eq!(ControlNetConfig { unet, ..folder.config.clone() }, control.config);
+    let scale = ControlScale { conditioning_scale: 1.0, guess_mode: false };
+    let a = tch::no_grad(|| folder.residuals(&r["sample"], &r["timestep"], cond, &r["hint"], scale, false));
+    let b = tch::no_grad(|| control.residuals(&r["sample"], &r["timestep"], cond, &r["hint"], scale, false));
+    assert!(a.mid.equal(&b.mid) && a.down.iter().zip(&b.down).all(|(x, y)| x.equal(y)));
 }
 
 #[test]

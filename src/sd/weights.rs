@@ -5,6 +5,7 @@
 //! Loading is strict: every tensor of our model must be in the file with its shape; a missing tensor, a wrong shape
 //! (an SD 2.x or SDXL file, whose context is 1024 or 2048 wide), a damaged file or a pickle each stop with a message
 //! that names the file and the tensor. Tensors are converted to the model's dtype one at a time as they are read.
+use crate::nn::controlnet::{ControlNet, ControlNetConfig};
 use crate::nn::layers::channels_last;
 use crate::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use crate::nn::unet::{UNet, UNetConfig};
@@ -360,6 +361,46 @@ fn unet_config(v: &Value) -> Result<UNetConfig> {
     })
 }
 
+/// diffusers' ControlNetModel config -> ours: the UNet fields it shares with UNet2DConditionModel (its way down and
+/// middle block), the hint's channels and its encoder's widths; the encoder's stride is diffusers' fixed 2.
+fn controlnet_config(v: &Value) -> Result<ControlNetConfig> {
+    ensure!(
+        v["controlnet_conditioning_channel_order"].as_str().unwrap_or("rgb") == "rgb",
+        "controlnet_conditioning_channel_order is not \"rgb\": give the hint in the order the file expects"
+    );
+    let mut unet_fields = v.clone();
+    unet_fields["out_channels"] = v["in_channels"].clone(); // a ControlNet has no output convolution
+    let channels = match &v["conditioning_embedding_out_channels"] {
+        Value::Null => vec![16, 32, 96, 256], // diffusers' default
+        _ => get_list(v, "conditioning_embedding_out_channels")?,
+    };
+    let config = ControlNetConfig {
+        unet: unet_config(&unet_fields)?,
+        hint_channels: v["conditioning_channels"].as_i64().unwrap_or(3),
+        hint_embedding_channels: channels,
+        hint_stride: 2,
+    };
+    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(config)
+}
+
+/// A diffusers `ControlNetModel` folder (`config.json` + `diffusion_pytorch_model[.fp16].safetensors`, as
+/// `save_pretrained` writes it and as ControlNets for SD 1.5 are published), strictly: every tensor under its own name
+/// and shape. Returns the frozen VarStore and the network.
+pub fn load_controlnet_diffusers(dir: &Path, device: Device) -> Result<(VarStore, ControlNet)> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{} not found: a diffusers ControlNet folder has config.json", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let config = controlnet_config(&v).with_context(|| format!("{}", path.display()))?;
+    let mut vs = VarStore::new(device);
+    let control = ControlNet::new(vs.root(), config);
+    let mut file = SafetensorsFile::open(&weights_file(dir, "", "diffusion_pytorch_model")?)?;
+    load_strict(&mut vs, &mut file, &|name| vec![name.to_string()], &|_| false)?;
+    vs.freeze();
+    Ok((vs, control))
+}
+
 fn vae_config(v: &Value) -> Result<VaeConfig> {
     Ok(VaeConfig {
         in_channels: get_i64(v, "in_channels")?,
@@ -415,6 +456,27 @@ mod tests {
             }
         }
         assert_eq!(counts, [4 + 16 * 2, 686, 248]);
+    }
+
+    /// SD 1.5's ControlNet config (lllyasviel/control_v11p_sd15_canny's config.json, the fields that matter) reads as
+    /// SD 1.5's UNet trunk with the (16, 32, 96, 256) hint encoder; a BGR one and a missing folder are refused by name.
+    #[test]
+    fn sd15_controlnet_configs_read_and_bad_ones_are_refused() {
+        let v: Value = serde_json::json!({
+            "_class_name": "ControlNetModel", "in_channels": 4, "conditioning_channels": 3,
+            "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "cross_attention_dim": 768,
+            "attention_head_dim": 8, "norm_num_groups": 32, "controlnet_conditioning_channel_order": "rgb",
+            "conditioning_embedding_out_channels": [16, 32, 96, 256],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+        });
+        let c = controlnet_config(&v).unwrap();
+        assert_eq!(c.unet, UNetConfig::sd15());
+        assert_eq!((c.hint_channels, c.hint_embedding_channels.clone(), c.hint_stride), (3, vec![16, 32, 96, 256], 2));
+        let mut bgr = v.clone();
+        bgr["controlnet_conditioning_channel_order"] = "bgr".into();
+        assert!(controlnet_config(&bgr).unwrap_err().to_string().contains("channel_order"));
+        let err = load_controlnet_diffusers(Path::new("/nonexistent/cn"), Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("config.json"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ inputs, and writes the weights and the outputs as safetensors into the folder gi
                                 images (the pipeline's output, (2, 64, 64, 3) in [0, 1]) of a 4-step DDIM txt2img
                                 with a negative prompt, w = 7.5
     controlnet.safetensors      diffusers' ControlNetModel (from the UNet, then randomised), under its own names
+    controlnet-diffusers/       the same ControlNet as save_pretrained writes it (config.json, safetensors)
     controlnet_reference.safetensors  the UNet's inputs, hint, the residuals (down_i, mid; guess_down_i, guess_mid at
                                 scale 0.7 in guess mode) and eps_controlled (the UNet with the first residuals added)
     canny_reference.safetensors images (N, 28, 28) uint8 — the first 64 MNIST test digits, then synthetic shapes — and
@@ -320,6 +321,7 @@ def controlnet(out: Path, unet, inputs: dict) -> None:
                                                    down_block_additional_residuals=down,
                                                    mid_block_additional_residual=mid).sample
     save(out, "controlnet", net, reference)
+    net.save_pretrained(out / "controlnet-diffusers")  # the folder layout ControlNets for SD 1.5 are published in
 
 
 def canny(out: Path) -> None:
