@@ -63,6 +63,13 @@ fn quick_run_trains_measures_and_samples() {
     assert_user_error(&sample(&["--hint", digit, "--control-start", "0.9", "--control-end", "0.1"]), "--control-start");
     assert_user_error(&sample(&["--hint", "/nonexistent.png"]), "nonexistent");
     assert_user_error(&sample(&["--hint", digit, "--negative", "a 7"]), "--negative");
+    let small = dir.path().join("small.png");
+    scratch_diffusion::data::png::write_png_gray(
+        &small,
+        &tch::Tensor::zeros([1, 20, 20], (tch::Kind::Float, tch::Device::Cpu)),
+    )
+    .unwrap();
+    assert_user_error(&sample(&["--hint", small.to_str().unwrap()]), "give a 28×28 PNG");
     assert_user_error(&sample(&["--hint", digit, "--num", "300"]), "--num");
 }
 

@@ -45,6 +45,19 @@ pub fn draw_controlled(
     draw: &ControlDraw,
 ) -> Result<Tensor> {
     ensure!((1..=250).contains(&prompts.len()), "give 1 to 250 images at once (--num), got {}", prompts.len());
+    let c = &control.config;
+    ensure!(
+        c.unet == pipe.unet.0.config,
+        "this ControlNet was trained for another UNet than the pipeline's: pass a ControlNet and a pipeline that belong together"
+    );
+    // the hint encoder's stride-s stages shrink the hint to the UNet's input size
+    let side = pipe.config.image_size * c.hint_stride.pow(c.hint_embedding_channels.len() as u32 - 1);
+    let size = hints.size();
+    ensure!(
+        size.len() == 4 && size[1] == c.hint_channels && size[2..] == [side, side],
+        "the hint is {size:?}, this ControlNet reads ({}, {side}, {side}) hints: give a {side}×{side} PNG",
+        c.hint_channels
+    );
     let (conds, refused) = pipe.prompts.conds_each(prompts)?;
     if let Some(i) = refused.iter().position(|r| *r) {
         pipe.check_prompt(&prompts[i]).with_context(|| format!("prompt {i}"))?;
