@@ -10,7 +10,7 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use scratch_diffusion::cli::{finite, positive, unit_interval, CommonArgs, StepLog};
-use scratch_diffusion::data::captions::{held_out_prompts, CaptionStyle};
+use scratch_diffusion::data::captions::{held_out_prompt_per_row, held_out_prompts, CaptionStyle};
 use scratch_diffusion::data::{mnist, to_unit};
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::clip::digit_prompts;
@@ -185,13 +185,7 @@ fn run(args: Args) -> Result<()> {
     };
     let alg1_rows = sweep("classifier, Alg. 1 (DDPM)", &args.algorithm1_scales, &mut draw, &grading, &mut tiles);
     // CLIP guidance of the same UNet, towards held-out prompts (phrasings no caption had), one per sample
-    let prompts: Vec<String> = (0..labels.size()[0])
-        .map(|i| {
-            let d = grading.requested.int64_value(&[i]);
-            let p = held_out_prompts(d, usize::MAX);
-            p[i as usize % p.len()].clone()
-        })
-        .collect();
+    let prompts = held_out_prompt_per_row(&Vec::<i64>::try_from(&grading.requested)?);
     let guide =
         ClipGuide { clip: &clip, text: clip.encode_text(&study::pooled_prompt_states(&pipe.prompts, &prompts)?) };
     let mut draw = |s| ddim_samples(&GradientGuidance::new(&unet, &guide, &sched, s), &sched, &z, sample_steps);

@@ -616,6 +616,19 @@ pub fn held_out_prompts(digit: i64, templates: usize) -> Vec<String> {
     held_out_templates().into_iter().take(templates).flat_map(|t| fill_template(t, digit)).collect()
 }
 
+/// One held-out prompt per row for the digits `digits`: row i asks for its digit with phrasing i (cycling through
+/// that digit's [`held_out_prompts`]), so a batch of samples is asked for the way people type, with many phrasings.
+pub fn held_out_prompt_per_row(digits: &[i64]) -> Vec<String> {
+    digits
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            let p = held_out_prompts(d, usize::MAX);
+            p[i % p.len()].clone()
+        })
+        .collect()
+}
+
 /// The held-out attribute phrasings (`data/prompts/held_out_attributes.txt`, compiled in), never written by [`caption`].
 const HELD_OUT_ATTRIBUTES: &str = include_str!("../../data/prompts/held_out_attributes.txt");
 

@@ -5,7 +5,7 @@
 //! [ControlNet] Zhang, Rao, Agrawala 2023, arXiv:2302.05543, sec. 4.3 (the conditioning scale) and Fig. 4 ("sudden
 //! convergence": the model starts following the hint abruptly during training).
 use crate::cli::markdown_table;
-use crate::data::captions::held_out_prompts;
+use crate::data::captions::held_out_prompt_per_row;
 use crate::data::hints::HintKind;
 use crate::data::to_unit;
 use crate::diffusion::schedule::NoiseSchedule;
@@ -132,14 +132,9 @@ pub struct EvalSet {
     pub wrong: Vec<String>,
 }
 
-/// One held-out phrasing per row for the digits `digits` (N,), cycling through the phrasings.
-fn phrasings(digits: &Tensor) -> Vec<String> {
-    (0..digits.size()[0])
-        .map(|i| {
-            let p = held_out_prompts(digits.int64_value(&[i]), usize::MAX);
-            p[i as usize % p.len()].clone()
-        })
-        .collect()
+/// [`held_out_prompt_per_row`] for digits (N,) i64.
+fn phrasings(digits: &Tensor) -> Result<Vec<String>> {
+    Ok(held_out_prompt_per_row(&Vec::<i64>::try_from(digits)?))
 }
 
 impl EvalSet {
@@ -149,8 +144,8 @@ impl EvalSet {
         let other = (&asked + 5).remainder(10); // (N,)
         Ok(Self {
             hints: kind.make(&images)?,
-            prompts: phrasings(&asked),
-            wrong: phrasings(&other),
+            prompts: phrasings(&asked)?,
+            wrong: phrasings(&other)?,
             images,
             asked,
             other,
