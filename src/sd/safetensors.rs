@@ -36,6 +36,8 @@ pub struct SafetensorsFile {
     file: File,
     data_start: u64,
     entries: BTreeMap<String, Entry>,
+    /// The header's `__metadata__` (string to string; LoRA trainers keep their settings there).
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// safetensors dtype -> (kind, bytes per element); None for dtypes weights never use.
@@ -78,8 +80,11 @@ impl SafetensorsFile {
         let obj = json.as_object().ok_or_else(|| damaged("its header is not a JSON object".into()))?;
         let data_len = size - 8 - header_len;
         let mut entries = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
         for (name, v) in obj {
             if name == "__metadata__" {
+                let pairs = v.as_object().into_iter().flatten();
+                metadata.extend(pairs.filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))));
                 continue;
             }
             let bad = |what: &str| damaged(format!("tensor '{name}': {what}"));
@@ -128,7 +133,7 @@ impl SafetensorsFile {
                 "its tensors cover {covered} of the {data_len} data bytes: the header leaves holes or trailing bytes"
             ))
         );
-        Ok(Self { path: path.to_path_buf(), file, data_start: 8 + header_len, entries })
+        Ok(Self { path: path.to_path_buf(), file, data_start: 8 + header_len, entries, metadata })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -145,6 +150,16 @@ impl SafetensorsFile {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The SHA-256 of the data section (everything after the header), hex: kohya's and the web UI's "addnet hash"
+    /// of LoRA files, which does not change when only the metadata does.
+    pub fn data_sha256(&mut self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        self.file.seek(SeekFrom::Start(self.data_start))?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut self.file, &mut hasher).with_context(|| format!("cannot read {}", self.path.display()))?;
+        Ok(format!("{:x}", hasher.finalize()))
     }
 
     /// Reads tensor `name` (on the CPU, in the file's dtype).
