@@ -215,11 +215,24 @@ impl TextEncoder {
     /// token (a query must keep at least one visible key: with the causal mask, position 0 must be real)
     /// -> (B, L, D), the last hidden state after final_layer_norm.
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Tensor {
+        self.forward_with_extra_tokens(ids, mask, None)
+    }
+
+    /// [`Self::forward`] where ids ≥ vocab_size read row (id − vocab_size) of `extra` (E, D): new tokens, such as a
+    /// textual-inversion embedding's vectors, without touching the table.
+    pub fn forward_with_extra_tokens(&self, ids: &Tensor, mask: Option<&Tensor>, extra: Option<&Tensor>) -> Tensor {
         // ANCHOR: text_encoder_forward
         let (_, l) = ids.size2().expect("ids (B, L)");
         assert!(l <= self.config.max_position_embeddings, "{l} tokens > {}", self.config.max_position_embeddings);
         let positions = Tensor::arange(l, (Kind::Int64, ids.device())); // (L,)
-        let mut h = self.token_embedding.forward(ids) + self.position_embedding.forward(&positions); // (B, L, D)
+        let tokens = match extra {
+            None => self.token_embedding.forward(ids),
+            Some(extra) => {
+                let table = Tensor::cat(&[&self.token_embedding.ws, &extra.to_kind(self.token_embedding.ws.kind())], 0);
+                Tensor::embedding(&table, ids, -1, false, false) // (B, L, D)
+            }
+        };
+        let mut h = tokens + self.position_embedding.forward(&positions); // (B, L, D)
         let causal = self.config.causal.then(|| causal_mask(l, ids.device())); // (1, 1, L, L)
         let padding = mask.map(key_padding_mask); // (B, 1, 1, L)
         let attn_mask = match (causal, padding) {

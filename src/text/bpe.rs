@@ -257,9 +257,14 @@ impl Bpe {
     /// `<|startoftext|>` + tokens + `<|endoftext|>`, cut to `context_len` keeping the end token last, then padded
     /// with `<|endoftext|>` ([CLIP] `clip.tokenize(truncate=True)`, padding as SD 1.x).
     pub fn encode_padded(&self, text: &str, context_len: usize) -> Encoded {
+        self.pad(self.encode(text), context_len)
+    }
+
+    /// [`Self::encode_padded`] of tokens already made (`tokens` without start and end).
+    pub fn pad(&self, tokens: Vec<i64>, context_len: usize) -> Encoded {
         assert!(context_len >= 2, "context_len {context_len} leaves no room for the start and end tokens");
         let mut ids = vec![self.start_id()];
-        ids.extend(self.encode(text));
+        ids.extend(tokens);
         ids.push(self.end_id());
         let truncated = ids.len() > context_len;
         if truncated {
