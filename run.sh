@@ -21,6 +21,7 @@ TRANSFORMERS_VERSION=5.24.0
 FTFY_VERSION=6.3.1            # OpenAI's tokenizer, from the clip-anytorch wheel, needs ftfy
 CLIP_ANYTORCH_VERSION=2.6.0
 OPENCV_VERSION=5.1.0.95       # cv2.Canny, the reference of lesson 13's Canny (tests/parity.rs)
+PEFT_VERSION=0.21.2           # diffusers' LoRA loading (load_lora_weights), the reference of sd::lora
 VENV=${SCRATCH_DIFFUSION_VENV:-.venv}
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -69,14 +70,14 @@ case "$cmd" in
     exec "./target/release/lesson$n" "$@" ;;
   test)
     setup
-    if ! "$VENV/bin/python" -c "import diffusers, transformers, ftfy, cv2, importlib.util as u; assert u.find_spec('clip')" \
+    if ! "$VENV/bin/python" -c "import diffusers, transformers, ftfy, cv2, peft, importlib.util as u; assert u.find_spec('clip')" \
       >/dev/null 2>&1; then
       # the reference implementations of the parity tests (tests/parity.rs); only the tests need them. clip-anytorch
       # comes without its dependencies: the tests read only its simple_tokenizer.py
       "$VENV/bin/pip" install --disable-pip-version-check -q "diffusers==$DIFFUSERS_VERSION" \
-        "transformers==$TRANSFORMERS_VERSION" "ftfy==$FTFY_VERSION" "opencv-python-headless==$OPENCV_VERSION" \
+        "transformers==$TRANSFORMERS_VERSION" "ftfy==$FTFY_VERSION" "opencv-python-headless==$OPENCV_VERSION" "peft==$PEFT_VERSION" \
         && "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps "clip-anytorch==$CLIP_ANYTORCH_VERSION" \
-        || die "pip could not install the parity tests' references (diffusers, transformers, ftfy, opencv, clip-anytorch): check the network"
+        || die "pip could not install the parity tests' references (diffusers, transformers, ftfy, opencv, peft, clip-anytorch): check the network"
     fi
     # the harness runs several tests (and lesson processes) at once: idle OpenMP threads should sleep, not spin
     export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::cli::{lesson_main, markdown_table, Run};
 use scratch_diffusion::data::png::{read_png_rgb, read_png_text};
 use scratch_diffusion::model::{sigmas_of_schedule, timestep_of_sigma};
-use scratch_diffusion::pipelines::stable_diffusion::{DrawArgs, GenerateParams, StableDiffusion};
+use scratch_diffusion::pipelines::stable_diffusion::{DrawArgs, GenerateParams, Posterior, StableDiffusion};
 use scratch_diffusion::sampling::SamplerStep;
 use scratch_diffusion::sd::weights::kind_of_dtype;
 use scratch_diffusion::sd::{SdConfig, SdModels};
@@ -116,7 +116,9 @@ fn draw(args: DrawArgs, edit: Option<(PathBuf, f64)>) -> Result<()> {
     };
     let generated = match &edit {
         None => sd.txt2img(&p, &mut on_step, &mut save)?,
-        Some((image, strength)) => sd.img2img(&read_png_rgb(image)?, *strength, &p, &mut on_step, &mut save)?,
+        Some((image, strength)) => {
+            sd.img2img(&read_png_rgb(image)?, *strength, Posterior::Sample, &p, &mut on_step, &mut save)?
+        }
     };
     for w in &generated.warnings {
         println!("warning: {w}");
@@ -154,8 +156,8 @@ fn tour(args: TourArgs) -> Result<()> {
 
     // 2. Text states τ(y): (1, 77, D) for the prompt and for the negative prompt (∅ = "").
     let t0 = Instant::now();
-    let (cond, _) = sd.encode_prompt(&p.prompt);
-    let (uncond, _) = sd.encode_prompt(&p.negative_prompt);
+    let (cond, _) = sd.encode_prompt(&p.prompt)?;
+    let (uncond, _) = sd.encode_prompt(&p.negative_prompt)?;
     println!(
         "2. text encoder: {:?} per prompt, std {:.3} ({:.3} s for both)",
         cond.size(),

@@ -298,3 +298,135 @@ fn our_canny_matches_opencv_canny() {
     println!("OpenCV's Canny: {total} edge pixels over {n} images; ours differs in {differing}");
     assert_eq!(differing, 0, "our Canny differs from OpenCV's in {differing} pixels");
 }
+
+/// make_reference.py's `sd_files`: the files SD 1.5 users download, made for tiny-sd with random values, and
+/// diffusers' outputs with them. None (and a message) when the reference has no pipeline.
+fn sd_files() -> Option<(&'static Path, HashMap<String, Tensor>)> {
+    let dir = reference()?;
+    let path = dir.join("sd_files_reference.safetensors");
+    if !path.exists() {
+        println!("skipped: clip-anytorch is not installed, so the reference pipeline has no tokenizer");
+        return None;
+    }
+    tch::set_num_threads(1);
+    Some((dir, read(&path)))
+}
+
+/// max |a − b| / max |b|.
+fn relative(a: &Tensor, b: &Tensor) -> f64 {
+    max_diff(a, b) / b.abs().max().double_value(&[])
+}
+
+const PROMPT: &str = "a photo of an astronaut riding a horse on mars, 4k";
+const NEGATIVE: &str = "blurry, low quality";
+
+/// make_reference.py's 4-step DDIM settings (SEED 7, w = 7.5, 64²).
+fn reference_params() -> scratch_diffusion::pipelines::stable_diffusion::GenerateParams {
+    use scratch_diffusion::pipelines::stable_diffusion::{GenerateParams, SdSampler};
+    GenerateParams {
+        negative_prompt: NEGATIVE.into(),
+        steps: 4,
+        cfg_scale: 7.5,
+        seed: 7,
+        width: 64,
+        height: 64,
+        sampler: SdSampler::Ddim,
+        batch: 1,
+        ..GenerateParams::new(PROMPT)
+    }
+}
+
+/// A kohya-layout LoRA with LoCon convolutions (3×3 resnet convs, a shortcut, the time projection, down- and
+/// upsamplers, the 1×1 proj_in/proj_out) on the UNet and the text encoder, loaded by diffusers' `load_lora_weights`
+/// and fused at 0.5 (text encoder) and 0.8 (UNet); and the same LoRA as diffusers saves it (PEFT keys, α in the
+/// metadata). Ours merges either file: the same text states and UNet output.
+#[test]
+fn kohya_and_peft_loras_match_diffusers_fused_lora() {
+    use scratch_diffusion::pipelines::stable_diffusion::StableDiffusion;
+    use scratch_diffusion::sd::lora::{LoraFile, LoraFormat, LoraUse};
+    let Some((dir, r)) = sd_files() else { return };
+    if !r.contains_key("lora_states") {
+        println!("skipped: peft is not installed, so diffusers loads no LoRA (./run.sh test installs it)");
+        return;
+    }
+    for (file, format) in [
+        (dir.join("lora_kohya.safetensors"), LoraFormat::Kohya),
+        (dir.join("lora-peft/pytorch_lora_weights.safetensors"), LoraFormat::Peft),
+    ] {
+        let mut sd = StableDiffusion::load(&dir.join("tiny-sd"), Device::Cpu).unwrap();
+        let (base, _) = sd.encode_prompt(PROMPT).unwrap();
+        assert!(relative(&base, &r["lora_states"]) > 1e-3, "the text encoder's LoRA changes its states");
+        let lora = LoraFile::open(&file, &sd.models).unwrap();
+        assert_eq!((lora.format, lora.modules.len()), (format, 15), "{}", file.display());
+        sd.add_loras(&[LoraUse { path: file.clone(), te: 0.5, unet: 0.8 }], &[], None).unwrap();
+        let (states, _) = sd.encode_prompt(PROMPT).unwrap();
+        let eps = tch::no_grad(|| {
+            sd.models.unet.forward_cond(&r["sample"], &r["timestep"], Some(&r["lora_states"]), None, false)
+        });
+        let (ds, de) = (relative(&states, &r["lora_states"]), relative(&eps, &r["lora_eps"]));
+        println!("{}: text states {ds:.2e}, UNet {de:.2e} (relative)", file.display());
+        assert!(ds <= 1e-4 && de <= 1e-4, "{}: states {ds}, eps {de}", file.display());
+    }
+}
+
+/// diffusers' `load_textual_inversion` of a 2-vector diffusers embedding and a kohya one (`emb_params`): the prompt
+/// naming both gives the same text states with ours (`--embedding-dir`).
+#[test]
+fn textual_inversion_matches_diffusers_load_textual_inversion() {
+    use scratch_diffusion::pipelines::stable_diffusion::StableDiffusion;
+    use scratch_diffusion::sd::embeddings::Embeddings;
+    let Some((dir, r)) = sd_files() else { return };
+    let mut sd = StableDiffusion::load(&dir.join("tiny-sd"), Device::Cpu).unwrap();
+    sd.embeddings = Embeddings::load_dir(&dir.join("embeddings"), sd.models.config.text.hidden_size).unwrap();
+    let (states, _) = sd.encode_prompt("a photo of <cat-toy> in tinystyle style").unwrap();
+    let (plain, _) = sd.encode_prompt("a photo of cat-toy in a style").unwrap();
+    let d = relative(&states, &r["ti_states"]);
+    println!("text states with two embeddings: {d:.2e} relative");
+    assert!(d <= 1e-5, "{d}");
+    assert!(relative(&plain, &r["ti_states"]) > 1e-2, "the embeddings change the states");
+}
+
+/// `StableDiffusionControlNetPipeline` with a random `ControlNetModel` (SD's 16/32/96/256 hint encoder): a 4-step
+/// image at scale 0.8 for the first three steps, and in guess mode at 1.0, from the diffusers folder and from the
+/// original single file (control_model.* keys, made by inverting diffusers' converter and checked against it).
+#[test]
+fn controlnet_pipeline_matches_diffusers_from_the_folder_and_the_original_file() {
+    use scratch_diffusion::nn::controlnet::ControlScale;
+    use scratch_diffusion::pipelines::stable_diffusion::StableDiffusion;
+    let Some((dir, r)) = sd_files() else { return };
+    for control in [dir.join("controlnet-sd"), dir.join("control_tiny_sd15.safetensors")] {
+        for (name, scale, window, guess_mode) in
+            [("control_images", 0.8, (0.0, 0.75), false), ("guess_images", 1.0, (0.0, 1.0), true)]
+        {
+            let mut sd = StableDiffusion::load(&dir.join("tiny-sd"), Device::Cpu).unwrap();
+            let scale = ControlScale { conditioning_scale: scale, guess_mode };
+            sd.add_control(&control, r["hint"].copy(), "none", scale, window).unwrap();
+            let (latents, _) = sd.txt2img_latents(&reference_params(), &mut |_, _| {}).unwrap();
+            let images = sd.decode(&latents).permute([0, 2, 3, 1]); // (1, H, W, 3), diffusers' "np"
+            let d = max_diff(&images, &r[name]);
+            println!("{} {name}: images {d:.2e}", control.display());
+            assert!(d <= 1e-4, "{}: {name} differ by {d}", control.display());
+        }
+    }
+}
+
+/// `StableDiffusionImg2ImgPipeline` with its defaults (the VAE posterior sampled with the generator, then the noise;
+/// strength 0.75, 4 DDIM steps): the same image from the same seed.
+#[test]
+fn img2img_matches_diffusers_img2img_pipeline_defaults() {
+    use scratch_diffusion::pipelines::stable_diffusion::{Posterior, StableDiffusion};
+    let Some((dir, r)) = sd_files() else { return };
+    let sd = StableDiffusion::load(&dir.join("tiny-sd"), Device::Cpu).unwrap();
+    let p = reference_params();
+    let out =
+        sd.img2img(&r["img2img_input"], 0.75, Posterior::Sample, &p, &mut |_, _| {}, &mut |_, _, _| Ok(())).unwrap();
+    let d = max_diff(&out.images.permute([0, 2, 3, 1]), &r["img2img_images"]);
+    let mean =
+        sd.img2img(&r["img2img_input"], 0.75, Posterior::Mean, &p, &mut |_, _| {}, &mut |_, _, _| Ok(())).unwrap();
+    let d_mean = max_diff(&mean.images.permute([0, 2, 3, 1]), &r["img2img_mean_images"]);
+    let apart = max_diff(&r["img2img_mean_images"], &r["img2img_images"]);
+    println!("img2img: sampled posterior {d:.2e}, posterior mean {d_mean:.2e} (the two images differ by {apart:.2})");
+    assert!(d <= 1e-4, "images differ by {d}");
+    assert!(d_mean <= 1e-4, "with the posterior's mean (diffusers' sample_mode=\"argmax\"): {d_mean}");
+    assert!(apart > 1e-2, "sampling the posterior matters ({apart})");
+}

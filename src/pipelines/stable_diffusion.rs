@@ -15,19 +15,25 @@
 use crate::cli::{CommonArgs, Run};
 use crate::data::png::write_png_rgb_with_text;
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::model::EpsModel;
 use crate::model::{sigma_of_timestep, sigmas_of_schedule, timestep_of_sigma, EpsDenoiser};
 use crate::model::{Cond, CondEpsModel};
+use crate::nn::controlnet::{ControlNet, ControlScale};
 use crate::nn::layers::channels_last;
+use crate::sampling::controlled::{Control, ControlledGuidance};
 use crate::sampling::grids::img2img_tail;
 use crate::sampling::grids::{karras_sigmas, spaced_timesteps, TimestepSpacing, KARRAS_RHO};
 use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::sampling::registry::Sampler;
 use crate::sampling::SamplerStep;
-use crate::sd::weights::SdModels;
+use crate::sd::embeddings::Embeddings;
+use crate::sd::lora::{lora_hashes, merge_loras, parse_prompt_loras, strip_lora_tags, LoraFile, LoraUse};
+use crate::sd::weights::{load_controlnet, SdModels};
 use crate::text::bpe::CLIP_CONTEXT_LEN;
 use crate::text::Bpe;
 use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 /// SD 1.x's training schedule: T and the scaled-linear β range ([LDM] configs `v1-inference.yaml`:
@@ -281,13 +287,41 @@ impl CondEpsModel for SdUNet<'_> {
     }
 }
 
-/// The pipeline: the three networks, the CLIP tokenizer and the training schedule.
+/// The pipeline: the three networks, the CLIP tokenizer and the training schedule, and what users add to them: LoRAs
+/// merged into the weights, textual-inversion embeddings the prompts may name, ControlNets.
 pub struct StableDiffusion {
     pub models: SdModels,
     pub tokenizer: Bpe,
     pub schedule: NoiseSchedule,
     /// Written into the PNGs' parameters ("Model: …").
     pub model_name: String,
+    /// The LoRAs merged into the weights (for the PNGs' `Lora hashes`).
+    pub loras: Vec<LoraFile>,
+    pub embeddings: Embeddings,
+    /// Summed, as diffusers' `MultiControlNetModel` (none: plain guidance).
+    pub controls: Vec<SdControl>,
+}
+
+/// A ControlNet with its hint and settings (diffusers' `StableDiffusionControlNetPipeline` arguments).
+pub struct SdControl {
+    pub vs: VarStore,
+    pub net: ControlNet,
+    /// (1, 3, H, W) in [0, 1], RGB, the image's size (`ControlNet` resizes it if it is not).
+    pub hint: Tensor,
+    pub scale: ControlScale,
+    /// (start, end): `control_guidance_start`, `control_guidance_end`.
+    pub window: (f64, f64),
+    /// For the PNG's parameters: the file's name and the preprocessor ("none", "canny").
+    pub name: String,
+    pub module: String,
+}
+
+/// How img2img encodes its input image: diffusers' and the web UIs' default samples the VAE's posterior (with the
+/// image's generator, before its noise is drawn); `Mean` takes μ (diffusers' `sample_mode="argmax"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Posterior {
+    Sample,
+    Mean,
 }
 
 /// Images and what the run noticed.
@@ -321,7 +355,15 @@ impl StableDiffusion {
             tokenizer.vocab_size()
         );
         let schedule = NoiseSchedule::scaled_linear(NUM_TRAIN_TIMESTEPS);
-        Ok(Self { models, tokenizer, schedule, model_name: model_name.into() })
+        Ok(Self {
+            models,
+            tokenizer,
+            schedule,
+            model_name: model_name.into(),
+            loras: Vec::new(),
+            embeddings: Embeddings::default(),
+            controls: Vec::new(),
+        })
     }
 
     /// Loads weights from a diffusers folder or a single file and names the model after it.
@@ -338,12 +380,32 @@ impl StableDiffusion {
     // ANCHOR: encode_prompt
     /// τ(y): the CLIP text encoder's last hidden state (1, 77, D) of `prompt`, tokenised as SD 1.x does (start
     /// token, at most 75 tokens, end token, padded with the end token); the flag says whether the prompt was cut.
-    pub fn encode_prompt(&self, prompt: &str) -> (Tensor, bool) {
-        let encoded = self.tokenizer.encode_padded(prompt, CLIP_CONTEXT_LEN);
-        let ids = Tensor::from_slice(&encoded.ids).view([1, CLIP_CONTEXT_LEN as i64]).to_device(self.device());
+    /// `<lora:…>` tags are removed first (their LoRAs are merged by [`Self::add_loras`]); the names of
+    /// [`Self::embeddings`] read their vectors.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, bool)> {
+        let text = strip_lora_tags(prompt);
+        let vocab = self.models.config.text.vocab_size;
+        let tokens = self.embeddings.tokenize(&self.tokenizer, &text, vocab, CLIP_CONTEXT_LEN)?;
+        let ids = Tensor::from_slice(&tokens.encoded.ids).view([1, CLIP_CONTEXT_LEN as i64]).to_device(self.device());
+        let extra = tokens.extra.map(|e| e.to_device(self.device()));
         // SD 1.x attends to all 77 states, the padding's too: no mask
-        let hidden = tch::no_grad(|| self.models.text_encoder.forward(&ids, None)); // (1, 77, D)
-        (hidden.to_kind(Kind::Float), encoded.truncated)
+        let encoder = &self.models.text_encoder;
+        let hidden = tch::no_grad(|| encoder.forward_with_extra_tokens(&ids, None, extra.as_ref())); // (1, 77, D)
+        Ok((hidden.to_kind(Kind::Float), tokens.encoded.truncated))
+    }
+
+    /// Merges LoRAs into the weights: `flags` (`--lora FILE:W`) and those the prompts name (`<lora:NAME:W>`, found in
+    /// `dir`); every file is checked against the model before any weight changes.
+    pub fn add_loras(&mut self, flags: &[LoraUse], prompts: &[&str], dir: Option<&Path>) -> Result<()> {
+        let mut uses = flags.to_vec();
+        for prompt in prompts {
+            uses.extend(parse_prompt_loras(prompt, dir)?.1);
+        }
+        for u in &uses {
+            LoraFile::open(&u.path, &self.models).with_context(|| format!("LoRA {}", u.path.display()))?;
+        }
+        self.loras.extend(merge_loras(&mut self.models, &uses)?);
+        Ok(())
     }
     // ANCHOR_END: encode_prompt
 
@@ -372,15 +434,15 @@ impl StableDiffusion {
         mean * self.models.vae.config.scaling_factor
     }
 
-    fn contexts(&self, p: &GenerateParams, warnings: &mut Vec<String>) -> (Tensor, Tensor) {
-        let (cond, cut) = self.encode_prompt(&p.prompt);
-        let (uncond, cut_negative) = self.encode_prompt(&p.negative_prompt);
+    fn contexts(&self, p: &GenerateParams, warnings: &mut Vec<String>) -> Result<(Tensor, Tensor)> {
+        let (cond, cut) = self.encode_prompt(&p.prompt)?;
+        let (uncond, cut_negative) = self.encode_prompt(&p.negative_prompt)?;
         for (what, cut) in [("prompt", cut), ("negative prompt", cut_negative)] {
             if cut {
                 warnings.push(format!("the {what} is longer than CLIP's 75 tokens: the rest was cut off"));
             }
         }
-        (cond, uncond)
+        Ok((cond, uncond))
     }
 
     /// ε̂ of both branches of guidance, (ε_∅, ε_c), (1, 4, h, w) each, for the σ-space latents `x` (1, 4, h, w) at
@@ -412,11 +474,85 @@ impl StableDiffusion {
         let unet = SdUNet(&self.models, self.models.kind());
         // [CFG] ε̃ = ε_∅ + w (ε_c − ε_∅), one batch of 2 per step (∅ = the negative prompt)
         let guided = ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), uncond.shallow_clone(), p.cfg_scale);
-        let denoiser = EpsDenoiser::new(&guided, &self.schedule).with_interpolated_timesteps();
+        let controlled = (!self.controls.is_empty()).then(|| self.controlled(p, cond, uncond, sigmas));
+        let model: &dyn EpsModel = match &controlled {
+            Some(c) => c,
+            None => &guided,
+        };
+        let denoiser = EpsDenoiser::new(model, &self.schedule).with_interpolated_timesteps();
         let x = tch::no_grad(|| p.sampler.sampler().run(&denoiser, x, sigmas, cb));
         // σ-space -> VP latents: x_vp = x / √(1 + σ²) (DDIM ends at σ_0 = √((1 − ᾱ₀)/ᾱ₀), the others at 0)
         let last = sigmas[sigmas.len() - 1];
         x / (1.0 + last * last).sqrt()
+    }
+
+    /// Guidance with [`Self::controls`] over the σ grid `sigmas` (its steps' fractional timesteps decide each
+    /// ControlNet's window, as diffusers' `controlnet_keep` does over the scheduler's timesteps).
+    fn controlled(&self, p: &GenerateParams, cond: &Tensor, uncond: &Tensor, sigmas: &[f64]) -> ControlledGuidance<'_> {
+        let table = sigmas_of_schedule(&self.schedule);
+        let steps = sigmas.len() - 1;
+        let mut timesteps: Vec<f64> = sigmas[..steps].iter().map(|&s| timestep_of_sigma(&table, s)).collect();
+        timesteps.reverse(); // ascending
+        let kind = self.models.kind();
+        ControlledGuidance {
+            unet: &self.models.unet,
+            controls: self
+                .controls
+                .iter()
+                .map(|c| Control { net: &c.net, hint: self.fitted_hint(c, p), scale: c.scale, window: c.window })
+                .collect(),
+            cond: Cond::new(cond.shallow_clone()),
+            uncond: Cond::new(uncond.shallow_clone()),
+            guidance: p.cfg_scale,
+            timesteps,
+            kind: Some(kind),
+        }
+    }
+
+    /// Adds a ControlNet (a diffusers folder or an original single file) reading `hint` (1, 3, H, W) in [0, 1];
+    /// `module` names the preprocessor that made the hint, for the PNG's parameters.
+    pub fn add_control(
+        &mut self,
+        path: &Path,
+        hint: Tensor,
+        module: &str,
+        scale: ControlScale,
+        window: (f64, f64),
+    ) -> Result<()> {
+        ensure!(
+            scale.conditioning_scale.is_finite() && (0.0..=1.0).contains(&window.0) && (0.0..=1.0).contains(&window.1),
+            "--control-scale must be a number and --control-start/--control-end lie in [0, 1]"
+        );
+        let size = hint.size();
+        ensure!(size.len() == 4 && size[..2] == [1, 3], "the control image is {size:?}: one RGB image (1, 3, H, W)");
+        let (vs, net) = load_controlnet(path, &self.models.config.unet, self.device())?;
+        let mut vs = vs;
+        vs.set_kind(self.models.kind());
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("controlnet").to_string();
+        self.controls.push(SdControl { vs, net, hint, scale, window, name, module: module.into() });
+        Ok(())
+    }
+
+    /// A control's hint at the image's size: resized (bilinear, antialiased) where it differs, as the web UIs resize a
+    /// control image to the picture ([`Self::control_warnings`] says so).
+    fn fitted_hint(&self, c: &SdControl, p: &GenerateParams) -> Tensor {
+        let size = c.hint.size();
+        let hint = c.hint.to_device(self.device());
+        if size[2] == p.height && size[3] == p.width {
+            return hint;
+        }
+        hint.internal_upsample_bilinear2d_aa([p.height, p.width], false, None, None).clamp(0.0, 1.0)
+    }
+
+    fn control_warnings(&self, p: &GenerateParams, warnings: &mut Vec<String>) {
+        for c in &self.controls {
+            let size = c.hint.size();
+            if size[2] != p.height || size[3] != p.width {
+                let (w, h) = (p.width, p.height);
+                warnings
+                    .push(format!("the control image for {} is {}x{}: resized to {w}x{h}", c.name, size[3], size[2]));
+            }
+        }
     }
 
     /// txt2img: `p.batch` images; `cb(i, step)` sees every sampler step of image i.
@@ -428,7 +564,8 @@ impl StableDiffusion {
     ) -> Result<Generated> {
         p.check()?;
         let mut warnings = Vec::new();
-        let (cond, uncond) = self.contexts(p, &mut warnings);
+        let (cond, uncond) = self.contexts(p, &mut warnings)?;
+        self.control_warnings(p, &mut warnings);
         let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
         let mut images = Vec::new();
         for i in 0..p.batch {
@@ -472,7 +609,8 @@ impl StableDiffusion {
     ) -> Result<(Tensor, Vec<String>)> {
         p.check()?;
         let mut warnings = Vec::new();
-        let (cond, uncond) = self.contexts(p, &mut warnings);
+        let (cond, uncond) = self.contexts(p, &mut warnings)?;
+        self.control_warnings(p, &mut warnings);
         let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
         let latents: Vec<Tensor> =
             (0..p.batch).map(|i| self.txt2img_one(p, i, (&cond, &uncond), &sigmas, cb)).collect();
@@ -492,6 +630,26 @@ impl StableDiffusion {
         (0..images.size()[0] as usize).map(|i| self.save_png(run, p, i, &images.get(i as i64), strength)).collect()
     }
 
+    /// [`GenerateParams::infotext`] with what the web UI adds: each ControlNet's settings and the LoRAs' hashes.
+    pub fn infotext(&self, p: &GenerateParams, i: usize, strength: Option<f64>) -> String {
+        let mut text = p.infotext(i, &self.model_name, strength);
+        for (k, c) in self.controls.iter().enumerate() {
+            text += &format!(
+                ", ControlNet {k}: \"Module: {}, Model: {}, Weight: {}, Guidance Start: {}, Guidance End: {}{}\"",
+                c.module,
+                c.name,
+                c.scale.conditioning_scale,
+                c.window.0,
+                c.window.1,
+                if c.scale.guess_mode { ", Control Mode: My prompt is more important" } else { "" }
+            );
+        }
+        if let Some(hashes) = lora_hashes(&self.loras) {
+            text += &format!(", {hashes}");
+        }
+        text
+    }
+
     /// Writes `image` (3, H, W) or (1, 3, H, W), image i of a batch drawn with `p`, as [`Self::save_pngs`] does.
     pub fn save_png(
         &self,
@@ -502,19 +660,21 @@ impl StableDiffusion {
         strength: Option<f64>,
     ) -> Result<PathBuf> {
         let path = run.path(&format!("image_{:02}_seed{}.png", i, p.seed + i as u64));
-        let infotext = p.infotext(i, &self.model_name, strength);
+        let infotext = self.infotext(p, i, strength);
         let image = if image.dim() == 4 { image.get(0) } else { image.shallow_clone() }; // (3, H, W)
         write_png_rgb_with_text(&path, &image, "parameters", &infotext)?;
         Ok(path)
     }
 
     // ANCHOR: img2img
-    /// [SDEdit] img2img from `image` (1, 3, H, W) in [0, 1] (H, W multiples of 8): encode, noise to the level that
-    /// `strength` picks on the sampler's grid (the last ⌊steps · strength⌋ steps run, as diffusers), denoise.
+    /// [SDEdit] img2img from `image` (1, 3, H, W) in [0, 1] (H, W multiples of 8): encode (a sample of the VAE's
+    /// posterior, or its mean), noise to the level that `strength` picks on the sampler's grid (the last
+    /// ⌊steps · strength⌋ steps run, as diffusers), denoise.
     pub fn img2img(
         &self,
         image: &Tensor,
         strength: f64,
+        posterior: Posterior,
         p: &GenerateParams,
         cb: &mut dyn FnMut(usize, SamplerStep),
         on_image: &mut OnImage,
@@ -525,16 +685,30 @@ impl StableDiffusion {
         let p = GenerateParams { width: size[3], height: size[2], ..p.clone() };
         p.check().context("the input image's size")?;
         let mut warnings = Vec::new();
-        let (cond, uncond) = self.contexts(&p, &mut warnings);
-        let z0 = self.encode(image);
+        let (cond, uncond) = self.contexts(&p, &mut warnings)?;
+        self.control_warnings(&p, &mut warnings);
+        let x = channels_last(&(image.to_device(self.device()) * 2.0 - 1.0).to_kind(self.models.kind()));
+        let q = tch::no_grad(|| self.models.vae.encode(&x)); // q(z | x) = N(μ, σ²)
+        let s = self.models.vae.config.scaling_factor;
         let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
         let tail = img2img_tail(&sigmas, strength); // σ from σ_start down to 0
         let mut images = Vec::new();
         for i in 0..p.batch {
+            // image i's generator draws, in diffusers' order, the posterior's ε and then the noise
+            tch::manual_seed((p.seed + i as u64) as i64);
+            let mean = q.mean.to_kind(Kind::Float).contiguous(); // (1, 4, h, w), NCHW again
+                                                                 // drawn in NCHW order as torch's generator fills them (a channels-last `randn_like` permutes them)
+            let shape = mean.size();
+            let draw = || Tensor::randn(&shape, (Kind::Float, Device::Cpu)).to_device(self.device());
+            let z0 = match posterior {
+                // z₀ = s (μ + σ ε_q), ε_q ~ N(0, I) ([LDM] sec. 4.3.2's scaling; diffusers' `latent_dist.sample`)
+                Posterior::Sample => (&mean + q.std().to_kind(Kind::Float) * draw()) * s,
+                Posterior::Mean => mean * s,
+            };
             let latents = if tail.len() == 1 {
-                z0.shallow_clone()
+                z0
             } else {
-                let noise = self.initial_noise(p.seed + i as u64, p.width, p.height);
+                let noise = draw();
                 let x = &z0 + noise * tail[0]; // q(z_σ | z₀) in σ-space: z₀ + σ ε
                 self.denoise(&p, &cond, &uncond, x, tail, &mut |s| cb(i, s))
             };
@@ -605,8 +779,8 @@ mod tests {
     fn eps_branches_guided_are_the_samplers_guided_eps() {
         tch::manual_seed(0);
         let sd = StableDiffusion::new(SdModels::new(crate::sd::SdConfig::tiny(), Device::Cpu).unwrap(), "t").unwrap();
-        let (cond, _) = sd.encode_prompt("a cat");
-        let (uncond, _) = sd.encode_prompt("");
+        let (cond, _) = sd.encode_prompt("a cat").unwrap();
+        let (uncond, _) = sd.encode_prompt("").unwrap();
         let (sigma, w): (f64, f64) = (3.0, 7.5);
         let x = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)) * (1.0 + sigma * sigma).sqrt();
         let (eps_uncond, eps_cond) = sd.eps_branches(&x, sigma, &cond, &uncond);

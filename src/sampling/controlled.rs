@@ -9,69 +9,109 @@
 //! `control_guidance_start`/`control_guidance_end` (fractions of the sampling steps).
 use crate::model::{Cond, EpsModel};
 use crate::nn::controlnet::{ControlNet, ControlScale};
+use crate::nn::layers::channels_last;
 use crate::nn::unet::{Residuals, UNet};
 use crate::sampling::guidance::cfg_combine;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 // ANCHOR: controlled_guidance
-/// ε̃ = ε_∅ + w (ε_c − ε_∅) of a UNet whose skips get a ControlNet's residuals for the hint (batch 1 or B) at the
-/// sampling steps inside `window`; in guess mode only the conditional rows get them ([ControlNet] sec. 3.4).
+/// One ControlNet and what it reads: its hint (batch 1 or B, C_hint, H', W') in [0, 1], its weight and guess mode,
+/// and the window of steps where it acts, (start, end) in [0, 1]: step k of the N sampling steps (k = 0 first) is
+/// controlled when k/N ≥ start and (k + 1)/N ≤ end (diffusers' `control_guidance_start`/`_end`).
+pub struct Control<'a> {
+    pub net: &'a ControlNet,
+    pub hint: Tensor,
+    pub scale: ControlScale,
+    pub window: (f64, f64),
+}
+
+/// ε̃ = ε_∅ + w (ε_c − ε_∅) of a UNet whose skips get the summed residuals of its ControlNets (diffusers'
+/// `MultiControlNetModel`) at the steps inside each one's window; in guess mode a ControlNet gives only the
+/// conditional rows residuals ([ControlNet] sec. 3.4).
 pub struct ControlledGuidance<'a> {
     pub unet: &'a UNet,
-    pub control: &'a ControlNet,
+    pub controls: Vec<Control<'a>>,
     pub cond: Cond,
     pub uncond: Cond,
-    /// (B or 1, C_hint, H', W') in [0, 1].
-    pub hint: Tensor,
     pub guidance: f64,
-    pub scale: ControlScale,
-    /// (start, end) in [0, 1]: step k of the N sampling steps (k = 0 first) is controlled when k/N ≥ start and
-    /// (k + 1)/N ≤ end (diffusers' `control_guidance_start`/`_end`).
-    pub window: (f64, f64),
-    /// The timesteps the sampler visits, ascending (the respaced ones of lesson 06's DDPM sampler).
-    pub timesteps: Vec<usize>,
+    /// The timesteps the sampler visits, ascending (the respaced ones of lesson 06's DDPM sampler; SD's fractional
+    /// ones of a σ grid).
+    pub timesteps: Vec<f64>,
+    /// The networks' dtype when it is not the sampler's f32 (SD in bf16): inputs are cast to it, channels-last, at the
+    /// door, and ε̃ comes back as f32.
+    pub kind: Option<Kind>,
 }
 
 impl ControlledGuidance<'_> {
-    /// Whether the control acts at timestep t (the samplers give every row the same t): diffusers'
-    /// `controlnet_keep`, 1 − (k/N < start or (k + 1)/N > end) for step k of N.
-    fn active(&self, t: &Tensor) -> bool {
-        let t = t.int64_value(&[0]) as usize;
+    /// Whether `control` acts at timestep t (the samplers give every row the same t): diffusers' `controlnet_keep`,
+    /// 1 − (k/N < start or (k + 1)/N > end) for step k of N.
+    fn active(&self, control: &Control, t: &Tensor) -> bool {
+        let t = t.double_value(&[0]);
         let n = self.timesteps.len();
         let from_top = self.timesteps.iter().rposition(|&s| s <= t).unwrap_or(0); // its place, ascending
         let k = (n - 1 - from_top) as f64; // the step's index in sampling order
-        let kept = k / n as f64 >= self.window.0 && (k + 1.0) / n as f64 <= self.window.1;
-        self.scale.conditioning_scale != 0.0 && kept
+        let kept = k / n as f64 >= control.window.0 && (k + 1.0) / n as f64 <= control.window.1;
+        control.scale.conditioning_scale != 0.0 && kept
+    }
+
+    /// The residuals of every active ControlNet, summed, for the batch of 2B (∅ rows first); None when none acts.
+    fn residuals(&self, x_t: &Tensor, t: &Tensor, (cond, uncond): (&Cond, &Cond), train: bool) -> Option<Residuals> {
+        let b = x_t.size()[0];
+        let (x2, t2) = (Tensor::cat(&[x_t, x_t], 0), Tensor::cat(&[t, t], 0)); // (2B, C, H, W), (2B,)
+        let both = Cond::cat(&[uncond, cond]);
+        let mut sum: Option<Residuals> = None;
+        for control in self.controls.iter().filter(|c| self.active(c, t)) {
+            let size = control.hint.size();
+            let hint = control.hint.expand([b, size[1], size[2], size[3]], false).to_kind(x_t.kind()); // (B, C_hint, H', W')
+            let r = if control.scale.guess_mode {
+                // guess mode: the ControlNet reads the conditional rows only; ∅'s rows get no residual
+                let r = control.net.residuals(
+                    x_t,
+                    t,
+                    (Some(&cond.context), cond.mask.as_ref()),
+                    &hint,
+                    control.scale,
+                    train,
+                );
+                let pad = |d: &Tensor| Tensor::cat(&[d.zeros_like(), d.shallow_clone()], 0); // (2B, ...)
+                Residuals { down: r.down.iter().map(pad).collect(), mid: pad(&r.mid) }
+            } else {
+                let hint2 = Tensor::cat(&[&hint, &hint], 0); // (2B, C_hint, H', W')
+                control.net.residuals(&x2, &t2, (Some(&both.context), both.mask.as_ref()), &hint2, control.scale, train)
+            };
+            sum = Some(match sum {
+                None => r,
+                Some(s) => {
+                    Residuals { down: s.down.iter().zip(&r.down).map(|(a, b)| a + b).collect(), mid: s.mid + r.mid }
+                }
+            });
+        }
+        sum
     }
 }
 
 impl EpsModel for ControlledGuidance<'_> {
     fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
         let b = x_t.size()[0];
-        let (cond, uncond) = (self.cond.for_batch(b), self.uncond.for_batch(b));
+        let x_in = match self.kind {
+            Some(kind) => channels_last(&x_t.to_kind(kind)), // (B, C, H, W) in NHWC memory, as the conv weights
+            None => x_t.shallow_clone(),
+        };
+        let cast = |c: Cond| match self.kind {
+            Some(kind) => Cond { context: c.context.to_kind(kind), ..c },
+            None => c,
+        };
+        let (cond, uncond) = (cast(self.cond.for_batch(b)), cast(self.uncond.for_batch(b)));
         // both branches in one batch of 2B: rows 0..B unconditional, B..2B conditional
-        let (x2, t2) = (Tensor::cat(&[x_t, x_t], 0), Tensor::cat(&[t, t], 0)); // (2B, C, H, W), (2B,)
+        let (x2, t2) = (Tensor::cat(&[&x_in, &x_in], 0), Tensor::cat(&[t, t], 0)); // (2B, C, H, W), (2B,)
         let both = Cond::cat(&[&uncond, &cond]); // (2B, L, D) and the masks (2B, L)
         let ctx = (Some(&both.context), both.mask.as_ref());
-        let eps = if !self.active(t) {
-            self.unet.forward_cond(&x2, &t2, ctx.0, ctx.1, train)
-        } else {
-            let size = self.hint.size();
-            let hint = self.hint.expand([b, size[1], size[2], size[3]], false); // (B, C_hint, H', W')
-            let residuals = if self.scale.guess_mode {
-                // guess mode: the ControlNet reads the conditional rows only; ∅'s rows get no residual
-                let r =
-                    self.control.residuals(x_t, t, (Some(&cond.context), cond.mask.as_ref()), &hint, self.scale, train);
-                let pad = |d: &Tensor| Tensor::cat(&[d.zeros_like(), d.shallow_clone()], 0); // (2B, ...)
-                Residuals { down: r.down.iter().map(pad).collect(), mid: pad(&r.mid) }
-            } else {
-                let hint2 = Tensor::cat(&[&hint, &hint], 0); // (2B, C_hint, H', W')
-                self.control.residuals(&x2, &t2, ctx, &hint2, self.scale, train)
-            };
-            self.unet.forward_controlled(&x2, &t2, ctx, &residuals, train)
+        let eps = match self.residuals(&x_in, t, (&cond, &uncond), train) {
+            None => self.unet.forward_cond(&x2, &t2, ctx.0, ctx.1, train),
+            Some(residuals) => self.unet.forward_controlled(&x2, &t2, ctx, &residuals, train),
         };
         // (B, C, H, W) each
-        let eps = eps.chunk(2, 0);
+        let eps = eps.to_kind(x_t.kind()).chunk(2, 0);
         cfg_combine(&eps[0], &eps[1], self.guidance) // [CFG] eq. 6: ε̃ = ε_∅ + w (ε_c − ε_∅)
     }
 }
@@ -111,23 +151,30 @@ mod tests {
         let hint = Tensor::rand([1, 1, 16, 16], opts);
         let model = |scale: f64, guess_mode: bool, window: (f64, f64)| ControlledGuidance {
             unet: &unet,
-            control: &control,
+            controls: vec![Control {
+                net: &control,
+                hint: hint.copy(),
+                scale: ControlScale { conditioning_scale: scale, guess_mode },
+                window,
+            }],
             cond: Cond::new(c.copy()),
             uncond: Cond::new(u.copy()),
-            hint: hint.copy(),
             guidance: 3.0,
-            scale: ControlScale { conditioning_scale: scale, guess_mode },
-            window,
-            timesteps: (0..1000).collect(),
+            timesteps: (0..1000).map(f64::from).collect(),
+            kind: None,
         };
         let plain = ClassifierFreeGuidance::new(&unet, c.copy(), u.copy(), 3.0);
         // diffusers' window over 5 steps with end 0.5: steps 0 and 1 controlled (2/5 ≤ 0.5 < 3/5), then not
-        let five = ControlledGuidance { timesteps: vec![0, 250, 500, 750, 999], ..model(1.0, false, (0.0, 0.5)) };
-        let active: Vec<bool> =
-            [999i64, 750, 500, 250, 0].iter().map(|&t| five.active(&Tensor::from_slice(&[t]))).collect();
+        let grid = vec![0.0, 250.0, 500.0, 750.0, 999.0];
+        let five = ControlledGuidance { timesteps: grid.clone(), ..model(1.0, false, (0.0, 0.5)) };
+        let active: Vec<bool> = [999i64, 750, 500, 250, 0]
+            .iter()
+            .map(|&t| five.active(&five.controls[0], &Tensor::from_slice(&[t])))
+            .collect();
         assert_eq!(active, [true, true, false, false, false]);
-        let none = ControlledGuidance { timesteps: vec![0, 250, 500, 750, 999], ..model(1.0, false, (0.4, 0.4)) };
-        assert!([999i64, 750, 500, 250, 0].iter().all(|&t| !none.active(&Tensor::from_slice(&[t]))), "start = end");
+        let none = ControlledGuidance { timesteps: grid, ..model(1.0, false, (0.4, 0.4)) };
+        let at = |t: i64| none.active(&none.controls[0], &Tensor::from_slice(&[t]));
+        assert!([999i64, 750, 500, 250, 0].iter().all(|&t| !at(t)), "start = end");
         let early = Tensor::from_slice(&[999i64, 999]); // progress 0
         let late = Tensor::from_slice(&[0i64, 0]); // progress 1
         let plain_early = plain.eps(&x, &early, false);

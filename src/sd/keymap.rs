@@ -103,7 +103,11 @@ fn unet_resnet(pairs: &mut Vec<(String, String)>, o: &str, d: &str) {
 /// L (resnet, attention) blocks and a downsampler; output_blocks has L + 1 blocks per level, the last one ending in
 /// the upsampler (after the attention, if the level has one).
 fn unet_pairs(config: &UNetConfig, pairs: &mut Vec<(String, String)>) {
-    let (o, d) = (UNET_ORIGINAL, "unet");
+    unet_pairs_under(config, UNET_ORIGINAL, "unet", pairs);
+}
+
+/// [`unet_pairs`] with the prefixes `o` (original) and `d` (ours).
+fn unet_pairs_under(config: &UNetConfig, o: &str, d: &str, pairs: &mut Vec<(String, String)>) {
     let (n, l) = (config.block_out_channels.len(), config.layers_per_block);
     for (a, b) in [
         ("time_embed.0", "time_embedding.linear_1"),
@@ -146,6 +150,38 @@ fn unet_pairs(config: &UNetConfig, pairs: &mut Vec<(String, String)>) {
     }
 }
 // ANCHOR_END: unet_keys
+
+/// Prefix of an original ControlNet file's tensors (lllyasviel's `cldm`; files are also shared without it).
+pub const CONTROL_ORIGINAL: &str = "control_model";
+
+// ANCHOR: controlnet_keys
+/// An original ControlNet single file (lllyasviel's `cldm.ControlNet`, `control_v11p_sd15_canny.safetensors`) ↔ our
+/// ControlNet's names (diffusers' `ControlNetModel`) under `controlnet.`: the copied UNet trunk (`time_embed`,
+/// `input_blocks`, `middle_block`) through the UNet's table, the zero convolutions `zero_convs.i.0` ↔
+/// `controlnet_down_blocks.i` and `middle_block_out.0` ↔ `controlnet_mid_block`, and the hint encoder
+/// `input_hint_block` (a Sequential of convolutions and SiLUs: the convolutions at the even indices) ↔
+/// `controlnet_cond_embedding.{conv_in, blocks.i, conv_out}`. `hint_blocks` is the number of middle convolutions
+/// (6 in SD 1.5's: 16→16, 16→32, 32→32, 32→96, 96→96, 96→256).
+pub fn controlnet_keymap(unet: &UNetConfig, hint_blocks: usize) -> KeyMap {
+    let (o, d) = (CONTROL_ORIGINAL, "controlnet");
+    let mut pairs = Vec::new();
+    unet_pairs_under(unet, o, d, &mut pairs);
+    let n_skips = 1 + unet.block_out_channels.len() * (unet.layers_per_block + 1) - 1;
+    for i in 0..n_skips {
+        pair(&mut pairs, format!("{o}.zero_convs.{i}.0"), format!("{d}.controlnet_down_blocks.{i}"));
+    }
+    pair(&mut pairs, format!("{o}.middle_block_out.0"), format!("{d}.controlnet_mid_block"));
+    let hint = format!("{d}.controlnet_cond_embedding");
+    pair(&mut pairs, format!("{o}.input_hint_block.0"), format!("{hint}.conv_in"));
+    for i in 0..hint_blocks {
+        pair(&mut pairs, format!("{o}.input_hint_block.{}", 2 * (i + 1)), format!("{hint}.blocks.{i}"));
+    }
+    pair(&mut pairs, format!("{o}.input_hint_block.{}", 2 * (hint_blocks + 1)), format!("{hint}.conv_out"));
+    let to_ours: HashMap<String, String> = pairs.iter().cloned().collect();
+    let to_original: HashMap<String, String> = pairs.into_iter().map(|(o, d)| (d, o)).collect();
+    KeyMap { to_ours, to_original, conv_as_linear: HashSet::new() }
+}
+// ANCHOR_END: controlnet_keys
 
 /// A VAE resnet: the names agree but for the shortcut (ldm `nin_shortcut`).
 fn vae_resnet(pairs: &mut Vec<(String, String)>, o: &str, d: &str) {

@@ -10,7 +10,7 @@ use crate::nn::layers::channels_last;
 use crate::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use crate::nn::unet::{UNet, UNetConfig};
 use crate::nn::vae::{AutoencoderKl, VaeConfig, SD_SCALING_FACTOR};
-use crate::sd::keymap::KeyMap;
+use crate::sd::keymap::{controlnet_keymap, KeyMap, CONTROL_ORIGINAL};
 use crate::sd::safetensors::{refuse_pickle, SafetensorsFile};
 use crate::validate::Validate;
 use anyhow::{bail, ensure, Context, Result};
@@ -397,6 +397,75 @@ pub fn load_controlnet_diffusers(dir: &Path, device: Device) -> Result<(VarStore
     let control = ControlNet::new(vs.root(), config);
     let mut file = SafetensorsFile::open(&weights_file(dir, "", "diffusion_pytorch_model")?)?;
     load_strict(&mut vs, &mut file, &|name| vec![name.to_string()], &|_| false)?;
+    vs.freeze();
+    Ok((vs, control))
+}
+
+/// A ControlNet for the SD 1.x UNet `unet`, from a diffusers folder or an original single file (keys with or without
+/// `control_model.`, through [`controlnet_keymap`]; the hint encoder's widths read from the file). A ControlNet made for
+/// another UNet (SD 2.x: context 1024; SDXL) is refused, naming the file and the first tensor that differs.
+pub fn load_controlnet(path: &Path, unet: &UNetConfig, device: Device) -> Result<(VarStore, ControlNet)> {
+    let shown = path.display().to_string();
+    if path.is_dir() {
+        let (vs, control) = load_controlnet_diffusers(path, device)?;
+        let theirs = &control.config.unet;
+        ensure!(
+            theirs.block_out_channels == unet.block_out_channels
+                && theirs.cross_attention_dim == unet.cross_attention_dim
+                && theirs.layers_per_block == unet.layers_per_block,
+            "the ControlNet {shown} controls a UNet of widths {:?} and context {:?}; this model's are {:?} and {:?}:              use a ControlNet made for this model (SD 1.5's are named control_…_sd15_…)",
+            theirs.block_out_channels,
+            theirs.cross_attention_dim,
+            unet.block_out_channels,
+            unet.cross_attention_dim
+        );
+        return Ok((vs, control));
+    }
+    ensure!(path.exists(), "ControlNet {shown} not found: pass a diffusers ControlNet folder or a .safetensors file");
+    let mut file = SafetensorsFile::open(path)?;
+    let strip = |n: &str| n.strip_prefix(&format!("{CONTROL_ORIGINAL}.")).unwrap_or(n).to_string();
+    let hint_convs: std::collections::BTreeMap<usize, Vec<i64>> = file
+        .names()
+        .filter_map(|n| {
+            let rest = strip(n);
+            let i = rest.strip_prefix("input_hint_block.")?.strip_suffix(".weight")?.parse().ok()?;
+            Some((i, file.entry(n)?.shape.clone()))
+        })
+        .collect();
+    if hint_convs.is_empty() {
+        let diffusers = file.names().any(|n| n.starts_with("controlnet_cond_embedding."));
+        bail!(
+            "{shown} has no `input_hint_block` tensors: it is not an original ControlNet file{}",
+            if diffusers { " (it holds a diffusers ControlNet: pass the folder with its config.json)" } else { "" }
+        );
+    }
+    // the convolutions' output widths in order: conv_in, the middle blocks, conv_out
+    let outs: Vec<i64> = hint_convs.values().map(|s| s[0]).collect();
+    let hint_blocks = outs.len() - 2;
+    ensure!(
+        hint_blocks % 2 == 0,
+        "{shown}: the hint encoder has {} convolutions, an odd number of middle ones",
+        outs.len()
+    );
+    let mut widths = vec![outs[0]];
+    widths.extend((0..hint_blocks / 2).map(|i| outs[1 + 2 * i + 1]));
+    let config = ControlNetConfig {
+        unet: UNetConfig { out_channels: unet.in_channels, ..unet.clone() },
+        hint_channels: hint_convs.values().next().map_or(3, |s| s[1]),
+        hint_embedding_channels: widths,
+        hint_stride: 2,
+    };
+    config.validate().map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+    let map = controlnet_keymap(&config.unet, hint_blocks);
+    let mut vs = VarStore::new(device);
+    let control = ControlNet::new(vs.root(), config);
+    let original = |name: &str| {
+        let key = map.to_original(&format!("controlnet.{name}")).unwrap_or_else(|| panic!("the key map covers {name}"));
+        vec![key.clone(), strip(&key)]
+    };
+    load_strict(&mut vs, &mut file, &original, &|_| false).map_err(|e| {
+        anyhow::anyhow!(format!("{e:#}").replace("Stable Diffusion 1.x checkpoint", "SD 1.x ControlNet"))
+    })?;
     vs.freeze();
     Ok((vs, control))
 }

@@ -14,7 +14,7 @@ use crate::nn::classifier::MnistClassifier;
 use crate::nn::controlnet::{ControlNet, ControlScale};
 use crate::pipelines::text_to_image::TextToImage;
 use crate::plot::{self, LinePanel};
-use crate::sampling::controlled::ControlledGuidance;
+use crate::sampling::controlled::{Control, ControlledGuidance};
 use crate::sampling::ddpm::{sample, AncestralSampling};
 use crate::sampling::wrappers::Threshold;
 use crate::studies::guidance_methods::Tile;
@@ -66,14 +66,18 @@ pub fn draw_controlled(
     let sched = NoiseSchedule::by_name(&pipe.config.schedule, pipe.config.num_train_timesteps)?;
     let model = ControlledGuidance {
         unet: &pipe.unet.0,
-        control,
+        controls: vec![Control {
+            net: control,
+            hint: hints.to_device(pipe.device()),
+            scale: draw.scale,
+            window: draw.window,
+        }],
         cond,
         uncond,
-        hint: hints.to_device(pipe.device()),
         guidance: draw.guidance,
-        scale: draw.scale,
-        window: draw.window,
-        timesteps: sched.respaced(draw.steps.min(sched.num_steps())).0, // the steps `sample` takes
+        // the steps `sample` takes
+        timesteps: sched.respaced(draw.steps.min(sched.num_steps())).0.into_iter().map(|t| t as f64).collect(),
+        kind: None,
     };
     let (p, s) = (prompts.len() as i64, pipe.config.image_size);
     tch::manual_seed(draw.seed as i64);

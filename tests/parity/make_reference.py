@@ -24,6 +24,9 @@ inputs, and writes the weights and the outputs as safetensors into the folder gi
     controlnet-diffusers/       the same ControlNet as save_pretrained writes it (config.json, safetensors)
     controlnet_reference.safetensors  the UNet's inputs, hint, the residuals (down_i, mid; guess_down_i, guess_mid at
                                 scale 0.7 in guess mode) and eps_controlled (the UNet with the first residuals added)
+    lora_kohya.safetensors, lora-peft/, embeddings/, controlnet-sd/, control_tiny_sd15.safetensors,
+    sd_files_reference.safetensors  the files SD 1.5 users download, for tiny-sd, and diffusers' outputs with them
+                                (see sd_files)
     canny_reference.safetensors images (N, 28, 28) uint8 — the first 64 MNIST test digits, then synthetic shapes — and
                                 edges: OpenCV's cv2.Canny(image, 100, 200) of each (ControlNet's annotator), when
                                 opencv-python-headless is installed
@@ -347,8 +350,190 @@ def canny(out: Path) -> None:
     save_file({"images": torch.from_numpy(images.copy()), "edges": torch.from_numpy(edges)}, str(out / "canny_reference.safetensors"))
 
 
+# The LoRA of sd_files: (module, rank, alpha) per network of tiny-sd; attention, feed-forward and 1×1 projections,
+# and LoCon's convolutions (3×3 resnet convs, a shortcut, the time projection, a down- and an upsampler). to_out.0 and
+# out_proj keep the common alpha: diffusers 0.42.1's kohya conversion files their alphas under names PEFT never matches
+# (`…processor.to_out_lora.down.weight`, `…self_attn`), so it scales them by lora_alpha/r instead of their own alpha/r,
+# where kohya's scripts and the web UI use the module's own (tested in src/sd/lora.rs).
+LORA_UNET = [
+    ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 4, 2.0),
+    ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 4, 2.0),
+    ("down_blocks.1.attentions.1.transformer_blocks.0.attn1.to_out.0", 2, 2.0),
+    ("mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj", 4, 8.0),
+    ("up_blocks.1.attentions.2.transformer_blocks.0.ff.net.2", 4, 2.0),
+    ("down_blocks.0.attentions.0.proj_in", 4, 2.0),
+    ("up_blocks.2.attentions.0.proj_out", 4, 2.0),
+    ("down_blocks.0.resnets.0.conv1", 4, 2.0),
+    ("up_blocks.0.resnets.0.conv_shortcut", 4, 2.0),
+    ("down_blocks.1.resnets.0.time_emb_proj", 4, 2.0),
+    ("down_blocks.0.downsamplers.0.conv", 2, 2.0),
+    ("up_blocks.1.upsamplers.0.conv", 4, 2.0),
+]
+LORA_TE = [
+    ("text_model.encoder.layers.0.self_attn.q_proj", 4, 2.0),
+    ("text_model.encoder.layers.1.self_attn.out_proj", 2, 2.0),
+    ("text_model.encoder.layers.1.mlp.fc1", 4, 2.0),
+]
+# multipliers of the fused LoRA (the web UI's <lora:name:te:unet>)
+LORA_TE_SCALE, LORA_UNET_SCALE = 0.5, 0.8
+TI_PROMPT = "a photo of <cat-toy> in tinystyle style"
+
+
+def controlnet_to_original(state: dict, layers: int = 2, levels: int = 4, hint_blocks: int = 6) -> dict:
+    """diffusers ControlNetModel names -> lllyasviel's cldm names (control_model.*), SD 1.x's layout: written from
+    diffusers' convert_controlnet_checkpoint (the reverse direction), and checked against it by the caller."""
+    res = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    pairs = [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+             ("conv_in", "input_blocks.0.0"), ("controlnet_mid_block", "middle_block_out.0"),
+             ("controlnet_cond_embedding.conv_in", "input_hint_block.0"), ("mid_block.attentions.0", "middle_block.1"),
+             ("controlnet_cond_embedding.conv_out", f"input_hint_block.{2 * (hint_blocks + 1)}")]
+    pairs += [(f"controlnet_cond_embedding.blocks.{i}", f"input_hint_block.{2 * (i + 1)}") for i in range(hint_blocks)]
+    pairs += [(f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0") for i in range(levels * (layers + 1))]
+    pairs += [(f"mid_block.resnets.{j}.{a}", f"middle_block.{m}.{b}") for j, m in ((0, 0), (1, 2)) for a, b in res.items()]
+    for i in range(levels):
+        for j in range(layers):
+            block = 1 + i * (layers + 1) + j
+            pairs += [(f"down_blocks.{i}.resnets.{j}.{a}", f"input_blocks.{block}.0.{b}") for a, b in res.items()]
+            pairs.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{block}.1"))
+        pairs.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{(i + 1) * (layers + 1)}.0.op"))
+    out = {}
+    for key, value in state.items():
+        ours = next((o + key[len(d):] for d, o in pairs if key.startswith(d + ".")), None)
+        if ours is None:
+            raise KeyError(f"no original name for {key}")
+        out["control_model." + ours] = value
+    return out
+
+
+def lora_files(out: Path, pipe, g: torch.Generator, ref: dict) -> None:
+    """sd_files' LoRA: the kohya file, the same as diffusers saves it (PEFT), and diffusers' outputs with it fused."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    # kohya's layout: lora_down (r, in[, k, k]), lora_up (out, r[, 1, 1]), alpha
+    kohya = {}
+    for model, modules, prefix in ((pipe.unet, LORA_UNET, "lora_unet_"), (pipe.text_encoder, LORA_TE, "lora_te_")):
+        params = dict(model.named_parameters())
+        for module, rank, alpha in modules:
+            # transformers 5's CLIPTextModel has no text_model. level; kohya's names keep it
+            w = params.get(module + ".weight", params.get(module.removeprefix("text_model.") + ".weight"))
+            name = prefix + module.replace(".", "_")
+            kohya[name + ".lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.2
+            kohya[name + ".lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.2
+            kohya[name + ".alpha"] = torch.tensor(alpha)
+    save_file(kohya, str(out / "lora_kohya.safetensors"))
+    pipe.load_lora_weights(str(out / "lora_kohya.safetensors"), adapter_name="kohya")
+    StableDiffusionPipeline.save_lora_weights(
+        out / "lora-peft",
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="kohya"),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="kohya"),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["kohya"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["kohya"].to_dict(),
+    )
+    pipe.fuse_lora(components=["unet"], lora_scale=LORA_UNET_SCALE)
+    pipe.fuse_lora(components=["text_encoder"], lora_scale=LORA_TE_SCALE)
+    with torch.no_grad():
+        states = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+        ref["lora_states"] = states
+        ref["lora_eps"] = pipe.unet(ref["sample"], ref["timestep"], encoder_hidden_states=states).sample
+
+
+def sd_files(out: Path) -> None:
+    """The files SD 1.5 users download, made for tiny-sd with random values, and diffusers' outputs with them:
+
+    lora_kohya.safetensors      a kohya-layout LoRA/LoCon (LORA_UNET, LORA_TE); lora-peft/ the same LoRA as diffusers
+                                saves it (PEFT keys, alphas in the metadata)
+    embeddings/                 learned_embeds.safetensors (diffusers: <cat-toy>, 2 vectors) and tinystyle.safetensors
+                                (kohya: emb_params)
+    controlnet-sd/              a random ControlNetModel.from_unet (SD's 16/32/96/256 hint encoder), save_pretrained;
+    control_tiny_sd15.safetensors  the same as an original single file (control_model.*)
+    sd_files_reference.safetensors  sample, timestep; lora_states, lora_eps (text states of PROMPT and the UNet's output
+                                with the LoRA fused at LORA_TE_SCALE / LORA_UNET_SCALE); ti_states (TI_PROMPT's states);
+                                hint, control_images, guess_images (StableDiffusionControlNetPipeline, 4 DDIM steps,
+                                scale 0.8 for the first 3 steps, then guess mode at 1.0); img2img_input, img2img_images
+                                (StableDiffusionImg2ImgPipeline's defaults, strength 0.75, generator seed SEED)
+    """
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    if openai_tokenizer() is None:
+        return
+    folder = out / "tiny-sd"
+
+    def load():
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    g = torch.Generator().manual_seed(40)
+    ref = {"sample": torch.randn(1, 4, 8, 8, generator=g), "timestep": torch.tensor([421.0])}
+    try:
+        lora_files(out, load(), g, ref)
+    except ImportError as e:  # diffusers loads LoRAs through peft (./run.sh test installs it)
+        print(f"no LoRA reference: {e}")
+    # textual inversion: a 2-vector diffusers embedding and a 1-vector kohya one
+    pipe = load()
+    width = pipe.text_encoder.config.hidden_size
+    (out / "embeddings").mkdir(exist_ok=True)
+    save_file({"<cat-toy>": torch.randn(2, width, generator=g)}, str(out / "embeddings/learned_embeds.safetensors"))
+    save_file({"emb_params": torch.randn(1, width, generator=g)}, str(out / "embeddings/tinystyle.safetensors"))
+    pipe.load_textual_inversion(str(out / "embeddings/learned_embeds.safetensors"))
+    pipe.load_textual_inversion(str(out / "embeddings/tinystyle.safetensors"), token="tinystyle")
+    with torch.no_grad():
+        ref["ti_states"] = pipe.encode_prompt(TI_PROMPT, "cpu", 1, False)[0]
+    # ControlNet: a diffusers folder and the original single file, which diffusers' own converter must read back
+    pipe = load()
+    net = ControlNetModel.from_unet(pipe.unet).eval()
+    randomize(net, 41)
+    net.save_pretrained(out / "controlnet-sd")
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    original = controlnet_to_original(state)
+    back = convert_controlnet_checkpoint(original, {"layers_per_block": 2})
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state), "the original layout"
+    save_file(original, str(out / "control_tiny_sd15.safetensors"))
+    control = StableDiffusionControlNetPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                                unet=pipe.unet, controlnet=net, scheduler=pipe.scheduler,
+                                                safety_checker=None, feature_extractor=None,
+                                                requires_safety_checker=False)
+    control.set_progress_bar_config(disable=True)
+    ref["hint"] = torch.rand(1, 3, 64, 64, generator=g)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(SEED))
+    for name, scale, end, guess in (("control_images", 0.8, 0.75, False), ("guess_images", 1.0, 1.0, True)):
+        with torch.no_grad():
+            ref[name] = torch.from_numpy(control(PROMPT, negative_prompt=NEGATIVE, image=ref["hint"], height=64, width=64,
+                                                 num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents,
+                                                 controlnet_conditioning_scale=scale, control_guidance_end=end,
+                                                 guess_mode=guess, output_type="np").images)
+    # img2img with diffusers' defaults: the posterior sampled with the generator, then the noise
+    img2img = StableDiffusionImg2ImgPipeline(**load().components)
+    img2img.set_progress_bar_config(disable=True)
+    ref["img2img_input"] = torch.rand(1, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        ref["img2img_images"] = torch.from_numpy(img2img(PROMPT, image=ref["img2img_input"], negative_prompt=NEGATIVE,
+                                                         strength=0.75, num_inference_steps=STEPS,
+                                                         guidance_scale=GUIDANCE,
+                                                         generator=torch.Generator().manual_seed(SEED),
+                                                         output_type="np").images)
+    # and with the posterior's mean (sample_mode="argmax"), our Posterior::Mean
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
+
+    sampled = img2img_module.retrieve_latents
+    img2img_module.retrieve_latents = lambda output, generator=None, sample_mode="sample": sampled(output, generator, "argmax")
+    with torch.no_grad():
+        ref["img2img_mean_images"] = torch.from_numpy(img2img(PROMPT, image=ref["img2img_input"], negative_prompt=NEGATIVE,
+                                                              strength=0.75, num_inference_steps=STEPS,
+                                                              guidance_scale=GUIDANCE,
+                                                              generator=torch.Generator().manual_seed(SEED),
+                                                              output_type="np").images)
+    img2img_module.retrieve_latents = sampled
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(out / "sd_files_reference.safetensors"))
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
     canny(Path(sys.argv[1]))
     tokenize_corpus(Path(sys.argv[1]))
     pipeline(Path(sys.argv[1]))
+    sd_files(Path(sys.argv[1]))
