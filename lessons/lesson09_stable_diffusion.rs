@@ -16,7 +16,7 @@ use scratch_diffusion::pipelines::stable_diffusion::{DrawArgs, GenerateParams, P
 use scratch_diffusion::sampling::SamplerStep;
 use scratch_diffusion::sd::weights::kind_of_dtype;
 use scratch_diffusion::sd::{SdConfig, SdModels};
-use scratch_diffusion::studies::sd_full_size;
+use scratch_diffusion::studies::{sd_files, sd_full_size};
 use scratch_diffusion::text::bpe::CLIP_CONTEXT_LEN;
 use serde_json::json;
 use std::path::PathBuf;
@@ -64,12 +64,15 @@ struct Img2ImgArgs {
     /// How much of the sampler's grid runs: 0 returns the image (through the VAE), 1 starts from pure noise.
     #[arg(long, default_value_t = 0.75)]
     strength: f64,
+    /// How the image is encoded: a sample of the VAE's posterior (diffusers' and the web UIs' default) or its mean.
+    #[arg(long, value_enum, default_value = "sample")]
+    posterior: Posterior,
 }
 
 fn main() {
     lesson_main(|| match Cli::parse() {
         Cli { command: Some(Command::Generate(a)), .. } => draw(a, None),
-        Cli { command: Some(Command::Img2img(a)), .. } => draw(a.draw, Some((a.image, a.strength))),
+        Cli { command: Some(Command::Img2img(a)), .. } => draw(a.draw, Some((a.image, a.strength, a.posterior))),
         Cli { command: Some(Command::Tour(a)), .. } | Cli { tour: a, .. } => tour(a),
     })
 }
@@ -83,18 +86,25 @@ fn pipeline(run: &Run, flags: &DrawArgs) -> Result<(StableDiffusion, GeneratePar
             println!("loading SD weights from {} ...", path.display());
             StableDiffusion::load(path, run.device)?
         }
-        None => {
-            // the same tiny model whatever --seed is (which picks the noise)
-            tch::manual_seed(TINY_MODEL_SEED);
-            StableDiffusion::new(SdModels::new(SdConfig::tiny(), run.device)?, "tiny-random")?
-        }
+        None => tiny_model(run)?,
     };
-    sd.models.set_kind(kind);
-    Ok((sd, flags.params(run.quick, run.seed)?))
+    let p = flags.params(run.quick, run.seed)?;
+    // LoRAs (merged in f32), embeddings, ControlNets: the files users download
+    for said in flags.extras.attach(&mut sd, &[&p.prompt, &p.negative_prompt], run)? {
+        println!("{said}");
+    }
+    sd.set_kind(kind);
+    Ok((sd, p))
 }
 // ANCHOR_END: load
 
-fn draw(args: DrawArgs, edit: Option<(PathBuf, f64)>) -> Result<()> {
+/// The tiny random model of SD 1.5's layout: the same whatever --seed is (which picks the noise).
+fn tiny_model(run: &Run) -> Result<StableDiffusion> {
+    tch::manual_seed(TINY_MODEL_SEED);
+    StableDiffusion::new(SdModels::new(SdConfig::tiny(), run.device)?, "tiny-random")
+}
+
+fn draw(args: DrawArgs, edit: Option<(PathBuf, f64, Posterior)>) -> Result<()> {
     let run = args.common.init("lesson09")?;
     let (sd, p) = pipeline(&run, &args)?;
     if args.weights.is_none() {
@@ -116,8 +126,8 @@ fn draw(args: DrawArgs, edit: Option<(PathBuf, f64)>) -> Result<()> {
     };
     let generated = match &edit {
         None => sd.txt2img(&p, &mut on_step, &mut save)?,
-        Some((image, strength)) => {
-            sd.img2img(&read_png_rgb(image)?, *strength, Posterior::Sample, &p, &mut on_step, &mut save)?
+        Some((image, strength, posterior)) => {
+            sd.img2img(&read_png_rgb(image)?, *strength, *posterior, &p, &mut on_step, &mut save)?
         }
     };
     for w in &generated.warnings {
@@ -125,7 +135,7 @@ fn draw(args: DrawArgs, edit: Option<(PathBuf, f64)>) -> Result<()> {
     }
     let elapsed = seconds(started);
     println!("{} image(s) in {elapsed:.1} s", paths.len());
-    let infotext = generated.params.infotext(0, &sd.model_name, strength); // img2img: the input's size
+    let infotext = sd.infotext(&generated.params, 0, strength); // img2img: the input's size
     run.write_metrics(json!({"command": if edit.is_some() { "img2img" } else { "generate" },
         "model": sd.model_name, "seconds": elapsed, "images": paths, "infotext": infotext}))?;
     Ok(())
@@ -248,14 +258,23 @@ fn tour(args: TourArgs) -> Result<()> {
         ("grid", markdown_table(&["step", "σ", "timestep of the UNet"], &grid_rows)),
         ("stages", markdown_table(&["stage", "shape", "what came out"], &stage_rows)),
     ])?;
+    // 9. (the tiny model) The files users download: a LoRA, an embedding and a ControlNet, through generate's flags.
+    let files = match args.draw.weights {
+        Some(_) => None,
+        None => Some(sd_files::tour(&|| tiny_model(&run), &run, &p)?),
+    };
+    for (what, levels) in files.iter().flat_map(|f| &f.changes) {
+        println!("9. {what}: the image changes by {levels:.1} levels (mean |Δ| of 255)");
+    }
     let mut metrics = json!({"command": "tour", "model": sd.model_name,
         "parameters": {"text_encoder": n_text, "unet": n_unet, "vae": n_vae},
         "tokens": {"ids": &encoded.ids[..encoded.len], "pieces": pieces},
         "sigmas": sigmas, "sampling_s": sampling_s, "infotext": infotext});
-    // 9. (--full-size) SD 1.5's real networks, random weights: one guided UNet step against its FLOP count.
+    metrics["files"] = serde_json::to_value(&files)?;
+    // 10. (--full-size) SD 1.5's real networks, random weights: one guided UNet step against its FLOP count.
     if args.full_size {
         let report = sd_full_size::run(SdConfig::sd15(), run.device)?;
-        println!("9. SD 1.5 at full size: {report}");
+        println!("10. SD 1.5 at full size: {report}");
         metrics["full_size"] = serde_json::to_value(report)?;
     }
     let path = run.write_metrics(metrics)?;

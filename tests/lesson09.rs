@@ -126,3 +126,69 @@ fn bad_settings_and_weight_files_get_one_line_errors() {
     let bytes = std::fs::read(&tiny).unwrap();
     assert_user_error(&gen(&["--weights", &file("cut.safetensors", &bytes[..bytes.len() / 2])]), "past the data");
 }
+
+/// The files users download, made by the tour for the tiny model (a kohya LoRA, a diffusers embedding, an original
+/// ControlNet): `generate` takes them through its flags and records them in the PNG as the web UI does; a LoRA at
+/// multiplier 0 leaves the image as it was; a file of the wrong kind and a missing control image get one-line errors.
+#[test]
+fn downloaded_files_load_through_the_generate_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let tour = dir.path().join("tour");
+    assert_ok(&run_lesson(BIN, &["--quick", "--out", tour.to_str().unwrap()]));
+    let m = metrics(&tour);
+    assert_eq!(m["files"]["multiplier_zero_identical"].as_bool(), Some(true));
+    for change in m["files"]["changes"].as_array().unwrap() {
+        assert!(change[1].as_f64().unwrap() > 1.0, "{change}: every file changes the image");
+    }
+    let files = tour.join("files");
+    let f = |p: &str| files.join(p).to_str().unwrap().to_string();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let lora_dir = f("lora");
+    let gen = |name: &str, extra: &[&str]| {
+        run_lesson(BIN, &[&["generate", "--quick", "--out", &out(name)][..], extra].concat())
+    };
+    assert_ok(&gen("plain", &["--prompt", "a cat"]));
+    assert_ok(&gen("zero", &["--prompt", "a cat <lora:tiny-style:0>", "--lora-dir", &lora_dir]));
+    let same = png(&dir.path().join("plain"), "image_00_seed0.png")
+        .equal(&png(&dir.path().join("zero"), "image_00_seed0.png"));
+    assert!(same, "a LoRA at multiplier 0 changes nothing");
+    let args = [
+        "--prompt",
+        "a tiny-token cat <lora:tiny-style:0.5:1>",
+        "--lora-dir",
+        &lora_dir,
+        "--embedding-dir",
+        &f("embeddings"),
+        "--controlnet",
+        &f("control_tiny_sd15_canny.safetensors"),
+        "--control-image",
+        &f("control_source.png"),
+        "--control",
+        "canny",
+        "--control-scale",
+        "0.7",
+        "--control-end",
+        "0.5",
+    ];
+    assert_ok(&gen("all", &args));
+    let text = read_png_text(&dir.path().join("all/image_00_seed0.png"), "parameters").unwrap().unwrap();
+    assert!(text.starts_with("a tiny-token cat <lora:tiny-style:0.5:1>\n"), "{text}");
+    assert!(text.contains("ControlNet 0: \"Module: canny, Model: control_tiny_sd15_canny, Weight: 0.7, Guidance Start: 0, Guidance End: 0.5\""), "{text}");
+    assert!(text.contains(", Lora hashes: \"tiny-style: "), "{text}");
+    assert_user_error(
+        &gen("e1", &["--controlnet", &f("control_tiny_sd15_canny.safetensors")]),
+        "give each ControlNet its control image",
+    );
+    assert_user_error(
+        &gen("e2", &["--lora", &f("control_tiny_sd15_canny.safetensors")]),
+        "it is a ControlNet: pass it with --controlnet",
+    );
+    assert_user_error(
+        &gen("e3", &["--prompt", "<lora:missing:1>", "--lora-dir", &lora_dir]),
+        "missing.safetensors does not exist",
+    );
+    assert_user_error(
+        &gen("e4", &["--controlnet", &f("lora/tiny-style.safetensors"), "--control-image", &f("control_source.png")]),
+        "not an original ControlNet file",
+    );
+}

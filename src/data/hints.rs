@@ -4,7 +4,7 @@
 //!
 //! [ControlNet] Zhang, Rao, Agrawala 2023, arXiv:2302.05543, sec. 4 (Canny edges; user scribbles and masks among the
 //! other conditions).
-use crate::data::canny::{canny, CannyConfig, Gray};
+use crate::data::canny::{canny, CannyConfig, Gray, ANNOTATOR};
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
@@ -17,6 +17,19 @@ fn to_gray(image: &Tensor) -> Result<Gray> {
         width: w as usize,
         pixels: pixels.iter().map(|p| (p * 255.0).round() as u8).collect(),
     })
+}
+
+/// ControlNet's canny preprocessor for an RGB image (1, 3, H, W) in [0, 1] (on the CPU): [`canny`] with the
+/// annotator's thresholds (100, 200) on its luma (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B, as OpenCV's RGB2GRAY;
+/// OpenCV's Canny on the colour image itself takes the channel of largest gradient, which differs where a colour edge
+/// has no luma edge), as a white-on-black RGB hint (1, 3, H, W) in {0, 1}.
+pub fn canny_rgb_hint(image: &Tensor) -> Result<Tensor> {
+    let size = image.size();
+    ensure!(size.len() == 4 && size[..2] == [1, 3], "the control image is {size:?}: one RGB image (1, 3, H, W)");
+    let weights = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
+    let luma = (image.to_kind(Kind::Float) * weights).sum_dim_intlist([1i64].as_slice(), false, Kind::Float); // (1, H, W)
+    let edges = canny_hints(&luma.unsqueeze(1), &ANNOTATOR)?; // (1, 1, H, W)
+    Ok(edges.expand([1, 3, size[2], size[3]], false).contiguous())
 }
 
 // ANCHOR: canny_hints

@@ -13,6 +13,7 @@
 //! its own seed, seed + i, by libtorch's CPU generator, which `torch.Generator().manual_seed` also is: diffusers on
 //! the CPU draws the same starting latents for the same seed.
 use crate::cli::{CommonArgs, Run};
+use crate::data::png::read_png_rgb;
 use crate::data::png::write_png_rgb_with_text;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::EpsModel;
@@ -27,7 +28,8 @@ use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::sampling::registry::Sampler;
 use crate::sampling::SamplerStep;
 use crate::sd::embeddings::Embeddings;
-use crate::sd::lora::{lora_hashes, merge_loras, parse_prompt_loras, strip_lora_tags, LoraFile, LoraUse};
+use crate::sd::lora::{lora_hashes, merge_loras, parse_lora_flag, parse_prompt_loras, strip_lora_tags};
+use crate::sd::lora::{Component, LoraFile, LoraUse};
 use crate::sd::weights::{load_controlnet, SdModels};
 use crate::text::bpe::CLIP_CONTEXT_LEN;
 use crate::text::Bpe;
@@ -252,6 +254,113 @@ pub struct DrawArgs {
     /// Weights' dtype on the CPU: f32, or bf16 (half the memory; fast only where the CPU has bf16 units).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    #[command(flatten)]
+    pub extras: ExtrasArgs,
+}
+
+/// What users add to SD 1.5 (`lesson09 generate`, `img2img`): LoRAs, textual-inversion embeddings, ControlNets.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ExtrasArgs {
+    /// A LoRA file merged into the weights, FILE or FILE:W (W multiplies its update; repeat for several).
+    #[arg(long = "lora", value_name = "FILE[:W]")]
+    pub loras: Vec<String>,
+    /// Where the prompt's `<lora:NAME:W>` (or `<lora:NAME:TE:UNET>`) finds NAME.safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<PathBuf>,
+    /// Textual-inversion embeddings (.safetensors) the prompts may use by name (the file's, or diffusers' token).
+    #[arg(long, value_name = "DIR")]
+    pub embedding_dir: Option<PathBuf>,
+    /// A ControlNet for SD 1.5: a diffusers folder or an original .safetensors file (repeat for several: they sum).
+    #[arg(long = "controlnet", value_name = "PATH")]
+    pub controlnets: Vec<PathBuf>,
+    /// The control image of each --controlnet, in the same order (a PNG; resized to the picture if need be).
+    #[arg(long = "control-image", value_name = "PNG")]
+    pub control_images: Vec<PathBuf>,
+    /// What makes the hint from each control image: none (it is the hint: edges, a pose, a depth map) or canny.
+    #[arg(long = "control", value_enum, default_values_t = [Preprocessor::None])]
+    pub preprocessors: Vec<Preprocessor>,
+    /// Control weight of each ControlNet (one value: all of them).
+    #[arg(long = "control-scale", default_values_t = [1.0])]
+    pub control_scales: Vec<f64>,
+    /// Guess mode ("my prompt is more important" in the web UI): the ControlNets steer the prompt's branch only.
+    #[arg(long)]
+    pub guess_mode: bool,
+    /// Fraction of the steps after which the ControlNets start acting.
+    #[arg(long, default_value_t = 0.0)]
+    pub control_start: f64,
+    /// Fraction of the steps after which they stop.
+    #[arg(long, default_value_t = 1.0)]
+    pub control_end: f64,
+}
+
+/// A control image's preprocessor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preprocessor {
+    None,
+    Canny,
+}
+
+impl ExtrasArgs {
+    /// Loads the embeddings, merges the LoRAs (the flags' and the prompts'), and adds the ControlNets with their hints
+    /// (each preprocessed hint is written as `control_K.png` into the run's folder). Returns what it did, to print.
+    pub fn attach(&self, sd: &mut StableDiffusion, prompts: &[&str], run: &Run) -> Result<Vec<String>> {
+        let mut said = Vec::new();
+        if let Some(dir) = &self.embedding_dir {
+            sd.embeddings = Embeddings::load_dir(dir, sd.models.config.text.hidden_size)?;
+            let names: Vec<&str> = sd.embeddings.list.iter().map(|e| e.name.as_str()).collect();
+            said.push(format!("embeddings from {}: {}", dir.display(), names.join(", ")));
+        }
+        let flags = self.loras.iter().map(|f| parse_lora_flag(f)).collect::<Result<Vec<_>>>()?;
+        sd.add_loras(&flags, prompts, self.lora_dir.as_deref())?;
+        for lora in &sd.loras {
+            let (te, unet) = (lora.count(Component::TextEncoder), lora.count(Component::Unet));
+            said.push(format!(
+                "LoRA {} ({:?} layout): {te} text-encoder and {unet} UNet modules merged",
+                lora.name, lora.format
+            ));
+        }
+        let n = self.controlnets.len();
+        ensure!(
+            self.control_images.len() == n,
+            "{n} --controlnet and {} --control-image: give each ControlNet its control image, in the same order",
+            self.control_images.len()
+        );
+        let per = |len: usize, flag: &str| {
+            ensure!(len == 1 || len == n, "--{flag} takes one value or one per --controlnet ({n}), got {len}");
+            Ok(())
+        };
+        per(self.preprocessors.len(), "control")?;
+        per(self.control_scales.len(), "control-scale")?;
+        ensure!(
+            self.control_start <= self.control_end,
+            "--control-start {} is after --control-end {}: the ControlNets would never act",
+            self.control_start,
+            self.control_end
+        );
+        for (k, (net, image)) in self.controlnets.iter().zip(&self.control_images).enumerate() {
+            let pick = |v: usize| if v == 1 { 0 } else { k };
+            let preprocessor = self.preprocessors[pick(self.preprocessors.len())];
+            let image = read_png_rgb(image).with_context(|| format!("--control-image {}", image.display()))?;
+            let hint = match preprocessor {
+                Preprocessor::None => image,
+                Preprocessor::Canny => crate::data::hints::canny_rgb_hint(&image)?,
+            };
+            let module = format!("{preprocessor:?}").to_lowercase();
+            write_png_rgb_with_text(&run.path(&format!("control_{k}.png")), &hint.get(0), "preprocessor", &module)?;
+            let scale = ControlScale {
+                conditioning_scale: self.control_scales[pick(self.control_scales.len())],
+                guess_mode: self.guess_mode,
+            };
+            sd.add_control(net, hint, &module, scale, (self.control_start, self.control_end))
+                .with_context(|| format!("--controlnet {}", net.display()))?;
+            said.push(format!(
+                "ControlNet {k}: {} reading {module} hint {}",
+                net.display(),
+                run.path(&format!("control_{k}.png")).display()
+            ));
+        }
+        Ok(said)
+    }
 }
 
 impl DrawArgs {
@@ -377,6 +486,15 @@ impl StableDiffusion {
         self.models.unet_vs.device()
     }
 
+    /// Casts every weight (the three networks' and the ControlNets') to `kind`; merge LoRAs before a cast to bf16, so
+    /// that the update is added in f32.
+    pub fn set_kind(&mut self, kind: Kind) {
+        self.models.set_kind(kind);
+        for c in &mut self.controls {
+            c.vs.set_kind(kind);
+        }
+    }
+
     // ANCHOR: encode_prompt
     /// τ(y): the CLIP text encoder's last hidden state (1, 77, D) of `prompt`, tokenised as SD 1.x does (start
     /// token, at most 75 tokens, end token, padded with the end token); the flag says whether the prompt was cut.
@@ -402,7 +520,7 @@ impl StableDiffusion {
             uses.extend(parse_prompt_loras(prompt, dir)?.1);
         }
         for u in &uses {
-            LoraFile::open(&u.path, &self.models).with_context(|| format!("LoRA {}", u.path.display()))?;
+            LoraFile::open(&u.path, &self.models)?; // every file checked before any weight changes
         }
         self.loras.extend(merge_loras(&mut self.models, &uses)?);
         Ok(())

@@ -140,7 +140,7 @@ impl Embeddings {
                     let before = lower[..pos].chars().next_back();
                     let after = lower[pos + name.len()..].chars().next();
                     if !is_word(before) && !is_word(after) {
-                        if best.is_none_or(|(s, l, _)| pos < s || (pos == s && name.len() > l)) {
+                        if best.map_or(true, |(s, l, _)| pos < s || (pos == s && name.len() > l)) {
                             best = Some((pos, name.len(), i));
                         }
                         break;

@@ -313,3 +313,48 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod controlnet_tests {
+    use super::*;
+    use crate::nn::controlnet::{ControlNet, ControlNetConfig};
+    use tch::nn::VarStore;
+
+    /// Every tensor of SD 1.5's ControlNet maps to an original key and back, no two to the same key; the names of
+    /// `control_v11p_sd15_canny.safetensors` come out.
+    #[test]
+    fn controlnet_keys_round_trip() {
+        let unet =
+            UNetConfig { block_out_channels: vec![32, 32, 64, 64], cross_attention_dim: Some(8), ..UNetConfig::sd15() };
+        let vs = VarStore::new(tch::Device::Cpu);
+        let config = ControlNetConfig {
+            unet: unet.clone(),
+            hint_channels: 3,
+            hint_embedding_channels: vec![16, 32, 96, 256],
+            hint_stride: 2,
+        };
+        let _net = ControlNet::new(vs.root(), config);
+        let map = controlnet_keymap(&unet, 6);
+        let mut seen = HashSet::new();
+        for name in vs.variables().keys() {
+            let ours = format!("controlnet.{name}");
+            let original = map.to_original(&ours).unwrap_or_else(|| panic!("no original key for {name}"));
+            assert!(original.starts_with("control_model."), "{original}");
+            assert_eq!(map.to_ours(&original).as_deref(), Some(ours.as_str()), "{original}");
+            assert!(seen.insert(original.clone()), "two tensors map to {original}");
+        }
+        for (original, ours) in [
+            ("control_model.input_hint_block.0.weight", "controlnet.controlnet_cond_embedding.conv_in.weight"),
+            ("control_model.input_hint_block.12.bias", "controlnet.controlnet_cond_embedding.blocks.5.bias"),
+            ("control_model.input_hint_block.14.weight", "controlnet.controlnet_cond_embedding.conv_out.weight"),
+            ("control_model.zero_convs.11.0.weight", "controlnet.controlnet_down_blocks.11.weight"),
+            ("control_model.middle_block_out.0.bias", "controlnet.controlnet_mid_block.bias"),
+            ("control_model.input_blocks.4.1.proj_in.weight", "controlnet.down_blocks.1.attentions.0.proj_in.weight"),
+            ("control_model.middle_block.2.emb_layers.1.weight", "controlnet.mid_block.resnets.1.time_emb_proj.weight"),
+            ("control_model.time_embed.0.weight", "controlnet.time_embedding.linear_1.weight"),
+        ] {
+            assert!(seen.contains(original), "{original} is not among the ControlNet's keys");
+            assert_eq!(map.to_ours(original).as_deref(), Some(ours), "{original}");
+        }
+    }
+}

@@ -69,6 +69,9 @@ impl LoraModule {
     // ANCHOR_END: lora_delta
 }
 
+/// A module's keys in a file: (down/A, up/B, α).
+type Factors = (Option<String>, Option<String>, Option<f64>);
+
 /// A LoRA file, its modules matched to a model.
 #[derive(Debug)]
 pub struct LoraFile {
@@ -190,7 +193,15 @@ impl LoraFile {
         let mut file = SafetensorsFile::open(path)?;
         let shown = path.display().to_string();
         let keys: Vec<String> = file.names().map(String::from).collect();
-        ensure!(!keys.is_empty(), "{shown} holds no tensors: it is not a LoRA file");
+        ensure!(
+            keys.iter().any(|k| k.contains("lora") || k.contains("hada_") || k.contains("lokr_") || k.contains("oft_")),
+            "{shown} has no LoRA tensors (lora_down/lora_up, lora_A/lora_B): it is not a LoRA file{}",
+            if keys.iter().any(|k| k.contains("input_hint_block")) {
+                " (it is a ControlNet: pass it with --controlnet)"
+            } else {
+                ""
+            }
+        );
         for (fragment, kind) in UNSUPPORTED {
             if let Some(k) = keys.iter().find(|k| k.contains(fragment)) {
                 bail!("{shown} is a {kind} file (key '{k}'): this crate loads LoRA and LoCon only; use a LoRA, or merge it with the tool that made it");
@@ -208,7 +219,7 @@ impl LoraFile {
             LoraFormat::DiffusersOld
         };
         // module name -> (down key, up key, alpha)
-        let mut found: BTreeMap<String, (Option<String>, Option<String>, Option<f64>)> = BTreeMap::new();
+        let mut found: BTreeMap<String, Factors> = BTreeMap::new();
         let mut unmatched = Vec::new();
         for key in &keys {
             if format == LoraFormat::Kohya {
@@ -315,7 +326,7 @@ pub fn merge_loras(models: &mut SdModels, uses: &[LoraUse]) -> Result<Vec<LoraFi
             "the LoRA {}'s multipliers must be numbers (1 is full strength)",
             u.path.display()
         );
-        let lora = LoraFile::open(&u.path, models).with_context(|| format!("LoRA {}", u.path.display()))?;
+        let lora = LoraFile::open(&u.path, models)?;
         merge(models, &lora, u.te, u.unet);
         files.push(lora);
     }
@@ -497,7 +508,7 @@ mod tests {
 
     #[test]
     fn diffusers_keys_name_their_module() {
-        let d = |k: &str| diffusers_module(k).map(|(m, down, f)| (m, down, f));
+        let d = diffusers_module;
         assert_eq!(
             d("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"),
             Some(("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q".into(), true, LoraFormat::Peft))

@@ -470,6 +470,20 @@ pub fn load_controlnet(path: &Path, unet: &UNetConfig, device: Device) -> Result
     Ok((vs, control))
 }
 
+/// Writes a ControlNet as an original single file (`control_model.*`, f32): what [`load_controlnet`] reads.
+pub fn save_controlnet_single_file(vs: &VarStore, control: &ControlNet, path: &Path) -> Result<()> {
+    let hint_blocks = 2 * (control.config.hint_embedding_channels.len() - 1);
+    let map = controlnet_keymap(&control.config.unet, hint_blocks);
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for (name, t) in vs.variables() {
+        let key =
+            map.to_original(&format!("controlnet.{name}")).with_context(|| format!("no original key for {name}"))?;
+        named.push((key, t.to_kind(Kind::Float).to_device(Device::Cpu).contiguous()));
+    }
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn vae_config(v: &Value) -> Result<VaeConfig> {
     Ok(VaeConfig {
         in_channels: get_i64(v, "in_channels")?,
@@ -546,6 +560,64 @@ mod tests {
         assert!(controlnet_config(&bgr).unwrap_err().to_string().contains("channel_order"));
         let err = load_controlnet_diffusers(Path::new("/nonexistent/cn"), Device::Cpu).err().unwrap().to_string();
         assert!(err.contains("config.json"), "{err}");
+    }
+
+    /// A ControlNet written as an original single file loads back with the same residuals, with or without the
+    /// `control_model.` prefix; one for a UNet of another context width (SD 2.x's 1024) is refused, naming the tensor.
+    #[test]
+    fn controlnet_single_files_load_with_or_without_the_prefix_and_others_are_refused() {
+        use crate::nn::controlnet::ControlScale;
+        let dir = std::env::temp_dir().join(format!("cn-single-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        tch::manual_seed(3);
+        let unet = SdConfig::tiny().unet;
+        let hint = vec![16, 32, 96, 256];
+        let make = |unet: &UNetConfig| {
+            let vs = VarStore::new(Device::Cpu);
+            let config = ControlNetConfig {
+                unet: unet.clone(),
+                hint_channels: 3,
+                hint_embedding_channels: hint.clone(),
+                hint_stride: 2,
+            };
+            let net = ControlNet::new(vs.root(), config);
+            tch::no_grad(|| {
+                for (_, mut v) in vs.variables() {
+                    v.copy_(&(v.randn_like() * 0.05));
+                }
+            });
+            (vs, net)
+        };
+        let (vs, net) = make(&unet);
+        let path = dir.join("control_sd15_test.safetensors");
+        save_controlnet_single_file(&vs, &net, &path).unwrap();
+        let bare = dir.join("bare.safetensors");
+        let stripped: Vec<(String, Tensor)> = Tensor::read_safetensors(&path)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k.trim_start_matches("control_model.").to_string(), v))
+            .collect();
+        Tensor::write_safetensors(&stripped, &bare).unwrap();
+        let opts = (Kind::Float, Device::Cpu);
+        let (x, t, ctx) =
+            (Tensor::randn([1, 4, 8, 8], opts), Tensor::from_slice(&[500i64]), Tensor::randn([1, 77, 32], opts));
+        let h = Tensor::rand([1, 3, 64, 64], opts);
+        let scale = ControlScale { conditioning_scale: 1.0, guess_mode: false };
+        let want = tch::no_grad(|| net.residuals(&x, &t, (Some(&ctx), None), &h, scale, false));
+        for file in [&path, &bare] {
+            let (_, loaded) = load_controlnet(file, &unet, Device::Cpu).unwrap();
+            let got = tch::no_grad(|| loaded.residuals(&x, &t, (Some(&ctx), None), &h, scale, false));
+            assert!(got.mid.equal(&want.mid) && got.down.iter().zip(&want.down).all(|(a, b)| a.equal(b)));
+        }
+        let (vs2, net2) = make(&UNetConfig { cross_attention_dim: Some(64), ..unet.clone() });
+        let sd2 = dir.join("control_sd21_test.safetensors");
+        save_controlnet_single_file(&vs2, &net2, &sd2).unwrap();
+        let err = format!("{:#}", load_controlnet(&sd2, &unet, Device::Cpu).err().unwrap());
+        assert!(
+            err.contains("control_sd21_test") && err.contains("attn2.to_k.weight") && err.contains("[64, 64]"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod nfe;
 pub mod prompts;
 pub mod sampler_figures;
 /// Lesson 09's `--full-size`: SD 1.5's networks at full size, one guided UNet step timed against its FLOP count.
+pub mod sd_files;
 pub mod sd_full_size;
 pub mod trajectory;
 /// Lesson 04's figures: the UNet's parameters per block, samples from the same noises during training.
