@@ -253,11 +253,6 @@ fn tour(args: TourArgs) -> Result<()> {
             format!("in [{:.2}, {:.2}]", images.min().double_value(&[]), images.max().double_value(&[])),
         ),
     ];
-    run.write_results(&[
-        ("tokens", markdown_table(&["position", "id", "piece"], &token_rows)),
-        ("grid", markdown_table(&["step", "σ", "timestep of the UNet"], &grid_rows)),
-        ("stages", markdown_table(&["stage", "shape", "what came out"], &stage_rows)),
-    ])?;
     // 9. (the tiny model) The files users download: a LoRA, an embedding and a ControlNet, through generate's flags.
     let files = match args.draw.weights {
         Some(_) => None,
@@ -266,6 +261,13 @@ fn tour(args: TourArgs) -> Result<()> {
     for (what, levels) in files.iter().flat_map(|f| &f.changes) {
         println!("9. {what}: the image changes by {levels:.1} levels (mean |Δ| of 255)");
     }
+    let mut tables = vec![
+        ("tokens", markdown_table(&["position", "id", "piece"], &token_rows)),
+        ("grid", markdown_table(&["step", "σ", "timestep of the UNet"], &grid_rows)),
+        ("stages", markdown_table(&["stage", "shape", "what came out"], &stage_rows)),
+    ];
+    tables.extend(files.as_ref().map(|f| ("files", f.table())));
+    run.write_results(&tables)?;
     let mut metrics = json!({"command": "tour", "model": sd.model_name,
         "parameters": {"text_encoder": n_text, "unet": n_unet, "vae": n_vae},
         "tokens": {"ids": &encoded.ids[..encoded.len], "pieces": pieces},

@@ -1,7 +1,8 @@
 //! LoRA files for SD 1.x as people download them: kohya's sd-scripts / the web UIs' layout and diffusers' (PEFT and
 //! the older attention-processor layout), merged into the loaded networks' weights.
 //!
-//! [LoRA] Hu et al. 2021, arXiv:2106.09685, eq. 3: h = W₀x + ΔWx with ΔW = (α/r)·B·A, B ∈ ℝ^{d×r}, A ∈ ℝ^{r×k}.
+//! [LoRA] Hu et al. 2021, arXiv:2106.09685, eq. 3: h = W₀x + ΔWx = W₀x + BAx, B ∈ ℝ^{d×r}, A ∈ ℝ^{r×k}, and sec. 4.1:
+//! ΔWx is scaled by α/r.
 //! kohya stores A as `lora_down.weight` (r, k) and B as `lora_up.weight` (d, r), α as a 0-dim `alpha` (α = r when it is
 //! absent); PEFT stores `lora_A.weight` / `lora_B.weight` and α in the file's metadata (`lora_alpha`, per-module
 //! `alpha_pattern`). For a convolution (LoCon; kohya's `networks/lora.py` `LoRAModule` with a Conv2d), A is a
@@ -61,10 +62,13 @@ impl LoraModule {
     }
 
     // ANCHOR: lora_delta
-    /// ΔW = (α/r)·B·A in the shape of the module's weight `shape` ([LoRA] eq. 3; for a convolution the kernel is A's).
+    /// ΔW = (α/r)·B·A in the shape of the module's weight `shape` ([LoRA] eq. 3 and sec. 4.1; for a convolution the
+    /// kernel is A's).
     pub fn delta(&self, shape: &[i64]) -> Tensor {
-        let (b, a) = (self.up.to_kind(Kind::Float).flatten(1, -1), self.down.to_kind(Kind::Float).flatten(1, -1)); // (d, r), (r, k·kh·kw)
-        (b.matmul(&a) * (self.alpha / self.rank() as f64)).reshape(shape) // (d, k, kh, kw) or (d, k)
+        let b = self.up.to_kind(Kind::Float).flatten(1, -1); // (d, r)
+        let a = self.down.to_kind(Kind::Float).flatten(1, -1); // (r, k) or (r, c_in·kh·kw)
+                                                               // [LoRA] eq. 3 and sec. 4.1: ΔW = (α/r) B A
+        (b.matmul(&a) * (self.alpha / self.rank() as f64)).reshape(shape) // (d, k) or (c_out, c_in, kh, kw)
     }
     // ANCHOR_END: lora_delta
 }

@@ -34,6 +34,22 @@ pub struct FilesReport {
     pub infotext: String,
 }
 
+impl FilesReport {
+    /// The changes as a markdown table (results.md's `files`).
+    pub fn table(&self) -> String {
+        let rows: Vec<Vec<String>> =
+            [(format!("nothing: `<lora:{LORA_NAME}:0>`"), if self.multiplier_zero_identical { 0.0 } else { f64::NAN })]
+                .iter()
+                .chain(&self.changes)
+                .map(|(what, levels)| vec![what.clone(), format!("{levels:.1}")])
+                .collect();
+        crate::cli::markdown_table(
+            &["added to the tiny model", "mean absolute change of the image (of 255 levels)"],
+            &rows,
+        )
+    }
+}
+
 /// Writes the three files and a control image for the model `make` builds into `run`'s `files/` folder, then draws
 /// `p` plain, with each file alone and with all three; `make` must build the same model each time (merging a LoRA
 /// changes the weights).
@@ -72,8 +88,10 @@ pub fn tour(make: &dyn Fn() -> Result<StableDiffusion>, run: &Run, p: &GenerateP
         hint_stride: 2,
     };
     let control = ControlNet::new(vs.root(), config);
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0)); // drawn in name order: the HashMap's order changes from run to run
     tch::no_grad(|| {
-        for (_, mut v) in vs.variables() {
+        for (_, mut v) in vars {
             let fan_in = if v.dim() > 1 { v.size()[1..].iter().product::<i64>() } else { 1 };
             v.copy_(&(v.randn_like() * (1.0 / fan_in as f64).sqrt()));
         }
@@ -114,8 +132,8 @@ pub fn tour(make: &dyn Fn() -> Result<StableDiffusion>, run: &Run, p: &GenerateP
     let (zero, _, _) = draw(&format!("{} <lora:{LORA_NAME}:0>", p.prompt), &with_files)?;
     let mut changes = Vec::new();
     for (what, prompt, extras) in [
-        (format!("LoRA <lora:{LORA_NAME}:0.8>"), format!("{} <lora:{LORA_NAME}:0.8>", p.prompt), &with_files),
-        (format!("embedding {TOKEN} (2 vectors)"), format!("{} in {TOKEN} style", p.prompt), &with_files),
+        (format!("LoRA `<lora:{LORA_NAME}:0.8>`"), format!("{} <lora:{LORA_NAME}:0.8>", p.prompt), &with_files),
+        (format!("embedding `{TOKEN}` (2 vectors)"), format!("{} in {TOKEN} style", p.prompt), &with_files),
         ("ControlNet, canny hint of a disc".to_string(), p.prompt.clone(), &with_control),
     ] {
         changes.push((what, levels(&draw(&prompt, extras)?.0)));
