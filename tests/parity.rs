@@ -430,3 +430,71 @@ fn img2img_matches_diffusers_img2img_pipeline_defaults() {
     assert!(d_mean <= 1e-4, "with the posterior's mean (diffusers' sample_mode=\"argmax\"): {d_mean}");
     assert!(apart > 1e-2, "sampling the posterior matters ({apart})");
 }
+
+/// make_reference.py's `fast_path`: LCM, TAESD and the inpainting model on tiny-sd.
+fn fast_path() -> Option<(&'static Path, HashMap<String, Tensor>)> {
+    let dir = reference()?;
+    let path = dir.join("fast_path_reference.safetensors");
+    if !path.exists() {
+        println!("skipped: clip-anytorch is not installed, so the reference pipeline has no tokenizer");
+        return None;
+    }
+    tch::set_num_threads(1);
+    Some((dir, read(&path)))
+}
+
+/// diffusers' `AutoencoderTiny` (TAESD's layout, random weights) from its `save_pretrained` folder: the same latents
+/// from pixels and the same pixels from latents (diffusers maps [−1, 1] to TAESD's [0, 1] at both ends).
+#[test]
+fn our_taesd_matches_diffusers_autoencoder_tiny() {
+    use scratch_diffusion::sd::weights::load_taesd;
+    let Some((dir, r)) = fast_path() else { return };
+    let (_, taesd) = load_taesd(&dir.join("taesd-tiny"), Device::Cpu).unwrap();
+    let latents = tch::no_grad(|| taesd.encode(&r["taesd_x"]));
+    let pixels = tch::no_grad(|| taesd.decode(&r["taesd_z"])) * 2.0 - 1.0;
+    let (de, dd) = (relative(&latents, &r["taesd_latents"]), relative(&pixels, &r["taesd_decoded"]));
+    println!("TAESD: encode {de:.2e}, decode {dd:.2e} (relative)");
+    assert!(de <= 1e-5 && dd <= 1e-5, "encode {de}, decode {dd}");
+}
+
+/// `StableDiffusionPipeline` with diffusers' `LCMScheduler` (4 steps, w = 1.5, the starting noise and the re-noising
+/// from one generator), decoded by the VAE and by TAESD: the same images.
+#[test]
+fn lcm_sampling_matches_diffusers_lcm_scheduler_with_the_vae_and_with_taesd() {
+    use scratch_diffusion::pipelines::stable_diffusion::{SdSampler, StableDiffusion};
+    use scratch_diffusion::sd::weights::load_taesd;
+    let Some((dir, r)) = fast_path() else { return };
+    let p = scratch_diffusion::pipelines::stable_diffusion::GenerateParams {
+        sampler: SdSampler::Lcm,
+        cfg_scale: 1.5,
+        ..reference_params()
+    };
+    for (name, taesd) in [("lcm_images", false), ("lcm_taesd_images", true)] {
+        let mut sd = StableDiffusion::load(&dir.join("tiny-sd"), Device::Cpu).unwrap();
+        if taesd {
+            sd.taesd = Some(load_taesd(&dir.join("taesd-tiny"), Device::Cpu).unwrap());
+        }
+        let out = sd.txt2img(&p, &mut |_, _| {}, &mut |_, _, _| Ok(())).unwrap();
+        let d = max_diff(&out.images.permute([0, 2, 3, 1]), &r[name]);
+        println!("{name}: {d:.2e}");
+        assert!(d <= 1e-4, "{name} differ by {d}");
+    }
+}
+
+/// `StableDiffusionInpaintPipeline` with a random 9-channel UNet (SD 1.5 inpainting's layout): 4 DDIM steps, w = 7.5,
+/// the starting noise and then the masked image's posterior from one generator; the same image.
+#[test]
+fn inpainting_matches_diffusers_inpaint_pipeline() {
+    use scratch_diffusion::pipelines::stable_diffusion::StableDiffusion;
+    let Some((dir, r)) = fast_path() else { return };
+    let sd = StableDiffusion::load(&dir.join("tiny-sd-inpaint"), Device::Cpu).unwrap();
+    assert_eq!(sd.models.config.unet.in_channels, 9);
+    let p = reference_params();
+    let out = sd.inpaint(&r["inpaint_image"], &r["inpaint_mask"], &p, &mut |_, _| {}, &mut |_, _, _| Ok(())).unwrap();
+    let d = max_diff(&out.images.permute([0, 2, 3, 1]), &r["inpaint_images"]);
+    println!("inpainting: {d:.2e}");
+    assert!(d <= 1e-4, "images differ by {d}");
+    let plain = StableDiffusion::load(&dir.join("tiny-sd"), Device::Cpu).unwrap();
+    let e = plain.inpaint(&r["inpaint_image"], &r["inpaint_mask"], &p, &mut |_, _| {}, &mut |_, _, _| Ok(()));
+    assert!(format!("{:#}", e.err().unwrap()).contains("inpainting model"));
+}

@@ -11,6 +11,7 @@ pub mod label_context;
 pub mod layers;
 pub mod ncsn;
 pub mod score_mlp;
+pub mod taesd;
 pub mod text_encoder;
 pub mod text_unet;
 pub mod transformer;

@@ -21,10 +21,12 @@ use crate::model::{sigma_of_timestep, sigmas_of_schedule, timestep_of_sigma, Eps
 use crate::model::{Cond, CondEpsModel};
 use crate::nn::controlnet::{ControlNet, ControlScale};
 use crate::nn::layers::channels_last;
+use crate::nn::taesd::Taesd;
 use crate::sampling::controlled::{Control, ControlledGuidance};
 use crate::sampling::grids::img2img_tail;
 use crate::sampling::grids::{karras_sigmas, spaced_timesteps, TimestepSpacing, KARRAS_RHO};
 use crate::sampling::guidance::ClassifierFreeGuidance;
+use crate::sampling::lcm::{lcm_sample, lcm_timesteps};
 use crate::sampling::registry::Sampler;
 use crate::sampling::SamplerStep;
 use crate::sd::embeddings::Embeddings;
@@ -63,11 +65,20 @@ pub enum SdSampler {
     DpmPp2m,
     /// DPM-Solver++(2M) on the Karras grid (ρ = 7) from σ_max = σ_{T−1} to σ_min = σ_0.
     DpmPp2mKarras,
+    /// Latent consistency sampling (diffusers' `LCMScheduler`) on LCM's skipping-step grid, for models distilled to
+    /// it (the LCM-LoRA for SD 1.5): 2–8 steps, guidance 1–2.
+    Lcm,
 }
 
 impl SdSampler {
-    pub const ALL: [SdSampler; 5] =
-        [SdSampler::Ddim, SdSampler::Euler, SdSampler::EulerA, SdSampler::DpmPp2m, SdSampler::DpmPp2mKarras];
+    pub const ALL: [SdSampler; 6] = [
+        SdSampler::Ddim,
+        SdSampler::Euler,
+        SdSampler::EulerA,
+        SdSampler::DpmPp2m,
+        SdSampler::DpmPp2mKarras,
+        SdSampler::Lcm,
+    ];
 
     /// The UI name, written into the PNG's parameters.
     pub fn name(self) -> &'static str {
@@ -77,6 +88,7 @@ impl SdSampler {
             SdSampler::EulerA => "Euler a",
             SdSampler::DpmPp2m => "DPM++ 2M",
             SdSampler::DpmPp2mKarras => "DPM++ 2M Karras",
+            SdSampler::Lcm => "LCM",
         }
     }
 
@@ -89,13 +101,14 @@ impl SdSampler {
         })
     }
 
-    /// Lesson 07's sampler that runs it.
-    pub fn sampler(self) -> Sampler {
+    /// Lesson 07's sampler that runs it (None for LCM, [`crate::sampling::lcm`]'s own loop).
+    pub fn sampler(self) -> Option<Sampler> {
         match self {
-            SdSampler::Ddim => Sampler::Ddim,
-            SdSampler::Euler => Sampler::Euler,
-            SdSampler::EulerA => Sampler::EulerAncestral,
-            SdSampler::DpmPp2m | SdSampler::DpmPp2mKarras => Sampler::DpmSolverPp2m,
+            SdSampler::Ddim => Some(Sampler::Ddim),
+            SdSampler::Euler => Some(Sampler::Euler),
+            SdSampler::EulerA => Some(Sampler::EulerAncestral),
+            SdSampler::DpmPp2m | SdSampler::DpmPp2mKarras => Some(Sampler::DpmSolverPp2m),
+            SdSampler::Lcm => None,
         }
     }
 
@@ -125,6 +138,12 @@ impl SdSampler {
             }
             // [EDM] eq. 5 between the model's own σ_min and σ_max
             SdSampler::DpmPp2mKarras => karras_sigmas(steps, table[0], table[table.len() - 1], KARRAS_RHO),
+            // [LCM] sec. 4.2: the skipping-step grid, then σ = 0 (the last step returns ẑ₀)
+            SdSampler::Lcm => {
+                let mut s: Vec<f64> = lcm_timesteps(table.len(), steps).into_iter().map(|t| table[t]).collect();
+                s.push(0.0);
+                s
+            }
         }
     }
     // ANCHOR_END: sd_grids
@@ -245,7 +264,7 @@ pub struct DrawArgs {
     pub width: Option<i64>,
     #[arg(long)]
     pub height: Option<i64>,
-    /// DDIM, Euler, "Euler a", "DPM++ 2M" or "DPM++ 2M Karras".
+    /// DDIM, Euler, "Euler a", "DPM++ 2M", "DPM++ 2M Karras" or LCM (with an LCM-LoRA: 4 steps, --cfg-scale 1).
     #[arg(long, default_value = "Euler a")]
     pub sampler: String,
     /// Images; image i uses --seed + i.
@@ -385,12 +404,31 @@ impl DrawArgs {
 }
 
 /// SD's UNet as the conditional ε-model of lesson 06's guidance: latents and context cast to the weights' dtype at
-/// the door, ε̂ back to the latents' (f32) dtype.
-struct SdUNet<'a>(&'a SdModels, Kind);
+/// the door, ε̂ back to the latents' (f32) dtype; the inpainting model's mask and masked-image latents (1, 1 + C, h, w)
+/// appended to its input, as diffusers appends them after `scale_model_input`.
+struct SdUNet<'a>(&'a SdModels, Kind, Option<Tensor>);
+
+impl<'a> SdUNet<'a> {
+    fn new(models: &'a SdModels, kind: Kind) -> Self {
+        Self(models, kind, None)
+    }
+
+    fn with_extra_channels(self, extra: Tensor) -> Self {
+        Self(self.0, self.1, Some(extra))
+    }
+}
 
 impl CondEpsModel for SdUNet<'_> {
     fn eps_cond(&self, x_t: &Tensor, t: &Tensor, cond: &Cond, _train: bool) -> Tensor {
-        let x = channels_last(&x_t.to_kind(self.1)); // (B, 4, h, w) in NHWC memory, as the conv weights
+        let x_t = match &self.2 {
+            Some(extra) => {
+                let s = extra.size();
+                Tensor::cat(&[x_t, &extra.expand([x_t.size()[0], s[1], s[2], s[3]], false)], 1)
+                // (B, 2C + 1, h, w)
+            }
+            None => x_t.shallow_clone(),
+        };
+        let x = channels_last(&x_t.to_kind(self.1)); // (B, C_in, h, w) in NHWC memory, as the conv weights
         let eps = self.0.unet.forward_cond(&x, t, Some(&cond.context.to_kind(self.1)), cond.mask.as_ref(), false);
         eps.to_kind(x_t.kind())
     }
@@ -409,6 +447,8 @@ pub struct StableDiffusion {
     pub embeddings: Embeddings,
     /// Summed, as diffusers' `MultiControlNetModel` (none: plain guidance).
     pub controls: Vec<SdControl>,
+    /// TAESD, when it decodes the images in place of the VAE ([`crate::nn::taesd`]).
+    pub taesd: Option<(VarStore, Taesd)>,
 }
 
 /// A ControlNet with its hint and settings (diffusers' `StableDiffusionControlNetPipeline` arguments).
@@ -472,6 +512,7 @@ impl StableDiffusion {
             loras: Vec::new(),
             embeddings: Embeddings::default(),
             controls: Vec::new(),
+            taesd: None,
         })
     }
 
@@ -492,6 +533,9 @@ impl StableDiffusion {
         self.models.set_kind(kind);
         for c in &mut self.controls {
             c.vs.set_kind(kind);
+        }
+        if let Some((vs, _)) = &mut self.taesd {
+            vs.set_kind(kind);
         }
     }
 
@@ -535,10 +579,15 @@ impl StableDiffusion {
         Tensor::randn([1, c, height / f, width / f], (Kind::Float, Device::Cpu)).to_device(self.device())
     }
 
-    /// Scaled latents -> pixels (B, 3, H, W) in [0, 1] on the CPU: x = D(z / s), mapped from [−1, 1].
+    /// Scaled latents -> pixels (B, 3, H, W) in [0, 1] on the CPU: x = D(z / s), mapped from [−1, 1]; with
+    /// [`Self::taesd`], TAESD's decoder of the scaled latents themselves.
     pub fn decode(&self, latents: &Tensor) -> Tensor {
-        let vae = &self.models.vae;
         let kind = self.models.kind();
+        if let Some((_, taesd)) = &self.taesd {
+            let x = tch::no_grad(|| taesd.decode(&channels_last(&latents.to_kind(kind)))).to_kind(Kind::Float);
+            return x.clamp(0.0, 1.0).to_device(Device::Cpu);
+        }
+        let vae = &self.models.vae;
         // [LDM] sec. 4.3.2: the UNet's latents are s · z, s = scaling_factor
         let z = channels_last(&(latents / vae.config.scaling_factor).to_kind(kind));
         let x = tch::no_grad(|| vae.decode(&z)).to_kind(Kind::Float);
@@ -572,7 +621,7 @@ impl StableDiffusion {
         let t = timestep_of_sigma(&sigmas_of_schedule(&self.schedule), sigma);
         let x2 = Tensor::cat(&[x, x], 0) * c_in; // (2, 4, h, w)
         let both = Cond::new(Tensor::cat(&[uncond, cond], 0)); // (2, 77, D)
-        let unet = SdUNet(&self.models, self.models.kind());
+        let unet = SdUNet::new(&self.models, self.models.kind());
         let eps = tch::no_grad(|| unet.eps_cond(&x2, &Tensor::from_slice(&[t; 2]), &both, false)).chunk(2, 0);
         (eps[0].shallow_clone(), eps[1].shallow_clone()) // (1, 4, h, w) each
     }
@@ -589,7 +638,7 @@ impl StableDiffusion {
         sigmas: &[f64],
         cb: &mut dyn FnMut(SamplerStep),
     ) -> Tensor {
-        let unet = SdUNet(&self.models, self.models.kind());
+        let unet = SdUNet::new(&self.models, self.models.kind());
         // [CFG] ε̃ = ε_∅ + w (ε_c − ε_∅), one batch of 2 per step (∅ = the negative prompt)
         let guided = ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), uncond.shallow_clone(), p.cfg_scale);
         let controlled = (!self.controls.is_empty()).then(|| self.controlled(p, cond, uncond, sigmas));
@@ -597,8 +646,27 @@ impl StableDiffusion {
             Some(c) => c,
             None => &guided,
         };
+        self.sample(p, model, x, sigmas, cb)
+    }
+
+    /// Runs `p.sampler` on the ε-model `model` from `x` at `sigmas[0]`; the VP latents at the last level.
+    fn sample(
+        &self,
+        p: &GenerateParams,
+        model: &dyn EpsModel,
+        x: Tensor,
+        sigmas: &[f64],
+        cb: &mut dyn FnMut(SamplerStep),
+    ) -> Tensor {
         let denoiser = EpsDenoiser::new(model, &self.schedule).with_interpolated_timesteps();
-        let x = tch::no_grad(|| p.sampler.sampler().run(&denoiser, x, sigmas, cb));
+        let x = tch::no_grad(|| match p.sampler.sampler() {
+            Some(sampler) => sampler.run(&denoiser, x, sigmas, cb),
+            None => {
+                let table = sigmas_of_schedule(&self.schedule);
+                let ts: Vec<f64> = sigmas[..sigmas.len() - 1].iter().map(|&s| timestep_of_sigma(&table, s)).collect();
+                lcm_sample(&denoiser, x, sigmas, &ts, cb)
+            }
+        });
         // σ-space -> VP latents: x_vp = x / √(1 + σ²) (DDIM ends at σ_0 = √((1 − ᾱ₀)/ᾱ₀), the others at 0)
         let last = sigmas[sigmas.len() - 1];
         x / (1.0 + last * last).sqrt()
@@ -784,6 +852,63 @@ impl StableDiffusion {
         Ok(path)
     }
 
+    // ANCHOR: inpaint
+    /// Inpainting with SD's inpainting model (a UNet reading 9 channels: the latents, the mask at latent size and the
+    /// masked image's latents; diffusers' `StableDiffusionInpaintPipeline` at strength 1): `mask` (1, 1, H, W), white
+    /// (≥ 0.5) where the picture is redrawn; the rest of `image` (1, 3, H, W) in [0, 1] is what the model sees.
+    pub fn inpaint(
+        &self,
+        image: &Tensor,
+        mask: &Tensor,
+        p: &GenerateParams,
+        cb: &mut dyn FnMut(usize, SamplerStep),
+        on_image: &mut OnImage,
+    ) -> Result<Generated> {
+        let c = self.models.config.vae.latent_channels;
+        ensure!(
+            self.models.config.unet.in_channels == 2 * c + 1,
+            "inpaint needs SD's inpainting model (a UNet of {} input channels; this one reads {}): download \
+             stable-diffusion-v1-5/stable-diffusion-inpainting",
+            2 * c + 1,
+            self.models.config.unet.in_channels
+        );
+        ensure!(self.controls.is_empty(), "ControlNets are not supported with the inpainting model");
+        let (size, msize) = (image.size(), mask.size());
+        ensure!(size.len() == 4 && size[..2] == [1, 3], "the input image is {size:?}: one RGB image (1, 3, H, W)");
+        ensure!(
+            msize == [1, 1, size[2], size[3]],
+            "the mask is {msize:?}: one grey image of the image's size, {:?}",
+            &size[2..]
+        );
+        let p = GenerateParams { width: size[3], height: size[2], ..p.clone() };
+        p.check().context("the input image's size")?;
+        let mut warnings = Vec::new();
+        let (cond, uncond) = self.contexts(&p, &mut warnings)?;
+        let mask = mask.ge(0.5).to_kind(Kind::Float).to_device(self.device()); // diffusers binarises at 0.5
+        let keep: Tensor = 1.0 - &mask;
+        let masked = (image.to_device(self.device()) * 2.0 - 1.0) * keep; // [−1, 1], 0 under the mask
+        let f = self.models.config.vae.downsample_factor();
+        let small = mask.upsample_nearest2d([size[2] / f, size[3] / f], None, None); // (1, 1, h, w)
+        let q = tch::no_grad(|| self.models.vae.encode(&channels_last(&masked.to_kind(self.models.kind()))));
+        let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
+        let mut images = Vec::new();
+        for i in 0..p.batch {
+            // image i's generator draws, in diffusers' order, the starting noise and then the posterior's ε
+            let z_t = self.initial_noise(p.seed + i as u64, p.width, p.height);
+            let mean = q.mean.to_kind(Kind::Float).contiguous();
+            let eps_q = Tensor::randn(mean.size(), (Kind::Float, Device::Cpu)).to_device(self.device());
+            let masked_latents = (&mean + q.std().to_kind(Kind::Float) * eps_q) * self.models.vae.config.scaling_factor;
+            let extra = Tensor::cat(&[&small, &masked_latents], 1); // (1, 1 + C, h, w), appended to the UNet's input
+            let unet = SdUNet::new(&self.models, self.models.kind()).with_extra_channels(extra);
+            let guided = ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), uncond.shallow_clone(), p.cfg_scale);
+            let x = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt();
+            let latents = self.sample(&p, &guided, x, &sigmas, &mut |s| cb(i, s));
+            images.push(self.finish(&p, i, &latents, on_image)?);
+        }
+        Ok(Generated { images: Tensor::cat(&images, 0), warnings, params: p })
+    }
+    // ANCHOR_END: inpaint
+
     // ANCHOR: img2img
     /// [SDEdit] img2img from `image` (1, 3, H, W) in [0, 1] (H, W multiples of 8): encode (a sample of the VAE's
     /// posterior, or its mean), noise to the level that `strength` picks on the sampler's grid (the last
@@ -903,7 +1028,7 @@ mod tests {
         let x = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)) * (1.0 + sigma * sigma).sqrt();
         let (eps_uncond, eps_cond) = sd.eps_branches(&x, sigma, &cond, &uncond);
         let ours = &eps_uncond + (&eps_cond - &eps_uncond) * w;
-        let unet = SdUNet(&sd.models, sd.models.kind());
+        let unet = SdUNet::new(&sd.models, sd.models.kind());
         let guided = ClassifierFreeGuidance::new(&unet, cond, uncond, w);
         let denoiser = EpsDenoiser::new(&guided, &sd.schedule).with_interpolated_timesteps();
         // x̂₀ = x − σ ε̃  ([EDM] Table 1, VP)

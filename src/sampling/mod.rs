@@ -8,6 +8,7 @@ pub mod grids;
 pub mod guidance;
 pub mod karras;
 pub mod langevin;
+pub mod lcm;
 pub mod likelihood;
 pub mod oracle;
 pub mod registry;

@@ -65,9 +65,9 @@ impl LoraModule {
     /// ΔW = (α/r)·B·A in the shape of the module's weight `shape` ([LoRA] eq. 3 and sec. 4.1; for a convolution the
     /// kernel is A's).
     pub fn delta(&self, shape: &[i64]) -> Tensor {
+        // [LoRA] eq. 3 and sec. 4.1: ΔW = (α/r) B A
         let b = self.up.to_kind(Kind::Float).flatten(1, -1); // (d, r)
         let a = self.down.to_kind(Kind::Float).flatten(1, -1); // (r, k) or (r, c_in·kh·kw)
-                                                               // [LoRA] eq. 3 and sec. 4.1: ΔW = (α/r) B A
         (b.matmul(&a) * (self.alpha / self.rank() as f64)).reshape(shape) // (d, k) or (c_out, c_in, kh, kw)
     }
     // ANCHOR_END: lora_delta

@@ -7,6 +7,7 @@
 //! that names the file and the tensor. Tensors are converted to the model's dtype one at a time as they are read.
 use crate::nn::controlnet::{ControlNet, ControlNetConfig};
 use crate::nn::layers::channels_last;
+use crate::nn::taesd::{Taesd, TaesdConfig};
 use crate::nn::text_encoder::{Activation, TextEncoder, TextEncoderConfig};
 use crate::nn::unet::{UNet, UNetConfig};
 use crate::nn::vae::{AutoencoderKl, VaeConfig, SD_SCALING_FACTOR};
@@ -78,8 +79,10 @@ impl SdConfig {
             self.unet.cross_attention_dim,
             self.text.hidden_size
         );
+        // the inpainting model reads 2C + 1 channels: the latents, the mask and the masked image's latents
+        let c = self.vae.latent_channels;
         ensure!(
-            self.unet.in_channels == self.vae.latent_channels && self.unet.out_channels == self.vae.latent_channels,
+            (self.unet.in_channels == c || self.unet.in_channels == 2 * c + 1) && self.unet.out_channels == c,
             "the UNet takes {} channels, the VAE's latents have {}: these parts are not one SD 1.x model",
             self.unet.in_channels,
             self.vae.latent_channels
@@ -482,6 +485,57 @@ pub fn save_controlnet_single_file(vs: &VarStore, control: &ControlNet, path: &P
     }
     named.sort_by(|a, b| a.0.cmp(&b.0));
     Tensor::write_safetensors(&named, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// TAESD (diffusers' `AutoencoderTiny`): a diffusers folder (config.json + diffusion_pytorch_model.safetensors, as
+/// madebyollin/taesd publishes it) or one safetensors file under diffusers' names (TAESD's SD preset), strictly.
+pub fn load_taesd(path: &Path, device: Device) -> Result<(VarStore, Taesd)> {
+    let shown = path.display().to_string();
+    ensure!(path.exists(), "TAESD {shown} not found: pass the madebyollin/taesd folder or its safetensors file");
+    let (config, file) = if path.is_dir() {
+        let text = std::fs::read_to_string(path.join("config.json"))
+            .with_context(|| format!("{shown}/config.json not found: a diffusers AutoencoderTiny folder has one"))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("{shown}/config.json is not JSON"))?;
+        (
+            taesd_config(&v).with_context(|| format!("{shown}/config.json"))?,
+            weights_file(path, "", "diffusion_pytorch_model")?,
+        )
+    } else {
+        (TaesdConfig::sd(), path.to_path_buf())
+    };
+    let mut file = SafetensorsFile::open(&file)?;
+    ensure!(
+        file.names().any(|n| n.starts_with("decoder.layers.")),
+        "{shown} has no `decoder.layers.*` tensors: it is not a TAESD (diffusers AutoencoderTiny) file; madebyollin's \
+         taesd_decoder.pth is a pickle: use the diffusers folder madebyollin/taesd"
+    );
+    let mut vs = VarStore::new(device);
+    let taesd = Taesd::new(vs.root(), config);
+    load_strict(&mut vs, &mut file, &|name| vec![name.to_string()], &|_| false)
+        .map_err(|e| anyhow::anyhow!(format!("{e:#}").replace("Stable Diffusion 1.x checkpoint", "TAESD")))?;
+    vs.freeze();
+    Ok((vs, taesd))
+}
+
+/// diffusers' AutoencoderTiny config -> ours.
+fn taesd_config(v: &Value) -> Result<TaesdConfig> {
+    let d = TaesdConfig::sd();
+    let list = |key: &str, default: Vec<i64>| if v[key].is_null() { Ok(default) } else { get_list(v, key) };
+    let config = TaesdConfig {
+        in_channels: v["in_channels"].as_i64().unwrap_or(3),
+        out_channels: v["out_channels"].as_i64().unwrap_or(3),
+        latent_channels: v["latent_channels"].as_i64().unwrap_or(4),
+        encoder_block_out_channels: list("encoder_block_out_channels", d.encoder_block_out_channels)?,
+        decoder_block_out_channels: list("decoder_block_out_channels", d.decoder_block_out_channels)?,
+        num_encoder_blocks: list("num_encoder_blocks", d.num_encoder_blocks)?,
+        num_decoder_blocks: list("num_decoder_blocks", d.num_decoder_blocks)?,
+    };
+    ensure!(
+        v["scaling_factor"].as_f64().unwrap_or(1.0) == 1.0 && v["act_fn"].as_str().unwrap_or("relu") == "relu",
+        "this AutoencoderTiny has another scaling_factor or activation than TAESD for SD 1.x (1.0, relu)"
+    );
+    config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(config)
 }
 
 fn vae_config(v: &Value) -> Result<VaeConfig> {

@@ -27,6 +27,7 @@ inputs, and writes the weights and the outputs as safetensors into the folder gi
     lora_kohya.safetensors, lora-peft/, embeddings/, controlnet-sd/, control_tiny_sd15.safetensors,
     sd_files_reference.safetensors  the files SD 1.5 users download, for tiny-sd, and diffusers' outputs with them
                                 (see sd_files)
+    taesd-tiny/, tiny-sd-inpaint/, fast_path_reference.safetensors  LCM, TAESD and the inpainting model (fast_path)
     canny_reference.safetensors images (N, 28, 28) uint8 — the first 64 MNIST test digits, then synthetic shapes — and
                                 edges: OpenCV's cv2.Canny(image, 100, 200) of each (ControlNet's annotator), when
                                 opencv-python-headless is installed
@@ -186,11 +187,12 @@ SD15_SCHEDULER = dict(
 )
 
 
-def sd15_unet(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, sample_size=64):
-    """UNet2DConditionModel of SD 1.5's layout (runwayml's unet/config.json), at these widths."""
+def sd15_unet(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, sample_size=64, in_channels=4):
+    """UNet2DConditionModel of SD 1.5's layout (runwayml's unet/config.json), at these widths (in_channels 9: the
+    inpainting model's latents, mask and masked-image latents)."""
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -531,9 +533,70 @@ def sd_files(out: Path) -> None:
     save_file({k: v.contiguous() for k, v in ref.items()}, str(out / "sd_files_reference.safetensors"))
 
 
+def fast_path(out: Path) -> None:
+    """SD on a CPU (issue 25), for tiny-sd with random weights:
+
+    taesd-tiny/                 a random AutoencoderTiny (16 channels, TAESD's layout), save_pretrained
+    tiny-sd-inpaint/            tiny-sd with a random 9-channel UNet (SD 1.5 inpainting's layout), save_pretrained
+    fast_path_reference.safetensors  taesd_x, taesd_latents (encode), taesd_z, taesd_decoded (decode);
+                                lcm_images (StableDiffusionPipeline + LCMScheduler, 4 steps, w = 1.5, generator SEED),
+                                lcm_taesd_images (the same decoded by taesd-tiny); inpaint_image, inpaint_mask,
+                                inpaint_images (StableDiffusionInpaintPipeline, 4 DDIM steps, w = 7.5, generator SEED)
+    """
+    from diffusers import AutoencoderTiny, LCMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+    if openai_tokenizer() is None:
+        return
+    g = torch.Generator().manual_seed(50)
+    ref = {}
+    taesd = AutoencoderTiny(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4).eval()
+    randomize(taesd, 51)
+    taesd.save_pretrained(out / "taesd-tiny")
+    ref["taesd_x"] = torch.rand(1, 3, 64, 64, generator=g)
+    ref["taesd_z"] = torch.randn(1, 4, 8, 8, generator=g) * 2
+    with torch.no_grad():
+        ref["taesd_latents"] = taesd.encode(ref["taesd_x"] * 2 - 1).latents
+        ref["taesd_decoded"] = taesd.decode(ref["taesd_z"]).sample
+
+    def load():
+        pipe = StableDiffusionPipeline.from_pretrained(out / "tiny-sd", safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
+    for name, vae in (("lcm_images", None), ("lcm_taesd_images", taesd)):
+        pipe = load()
+        if vae is not None:
+            pipe.vae = vae
+        with torch.no_grad():
+            ref[name] = torch.from_numpy(pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=4,
+                                              guidance_scale=1.5, generator=torch.Generator().manual_seed(SEED),
+                                              output_type="np").images)
+    base = StableDiffusionPipeline.from_pretrained(out / "tiny-sd", safety_checker=None, requires_safety_checker=False)
+    unet = sd15_unet(block_out_channels=(64, 128, 192, 192), cross_attention_dim=32, sample_size=8, in_channels=9)
+    randomize(unet, 52)
+    inpaint = StableDiffusionInpaintPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                             unet=unet, scheduler=base.scheduler, safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    inpaint.set_progress_bar_config(disable=True)
+    inpaint.save_pretrained(out / "tiny-sd-inpaint")
+    ref["inpaint_image"] = torch.rand(1, 3, 64, 64, generator=g)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[:, :, 16:48, 8:40] = 1.0  # white = repaint
+    ref["inpaint_mask"] = mask
+    with torch.no_grad():
+        ref["inpaint_images"] = torch.from_numpy(inpaint(PROMPT, image=ref["inpaint_image"], mask_image=mask,
+                                                         negative_prompt=NEGATIVE, height=64, width=64,
+                                                         num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                                                         generator=torch.Generator().manual_seed(SEED),
+                                                         output_type="np").images)
+    save_file({k: v.contiguous() for k, v in ref.items()}, str(out / "fast_path_reference.safetensors"))
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
     canny(Path(sys.argv[1]))
     tokenize_corpus(Path(sys.argv[1]))
     pipeline(Path(sys.argv[1]))
     sd_files(Path(sys.argv[1]))
+    fast_path(Path(sys.argv[1]))
