@@ -10,7 +10,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::cli::{lesson_main, markdown_table, Run};
-use scratch_diffusion::data::png::{read_png_rgb, read_png_text};
+use scratch_diffusion::data::png::{read_png_gray, read_png_rgb, read_png_text};
 use scratch_diffusion::model::{sigmas_of_schedule, timestep_of_sigma};
 use scratch_diffusion::pipelines::stable_diffusion::{DrawArgs, GenerateParams, Posterior, StableDiffusion};
 use scratch_diffusion::sampling::SamplerStep;
@@ -43,6 +43,9 @@ enum Command {
     Generate(DrawArgs),
     /// img2img ([SDEdit]): redraw --image IN.png towards --prompt; --strength 0 keeps it, 1 ignores it.
     Img2img(Img2ImgArgs),
+    /// Inpainting with SD's inpainting model: redraw --image where --mask is white (without --weights: a tiny random
+    /// model of its layout).
+    Inpaint(InpaintArgs),
 }
 
 #[derive(Args, Debug)]
@@ -69,28 +72,50 @@ struct Img2ImgArgs {
     posterior: Posterior,
 }
 
+#[derive(Args, Debug)]
+struct InpaintArgs {
+    #[command(flatten)]
+    draw: DrawArgs,
+    /// The PNG to repaint (its width and height must be multiples of 8).
+    #[arg(long)]
+    image: PathBuf,
+    /// A PNG of the same size: white where the picture is redrawn, black where it is kept.
+    #[arg(long)]
+    mask: PathBuf,
+}
+
+/// What a drawing command starts from.
+enum Edit {
+    Txt2img,
+    Img2img { image: PathBuf, strength: f64, posterior: Posterior },
+    Inpaint { image: PathBuf, mask: PathBuf },
+}
+
 fn main() {
     lesson_main(|| match Cli::parse() {
-        Cli { command: Some(Command::Generate(a)), .. } => draw(a, None),
-        Cli { command: Some(Command::Img2img(a)), .. } => draw(a.draw, Some((a.image, a.strength, a.posterior))),
+        Cli { command: Some(Command::Generate(a)), .. } => draw(a, Edit::Txt2img),
+        Cli { command: Some(Command::Img2img(a)), .. } => {
+            draw(a.draw, Edit::Img2img { image: a.image, strength: a.strength, posterior: a.posterior })
+        }
+        Cli { command: Some(Command::Inpaint(a)), .. } => draw(a.draw, Edit::Inpaint { image: a.image, mask: a.mask }),
         Cli { command: Some(Command::Tour(a)), .. } | Cli { tour: a, .. } => tour(a),
     })
 }
 
 // ANCHOR: load
 /// The pipeline of `--weights` (or the tiny random one), in `--dtype`, and the settings of `flags`.
-fn pipeline(run: &Run, flags: &DrawArgs) -> Result<(StableDiffusion, GenerateParams)> {
+fn pipeline(run: &Run, flags: &DrawArgs, inpainting: bool) -> Result<(StableDiffusion, GenerateParams)> {
     let kind = kind_of_dtype(&flags.dtype)?;
     let mut sd = match &flags.weights {
         Some(path) => {
             println!("loading SD weights from {} ...", path.display());
             StableDiffusion::load(path, run.device)?
         }
-        None => tiny_model(run)?,
+        None => tiny_model(run, inpainting)?,
     };
     let p = flags.params(run.quick, run.seed)?;
     // LoRAs (merged in f32), embeddings, ControlNets: the files users download
-    for said in flags.extras.attach(&mut sd, &[&p.prompt, &p.negative_prompt], run)? {
+    for said in flags.extras.attach(&mut sd, &p.prompt, run)? {
         println!("{said}");
     }
     sd.set_kind(kind);
@@ -98,15 +123,18 @@ fn pipeline(run: &Run, flags: &DrawArgs) -> Result<(StableDiffusion, GeneratePar
 }
 // ANCHOR_END: load
 
-/// The tiny random model of SD 1.5's layout: the same whatever --seed is (which picks the noise).
-fn tiny_model(run: &Run) -> Result<StableDiffusion> {
+/// The tiny random model of SD 1.5's layout (or of its inpainting model, whose UNet reads 9 channels): the same
+/// whatever --seed is (which picks the noise).
+fn tiny_model(run: &Run, inpainting: bool) -> Result<StableDiffusion> {
     tch::manual_seed(TINY_MODEL_SEED);
-    StableDiffusion::new(SdModels::new(SdConfig::tiny(), run.device)?, "tiny-random")
+    let mut config = SdConfig::tiny();
+    config.unet.in_channels = if inpainting { 9 } else { 4 };
+    StableDiffusion::new(SdModels::new(config, run.device)?, "tiny-random")
 }
 
-fn draw(args: DrawArgs, edit: Option<(PathBuf, f64, Posterior)>) -> Result<()> {
+fn draw(args: DrawArgs, edit: Edit) -> Result<()> {
     let run = args.common.init("lesson09")?;
-    let (sd, p) = pipeline(&run, &args)?;
+    let (sd, p) = pipeline(&run, &args, matches!(edit, Edit::Inpaint { .. }))?;
     if args.weights.is_none() {
         println!("no --weights: the tiny random model draws noise-like images (README: how to get SD 1.5's weights)");
     }
@@ -117,7 +145,10 @@ fn draw(args: DrawArgs, edit: Option<(PathBuf, f64, Posterior)>) -> Result<()> {
         println!("image {i} step {:>3}: σ {:>8.4} -> {:>8.4} ({step_s:.1} s)", s.i, s.sigma, s.sigma_next);
         last = Instant::now();
     };
-    let strength = edit.as_ref().map(|e| e.1);
+    let strength = match edit {
+        Edit::Img2img { strength, .. } => Some(strength),
+        _ => None,
+    };
     let mut paths = Vec::new(); // each image is written as soon as it is decoded
     let mut save = |i: usize, drawn: &GenerateParams, image: &Tensor| {
         paths.push(sd.save_png(&run, drawn, i, image, strength)?);
@@ -125,9 +156,12 @@ fn draw(args: DrawArgs, edit: Option<(PathBuf, f64, Posterior)>) -> Result<()> {
         Ok(())
     };
     let generated = match &edit {
-        None => sd.txt2img(&p, &mut on_step, &mut save)?,
-        Some((image, strength, posterior)) => {
+        Edit::Txt2img => sd.txt2img(&p, &mut on_step, &mut save)?,
+        Edit::Img2img { image, strength, posterior } => {
             sd.img2img(&read_png_rgb(image)?, *strength, *posterior, &p, &mut on_step, &mut save)?
+        }
+        Edit::Inpaint { image, mask } => {
+            sd.inpaint(&read_png_rgb(image)?, &read_png_gray(mask)?, &p, &mut on_step, &mut save)?
         }
     };
     for w in &generated.warnings {
@@ -136,7 +170,12 @@ fn draw(args: DrawArgs, edit: Option<(PathBuf, f64, Posterior)>) -> Result<()> {
     let elapsed = seconds(started);
     println!("{} image(s) in {elapsed:.1} s", paths.len());
     let infotext = sd.infotext(&generated.params, 0, strength); // img2img: the input's size
-    run.write_metrics(json!({"command": if edit.is_some() { "img2img" } else { "generate" },
+    let command = match edit {
+        Edit::Txt2img => "generate",
+        Edit::Img2img { .. } => "img2img",
+        Edit::Inpaint { .. } => "inpaint",
+    };
+    run.write_metrics(json!({"command": command,
         "model": sd.model_name, "seconds": elapsed, "images": paths, "infotext": infotext}))?;
     Ok(())
 }
@@ -147,7 +186,7 @@ fn seconds(t0: Instant) -> f64 {
 
 fn tour(args: TourArgs) -> Result<()> {
     let run = args.draw.common.init("lesson09")?;
-    let (sd, p) = pipeline(&run, &args.draw)?;
+    let (sd, p) = pipeline(&run, &args.draw, false)?;
     let [n_text, n_unet, n_vae] = sd.models.num_parameters();
     println!("model {}: text encoder {n_text}, UNet {n_unet}, VAE {n_vae} parameters", sd.model_name);
 
@@ -256,7 +295,7 @@ fn tour(args: TourArgs) -> Result<()> {
     // 9. (the tiny model) The files users download: a LoRA, an embedding and a ControlNet, through generate's flags.
     let files = match args.draw.weights {
         Some(_) => None,
-        None => Some(sd_files::tour(&|| tiny_model(&run), &run, &p)?),
+        None => Some(sd_files::tour(&|| tiny_model(&run, false), &run, &p)?),
     };
     for (what, levels) in files.iter().flat_map(|f| &f.changes) {
         println!("9. {what}: the image changes by {levels:.1} levels (mean |Δ| of 255)");

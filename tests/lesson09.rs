@@ -137,6 +137,11 @@ fn downloaded_files_load_through_the_generate_flags() {
     assert_ok(&run_lesson(BIN, &["--quick", "--out", tour.to_str().unwrap()]));
     let m = metrics(&tour);
     assert_eq!(m["files"]["multiplier_zero_identical"].as_bool(), Some(true));
+    assert_eq!(
+        m["files"]["changes"].as_array().unwrap().len(),
+        4,
+        "the LoRA, the embedding, the ControlNet, all three"
+    );
     for change in m["files"]["changes"].as_array().unwrap() {
         assert!(change[1].as_f64().unwrap() > 1.0, "{change}: every file changes the image");
     }

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use scratch_diffusion::cli::{peak_rss_mib, venv_python, KEEP_FREED_MEMORY_ENV};
 use scratch_diffusion::nn::layers::channels_last;
+use scratch_diffusion::nn::taesd::{Taesd, TaesdConfig};
 use scratch_diffusion::pipelines::stable_diffusion::{GenerateParams, SdSampler, StableDiffusion};
 use scratch_diffusion::sd::weights::kind_of_dtype;
 use scratch_diffusion::sd::{SdConfig, SdModels};
@@ -38,8 +39,9 @@ struct Args {
     /// Dtypes to run, comma-separated: f32, bf16.
     #[arg(long, value_delimiter = ',', default_value = "f32,bf16")]
     dtypes: Vec<String>,
-    /// Networks to time, comma-separated: text, unet, vae (a shorter run for more rounds).
-    #[arg(long, value_delimiter = ',', default_value = "text,unet,vae", value_parser = ["text", "unet", "vae"])]
+    /// Parts to time, comma-separated: text, unet, vae (the networks), lcm (a whole 512² image: text encoding, 4 LCM
+    /// steps at w = 1 as with the LCM-LoRA, the TAESD decode; alone, its process's peak memory is the image's).
+    #[arg(long, value_delimiter = ',', default_value = "text,unet,vae", value_parser = ["text", "unet", "vae", "lcm"])]
     parts: Vec<String>,
     /// Also time a whole 512² txt2img of this many Euler a steps (0: skip; 20 is SD's usual; minutes per image here).
     #[arg(long, default_value_t = 0)]
@@ -107,6 +109,25 @@ fn ours(args: &Args, dtype: &str) -> Result<()> {
             out["vae_decode_512_s"] = json!(median_time(args.reps, || drop(models.vae.decode(&z))));
         }
     });
+    if timed("lcm") {
+        let mut sd = StableDiffusion::new(models, "random")?;
+        let mut vs = tch::nn::VarStore::new(Device::Cpu);
+        let taesd = Taesd::new(vs.root(), TaesdConfig::sd()); // random weights, TAESD's shapes
+        vs.set_kind(kind);
+        sd.taesd = Some((vs, taesd));
+        let p = GenerateParams {
+            steps: 4,
+            sampler: SdSampler::Lcm,
+            cfg_scale: 1.0,
+            ..GenerateParams::new("a photo of an astronaut riding a horse")
+        };
+        let t0 = Instant::now();
+        sd.txt2img(&p, &mut |_, _| {}, &mut |_, _, _| Ok(()))?;
+        out["lcm_taesd_512_s"] = json!(t0.elapsed().as_secs_f64());
+        out["peak_rss_mib"] = json!(peak_rss_mib());
+        println!("{out}");
+        return Ok(());
+    }
     if args.full_image_steps > 0 {
         let sd = StableDiffusion::new(models, "random")?;
         let p = GenerateParams {
@@ -156,7 +177,8 @@ fn median(v: &mut [f64]) -> f64 {
 fn all(args: &Args) -> Result<()> {
     let py = python()?;
     let exe = std::env::current_exe()?;
-    let parts = ["text_encode_s", "unet_cfg_step_s", "vae_decode_512_s", "txt2img_512_s", "peak_rss_mib"];
+    let parts =
+        ["text_encode_s", "unet_cfg_step_s", "vae_decode_512_s", "txt2img_512_s", "lcm_taesd_512_s", "peak_rss_mib"];
     let mut report = json!({"threads": args.threads, "reps": args.reps, "rounds": args.rounds, "runs": []});
     println!(
         "SD 1.5, random weights, {} threads; medians of {} runs, median over {} rounds",

@@ -26,9 +26,7 @@ fn to_gray(image: &Tensor) -> Result<Gray> {
 pub fn canny_rgb_hint(image: &Tensor) -> Result<Tensor> {
     let size = image.size();
     ensure!(size.len() == 4 && size[..2] == [1, 3], "the control image is {size:?}: one RGB image (1, 3, H, W)");
-    let weights = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
-    let luma = (image.to_kind(Kind::Float) * weights).sum_dim_intlist([1i64].as_slice(), false, Kind::Float); // (1, H, W)
-    let edges = canny_hints(&luma.unsqueeze(1), &ANNOTATOR)?; // (1, 1, H, W)
+    let edges = canny_hints(&crate::data::png::luma(image), &ANNOTATOR)?; // (1, 1, H, W)
     Ok(edges.expand([1, 3, size[2], size[3]], false).contiguous())
 }
 

@@ -10,11 +10,13 @@ use tch::{Device, Kind, Tensor};
 
 /// The image at `path` as (1, 1, H, W) f32 in [0, 1]; errors name the file and what is wrong with it.
 pub fn read_png_gray(path: &Path) -> Result<Tensor> {
-    let rgb = read_png_rgb(path)?; // (1, 3, H, W)
-                                   // ITU-R BT.601 luma: 0.299 R + 0.587 G + 0.114 B
-    let weights = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]);
-    Ok((rgb * weights).sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Float))
-    // (1, 1, H, W)
+    Ok(luma(&read_png_rgb(path)?))
+}
+
+/// RGB images (B, 3, H, W) -> their luma (B, 1, H, W), ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B (OpenCV's RGB2GRAY).
+pub fn luma(rgb: &Tensor) -> Tensor {
+    let weights = Tensor::from_slice(&[0.299f32, 0.587, 0.114]).view([1, 3, 1, 1]).to_device(rgb.device());
+    (rgb.to_kind(tch::Kind::Float) * weights).sum_dim_intlist([1i64].as_slice(), true, tch::Kind::Float)
 }
 
 /// The largest PNG read, per side: SD 1.5 draws 512x512; an 8192x8192 image is 768 MiB as f32 RGB.

@@ -32,10 +32,10 @@ use crate::sampling::SamplerStep;
 use crate::sd::embeddings::Embeddings;
 use crate::sd::lora::{lora_hashes, merge_loras, parse_lora_flag, parse_prompt_loras, strip_lora_tags};
 use crate::sd::lora::{Component, LoraFile, LoraUse};
-use crate::sd::weights::{load_controlnet, SdModels};
+use crate::sd::weights::{load_controlnet, load_taesd, SdModels};
 use crate::text::bpe::CLIP_CONTEXT_LEN;
 use crate::text::Bpe;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -310,6 +310,10 @@ pub struct ExtrasArgs {
     /// Fraction of the steps after which they stop.
     #[arg(long, default_value_t = 1.0)]
     pub control_end: f64,
+    /// Decode with TAESD (the madebyollin/taesd folder, or its safetensors file) instead of the VAE: a fraction of the
+    /// time, softer detail.
+    #[arg(long, value_name = "PATH")]
+    pub taesd: Option<PathBuf>,
 }
 
 /// A control image's preprocessor.
@@ -322,7 +326,7 @@ pub enum Preprocessor {
 impl ExtrasArgs {
     /// Loads the embeddings, merges the LoRAs (the flags' and the prompts'), and adds the ControlNets with their hints
     /// (each preprocessed hint is written as `control_K.png` into the run's folder). Returns what it did, to print.
-    pub fn attach(&self, sd: &mut StableDiffusion, prompts: &[&str], run: &Run) -> Result<Vec<String>> {
+    pub fn attach(&self, sd: &mut StableDiffusion, prompt: &str, run: &Run) -> Result<Vec<String>> {
         let mut said = Vec::new();
         if let Some(dir) = &self.embedding_dir {
             sd.embeddings = Embeddings::load_dir(dir, sd.models.config.text.hidden_size)?;
@@ -330,13 +334,17 @@ impl ExtrasArgs {
             said.push(format!("embeddings from {}: {}", dir.display(), names.join(", ")));
         }
         let flags = self.loras.iter().map(|f| parse_lora_flag(f)).collect::<Result<Vec<_>>>()?;
-        sd.add_loras(&flags, prompts, self.lora_dir.as_deref())?;
+        sd.add_loras(&flags, prompt, self.lora_dir.as_deref())?;
         for lora in &sd.loras {
             let (te, unet) = (lora.count(Component::TextEncoder), lora.count(Component::Unet));
             said.push(format!(
                 "LoRA {} ({:?} layout): {te} text-encoder and {unet} UNet modules merged",
                 lora.name, lora.format
             ));
+        }
+        if let Some(path) = &self.taesd {
+            sd.taesd = Some(load_taesd(path, sd.device()).with_context(|| format!("--taesd {}", path.display()))?);
+            said.push(format!("TAESD from {} decodes the images", path.display()));
         }
         let n = self.controlnets.len();
         ensure!(
@@ -556,12 +564,20 @@ impl StableDiffusion {
         Ok((hidden.to_kind(Kind::Float), tokens.encoded.truncated))
     }
 
-    /// Merges LoRAs into the weights: `flags` (`--lora FILE:W`) and those the prompts name (`<lora:NAME:W>`, found in
-    /// `dir`); every file is checked against the model before any weight changes.
-    pub fn add_loras(&mut self, flags: &[LoraUse], prompts: &[&str], dir: Option<&Path>) -> Result<()> {
+    /// Merges LoRAs into the weights: `flags` (`--lora FILE:W`) and those the prompt names (`<lora:NAME:W>`, found in
+    /// `dir`; as in the web UI, tags in the negative prompt are only removed); every file is checked against the model
+    /// before any weight changes, and a file given twice is refused (it would be merged twice).
+    pub fn add_loras(&mut self, flags: &[LoraUse], prompt: &str, dir: Option<&Path>) -> Result<()> {
         let mut uses = flags.to_vec();
-        for prompt in prompts {
-            uses.extend(parse_prompt_loras(prompt, dir)?.1);
+        uses.extend(parse_prompt_loras(prompt, dir)?.1);
+        let key = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        for (i, u) in uses.iter().enumerate() {
+            if uses[..i].iter().any(|v| key(&v.path) == key(&u.path)) {
+                bail!(
+                    "the LoRA {} is given twice (--lora or <lora:…>): give it once, with one multiplier",
+                    u.path.display()
+                );
+            }
         }
         for u in &uses {
             LoraFile::open(&u.path, &self.models)?; // every file checked before any weight changes
@@ -719,8 +735,8 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// A control's hint at the image's size: resized (bilinear, antialiased) where it differs, as the web UIs resize a
-    /// control image to the picture ([`Self::control_warnings`] says so).
+    /// A control's hint at the image's size: stretched (bilinear, antialiased) where it differs, with a warning
+    /// ([`Self::control_warnings`]); the web UI's default crops it to the picture's aspect ratio first.
     fn fitted_hint(&self, c: &SdControl, p: &GenerateParams) -> Tensor {
         let size = c.hint.size();
         let hint = c.hint.to_device(self.device());

@@ -48,7 +48,11 @@ impl ControlledGuidance<'_> {
     fn active(&self, control: &Control, t: &Tensor) -> bool {
         let t = t.double_value(&[0]);
         let n = self.timesteps.len();
-        let from_top = self.timesteps.iter().rposition(|&s| s <= t).unwrap_or(0); // its place, ascending
+        // its place, ascending: the nearest of the grid's timesteps (the samplers hand σ over in f32, so the t they
+        // give the model can sit a hair below the grid's own, 750.99999 for 751)
+        let distance = |s: f64| (s - t).abs();
+        let from_top =
+            (0..n).min_by(|&a, &b| distance(self.timesteps[a]).total_cmp(&distance(self.timesteps[b]))).unwrap_or(0);
         let k = (n - 1 - from_top) as f64; // the step's index in sampling order
         let kept = k / n as f64 >= control.window.0 && (k + 1.0) / n as f64 <= control.window.1;
         control.scale.conditioning_scale != 0.0 && kept
@@ -166,6 +170,13 @@ mod tests {
         let plain = ClassifierFreeGuidance::new(&unet, c.copy(), u.copy(), 3.0);
         // diffusers' window over 5 steps with end 0.5: steps 0 and 1 controlled (2/5 ≤ 0.5 < 3/5), then not
         let grid = vec![0.0, 250.0, 500.0, 750.0, 999.0];
+        // a timestep a hair off the grid (σ rounded to f32 on its way to the model) is still its step
+        let near = ControlledGuidance { timesteps: grid.clone(), ..model(1.0, false, (0.2, 0.4)) }; // step 1 alone
+        let at_near = |t: f64| near.active(&near.controls[0], &Tensor::from_slice(&[t]));
+        assert_eq!(
+            [998.99999, 749.99999, 499.99999, 250.00001, 0.00001].map(at_near),
+            [false, true, false, false, false]
+        );
         let five = ControlledGuidance { timesteps: grid.clone(), ..model(1.0, false, (0.0, 0.5)) };
         let active: Vec<bool> = [999i64, 750, 500, 250, 0]
             .iter()

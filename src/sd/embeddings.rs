@@ -58,7 +58,7 @@ impl Embeddings {
                 vec![(stem.clone(), k.clone())]
             } else {
                 let mut v: Vec<(String, String)> = keys.iter().map(|k| (k.clone(), k.clone())).collect();
-                if keys.len() == 1 && keys[0] != stem && stem != "learned_embeds" {
+                if keys.len() == 1 && !keys[0].eq_ignore_ascii_case(&stem) && stem != "learned_embeds" {
                     v.push((stem.clone(), keys[0].clone()));
                 }
                 v

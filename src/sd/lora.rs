@@ -175,6 +175,20 @@ fn diffusers_module(key: &str) -> Option<(String, bool, LoraFormat)> {
     None
 }
 
+/// A 0-dim (or one-element) α, finite.
+fn read_alpha(file: &mut SafetensorsFile, key: &str) -> Result<f64> {
+    let t = file.tensor(key)?;
+    let shown = file.path.display();
+    ensure!(
+        t.numel() == 1,
+        "{shown}: '{key}' holds {} values, a LoRA's alpha is one number: the file is damaged",
+        t.numel()
+    );
+    let alpha = t.to_kind(Kind::Double).flatten(0, -1).double_value(&[0]);
+    ensure!(alpha.is_finite(), "{shown}: '{key}' is {alpha}, not a number: the file is damaged; download it again");
+    Ok(alpha)
+}
+
 /// PEFT's α of `module` in `component` from diffusers' `lora_adapter_metadata` (`unet.lora_alpha`,
 /// `unet.alpha_pattern`), or None (then α = r).
 fn peft_alpha(metadata: &BTreeMap<String, String>, component: Component, module: &str) -> Option<f64> {
@@ -235,14 +249,14 @@ impl LoraFile {
                 match leaf {
                     "lora_down.weight" => slot.0 = Some(key.clone()),
                     "lora_up.weight" => slot.1 = Some(key.clone()),
-                    "alpha" => slot.2 = Some(file.tensor(key)?.to_kind(Kind::Double).double_value(&[])),
+                    "alpha" => slot.2 = Some(read_alpha(&mut file, key)?),
                     _ => unmatched.push(key.clone()),
                 }
             } else {
                 let stripped = key.strip_prefix("base_model.model.").unwrap_or(key);
                 if let Some(module) = stripped.strip_suffix(".alpha") {
                     let slot = found.entry(module.to_string()).or_default();
-                    slot.2 = Some(file.tensor(key)?.to_kind(Kind::Double).double_value(&[]));
+                    slot.2 = Some(read_alpha(&mut file, key)?);
                     continue;
                 }
                 let Some((module, down, _)) = diffusers_module(stripped) else {
@@ -274,7 +288,7 @@ impl LoraFile {
             };
             let (a, b) = (file.tensor(&down)?, file.tensor(&up)?);
             let (sa, sb) = (a.size(), b.size());
-            let r = sa[0];
+            let r = sa.first().copied().unwrap_or(0);
             let rank_ok = sa.len() == shape.len() && sb.len() == shape.len() && sb[1] == r && r > 0;
             let shapes_ok = rank_ok
                 && sb[0] == shape[0]
@@ -290,6 +304,10 @@ impl LoraFile {
                 _ => alpha,
             }
             .unwrap_or(r as f64); // kohya and PEFT: no α means α = r (scale 1)
+            ensure!(
+                alpha.is_finite(),
+                "{shown}: the alpha of '{module}' is {alpha}, not a number: the file is damaged"
+            );
             for (key, t) in [(&down, &a), (&up, &b)] {
                 crate::cli::ensure_finite(
                     t,
@@ -410,8 +428,9 @@ pub fn strip_lora_tags(prompt: &str) -> String {
     text
 }
 
-fn first_line(s: &str) -> &str {
-    &s[..s.find([' ', '\n']).unwrap_or(s.len()).min(40)]
+/// The start of `s` up to its first space or newline, at most 40 characters (for messages).
+fn first_line(s: &str) -> String {
+    s.split([' ', '\n']).next().unwrap_or("").chars().take(40).collect()
 }
 
 /// `FILE` or `FILE:W` (both multipliers W) of `--lora`.
@@ -546,6 +565,8 @@ mod tests {
         assert!(e("<lora:nope:1>", Some(&dir)).contains("nope.safetensors"));
         assert!(e("<lora:style:x>", Some(&dir)).contains("'x' is not a multiplier"));
         assert!(e("a <lora:style", Some(&dir)).contains("no closing"));
+        assert!(e("<lora:日本語日本語日本語日本語日本語日本語日本語日本語日本語日本語日本語日本語日本語日本語", None)
+            .contains("no closing"));
         assert_eq!(parse_prompt_loras("plain", None).unwrap().0, "plain");
         assert_eq!(parse_lora_flag("a/b.safetensors:0.5").unwrap().unet, 0.5);
         assert_eq!(parse_lora_flag("C:/x.safetensors").unwrap().path, PathBuf::from("C:/x.safetensors"));

@@ -158,7 +158,13 @@ impl SdModels {
             path.display()
         );
         let file = open_single_file(path)?; // its header, read before 4 GB of networks are built for it
-        let mut models = Self::new(SdConfig::sd15(), device)?;
+        let mut config = SdConfig::sd15();
+        // the inpainting model (sd-v1-5-inpainting) reads 9 channels: its conv_in says so
+        let conv_in = format!("{}.input_blocks.0.0.weight", crate::sd::keymap::UNET_ORIGINAL);
+        if let Some(c) = file.entry(&conv_in).and_then(|e| e.shape.get(1).copied()) {
+            config.unet.in_channels = c;
+        }
+        let mut models = Self::new(config, device)?;
         models.load_from(file)?;
         Ok(models)
     }
@@ -442,6 +448,11 @@ pub fn load_controlnet(path: &Path, unet: &UNetConfig, device: Device) -> Result
             if diffusers { " (it holds a diffusers ControlNet: pass the folder with its config.json)" } else { "" }
         );
     }
+    ensure!(
+        hint_convs.len() >= 2 && hint_convs.values().all(|s| s.len() == 4),
+        "{shown}: its `input_hint_block` has {} convolution weights, not all of them 4-D: the file is damaged",
+        hint_convs.len()
+    );
     // the convolutions' output widths in order: conv_in, the middle blocks, conv_out
     let outs: Vec<i64> = hint_convs.values().map(|s| s[0]).collect();
     let hint_blocks = outs.len() - 2;

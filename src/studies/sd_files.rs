@@ -109,7 +109,7 @@ pub fn tour(make: &dyn Fn() -> Result<StableDiffusion>, run: &Run, p: &GenerateP
     let draw = |prompt: &str, extras: &ExtrasArgs| -> Result<(Tensor, String, Vec<String>)> {
         let mut sd = make()?;
         let p = GenerateParams { prompt: prompt.into(), batch: 1, ..p.clone() };
-        let attached = extras.attach(&mut sd, &[&p.prompt, &p.negative_prompt], run)?;
+        let attached = extras.attach(&mut sd, &p.prompt, run)?;
         let generated = sd.txt2img(&p, &mut |_, _| {}, &mut |_, _, _| Ok(()))?;
         Ok((generated.images, sd.infotext(&p, 0, None), attached))
     };

@@ -453,7 +453,7 @@ def sd_files(out: Path) -> None:
     sd_files_reference.safetensors  sample, timestep; lora_states, lora_eps (text states of PROMPT and the UNet's output
                                 with the LoRA fused at LORA_TE_SCALE / LORA_UNET_SCALE); ti_states (TI_PROMPT's states);
                                 hint, control_images, guess_images (StableDiffusionControlNetPipeline, 4 DDIM steps,
-                                scale 0.8 for the first 3 steps, then guess mode at 1.0); img2img_input, img2img_images
+                                scale 0.8 for steps 1 and 2 of 0-3, then guess mode at 1.0); img2img_input, img2img_images
                                 (StableDiffusionImg2ImgPipeline's defaults, strength 0.75, generator seed SEED)
     """
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline
@@ -502,11 +502,12 @@ def sd_files(out: Path) -> None:
     control.set_progress_bar_config(disable=True)
     ref["hint"] = torch.rand(1, 3, 64, 64, generator=g)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(SEED))
-    for name, scale, end, guess in (("control_images", 0.8, 0.75, False), ("guess_images", 1.0, 1.0, True)):
+    for name, scale, start, end, guess in (("control_images", 0.8, 0.25, 0.75, False), ("guess_images", 1.0, 0.0, 1.0, True)):
         with torch.no_grad():
             ref[name] = torch.from_numpy(control(PROMPT, negative_prompt=NEGATIVE, image=ref["hint"], height=64, width=64,
                                                  num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents,
-                                                 controlnet_conditioning_scale=scale, control_guidance_end=end,
+                                                 controlnet_conditioning_scale=scale, control_guidance_start=start,
+                                                 control_guidance_end=end,
                                                  guess_mode=guess, output_type="np").images)
     # img2img with diffusers' defaults: the posterior sampled with the generator, then the noise
     img2img = StableDiffusionImg2ImgPipeline(**load().components)
