@@ -175,6 +175,9 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn all(args: &Args) -> Result<()> {
+    if args.parts.iter().any(|p| p == "lcm") && args.parts.len() > 1 {
+        bail!("--parts lcm runs alone (its process's peak memory is the whole image's): run the networks separately");
+    }
     let py = python()?;
     let exe = std::env::current_exe()?;
     let parts =
