@@ -182,7 +182,9 @@ fn all(args: &Args) -> Result<()> {
     let exe = std::env::current_exe()?;
     let parts =
         ["text_encode_s", "unet_cfg_step_s", "vae_decode_512_s", "txt2img_512_s", "lcm_taesd_512_s", "peak_rss_mib"];
-    let mut report = json!({"threads": args.threads, "reps": args.reps, "rounds": args.rounds, "runs": []});
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut report = json!({"threads": args.threads, "reps": args.reps, "rounds": args.rounds, "parts": args.parts,
+        "cpu": scratch_diffusion::cli::cpu_description(), "commit": scratch_diffusion::cli::git_commit(root), "runs": []});
     println!(
         "SD 1.5, random weights, {} threads; medians of {} runs, median over {} rounds",
         args.threads, args.reps, args.rounds
