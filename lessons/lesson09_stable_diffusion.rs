@@ -134,7 +134,8 @@ fn tiny_model(run: &Run, inpainting: bool) -> Result<StableDiffusion> {
 
 fn draw(args: DrawArgs, edit: Edit) -> Result<()> {
     let run = args.common.init("lesson09")?;
-    let (sd, p) = pipeline(&run, &args, matches!(edit, Edit::Inpaint { .. }))?;
+    let (mut sd, p) = pipeline(&run, &args, matches!(edit, Edit::Inpaint { .. }))?;
+    sd.encode_ahead_and_release(&[&p.prompt, &p.negative_prompt])?; // one prompt: the text encoder's 0.5 GB go
     if args.weights.is_none() {
         println!("no --weights: the tiny random model draws noise-like images (README: how to get SD 1.5's weights)");
     }

@@ -300,6 +300,21 @@ pub fn git_commit(root: &Path) -> String {
 /// The CPU as benchmarks and run stamps name it: the model name of /proc/cpuinfo and its widest matrix units (AMX,
 /// AVX-512 BF16, AVX-512, AVX2), e.g. `AMD EPYC (AVX-512 BF16)`; the architecture elsewhere.
 pub fn cpu_description() -> String {
+    let (model, units) = cpu_units();
+    match units {
+        Some(u) => format!("{model} ({u})"),
+        None => model,
+    }
+}
+
+/// Whether the CPU multiplies bf16 natively (AVX-512 BF16 or AMX): without, libtorch emulates bf16 and it is slower
+/// than f32 (about 6× on an AVX2-only EPYC).
+pub fn cpu_has_bf16() -> bool {
+    matches!(cpu_units().1, Some("AMX" | "AVX-512 BF16"))
+}
+
+/// The CPU's model name and its widest vector unit.
+fn cpu_units() -> (String, Option<&'static str>) {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
         info.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
@@ -311,10 +326,7 @@ pub fn cpu_description() -> String {
         .find(|(flag, _)| has(flag))
         .map(|(_, name)| *name);
     let model = field("model name").unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    match units {
-        Some(u) => format!("{model} ({u})"),
-        None => model,
-    }
+    (model, units)
 }
 
 /// `t` as an ISO 8601 UTC timestamp to the second (the civil-from-days algorithm of H. Hinnant's date library).

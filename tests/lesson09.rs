@@ -180,6 +180,17 @@ fn downloaded_files_load_through_the_generate_flags() {
     assert!(text.starts_with("a tiny-token cat <lora:tiny-style:0.5:1>\n"), "{text}");
     assert!(text.contains("ControlNet 0: \"Module: canny, Model: control_tiny_sd15_canny, Weight: 0.7, Guidance Start: 0, Guidance End: 0.5\""), "{text}");
     assert!(text.contains(", Lora hashes: \"tiny-style: "), "{text}");
+    // the fast path: LCM with TAESD; the inpainting model (a tiny random one without --weights)
+    assert_ok(&gen("lcm", &["--sampler", "LCM", "--cfg-scale", "1", "--taesd", &f("taesd.safetensors")]));
+    let text = read_png_text(&dir.path().join("lcm/image_00_seed0.png"), "parameters").unwrap().unwrap();
+    assert!(text.contains("Steps: 4, Sampler: LCM, CFG scale: 1,"), "{text}");
+    let image = dir.path().join("plain/image_00_seed0.png").to_str().unwrap().to_string();
+    let mask = tour.join("control_0.png").to_str().unwrap().to_string();
+    let inpaint =
+        |name: &str| run_lesson(BIN, &["inpaint", "--quick", "--out", &out(name), "--image", &image, "--mask", &mask]);
+    assert_ok(&inpaint("inpaint"));
+    assert_eq!(png(&dir.path().join("inpaint"), "image_00_seed0.png").size(), [1, 3, 64, 64]);
+    assert_user_error(&gen("e0", &["--taesd", &f("lora/tiny-style.safetensors")]), "not a TAESD");
     assert_user_error(
         &gen("e1", &["--controlnet", &f("control_tiny_sd15_canny.safetensors")]),
         "give each ControlNet its control image",

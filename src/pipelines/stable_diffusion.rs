@@ -270,8 +270,9 @@ pub struct DrawArgs {
     /// Images; image i uses --seed + i.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Weights' dtype on the CPU: f32, or bf16 (half the memory; fast only where the CPU has bf16 units).
-    #[arg(long, default_value = "f32")]
+    /// Weights' dtype on the CPU: auto (bf16 where the CPU has bf16 units: AVX-512 BF16 or AMX; else f32), f32, or
+    /// bf16 (half the memory; slower than f32 without those units).
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     #[command(flatten)]
     pub extras: ExtrasArgs,
@@ -344,7 +345,8 @@ impl ExtrasArgs {
         }
         if let Some(path) = &self.taesd {
             sd.taesd = Some(load_taesd(path, sd.device()).with_context(|| format!("--taesd {}", path.display()))?);
-            said.push(format!("TAESD from {} decodes the images", path.display()));
+            sd.models.release_vae_decoder(); // 49 M parameters TAESD replaces
+            said.push(format!("TAESD from {} decodes the images (the VAE's decoder is freed)", path.display()));
         }
         let n = self.controlnets.len();
         ensure!(
@@ -457,6 +459,8 @@ pub struct StableDiffusion {
     pub controls: Vec<SdControl>,
     /// TAESD, when it decodes the images in place of the VAE ([`crate::nn::taesd`]).
     pub taesd: Option<(VarStore, Taesd)>,
+    /// Prompts encoded ahead ([`Self::encode_ahead_and_release`]): their states, and whether they were cut.
+    encoded: std::collections::HashMap<String, (Tensor, bool)>,
 }
 
 /// A ControlNet with its hint and settings (diffusers' `StableDiffusionControlNetPipeline` arguments).
@@ -521,6 +525,7 @@ impl StableDiffusion {
             embeddings: Embeddings::default(),
             controls: Vec::new(),
             taesd: None,
+            encoded: Default::default(),
         })
     }
 
@@ -553,6 +558,13 @@ impl StableDiffusion {
     /// `<lora:…>` tags are removed first (their LoRAs are merged by [`Self::add_loras`]); the names of
     /// [`Self::embeddings`] read their vectors.
     pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, bool)> {
+        if let Some((states, cut)) = self.encoded.get(prompt) {
+            return Ok((states.shallow_clone(), *cut));
+        }
+        ensure!(
+            !self.models.released.text_encoder,
+            "the text encoder was released to save memory: load the model again"
+        );
         let text = strip_lora_tags(prompt);
         let vocab = self.models.config.text.vocab_size;
         let tokens = self.embeddings.tokenize(&self.tokenizer, &text, vocab, CLIP_CONTEXT_LEN)?;
@@ -562,6 +574,17 @@ impl StableDiffusion {
         let encoder = &self.models.text_encoder;
         let hidden = tch::no_grad(|| encoder.forward_with_extra_tokens(&ids, None, extra.as_ref())); // (1, 77, D)
         Ok((hidden.to_kind(Kind::Float), tokens.encoded.truncated))
+    }
+
+    /// Encodes `prompts` now and frees the text encoder (123 M parameters, 0.5 GB in f32) for the rest of the run:
+    /// a command that draws one prompt needs it only once. Other prompts are refused afterwards.
+    pub fn encode_ahead_and_release(&mut self, prompts: &[&str]) -> Result<()> {
+        for prompt in prompts {
+            let encoded = self.encode_prompt(prompt)?;
+            self.encoded.insert(prompt.to_string(), encoded);
+        }
+        self.models.release_text_encoder();
+        Ok(())
     }
 
     /// Merges LoRAs into the weights: `flags` (`--lora FILE:W`) and those the prompt names (`<lora:NAME:W>`, found in
@@ -600,9 +623,11 @@ impl StableDiffusion {
     pub fn decode(&self, latents: &Tensor) -> Tensor {
         let kind = self.models.kind();
         if let Some((_, taesd)) = &self.taesd {
+            // TAESD decodes the scaled latents themselves ([TAESD])
             let x = tch::no_grad(|| taesd.decode(&channels_last(&latents.to_kind(kind)))).to_kind(Kind::Float);
             return x.clamp(0.0, 1.0).to_device(Device::Cpu);
         }
+        assert!(!self.models.released.vae_decoder, "the VAE's decoder was released: TAESD decodes");
         let vae = &self.models.vae;
         // [LDM] sec. 4.3.2: the UNet's latents are s · z, s = scaling_factor
         let z = channels_last(&(latents / vae.config.scaling_factor).to_kind(kind));

@@ -20,12 +20,14 @@ use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-/// The weights' dtype a user names: `f32` or `bf16` (what `--dtype` takes).
+/// The weights' dtype a user names: `f32`, `bf16`, or `auto` (bf16 where the CPU multiplies it natively, else f32).
 pub fn kind_of_dtype(name: &str) -> Result<Kind> {
     match name {
         "f32" => Ok(Kind::Float),
         "bf16" => Ok(Kind::BFloat16),
-        other => bail!("--dtype {other}: use f32 or bf16"),
+        "auto" if crate::cli::cpu_has_bf16() => Ok(Kind::BFloat16),
+        "auto" => Ok(Kind::Float),
+        other => bail!("--dtype {other}: use auto, f32 or bf16"),
     }
 }
 
@@ -100,6 +102,26 @@ pub struct SdModels {
     pub text_vs: VarStore,
     pub unet_vs: VarStore,
     pub vae_vs: VarStore,
+    /// What was freed to save memory ([`Self::release_text_encoder`], [`Self::release_vae_decoder`]).
+    pub released: Released,
+}
+
+/// Parts of [`SdModels`] freed to save memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Released {
+    pub text_encoder: bool,
+    pub vae_decoder: bool,
+}
+
+/// Replaces the weights of `vs` whose names `which` picks by empty tensors, handing their memory back.
+fn release(vs: &VarStore, which: impl Fn(&str) -> bool) {
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            if which(&name) {
+                v.set_data(&Tensor::empty([0], (v.kind(), v.device())));
+            }
+        }
+    });
 }
 
 impl SdModels {
@@ -122,7 +144,7 @@ impl SdModels {
                 }
             }
         });
-        Ok(Self { config, text_encoder, unet, vae, text_vs, unet_vs, vae_vs })
+        Ok(Self { config, text_encoder, unet, vae, text_vs, unet_vs, vae_vs, released: Released::default() })
     }
 
     /// (component prefix, VarStore) of the three, as in [`KeyMap`]'s names.
@@ -139,6 +161,19 @@ impl SdModels {
 
     pub fn kind(&self) -> Kind {
         self.unet_vs.variables().values().next().map_or(Kind::Float, |t| t.kind())
+    }
+
+    /// Frees the VAE's decoder (`decoder.*`, `post_quant_conv.*`: 49 M of its 84 M parameters) when TAESD decodes in
+    /// its place; its encoder stays for img2img. Decoding with the VAE afterwards is refused.
+    pub fn release_vae_decoder(&mut self) {
+        release(&self.vae_vs, |name| name.starts_with("decoder.") || name.starts_with("post_quant_conv."));
+        self.released.vae_decoder = true;
+    }
+
+    /// Frees the text encoder (123 M parameters) once the prompts are encoded; encoding afterwards is refused.
+    pub fn release_text_encoder(&mut self) {
+        release(&self.text_vs, |_| true);
+        self.released.text_encoder = true;
     }
 
     pub fn num_parameters(&self) -> [i64; 3] {

@@ -7,6 +7,7 @@
 use crate::cli::Run;
 use crate::data::png::write_png_rgb_with_text;
 use crate::nn::controlnet::{ControlNet, ControlNetConfig};
+use crate::nn::taesd::{Taesd, TaesdConfig};
 use crate::pipelines::stable_diffusion::{ExtrasArgs, GenerateParams, Preprocessor, StableDiffusion};
 use crate::sd::embeddings::write_random_embedding;
 use crate::sd::lora::{write_random_kohya, Component};
@@ -20,6 +21,8 @@ pub const LORA_NAME: &str = "tiny-style";
 pub const TOKEN: &str = "tiny-token";
 /// The ControlNet's file name: SD 1.5's ControlNets are named like this (`control_v11p_sd15_canny`).
 pub const CONTROLNET_FILE: &str = "control_tiny_sd15_canny.safetensors";
+/// A random TAESD (diffusers' names), for `generate --taesd`.
+pub const TAESD_FILE: &str = "taesd.safetensors";
 
 /// What each file did to the image.
 #[derive(Debug, serde::Serialize)]
@@ -105,6 +108,12 @@ pub fn tour(make: &dyn Fn() -> Result<StableDiffusion>, run: &Run, p: &GenerateP
     let image = (disc * 0.8 + 0.1).expand([3, h, w], false); // (3, H, W)
     write_png_rgb_with_text(&dir.join("control_source.png"), &image, "Description", "a disc")?;
     // ANCHOR_END: tour_files
+    // a random TAESD under diffusers' AutoencoderTiny names (for `generate --taesd`; the tour does not draw with it)
+    let taesd_vs = VarStore::new(Device::Cpu);
+    let _taesd = Taesd::new(taesd_vs.root(), TaesdConfig::sd());
+    let mut named: Vec<(String, Tensor)> = taesd_vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, dir.join(TAESD_FILE))?;
 
     let draw = |prompt: &str, extras: &ExtrasArgs| -> Result<(Tensor, String, Vec<String>)> {
         let mut sd = make()?;
