@@ -385,6 +385,12 @@ fn unet_config(v: &Value) -> Result<UNetConfig> {
         "use_linear_projection is true: this is an SD 2.x/SDXL UNet; lesson 09 loads SD 1.x"
     );
     ensure!(v["addition_embed_type"].is_null(), "addition_embed_type is set: an SDXL UNet; lesson 09 loads SD 1.x");
+    // a distilled LCM (LCM_Dreamshaper) embeds the guidance scale into the time embedding: not built here
+    ensure!(
+        v["time_cond_proj_dim"].is_null(),
+        "time_cond_proj_dim is set: a distilled latent consistency model, whose guidance embedding this crate does not \
+         build; use SD 1.5 with the LCM-LoRA (README) and --sampler LCM"
+    );
     ensure!(v["norm_num_groups"].as_i64().unwrap_or(32) == 32, "norm_num_groups must be 32 (SD 1.x)");
     let types: Vec<&str> =
         v["down_block_types"].as_array().context("no down_block_types")?.iter().filter_map(Value::as_str).collect();
