@@ -109,27 +109,27 @@ fn pipeline(run: &Run, flags: &DrawArgs, inpainting: bool) -> Result<(StableDiff
     let mut sd = match &flags.weights {
         Some(path) => {
             println!("loading SD weights from {} ...", path.display());
-            StableDiffusion::load(path, run.device)?
+            StableDiffusion::load_in(path, run.device, kind)?
         }
-        None => tiny_model(run, inpainting)?,
+        None => tiny_model(run, inpainting, kind)?,
     };
     let p = flags.params(run.quick, run.seed)?;
-    // LoRAs (merged in f32), embeddings, ControlNets: the files users download
+    // LoRAs (their update computed in f32), embeddings, ControlNets, TAESD: the files users download
     for said in flags.extras.attach(&mut sd, &p.prompt, run)? {
         println!("{said}");
     }
-    sd.set_kind(kind);
+    sd.set_kind(kind); // the ControlNets and TAESD in the model's dtype
     Ok((sd, p))
 }
 // ANCHOR_END: load
 
 /// The tiny random model of SD 1.5's layout (or of its inpainting model, whose UNet reads 9 channels): the same
 /// whatever --seed is (which picks the noise).
-fn tiny_model(run: &Run, inpainting: bool) -> Result<StableDiffusion> {
+fn tiny_model(run: &Run, inpainting: bool, kind: Kind) -> Result<StableDiffusion> {
     tch::manual_seed(TINY_MODEL_SEED);
     let mut config = SdConfig::tiny();
     config.unet.in_channels = if inpainting { 9 } else { 4 };
-    StableDiffusion::new(SdModels::new(config, run.device)?, "tiny-random")
+    StableDiffusion::new(SdModels::new_in(config, run.device, kind)?, "tiny-random")
 }
 
 fn draw(args: DrawArgs, edit: Edit) -> Result<()> {
@@ -188,6 +188,7 @@ fn seconds(t0: Instant) -> f64 {
 fn tour(args: TourArgs) -> Result<()> {
     let run = args.draw.common.init("lesson09")?;
     let (sd, p) = pipeline(&run, &args.draw, false)?;
+    sd.check_unet_input()?;
     let [n_text, n_unet, n_vae] = sd.models.num_parameters();
     println!("model {}: text encoder {n_text}, UNet {n_unet}, VAE {n_vae} parameters", sd.model_name);
 
@@ -296,7 +297,7 @@ fn tour(args: TourArgs) -> Result<()> {
     // 9. (the tiny model) The files users download: a LoRA, an embedding and a ControlNet, through generate's flags.
     let files = match args.draw.weights {
         Some(_) => None,
-        None => Some(sd_files::tour(&|| tiny_model(&run, false), &run, &p)?),
+        None => Some(sd_files::tour(&|| tiny_model(&run, false, kind_of_dtype(&args.draw.dtype)?), &run, &p)?),
     };
     for (what, levels) in files.iter().flat_map(|f| &f.changes) {
         println!("9. {what}: the image changes by {levels:.1} levels (mean |Δ| of 255)");

@@ -307,8 +307,9 @@ pub fn cpu_description() -> String {
     }
 }
 
-/// Whether the CPU multiplies bf16 natively (AVX-512 BF16 or AMX): without, libtorch emulates bf16 and it is slower
-/// than f32 (about 6× on an AVX2-only EPYC).
+/// Whether the CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Measured: on an AVX2-only EPYC libtorch emulates
+/// bf16, 5–7× slower than f32 (chapter 09); on an EPYC with AVX-512 BF16 a whole 512² LCM image took 7.3 s in bf16
+/// against 13.6 s in f32 (`bench_sd --parts lcm`, chapter 09).
 pub fn cpu_has_bf16() -> bool {
     matches!(cpu_units().1, Some("AMX" | "AVX-512 BF16"))
 }
@@ -549,11 +550,25 @@ pub fn lesson_main(body: impl FnOnce() -> Result<()>) {
 /// lower, peak memory 0.9–1.2 GB higher (the heap fragments). Other processes get the same settings through
 /// [`KEEP_FREED_MEMORY_ENV`].
 pub fn keep_freed_memory() {
+    // SCRATCH_DIFFUSION_MALLOC=glibc keeps glibc's defaults (and its MALLOC_* environment variables), to measure
+    if std::env::var("SCRATCH_DIFFUSION_MALLOC").is_ok_and(|v| v == "glibc") {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes malloc's parameters; called before the program allocates tensors.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// Hands the free pages malloc keeps (see [`keep_freed_memory`]) back to the kernel: after a phase whose buffers will
+/// not be needed again (building the networks, freeing the text encoder), so that they stop counting as resident.
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of malloc's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

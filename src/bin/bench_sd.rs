@@ -86,9 +86,8 @@ fn median_time(reps: u64, mut f: impl FnMut()) -> f64 {
 fn ours(args: &Args, dtype: &str) -> Result<()> {
     tch::set_num_threads(args.threads);
     tch::manual_seed(0);
-    let mut models = SdModels::new(SdConfig::sd15(), Device::Cpu)?;
     let kind = kind_of_dtype(dtype)?;
-    models.set_kind(kind);
+    let models = SdModels::new_in(SdConfig::sd15(), Device::Cpu, kind)?; // created in `kind`, as lesson09 loads
     let ids = Tensor::randint(49_408, [2, 77], (Kind::Int64, Device::Cpu));
     let latents = channels_last(&Tensor::randn([2, 4, 64, 64], (kind, Device::Cpu)));
     let context = Tensor::randn([2, 77, 768], (kind, Device::Cpu));

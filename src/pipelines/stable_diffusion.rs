@@ -159,7 +159,8 @@ pub struct GenerateParams {
     /// The ∅ branch of guidance ("" is SD's unconditional prompt).
     pub negative_prompt: String,
     pub steps: usize,
-    /// Guidance scale w: ε̃ = ε_∅ + w (ε_c − ε_∅); 1 turns guidance off.
+    /// Guidance scale w: ε̃ = ε_∅ + w (ε_c − ε_∅); w ≤ 1 is the prompt's branch alone (one UNet call per step), as in
+    /// diffusers.
     pub cfg_scale: f64,
     /// Image i uses seed + i.
     pub seed: u64,
@@ -199,6 +200,12 @@ impl GenerateParams {
             (1..=NUM_TRAIN_TIMESTEPS).contains(&self.steps),
             "--steps {} must lie in 1..={NUM_TRAIN_TIMESTEPS}: 20 is SD's usual number",
             self.steps
+        );
+        ensure!(
+            self.sampler != SdSampler::Lcm || self.steps <= crate::sampling::lcm::ORIGINAL_INFERENCE_STEPS,
+            "--steps {} with LCM: its grid has {} steps (2–8 is what it is for)",
+            self.steps,
+            crate::sampling::lcm::ORIGINAL_INFERENCE_STEPS
         );
         ensure!(self.cfg_scale.is_finite(), "--cfg-scale must be a number (SD's usual is 7), got {}", self.cfg_scale);
         ensure!(
@@ -256,7 +263,7 @@ pub struct DrawArgs {
     /// Sampler steps [default: 20, or 4 with --quick].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Guidance scale w (1 = no guidance).
+    /// Guidance scale w (1 or less: no guidance, one UNet call per step; LCM wants 1–2).
     #[arg(long, default_value_t = 7.0)]
     pub cfg_scale: f64,
     /// Image size, multiples of 8 [default: 512 with --weights, 64 for the tiny model].
@@ -531,7 +538,12 @@ impl StableDiffusion {
 
     /// Loads weights from a diffusers folder or a single file and names the model after it.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let models = SdModels::load(path, device)?;
+        Self::load_in(path, device, Kind::Float)
+    }
+
+    /// [`Self::load`] into weights of `kind`.
+    pub fn load_in(path: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let models = SdModels::load_in(path, device, kind)?;
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model").to_string();
         Self::new(models, &name)
     }
@@ -540,8 +552,7 @@ impl StableDiffusion {
         self.models.unet_vs.device()
     }
 
-    /// Casts every weight (the three networks' and the ControlNets') to `kind`; merge LoRAs before a cast to bf16, so
-    /// that the update is added in f32.
+    /// Casts every weight (the three networks', the ControlNets' and TAESD's) to `kind`.
     pub fn set_kind(&mut self, kind: Kind) {
         self.models.set_kind(kind);
         for c in &mut self.controls {
@@ -653,6 +664,18 @@ impl StableDiffusion {
         Ok((cond, uncond))
     }
 
+    /// txt2img and img2img feed the UNet the latents alone: the inpainting model (2C + 1 input channels) is for
+    /// [`Self::inpaint`] only.
+    pub fn check_unet_input(&self) -> Result<()> {
+        let (c_in, c) = (self.models.config.unet.in_channels, self.models.config.vae.latent_channels);
+        ensure!(
+            c_in == c,
+            "this is SD's inpainting model (its UNet reads {c_in} channels): use `lesson09 inpaint --image IN.png \
+             --mask MASK.png`, or an SD 1.5 model for generate and img2img"
+        );
+        Ok(())
+    }
+
     /// ε̂ of both branches of guidance, (ε_∅, ε_c), (1, 4, h, w) each, for the σ-space latents `x` (1, 4, h, w) at
     /// level `sigma`, called as a sampler step calls the UNet: with x_vp, at σ's fractional timestep, ∅ (`uncond`)
     /// and the prompt (`cond`) in one batch of 2.
@@ -680,8 +703,10 @@ impl StableDiffusion {
         cb: &mut dyn FnMut(SamplerStep),
     ) -> Tensor {
         let unet = SdUNet::new(&self.models, self.models.kind());
-        // [CFG] ε̃ = ε_∅ + w (ε_c − ε_∅), one batch of 2 per step (∅ = the negative prompt)
-        let guided = ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), uncond.shallow_clone(), p.cfg_scale);
+        // [CFG] ε̃ = ε_∅ + w (ε_c − ε_∅), one batch of 2 per step (∅ = the negative prompt); as in diffusers, w ≤ 1 is
+        // the prompt's branch alone
+        let w = p.cfg_scale.max(1.0);
+        let guided = ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), uncond.shallow_clone(), w);
         let controlled = (!self.controls.is_empty()).then(|| self.controlled(p, cond, uncond, sigmas));
         let model: &dyn EpsModel = match &controlled {
             Some(c) => c,
@@ -730,7 +755,7 @@ impl StableDiffusion {
                 .collect(),
             cond: Cond::new(cond.shallow_clone()),
             uncond: Cond::new(uncond.shallow_clone()),
-            guidance: p.cfg_scale,
+            guidance: p.cfg_scale.max(1.0), // w ≤ 1: the prompt alone, as diffusers
             timesteps,
             kind: Some(kind),
         }
@@ -790,6 +815,7 @@ impl StableDiffusion {
         on_image: &mut OnImage,
     ) -> Result<Generated> {
         p.check()?;
+        self.check_unet_input()?;
         let mut warnings = Vec::new();
         let (cond, uncond) = self.contexts(p, &mut warnings)?;
         self.control_warnings(p, &mut warnings);
@@ -835,6 +861,7 @@ impl StableDiffusion {
         cb: &mut dyn FnMut(usize, SamplerStep),
     ) -> Result<(Tensor, Vec<String>)> {
         p.check()?;
+        self.check_unet_input()?;
         let mut warnings = Vec::new();
         let (cond, uncond) = self.contexts(p, &mut warnings)?;
         self.control_warnings(p, &mut warnings);
@@ -941,7 +968,8 @@ impl StableDiffusion {
             let masked_latents = (&mean + q.std().to_kind(Kind::Float) * eps_q) * self.models.vae.config.scaling_factor;
             let extra = Tensor::cat(&[&small, &masked_latents], 1); // (1, 1 + C, h, w), appended to the UNet's input
             let unet = SdUNet::new(&self.models, self.models.kind()).with_extra_channels(extra);
-            let guided = ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), uncond.shallow_clone(), p.cfg_scale);
+            let w = p.cfg_scale.max(1.0); // w ≤ 1: the prompt alone, as diffusers
+            let guided = ClassifierFreeGuidance::new(&unet, cond.shallow_clone(), uncond.shallow_clone(), w);
             let x = z_t * (1.0 + sigmas[0] * sigmas[0]).sqrt();
             let latents = self.sample(&p, &guided, x, &sigmas, &mut |s| cb(i, s));
             images.push(self.finish(&p, i, &latents, on_image)?);
@@ -964,6 +992,7 @@ impl StableDiffusion {
         on_image: &mut OnImage,
     ) -> Result<Generated> {
         ensure!((0.0..=1.0).contains(&strength), "--strength must lie in [0, 1] (0 keeps the image), got {strength}");
+        self.check_unet_input()?;
         let size = image.size();
         ensure!(size.len() == 4 && size[..2] == [1, 3], "the input image is {size:?}: one RGB image (1, 3, H, W)");
         let p = GenerateParams { width: size[3], height: size[2], ..p.clone() };

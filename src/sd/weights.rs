@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
-/// The weights' dtype a user names: `f32`, `bf16`, or `auto` (bf16 where the CPU multiplies it natively, else f32).
+/// The weights' dtype a user names: `f32`, `bf16`, or `auto` (bf16 where the CPU multiplies it natively,
+/// [`crate::cli::cpu_has_bf16`]; else f32).
 pub fn kind_of_dtype(name: &str) -> Result<Kind> {
     match name {
         "f32" => Ok(Kind::Float),
@@ -125,11 +126,19 @@ fn release(vs: &VarStore, which: impl Fn(&str) -> bool) {
 }
 
 impl SdModels {
-    /// Networks with libtorch's default random initialisation (the tiny tour; benchmarks of the full size).
+    /// Networks with libtorch's default random initialisation (the tiny tour; benchmarks of the full size), in f32.
     pub fn new(config: SdConfig, device: Device) -> Result<Self> {
+        Self::new_in(config, device, Kind::Float)
+    }
+
+    /// [`Self::new`] with the weights created in `kind` (bf16: never an f32 copy of the 1 B parameters in memory).
+    pub fn new_in(config: SdConfig, device: Device, kind: Kind) -> Result<Self> {
         config.check()?;
         let (mut text_vs, mut unet_vs, mut vae_vs) =
             (VarStore::new(device), VarStore::new(device), VarStore::new(device));
+        for vs in [&mut text_vs, &mut unet_vs, &mut vae_vs] {
+            vs.set_kind(kind); // the kind new variables are created in
+        }
         let text_encoder = TextEncoder::new(text_vs.root() / "text_model", config.text.clone());
         let unet = UNet::new(unet_vs.root(), config.unet.clone());
         let vae = AutoencoderKl::new(vae_vs.root(), config.vae.clone());
@@ -144,6 +153,7 @@ impl SdModels {
                 }
             }
         });
+        crate::cli::return_freed_memory(); // the contiguous copies the conversion freed
         Ok(Self { config, text_encoder, unet, vae, text_vs, unet_vs, vae_vs, released: Released::default() })
     }
 
@@ -168,12 +178,14 @@ impl SdModels {
     pub fn release_vae_decoder(&mut self) {
         release(&self.vae_vs, |name| name.starts_with("decoder.") || name.starts_with("post_quant_conv."));
         self.released.vae_decoder = true;
+        crate::cli::return_freed_memory();
     }
 
     /// Frees the text encoder (123 M parameters) once the prompts are encoded; encoding afterwards is refused.
     pub fn release_text_encoder(&mut self) {
         release(&self.text_vs, |_| true);
         self.released.text_encoder = true;
+        crate::cli::return_freed_memory();
     }
 
     pub fn num_parameters(&self) -> [i64; 3] {
@@ -184,8 +196,13 @@ impl SdModels {
     /// Loads SD 1.x weights from `path`: a diffusers folder (its configs decide the shapes) or a single
     /// `.safetensors` file (SD 1.5's shapes). f16 and bf16 files are converted to f32.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
+        Self::load_in(path, device, Kind::Float)
+    }
+
+    /// [`Self::load`] into weights of `kind` (each tensor converted as it is read).
+    pub fn load_in(path: &Path, device: Device, kind: Kind) -> Result<Self> {
         if path.is_dir() {
-            return Self::load_diffusers(path, device);
+            return Self::load_diffusers_in(path, device, kind);
         }
         ensure!(
             path.exists(),
@@ -199,7 +216,7 @@ impl SdModels {
         if let Some(c) = file.entry(&conv_in).and_then(|e| e.shape.get(1).copied()) {
             config.unet.in_channels = c;
         }
-        let mut models = Self::new(config, device)?;
+        let mut models = Self::new_in(config, device, kind)?;
         models.load_from(file)?;
         Ok(models)
     }
@@ -207,6 +224,11 @@ impl SdModels {
     /// A diffusers folder: `unet/config.json` + `unet/diffusion_pytorch_model[.fp16].safetensors`, the same for `vae/`,
     /// and `text_encoder/config.json` + `text_encoder/model[.fp16].safetensors`.
     pub fn load_diffusers(dir: &Path, device: Device) -> Result<Self> {
+        Self::load_diffusers_in(dir, device, Kind::Float)
+    }
+
+    /// [`Self::load_diffusers`] into weights of `kind`.
+    pub fn load_diffusers_in(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config = SdConfig {
             unet: unet_config(&read_config(dir, "unet")?)
                 .with_context(|| format!("{}/unet/config.json", dir.display()))?,
@@ -214,7 +236,7 @@ impl SdModels {
             text: text_config(&read_config(dir, "text_encoder")?)
                 .with_context(|| format!("{}/text_encoder/config.json", dir.display()))?,
         };
-        let mut models = Self::new(config, device)?;
+        let mut models = Self::new_in(config, device, kind)?;
         for (component, vs) in models.stores() {
             let stem = if component == "text_encoder" { "model" } else { "diffusion_pytorch_model" };
             let mut file = SafetensorsFile::open(&weights_file(dir, component, stem)?)?;
@@ -563,8 +585,12 @@ pub fn load_taesd(path: &Path, device: Device) -> Result<(VarStore, Taesd)> {
     );
     let mut vs = VarStore::new(device);
     let taesd = Taesd::new(vs.root(), config);
-    load_strict(&mut vs, &mut file, &|name| vec![name.to_string()], &|_| false)
-        .map_err(|e| anyhow::anyhow!(format!("{e:#}").replace("Stable Diffusion 1.x checkpoint", "TAESD")))?;
+    load_strict(&mut vs, &mut file, &|name| vec![name.to_string()], &|_| false).map_err(|e| {
+        let text = format!("{e:#}").replace("Stable Diffusion 1.x checkpoint", "TAESD");
+        anyhow::anyhow!(
+            text.replace("SD 2.x and SDXL are not supported by lesson 09", "use madebyollin/taesd, SD 1.x's")
+        )
+    })?;
     vs.freeze();
     Ok((vs, taesd))
 }
@@ -587,6 +613,13 @@ fn taesd_config(v: &Value) -> Result<TaesdConfig> {
         "this AutoencoderTiny has another scaling_factor or activation than TAESD for SD 1.x (1.0, relu)"
     );
     config.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    ensure!(
+        config.latent_channels == 4 && config.in_channels == 3 && config.out_channels == 3,
+        "this AutoencoderTiny reads {} latent channels and writes {} image channels; SD 1.x's TAESD has 4 and 3 \
+         (madebyollin/taesd)",
+        config.latent_channels,
+        config.out_channels
+    );
     Ok(config)
 }
 
