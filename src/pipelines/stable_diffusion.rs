@@ -31,7 +31,7 @@ use crate::sampling::registry::Sampler;
 use crate::sampling::SamplerStep;
 use crate::sd::embeddings::Embeddings;
 use crate::sd::lora::{lora_hashes, merge_loras, parse_lora_flag, parse_prompt_loras, strip_lora_tags};
-use crate::sd::lora::{Component, LoraFile, LoraUse};
+use crate::sd::lora::{Component, LoraFile, LoraUse, WeightBackup};
 use crate::sd::weights::{load_controlnet, load_taesd, SdModels};
 use crate::text::bpe::CLIP_CONTEXT_LEN;
 use crate::text::Bpe;
@@ -466,6 +466,8 @@ pub struct StableDiffusion {
     pub controls: Vec<SdControl>,
     /// TAESD, when it decodes the images in place of the VAE ([`crate::nn::taesd`]).
     pub taesd: Option<(VarStore, Taesd)>,
+    /// The weights LoRAs changed, when [`Self::keep_lora_backup`] asked for them.
+    lora_backup: Option<WeightBackup>,
     /// Prompts encoded ahead ([`Self::encode_ahead_and_release`]): their states, and whether they were cut.
     encoded: std::collections::HashMap<String, (Tensor, bool)>,
 }
@@ -532,6 +534,7 @@ impl StableDiffusion {
             embeddings: Embeddings::default(),
             controls: Vec::new(),
             taesd: None,
+            lora_backup: None,
             encoded: Default::default(),
         })
     }
@@ -586,6 +589,7 @@ impl StableDiffusion {
         let hidden = tch::no_grad(|| encoder.forward_with_extra_tokens(&ids, None, extra.as_ref())); // (1, 77, D)
         Ok((hidden.to_kind(Kind::Float), tokens.encoded.truncated))
     }
+    // ANCHOR_END: encode_prompt
 
     /// Encodes `prompts` now and frees the text encoder (123 M parameters, 0.5 GB in f32) for the rest of the run:
     /// a command that draws one prompt needs it only once. Other prompts are refused afterwards.
@@ -616,10 +620,25 @@ impl StableDiffusion {
         for u in &uses {
             LoraFile::open(&u.path, &self.models)?; // every file checked before any weight changes
         }
-        self.loras.extend(merge_loras(&mut self.models, &uses)?);
+        let backup = self.lora_backup.as_mut();
+        self.loras.extend(merge_loras(&mut self.models, &uses, backup)?);
         Ok(())
     }
-    // ANCHOR_END: encode_prompt
+
+    /// Keeps a copy of every weight a LoRA changes from now on, so that [`Self::remove_loras`] can take them out (the
+    /// web UI's way of switching LoRAs without reloading: a copy of the changed weights, up to a quarter of the UNet).
+    pub fn keep_lora_backup(&mut self) {
+        self.lora_backup.get_or_insert_with(WeightBackup::default);
+    }
+
+    /// Puts back the weights the LoRAs merged since [`Self::keep_lora_backup`] changed, bit for bit.
+    pub fn remove_loras(&mut self) -> Result<()> {
+        let backup =
+            self.lora_backup.as_mut().context("no LoRA backup was kept: call keep_lora_backup before add_loras")?;
+        backup.restore(&self.models);
+        self.loras.clear();
+        Ok(())
+    }
 
     /// Latents (1, 4, H/8, W/8) ~ N(0, I) from `seed` alone (libtorch's CPU generator, as torch's): the VP x_T.
     pub fn initial_noise(&self, seed: u64, width: i64, height: i64) -> Tensor {

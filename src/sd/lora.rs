@@ -337,10 +337,36 @@ impl LoraFile {
     }
 }
 
+/// The original weights of the modules LoRAs changed, to put them back bit for bit (the web UI keeps such a backup to
+/// switch LoRAs without reloading the model).
+#[derive(Debug, Default)]
+pub struct WeightBackup(HashMap<(Component, String), Tensor>);
+
+impl WeightBackup {
+    /// Restores every saved weight and forgets them.
+    pub fn restore(&mut self, models: &SdModels) {
+        let vars =
+            [(Component::TextEncoder, models.text_vs.variables()), (Component::Unet, models.unet_vs.variables())];
+        for ((component, name), saved) in self.0.drain() {
+            let (_, v) = vars.iter().find(|(c, _)| *c == component).expect("both components");
+            let mut w = v[&name].shallow_clone();
+            tch::no_grad(|| w.copy_(&saved));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Merges every LoRA of `uses` into `models`' weights: W ← W + m·ΔW with m the component's multiplier (the web UI's and
-/// diffusers' `fuse_lora`). A multiplier of 0 leaves the component's weights untouched (bit for bit).
-/// Returns the files, for the PNG's parameters.
-pub fn merge_loras(models: &mut SdModels, uses: &[LoraUse]) -> Result<Vec<LoraFile>> {
+/// diffusers' `fuse_lora`). A multiplier of 0 leaves the component's weights untouched (bit for bit). With `backup`,
+/// each weight is saved before its first change. Returns the files, for the PNG's parameters.
+pub fn merge_loras(
+    models: &mut SdModels,
+    uses: &[LoraUse],
+    mut backup: Option<&mut WeightBackup>,
+) -> Result<Vec<LoraFile>> {
     let mut files = Vec::new();
     for u in uses {
         ensure!(
@@ -349,14 +375,14 @@ pub fn merge_loras(models: &mut SdModels, uses: &[LoraUse]) -> Result<Vec<LoraFi
             u.path.display()
         );
         let lora = LoraFile::open(&u.path, models)?;
-        merge(models, &lora, u.te, u.unet);
+        merge(models, &lora, u.te, u.unet, backup.as_deref_mut());
         files.push(lora);
     }
     Ok(files)
 }
 
 /// W ← W + m·ΔW for every module of `lora` (m = `te` or `unet` by component), in f32, cast back to the weights' dtype.
-pub fn merge(models: &mut SdModels, lora: &LoraFile, te: f64, unet: f64) {
+pub fn merge(models: &mut SdModels, lora: &LoraFile, te: f64, unet: f64, mut backup: Option<&mut WeightBackup>) {
     let mut text = models.text_vs.variables();
     let mut unet_vars = models.unet_vs.variables();
     for m in &lora.modules {
@@ -367,7 +393,11 @@ pub fn merge(models: &mut SdModels, lora: &LoraFile, te: f64, unet: f64) {
         if multiplier == 0.0 {
             continue;
         }
-        let w = vars.get_mut(&format!("{}.weight", m.module)).expect("matched when the file was opened");
+        let name = format!("{}.weight", m.module);
+        let w = vars.get_mut(&name).expect("matched when the file was opened");
+        if let Some(b) = backup.as_deref_mut() {
+            b.0.entry((m.component, name.clone())).or_insert_with(|| w.copy());
+        }
         let merged = w.to_kind(Kind::Float) + m.delta(&w.size()).to_device(w.device()) * multiplier;
         tch::no_grad(|| w.copy_(&merged.to_kind(w.kind())));
     }
@@ -592,7 +622,7 @@ mod tests {
         let before: HashMap<String, Tensor> =
             models.unet_vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
         let text_before = models.text_vs.variables()[&format!("{q}.weight")].copy();
-        merge_loras(&mut models, &[LoraUse { path: path.clone(), te: 0.0, unet: 0.0 }]).unwrap();
+        merge_loras(&mut models, &[LoraUse { path: path.clone(), te: 0.0, unet: 0.0 }], None).unwrap();
         for (k, v) in models.unet_vs.variables() {
             assert!(v.equal(&before[&k]), "{k} changed at multiplier 0");
         }
@@ -601,7 +631,7 @@ mod tests {
             (lora.format, lora.count(Component::Unet), lora.count(Component::TextEncoder)),
             (LoraFormat::Kohya, 1, 1)
         );
-        merge(&mut models, &lora, 0.0, 0.5);
+        merge(&mut models, &lora, 0.0, 0.5, None);
         let m = &lora.modules.iter().find(|m| m.module == conv).unwrap();
         let (a, b) = (m.down.flatten(1, -1), m.up.flatten(1, -1)); // (4, C·9), (C', 4)
         let want = &before[&format!("{conv}.weight")]
@@ -647,6 +677,38 @@ mod tests {
         assert!(e.contains("match no module") && e.contains("lora_unet_foo_bar"), "{e}");
         let e = write("half.safetensors", &[(&format!("{q}.lora_down.weight"), &[4, 64])]);
         assert!(e.contains("only one of its two"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two LoRAs merged with a backup, then restored: every weight of both networks is bit for bit what it was.
+    #[test]
+    fn restoring_the_backup_undoes_every_merge_exactly() {
+        let mut models = tiny();
+        let dir = std::env::temp_dir().join(format!("lora-restore-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conv = "down_blocks.0.resnets.0.conv1";
+        let q = "text_model.encoder.layers.0.self_attn.q_proj";
+        let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+        write_random_kohya(&models, &[(Component::Unet, conv, 4, 2.0), (Component::TextEncoder, q, 2, 2.0)], 0.1, &a)
+            .unwrap();
+        write_random_kohya(&models, &[(Component::Unet, conv, 2, 1.0)], 0.1, &b).unwrap();
+        let snapshot = |m: &SdModels| -> Vec<(String, Tensor)> {
+            let mut v: Vec<(String, Tensor)> =
+                m.unet_vs.variables().into_iter().chain(m.text_vs.variables()).map(|(k, t)| (k, t.copy())).collect();
+            v.sort_by(|x, y| x.0.cmp(&y.0));
+            v
+        };
+        let before = snapshot(&models);
+        let mut backup = WeightBackup::default();
+        let uses = [LoraUse { path: a, te: 0.7, unet: 0.9 }, LoraUse { path: b, te: 1.0, unet: -0.4 }];
+        merge_loras(&mut models, &uses, Some(&mut backup)).unwrap();
+        assert_eq!(backup.0.len(), 2, "one copy per changed weight, the first time only");
+        assert!(snapshot(&models).iter().zip(&before).any(|(x, y)| !x.1.equal(&y.1)));
+        backup.restore(&models);
+        assert!(backup.is_empty());
+        for (x, y) in snapshot(&models).iter().zip(&before) {
+            assert!(x.1.equal(&y.1), "{} is not restored", x.0);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
