@@ -299,17 +299,23 @@ fn our_canny_matches_opencv_canny() {
     assert_eq!(differing, 0, "our Canny differs from OpenCV's in {differing} pixels");
 }
 
-/// make_reference.py's `sd_files`: the files SD 1.5 users download, made for tiny-sd with random values, and
-/// diffusers' outputs with them. None (and a message) when the reference has no pipeline.
-fn sd_files() -> Option<(&'static Path, HashMap<String, Tensor>)> {
+/// The reference folder and `NAME_reference.safetensors` of one of make_reference.py's pipeline functions; None (and
+/// a message) when the reference has no pipeline.
+fn pipeline_reference(name: &str) -> Option<(&'static Path, HashMap<String, Tensor>)> {
     let dir = reference()?;
-    let path = dir.join("sd_files_reference.safetensors");
+    let path = dir.join(format!("{name}_reference.safetensors"));
     if !path.exists() {
         println!("skipped: clip-anytorch is not installed, so the reference pipeline has no tokenizer");
         return None;
     }
     tch::set_num_threads(1);
     Some((dir, read(&path)))
+}
+
+/// make_reference.py's `sd_files`: the files SD 1.5 users download, made for tiny-sd with random values, and
+/// diffusers' outputs with them.
+fn sd_files() -> Option<(&'static Path, HashMap<String, Tensor>)> {
+    pipeline_reference("sd_files")
 }
 
 /// max |a − b| / max |b|.
@@ -433,14 +439,7 @@ fn img2img_matches_diffusers_img2img_pipeline_defaults() {
 
 /// make_reference.py's `fast_path`: LCM, TAESD and the inpainting model on tiny-sd.
 fn fast_path() -> Option<(&'static Path, HashMap<String, Tensor>)> {
-    let dir = reference()?;
-    let path = dir.join("fast_path_reference.safetensors");
-    if !path.exists() {
-        println!("skipped: clip-anytorch is not installed, so the reference pipeline has no tokenizer");
-        return None;
-    }
-    tch::set_num_threads(1);
-    Some((dir, read(&path)))
+    pipeline_reference("fast_path")
 }
 
 /// diffusers' `AutoencoderTiny` (TAESD's layout, random weights) from its `save_pretrained` folder: the same latents
