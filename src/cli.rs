@@ -562,6 +562,12 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// [`keep_freed_memory`]'s settings as glibc's environment variables, for a child process that is not ours (a Python
+/// one: `bench_sd --diffusers-same-malloc` runs diffusers with them).
+pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] =
+    [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647")];
+// ANCHOR_END: keep_freed_memory
+
 /// Hands the free pages malloc keeps (see [`keep_freed_memory`]) back to the kernel: after a phase whose buffers will
 /// not be needed again (building the networks, freeing the text encoder), so that they stop counting as resident.
 pub fn return_freed_memory() {
@@ -571,12 +577,6 @@ pub fn return_freed_memory() {
         libc::malloc_trim(0);
     }
 }
-
-/// [`keep_freed_memory`]'s settings as glibc's environment variables, for a child process that is not ours (a Python
-/// one: `bench_sd --diffusers-same-malloc` runs diffusers with them).
-pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] =
-    [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647")];
-// ANCHOR_END: keep_freed_memory
 
 /// Peak resident memory of this process so far (VmHWM of /proc/self/status) in MiB; NaN where there is no /proc.
 pub fn peak_rss_mib() -> f64 {
