@@ -10,16 +10,16 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::cli::{lesson_main, markdown_table, Run};
-use scratch_diffusion::data::png::{read_png_gray, read_png_rgb, read_png_text};
+use scratch_diffusion::data::png::read_png_text;
 use scratch_diffusion::model::{sigmas_of_schedule, timestep_of_sigma};
-use scratch_diffusion::pipelines::stable_diffusion::{DrawArgs, GenerateParams, Posterior, StableDiffusion};
+use scratch_diffusion::pipelines::stable_diffusion::{DrawArgs, Edit, GenerateParams, StableDiffusion};
+use scratch_diffusion::pipelines::stable_diffusion::{Img2ImgArgs, InpaintArgs};
 use scratch_diffusion::sampling::SamplerStep;
 use scratch_diffusion::sd::weights::kind_of_dtype;
 use scratch_diffusion::sd::{SdConfig, SdModels};
 use scratch_diffusion::studies::{sd_files, sd_full_size};
 use scratch_diffusion::text::bpe::CLIP_CONTEXT_LEN;
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::Instant;
 use tch::{Kind, Tensor};
 
@@ -57,47 +57,11 @@ struct TourArgs {
     full_size: bool,
 }
 
-#[derive(Args, Debug)]
-struct Img2ImgArgs {
-    #[command(flatten)]
-    draw: DrawArgs,
-    /// The PNG to start from (its width and height must be multiples of 8).
-    #[arg(long)]
-    image: PathBuf,
-    /// How much of the sampler's grid runs: 0 returns the image (through the VAE), 1 starts from pure noise.
-    #[arg(long, default_value_t = 0.75)]
-    strength: f64,
-    /// How the image is encoded: a sample of the VAE's posterior (diffusers' and the web UIs' default) or its mean.
-    #[arg(long, value_enum, default_value = "sample")]
-    posterior: Posterior,
-}
-
-#[derive(Args, Debug)]
-struct InpaintArgs {
-    #[command(flatten)]
-    draw: DrawArgs,
-    /// The PNG to repaint (its width and height must be multiples of 8).
-    #[arg(long)]
-    image: PathBuf,
-    /// A PNG of the same size: white where the picture is redrawn, black where it is kept.
-    #[arg(long)]
-    mask: PathBuf,
-}
-
-/// What a drawing command starts from.
-enum Edit {
-    Txt2img,
-    Img2img { image: PathBuf, strength: f64, posterior: Posterior },
-    Inpaint { image: PathBuf, mask: PathBuf },
-}
-
 fn main() {
     lesson_main(|| match Cli::parse() {
-        Cli { command: Some(Command::Generate(a)), .. } => draw(a, Edit::Txt2img),
-        Cli { command: Some(Command::Img2img(a)), .. } => {
-            draw(a.draw, Edit::Img2img { image: a.image, strength: a.strength, posterior: a.posterior })
-        }
-        Cli { command: Some(Command::Inpaint(a)), .. } => draw(a.draw, Edit::Inpaint { image: a.image, mask: a.mask }),
+        Cli { command: Some(Command::Generate(a)), .. } => draw(Edit::Txt2img, a),
+        Cli { command: Some(Command::Img2img(a)), .. } => draw(a.edit(), a.draw),
+        Cli { command: Some(Command::Inpaint(a)), .. } => draw(a.edit(), a.draw),
         Cli { command: Some(Command::Tour(a)), .. } | Cli { tour: a, .. } => tour(a),
     })
 }
@@ -132,7 +96,7 @@ fn tiny_model(run: &Run, inpainting: bool, kind: Kind) -> Result<StableDiffusion
     StableDiffusion::new(SdModels::new_in(config, run.device, kind)?, "tiny-random")
 }
 
-fn draw(args: DrawArgs, edit: Edit) -> Result<()> {
+fn draw(edit: Edit, args: DrawArgs) -> Result<()> {
     let run = args.common.init("lesson09")?;
     let (mut sd, p) = pipeline(&run, &args, matches!(edit, Edit::Inpaint { .. }))?;
     sd.encode_ahead_and_release(&[&p.prompt, &p.negative_prompt])?; // one prompt: the text encoder's 0.5 GB go
@@ -146,37 +110,21 @@ fn draw(args: DrawArgs, edit: Edit) -> Result<()> {
         println!("image {i} step {:>3}: σ {:>8.4} -> {:>8.4} ({step_s:.1} s)", s.i, s.sigma, s.sigma_next);
         last = Instant::now();
     };
-    let strength = match edit {
-        Edit::Img2img { strength, .. } => Some(strength),
-        _ => None,
-    };
+    let strength = edit.strength();
     let mut paths = Vec::new(); // each image is written as soon as it is decoded
     let mut save = |i: usize, drawn: &GenerateParams, image: &Tensor| {
         paths.push(sd.save_png(&run, drawn, i, image, strength)?);
         println!("wrote {}", paths[i].display());
         Ok(())
     };
-    let generated = match &edit {
-        Edit::Txt2img => sd.txt2img(&p, &mut on_step, &mut save)?,
-        Edit::Img2img { image, strength, posterior } => {
-            sd.img2img(&read_png_rgb(image)?, *strength, *posterior, &p, &mut on_step, &mut save)?
-        }
-        Edit::Inpaint { image, mask } => {
-            sd.inpaint(&read_png_rgb(image)?, &read_png_gray(mask)?, &p, &mut on_step, &mut save)?
-        }
-    };
+    let generated = sd.draw(&edit, &p, &mut on_step, &mut save)?;
     for w in &generated.warnings {
         println!("warning: {w}");
     }
     let elapsed = seconds(started);
     println!("{} image(s) in {elapsed:.1} s", paths.len());
     let infotext = sd.infotext(&generated.params, 0, strength); // img2img: the input's size
-    let command = match edit {
-        Edit::Txt2img => "generate",
-        Edit::Img2img { .. } => "img2img",
-        Edit::Inpaint { .. } => "inpaint",
-    };
-    run.write_metrics(json!({"command": command,
+    run.write_metrics(json!({"command": edit.command(),
         "model": sd.model_name, "seconds": elapsed, "images": paths, "infotext": infotext}))?;
     Ok(())
 }

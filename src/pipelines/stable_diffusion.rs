@@ -13,8 +13,8 @@
 //! its own seed, seed + i, by libtorch's CPU generator, which `torch.Generator().manual_seed` also is: diffusers on
 //! the CPU draws the same starting latents for the same seed.
 use crate::cli::{CommonArgs, Run};
-use crate::data::png::read_png_rgb;
 use crate::data::png::write_png_rgb_with_text;
+use crate::data::png::{read_png_gray, read_png_rgb};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::model::EpsModel;
 use crate::model::{sigma_of_timestep, sigmas_of_schedule, timestep_of_sigma, EpsDenoiser};
@@ -283,6 +283,74 @@ pub struct DrawArgs {
     pub dtype: String,
     #[command(flatten)]
     pub extras: ExtrasArgs,
+}
+
+/// `lesson09 img2img`: [`DrawArgs`] and the image to start from.
+#[derive(clap::Args, Debug)]
+pub struct Img2ImgArgs {
+    #[command(flatten)]
+    pub draw: DrawArgs,
+    /// The PNG to start from (its width and height must be multiples of 8).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// How much of the sampler's grid runs: 0 returns the image (through the VAE), 1 starts from pure noise.
+    #[arg(long, default_value_t = 0.75)]
+    pub strength: f64,
+    /// How the image is encoded: a sample of the VAE's posterior (diffusers' and the web UIs' default) or its mean.
+    #[arg(long, value_enum, default_value = "sample")]
+    pub posterior: Posterior,
+}
+
+impl Img2ImgArgs {
+    pub fn edit(&self) -> Edit {
+        Edit::Img2img { image: self.image.clone(), strength: self.strength, posterior: self.posterior }
+    }
+}
+
+/// `lesson09 inpaint`: [`DrawArgs`], the image and its mask.
+#[derive(clap::Args, Debug)]
+pub struct InpaintArgs {
+    #[command(flatten)]
+    pub draw: DrawArgs,
+    /// The PNG to repaint (its width and height must be multiples of 8).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// A PNG of the same size: white where the picture is redrawn, black where it is kept.
+    #[arg(long)]
+    pub mask: PathBuf,
+}
+
+impl InpaintArgs {
+    pub fn edit(&self) -> Edit {
+        Edit::Inpaint { image: self.image.clone(), mask: self.mask.clone() }
+    }
+}
+
+/// What a drawing command starts from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Edit {
+    Txt2img,
+    Img2img { image: PathBuf, strength: f64, posterior: Posterior },
+    Inpaint { image: PathBuf, mask: PathBuf },
+}
+
+impl Edit {
+    /// The lesson09 subcommand's name.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Edit::Txt2img => "generate",
+            Edit::Img2img { .. } => "img2img",
+            Edit::Inpaint { .. } => "inpaint",
+        }
+    }
+
+    /// img2img's strength (written into the PNGs' parameters).
+    pub fn strength(&self) -> Option<f64> {
+        match self {
+            Edit::Img2img { strength, .. } => Some(*strength),
+            _ => None,
+        }
+    }
 }
 
 /// What users add to SD 1.5 (`lesson09 generate`, `img2img`): LoRAs, textual-inversion embeddings, ControlNets.
@@ -937,6 +1005,25 @@ impl StableDiffusion {
         let image = if image.dim() == 4 { image.get(0) } else { image.shallow_clone() }; // (3, H, W)
         write_png_rgb_with_text(&path, &image, "parameters", &infotext)?;
         Ok(path)
+    }
+
+    /// Runs `edit` (reading its PNGs) with `p`: txt2img, img2img or inpainting.
+    pub fn draw(
+        &self,
+        edit: &Edit,
+        p: &GenerateParams,
+        cb: &mut dyn FnMut(usize, SamplerStep),
+        on_image: &mut OnImage,
+    ) -> Result<Generated> {
+        match edit {
+            Edit::Txt2img => self.txt2img(p, cb, on_image),
+            Edit::Img2img { image, strength, posterior } => {
+                self.img2img(&read_png_rgb(image)?, *strength, *posterior, p, cb, on_image)
+            }
+            Edit::Inpaint { image, mask } => {
+                self.inpaint(&read_png_rgb(image)?, &read_png_gray(mask)?, p, cb, on_image)
+            }
+        }
     }
 
     // ANCHOR: inpaint
