@@ -197,7 +197,7 @@ mod tests {
     use super::*;
 
     fn bpe() -> Bpe {
-        Bpe::load_clip_vocab_gz(crate::pipelines::stable_diffusion::clip_vocab_path()).unwrap()
+        Bpe::load_clip_vocab_gz(crate::cli::shipped_path("data/clip/bpe_simple_vocab_16e6.txt.gz", "")).unwrap()
     }
 
     #[test]
