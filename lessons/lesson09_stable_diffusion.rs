@@ -105,9 +105,13 @@ fn draw(edit: Edit, args: DrawArgs) -> Result<()> {
     }
     let started = Instant::now();
     let mut last = Instant::now();
+    let preview = args.extras.preview.then(|| run.path("preview.png")); // x̂₀ by TAESD, every step
     let mut on_step = |i: usize, s: SamplerStep| {
         let step_s = seconds(last);
         println!("image {i} step {:>3}: σ {:>8.4} -> {:>8.4} ({step_s:.1} s)", s.i, s.sigma, s.sigma_next);
+        if let Some(Err(e)) = preview.as_ref().map(|path| sd.write_preview(path, s.denoised)) {
+            println!("warning: no preview: {e:#}");
+        }
         last = Instant::now();
     };
     let strength = edit.strength();

@@ -181,7 +181,8 @@ fn downloaded_files_load_through_the_generate_flags() {
     assert!(text.contains("ControlNet 0: \"Module: canny, Model: control_tiny_sd15_canny, Weight: 0.7, Guidance Start: 0, Guidance End: 0.5\""), "{text}");
     assert!(text.contains(", Lora hashes: \"tiny-style: "), "{text}");
     // the fast path: LCM with TAESD; the inpainting model (a tiny random one without --weights)
-    assert_ok(&gen("lcm", &["--sampler", "LCM", "--cfg-scale", "1", "--taesd", &f("taesd.safetensors")]));
+    assert_ok(&gen("lcm", &["--sampler", "LCM", "--cfg-scale", "1", "--taesd", &f("taesd.safetensors"), "--preview"]));
+    assert_eq!(png(&dir.path().join("lcm"), "preview.png").size(), [1, 3, 64, 64], "the live preview");
     let text = read_png_text(&dir.path().join("lcm/image_00_seed0.png"), "parameters").unwrap().unwrap();
     assert!(text.contains("Steps: 4, Sampler: LCM, CFG scale: 1,"), "{text}");
     let image = dir.path().join("plain/image_00_seed0.png").to_str().unwrap().to_string();

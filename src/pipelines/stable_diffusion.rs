@@ -390,6 +390,9 @@ pub struct ExtrasArgs {
     /// time, softer detail.
     #[arg(long, value_name = "PATH")]
     pub taesd: Option<PathBuf>,
+    /// With --taesd: write each step's x̂₀, decoded by TAESD, to preview.png (the web UIs' live preview).
+    #[arg(long, requires = "taesd")]
+    pub preview: bool,
 }
 
 /// A control image's preprocessor.
@@ -969,6 +972,20 @@ impl StableDiffusion {
         strength: Option<f64>,
     ) -> Result<Vec<PathBuf>> {
         (0..images.size()[0] as usize).map(|i| self.save_png(run, p, i, &images.get(i as i64), strength)).collect()
+    }
+
+    /// A live preview of a sampler step: its x̂₀ (1, 4, h, w) decoded by TAESD into `path` (a PNG overwritten each
+    /// step); an error without TAESD (the VAE would cost as much as the step).
+    pub fn write_preview(&self, path: &Path, denoised: &Tensor) -> Result<()> {
+        let (_, taesd) = self.taesd.as_ref().context("previews need --taesd")?;
+        let kind = self.models.kind();
+        let x = tch::no_grad(|| taesd.decode(&channels_last(&denoised.to_kind(kind)))).to_kind(Kind::Float);
+        crate::data::png::write_png_rgb_with_text(
+            path,
+            &x.clamp(0.0, 1.0).to_device(Device::Cpu).get(0),
+            "preview",
+            "x̂₀",
+        )
     }
 
     /// [`GenerateParams::infotext`] with what the web UI adds: each ControlNet's settings and the LoRAs' hashes.
