@@ -688,9 +688,6 @@ impl StableDiffusion {
                 );
             }
         }
-        for u in &uses {
-            LoraFile::open(&u.path, &self.models)?; // every file checked before any weight changes
-        }
         let backup = self.lora_backup.as_mut();
         self.loras.extend(merge_loras(&mut self.models, &uses, backup)?);
         Ok(())
@@ -711,12 +708,18 @@ impl StableDiffusion {
         Ok(())
     }
 
+    /// N(0, I) draws of `shape` from the global generator, in NCHW order as torch's generator fills them (a
+    /// channels-last `randn_like` would permute them), on the pipeline's device.
+    fn randn(&self, shape: &[i64]) -> Tensor {
+        Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(self.device())
+    }
+
     /// Latents (1, 4, H/8, W/8) ~ N(0, I) from `seed` alone (libtorch's CPU generator, as torch's): the VP x_T.
     pub fn initial_noise(&self, seed: u64, width: i64, height: i64) -> Tensor {
         let f = self.models.config.vae.downsample_factor();
         tch::manual_seed(seed as i64);
         let c = self.models.config.vae.latent_channels;
-        Tensor::randn([1, c, height / f, width / f], (Kind::Float, Device::Cpu)).to_device(self.device())
+        self.randn(&[1, c, height / f, width / f])
     }
 
     /// Scaled latents -> pixels (B, 3, H, W) in [0, 1] on the CPU: x = D(z / s), mapped from [−1, 1]; with
@@ -1082,13 +1085,12 @@ impl StableDiffusion {
         let small = mask.upsample_nearest2d([size[2] / f, size[3] / f], None, None); // (1, 1, h, w)
         let q = tch::no_grad(|| self.models.vae.encode(&channels_last(&masked.to_kind(self.models.kind()))));
         let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
+        let (mean, std) = (q.mean.to_kind(Kind::Float).contiguous(), q.std().to_kind(Kind::Float)); // (1, 4, h, w) each
         let mut images = Vec::new();
         for i in 0..p.batch {
             // image i's generator draws, in diffusers' order, the starting noise and then the posterior's ε
             let z_t = self.initial_noise(p.seed + i as u64, p.width, p.height);
-            let mean = q.mean.to_kind(Kind::Float).contiguous();
-            let eps_q = Tensor::randn(mean.size(), (Kind::Float, Device::Cpu)).to_device(self.device());
-            let masked_latents = (&mean + q.std().to_kind(Kind::Float) * eps_q) * self.models.vae.config.scaling_factor;
+            let masked_latents = (&mean + &std * self.randn(&mean.size())) * self.models.vae.config.scaling_factor;
             let extra = Tensor::cat(&[&small, &masked_latents], 1); // (1, 1 + C, h, w), appended to the UNet's input
             let unet = SdUNet::new(&self.models, self.models.kind()).with_extra_channels(extra);
             let w = p.cfg_scale.max(1.0); // w ≤ 1: the prompt alone, as diffusers
@@ -1128,23 +1130,20 @@ impl StableDiffusion {
         let s = self.models.vae.config.scaling_factor;
         let sigmas = p.sampler.sigmas(&self.schedule, p.steps);
         let tail = img2img_tail(&sigmas, strength); // σ from σ_start down to 0
+        let (mean, std) = (q.mean.to_kind(Kind::Float).contiguous(), q.std().to_kind(Kind::Float)); // (1, 4, h, w) each
         let mut images = Vec::new();
         for i in 0..p.batch {
             // image i's generator draws, in diffusers' order, the posterior's ε and then the noise
             tch::manual_seed((p.seed + i as u64) as i64);
-            let mean = q.mean.to_kind(Kind::Float).contiguous(); // (1, 4, h, w), NCHW again
-                                                                 // drawn in NCHW order as torch's generator fills them (a channels-last `randn_like` permutes them)
-            let shape = mean.size();
-            let draw = || Tensor::randn(&shape, (Kind::Float, Device::Cpu)).to_device(self.device());
             let z0 = match posterior {
                 // z₀ = s (μ + σ ε_q), ε_q ~ N(0, I) ([LDM] sec. 4.3.2's scaling; diffusers' `latent_dist.sample`)
-                Posterior::Sample => (&mean + q.std().to_kind(Kind::Float) * draw()) * s,
-                Posterior::Mean => mean * s,
+                Posterior::Sample => (&mean + &std * self.randn(&mean.size())) * s,
+                Posterior::Mean => &mean * s,
             };
             let latents = if tail.len() == 1 {
                 z0
             } else {
-                let noise = draw();
+                let noise = self.randn(&mean.size());
                 let x = &z0 + noise * tail[0]; // q(z_σ | z₀) in σ-space: z₀ + σ ε
                 self.denoise(&p, &cond, &uncond, x, tail, &mut |s| cb(i, s))
             };

@@ -58,11 +58,16 @@ impl ControlledGuidance<'_> {
         control.scale.conditioning_scale != 0.0 && kept
     }
 
-    /// The residuals of every active ControlNet, summed, for the batch of 2B (∅ rows first); None when none acts.
-    fn residuals(&self, x_t: &Tensor, t: &Tensor, (cond, uncond): (&Cond, &Cond), train: bool) -> Option<Residuals> {
+    /// The residuals of every active ControlNet, summed, for the batch of 2B (∅ rows first): `(x_t, t)` and `cond` are
+    /// the B conditional rows, `(x2, t2)` and `both` the whole batch; None when none acts.
+    fn residuals(
+        &self,
+        (x_t, t): (&Tensor, &Tensor),
+        (x2, t2): (&Tensor, &Tensor),
+        (cond, both): (&Cond, &Cond),
+        train: bool,
+    ) -> Option<Residuals> {
         let b = x_t.size()[0];
-        let (x2, t2) = (Tensor::cat(&[x_t, x_t], 0), Tensor::cat(&[t, t], 0)); // (2B, C, H, W), (2B,)
-        let both = Cond::cat(&[uncond, cond]);
         let mut sum: Option<Residuals> = None;
         for control in self.controls.iter().filter(|c| self.active(c, t)) {
             let size = control.hint.size();
@@ -81,7 +86,7 @@ impl ControlledGuidance<'_> {
                 Residuals { down: r.down.iter().map(pad).collect(), mid: pad(&r.mid) }
             } else {
                 let hint2 = Tensor::cat(&[&hint, &hint], 0); // (2B, C_hint, H', W')
-                control.net.residuals(&x2, &t2, (Some(&both.context), both.mask.as_ref()), &hint2, control.scale, train)
+                control.net.residuals(x2, t2, (Some(&both.context), both.mask.as_ref()), &hint2, control.scale, train)
             };
             sum = Some(match sum {
                 None => r,
@@ -110,7 +115,7 @@ impl EpsModel for ControlledGuidance<'_> {
         let (x2, t2) = (Tensor::cat(&[&x_in, &x_in], 0), Tensor::cat(&[t, t], 0)); // (2B, C, H, W), (2B,)
         let both = Cond::cat(&[&uncond, &cond]); // (2B, L, D) and the masks (2B, L)
         let ctx = (Some(&both.context), both.mask.as_ref());
-        let eps = match self.residuals(&x_in, t, (&cond, &uncond), train) {
+        let eps = match self.residuals((&x_in, t), (&x2, &t2), (&cond, &both), train) {
             None => self.unet.forward_cond(&x2, &t2, ctx.0, ctx.1, train),
             Some(residuals) => self.unet.forward_controlled(&x2, &t2, ctx, &residuals, train),
         };

@@ -130,13 +130,14 @@ impl Embeddings {
     /// tokenised as usual, each name becomes its n vectors' new ids; then start, end and padding to `context_len`.
     pub fn tokenize(&self, bpe: &Bpe, prompt: &str, vocab_size: i64, context_len: usize) -> Result<EmbeddedTokens> {
         let lower = prompt.to_lowercase();
+        let names: Vec<String> = self.list.iter().map(|e| e.name.to_lowercase()).collect();
         // the first occurrence of any name at or after `from` (longest name wins at a position), as a whole word
         let find = |from: usize| {
             let is_word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
             let mut best: Option<(usize, usize, usize)> = None; // (start, len, index)
-            for (i, name) in self.list.iter().map(|e| e.name.to_lowercase()).enumerate() {
+            for (i, name) in names.iter().enumerate() {
                 let mut at = from;
-                while let Some(pos) = lower[at..].find(&name).map(|p| p + at) {
+                while let Some(pos) = lower[at..].find(name.as_str()).map(|p| p + at) {
                     let before = lower[..pos].chars().next_back();
                     let after = lower[pos + name.len()..].chars().next();
                     if !is_word(before) && !is_word(after) {

@@ -360,13 +360,15 @@ impl WeightBackup {
 }
 
 /// Merges every LoRA of `uses` into `models`' weights: W ← W + m·ΔW with m the component's multiplier (the web UI's and
-/// diffusers' `fuse_lora`). A multiplier of 0 leaves the component's weights untouched (bit for bit). With `backup`,
+/// diffusers' `fuse_lora`), all files read and checked before any weight changes. A multiplier of 0 leaves the
+/// component's weights untouched (bit for bit). With `backup`,
 /// each weight is saved before its first change. Returns the files, for the PNG's parameters.
 pub fn merge_loras(
     models: &mut SdModels,
     uses: &[LoraUse],
     mut backup: Option<&mut WeightBackup>,
 ) -> Result<Vec<LoraFile>> {
+    // every file is read and checked against the model before any weight changes
     let mut files = Vec::new();
     for u in uses {
         ensure!(
@@ -374,9 +376,10 @@ pub fn merge_loras(
             "the LoRA {}'s multipliers must be numbers (1 is full strength)",
             u.path.display()
         );
-        let lora = LoraFile::open(&u.path, models)?;
-        merge(models, &lora, u.te, u.unet, backup.as_deref_mut());
-        files.push(lora);
+        files.push(LoraFile::open(&u.path, models)?);
+    }
+    for (u, lora) in uses.iter().zip(&files) {
+        merge(models, lora, u.te, u.unet, backup.as_deref_mut());
     }
     Ok(files)
 }

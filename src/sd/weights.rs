@@ -246,6 +246,7 @@ impl SdModels {
                 &mut file,
                 &|name| vec![name.to_string(), name.trim_start_matches("text_model.").to_string()],
                 &|_| false,
+                &SD_CHECKPOINT,
             )?;
         }
         Ok(models)
@@ -267,7 +268,8 @@ impl SdModels {
                 let old = key.replacen("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.", 1);
                 vec![key, old]
             };
-            load_strict(vs, &mut file, &original, &|name| map.is_conv_as_linear(&format!("{component}.{name}")))?;
+            let conv_as_linear = |name: &str| map.is_conv_as_linear(&format!("{component}.{name}"));
+            load_strict(vs, &mut file, &original, &conv_as_linear, &SD_CHECKPOINT)?;
         }
         Ok(())
     }
@@ -318,15 +320,29 @@ fn weights_file(dir: &Path, component: &str, stem: &str) -> Result<PathBuf> {
     bail!("{} has no {stem}.safetensors: download the safetensors weights of this model", base.display())
 }
 
+/// What a strictly loaded file should be, for its error messages: the kind of file, and what to say when a tensor has
+/// another shape.
+struct Expected {
+    what: &'static str,
+    other_shape: &'static str,
+}
+
+const SD_CHECKPOINT: Expected =
+    Expected { what: "Stable Diffusion 1.x checkpoint", other_shape: "SD 2.x and SDXL are not supported by lesson 09" };
+const SD_CONTROLNET: Expected =
+    Expected { what: "SD 1.x ControlNet", other_shape: "SD 2.x and SDXL are not supported by lesson 09" };
+const TAESD_FILE: Expected = Expected { what: "TAESD", other_shape: "use madebyollin/taesd, SD 1.x's" };
+
 // ANCHOR: load_strict
 /// Fills every variable of `vs` from `file`: `names(ours)` lists the keys it may have there (first found wins);
 /// `conv_as_linear(ours)` allows a (C, C, 1, 1) tensor for a (C, C) weight. Missing tensors and wrong shapes stop the
-/// load, naming the file, the key and both shapes.
+/// load, naming the file, the key and both shapes (`expected` words the message).
 fn load_strict(
     vs: &mut VarStore,
     file: &mut SafetensorsFile,
     names: &dyn Fn(&str) -> Vec<String>,
     conv_as_linear: &dyn Fn(&str) -> bool,
+    expected: &Expected,
 ) -> Result<()> {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -335,10 +351,11 @@ fn load_strict(
         let keys = names(name);
         let Some(key) = keys.iter().find(|k| file.entry(k).is_some()) else {
             bail!(
-                "{path} has no tensor '{}' ({} tensors in the file): it is not a complete Stable Diffusion 1.x checkpoint; \
+                "{path} has no tensor '{}' ({} tensors in the file): it is not a complete {}; \
                  download it again or pass an SD 1.x model",
                 keys[0],
-                file.len()
+                file.len(),
+                expected.what
             );
         };
         let entry = file.entry(key).expect("just found");
@@ -353,7 +370,8 @@ fn load_strict(
         if found != want && !squeezed {
             bail!(
                 "{path}: tensor '{key}' is {found:?}, Stable Diffusion 1.x expects {want:?}: this checkpoint has another \
-                 architecture (SD 2.x and SDXL are not supported by lesson 09)"
+                 architecture ({})",
+                expected.other_shape
             );
         }
         let t = file.tensor(key)?.reshape(&want);
@@ -468,7 +486,7 @@ pub fn load_controlnet_diffusers(dir: &Path, device: Device) -> Result<(VarStore
     let mut vs = VarStore::new(device);
     let control = ControlNet::new(vs.root(), config);
     let mut file = SafetensorsFile::open(&weights_file(dir, "", "diffusion_pytorch_model")?)?;
-    load_strict(&mut vs, &mut file, &|name| vec![name.to_string()], &|_| false)?;
+    load_strict(&mut vs, &mut file, &|name| vec![name.to_string()], &|_| false, &SD_CHECKPOINT)?;
     vs.freeze();
     Ok((vs, control))
 }
@@ -540,9 +558,7 @@ pub fn load_controlnet(path: &Path, unet: &UNetConfig, device: Device) -> Result
         let key = map.to_original(&format!("controlnet.{name}")).unwrap_or_else(|| panic!("the key map covers {name}"));
         vec![key.clone(), strip(&key)]
     };
-    load_strict(&mut vs, &mut file, &original, &|_| false).map_err(|e| {
-        anyhow::anyhow!(format!("{e:#}").replace("Stable Diffusion 1.x checkpoint", "SD 1.x ControlNet"))
-    })?;
+    load_strict(&mut vs, &mut file, &original, &|_| false, &SD_CONTROLNET)?;
     vs.freeze();
     Ok((vs, control))
 }
@@ -585,12 +601,7 @@ pub fn load_taesd(path: &Path, device: Device) -> Result<(VarStore, Taesd)> {
     );
     let mut vs = VarStore::new(device);
     let taesd = Taesd::new(vs.root(), config);
-    load_strict(&mut vs, &mut file, &|name| vec![name.to_string()], &|_| false).map_err(|e| {
-        let text = format!("{e:#}").replace("Stable Diffusion 1.x checkpoint", "TAESD");
-        anyhow::anyhow!(
-            text.replace("SD 2.x and SDXL are not supported by lesson 09", "use madebyollin/taesd, SD 1.x's")
-        )
-    })?;
+    load_strict(&mut vs, &mut file, &|name| vec![name.to_string()], &|_| false, &TAESD_FILE)?;
     vs.freeze();
     Ok((vs, taesd))
 }
