@@ -5,6 +5,7 @@
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, appendix B: self-attention at the 16×16 resolution.
 //! Notation (code -> paper): q, k, v -> Q, K, V; head_dim -> d_k; heads -> h.
 use crate::nn::layers::groups_for;
+use crate::nn::lora::{Adaptable, AdaptableLayers};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -34,10 +35,10 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>
 /// attention) or from `x` itself (self-attention). Names as diffusers' `Attention`: to_q, to_k, to_v, to_out.0.
 #[derive(Debug)]
 pub struct MultiHeadAttention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Adaptable,
+    to_k: Adaptable,
+    to_v: Adaptable,
+    to_out: Adaptable,
     heads: i64,
 }
 
@@ -47,10 +48,10 @@ impl MultiHeadAttention {
         let inner = heads * head_dim;
         let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
         Self {
-            to_q: nn::linear(&vs / "to_q", dim, inner, no_bias),
-            to_k: nn::linear(&vs / "to_k", context_dim, inner, no_bias),
-            to_v: nn::linear(&vs / "to_v", context_dim, inner, no_bias),
-            to_out: nn::linear(&vs / "to_out" / 0, inner, dim, Default::default()),
+            to_q: Adaptable::linear(&vs / "to_q", dim, inner, no_bias),
+            to_k: Adaptable::linear(&vs / "to_k", context_dim, inner, no_bias),
+            to_v: Adaptable::linear(&vs / "to_v", context_dim, inner, no_bias),
+            to_out: Adaptable::linear(&vs / "to_out" / 0, inner, dim, Default::default()),
             heads,
         }
     }
@@ -98,6 +99,12 @@ impl MultiHeadAttention {
     }
 }
 
+impl AdaptableLayers for MultiHeadAttention {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        out.extend([&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out]);
+    }
+}
+
 /// Self-attention over the pixels of a feature map, with a residual: x + Attn(GroupNorm(x)), every pixel a token.
 /// Names as diffusers' UNet2DModel attention (group_norm + Attention with a residual connection).
 #[derive(Debug)]
@@ -130,6 +137,12 @@ impl SpatialSelfAttention {
 pub fn attention_weights(q: &Tensor, k: &Tensor) -> Tensor {
     let d = *q.size().last().unwrap() as f64;
     (q.matmul(&k.transpose(-2, -1)) / d.sqrt()).softmax(-1, Kind::Float)
+}
+
+impl AdaptableLayers for SpatialSelfAttention {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        self.attn.adaptable_layers(out);
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //!
 //! [Transformer] Vaswani et al. 2017, "Attention Is All You Need", arXiv:1706.03762, sec. 3.5.
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239, appendix B (ResBlocks with GroupNorm, embedding added per channel).
+use crate::nn::lora::{Adaptable, AdaptableLayers};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -34,11 +35,11 @@ pub fn noise_embedding(sigma: &Tensor, dim: i64) -> Tensor {
 #[derive(Debug)]
 pub struct ResBlock {
     norm1: nn::GroupNorm,
-    conv1: nn::Conv2D,
+    conv1: Adaptable,
     /// None in an unconditioned block (the VAE's: diffusers' `ResnetBlock2D` with `temb_channels=None`).
     time_emb_proj: Option<nn::Linear>,
     norm2: nn::GroupNorm,
-    conv2: nn::Conv2D,
+    conv2: Adaptable,
     conv_shortcut: Option<nn::Conv2D>,
     dropout: f64,
 }
@@ -97,10 +98,10 @@ impl ResBlock {
         let conv = nn::ConvConfig { padding: 1, ..Default::default() };
         Self {
             norm1: nn::group_norm(vs / "norm1", groups.0, c_in, norm),
-            conv1: nn::conv2d(vs / "conv1", c_in, c_out, 3, conv),
+            conv1: Adaptable::conv2d(vs / "conv1", c_in, c_out, 3, conv),
             time_emb_proj: emb_dim.map(|e| nn::linear(vs / "time_emb_proj", e, c_out, Default::default())),
             norm2: nn::group_norm(vs / "norm2", groups.1, c_out, norm),
-            conv2: nn::conv2d(vs / "conv2", c_out, c_out, 3, conv),
+            conv2: Adaptable::conv2d(vs / "conv2", c_out, c_out, 3, conv),
             conv_shortcut: (c_in != c_out)
                 .then(|| nn::conv2d(vs / "conv_shortcut", c_in, c_out, 1, Default::default())),
             dropout,
@@ -127,6 +128,12 @@ impl ResBlock {
         h
     }
     // ANCHOR_END: resblock_forward
+}
+
+impl AdaptableLayers for ResBlock {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        out.extend([&mut self.conv1, &mut self.conv2]);
+    }
 }
 
 /// 2× downsampling with a strided 3×3 conv: (B, C, H, W) -> (B, C, ⌈H/2⌉, ⌈W/2⌉).

@@ -9,6 +9,7 @@ pub mod encoder_unet;
 pub mod eps_mlp;
 pub mod label_context;
 pub mod layers;
+pub mod lora;
 pub mod ncsn;
 pub mod score_mlp;
 pub mod taesd;

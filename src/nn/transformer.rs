@@ -14,6 +14,7 @@
 //! transformer_blocks.i.{norm1, attn1, norm2, attn2, norm3, ff.net.0.proj, ff.net.2}, proj_out.
 use crate::nn::attention::MultiHeadAttention;
 use crate::nn::layers::groups_for;
+use crate::nn::lora::{Adaptable, AdaptableLayers};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
@@ -32,12 +33,12 @@ pub fn key_padding_mask(mask: &Tensor) -> Tensor {
 /// (diffusers' `GEGLU`: `hidden_states, gate = proj(x).chunk(2, -1)`).
 #[derive(Debug)]
 pub struct GeGlu {
-    proj: nn::Linear,
+    proj: Adaptable,
 }
 
 impl GeGlu {
     pub fn new(vs: nn::Path, dim: i64, inner: i64) -> Self {
-        Self { proj: nn::linear(vs / "proj", dim, 2 * inner, Default::default()) }
+        Self { proj: Adaptable::linear(vs / "proj", dim, 2 * inner, Default::default()) }
     }
 
     // ANCHOR: geglu
@@ -62,7 +63,7 @@ impl GeGlu {
 #[derive(Debug)]
 pub struct FeedForward {
     geglu: GeGlu,
-    out: nn::Linear,
+    out: Adaptable,
 }
 
 impl FeedForward {
@@ -70,13 +71,19 @@ impl FeedForward {
         let inner = FF_MULT * dim;
         Self {
             geglu: GeGlu::new(&vs / "net" / 0, dim, inner),
-            out: nn::linear(&vs / "net" / 2, inner, dim, Default::default()),
+            out: Adaptable::linear(&vs / "net" / 2, inner, dim, Default::default()),
         }
     }
 
     /// x: (…, dim) -> (…, dim).
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.out.forward(&self.geglu.forward(x))
+    }
+}
+
+impl AdaptableLayers for FeedForward {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        out.extend([&mut self.geglu.proj, &mut self.out]);
     }
 }
 
@@ -140,14 +147,22 @@ impl BasicTransformerBlock {
     // ANCHOR_END: transformer_block
 }
 
+impl AdaptableLayers for BasicTransformerBlock {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        self.attn1.adaptable_layers(out);
+        self.attn2.adaptable_layers(out);
+        self.ff.adaptable_layers(out);
+    }
+}
+
 /// diffusers' `Transformer2DModel` (SD 1.x): GroupNorm → 1×1 conv C → inner → `depth` transformer blocks over the
 /// HW tokens → 1×1 conv inner → C, plus the input.
 #[derive(Debug)]
 pub struct SpatialTransformer {
     norm: nn::GroupNorm,
-    proj_in: nn::Conv2D,
+    proj_in: Adaptable,
     transformer_blocks: Vec<BasicTransformerBlock>,
-    proj_out: nn::Conv2D,
+    proj_out: Adaptable,
 }
 
 impl SpatialTransformer {
@@ -156,13 +171,13 @@ impl SpatialTransformer {
         let norm = nn::GroupNormConfig { eps: NORM_EPS, ..Default::default() };
         Self {
             norm: nn::group_norm(&vs / "norm", groups_for(channels), channels, norm),
-            proj_in: nn::conv2d(&vs / "proj_in", channels, inner, 1, Default::default()),
+            proj_in: Adaptable::conv2d(&vs / "proj_in", channels, inner, 1, Default::default()),
             transformer_blocks: (0..depth)
                 .map(|i| {
                     BasicTransformerBlock::new(&vs / "transformer_blocks" / i, inner, context_dim, heads, head_dim)
                 })
                 .collect(),
-            proj_out: nn::conv2d(&vs / "proj_out", inner, channels, 1, Default::default()),
+            proj_out: Adaptable::conv2d(&vs / "proj_out", inner, channels, 1, Default::default()),
         }
     }
 
@@ -202,6 +217,16 @@ impl SpatialTransformer {
         (out, maps)
     }
     // ANCHOR_END: spatial_transformer_forward
+}
+
+impl AdaptableLayers for SpatialTransformer {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        out.push(&mut self.proj_in);
+        for block in &mut self.transformer_blocks {
+            block.adaptable_layers(out);
+        }
+        out.push(&mut self.proj_out);
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! projected and added to the time embedding (diffusers: `class_embed_type="projection"`, module `class_embedding`).
 use crate::nn::attention::SpatialSelfAttention;
 use crate::nn::layers::{groups_for, silu_fresh, timestep_embedding, Downsample, ResBlock, Upsample};
+use crate::nn::lora::{Adaptable, AdaptableLayers};
 use crate::nn::transformer::SpatialTransformer;
 use crate::validate::{divides, finite_in, in_range, list_in, Validate, MAX_DEPTH, MAX_WIDTH};
 use tch::nn::{self, Module};
@@ -179,6 +180,27 @@ struct Level {
 enum Attention {
     SelfOnly(SpatialSelfAttention),
     Transformer(Box<SpatialTransformer>, String),
+}
+
+impl AdaptableLayers for Attention {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        match self {
+            Attention::SelfOnly(a) => a.adaptable_layers(out),
+            Attention::Transformer(t, _) => t.adaptable_layers(out),
+        }
+    }
+}
+
+impl AdaptableLayers for Level {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        let mut attentions = self.attentions.iter_mut();
+        for resnet in &mut self.resnets {
+            resnet.adaptable_layers(out);
+            if let Some(a) = attentions.next() {
+                a.adaptable_layers(out);
+            }
+        }
+    }
 }
 
 /// What the attention blocks read besides the features: the context, its key-padding mask, and, when collecting,
@@ -417,6 +439,18 @@ impl UNetEncoder {
     }
 }
 
+impl AdaptableLayers for UNetEncoder {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        for level in &mut self.down {
+            level.adaptable_layers(out);
+        }
+        let [first, second] = &mut self.mid_resnets;
+        first.adaptable_layers(out);
+        self.mid_attention.adaptable_layers(out);
+        second.adaptable_layers(out);
+    }
+}
+
 /// What a ControlNet adds to a UNet's way down: one residual per skip (the UNet's skip shapes) and one for the
 /// middle block's output ([ControlNet] Fig. 3: the zero convolutions' outputs).
 pub struct Residuals {
@@ -602,6 +636,16 @@ pub fn pooled_context(context: &Tensor, mask: Option<&Tensor>) -> Tensor {
     context.gather(1, &index, false).squeeze_dim(1) // (B, D)
 }
 // ANCHOR_END: pooled_context
+
+/// The layers LoRA adapters can attach to ([`crate::nn::lora`]): the way down, the middle block, the way up.
+impl AdaptableLayers for UNet {
+    fn adaptable_layers<'a>(&'a mut self, out: &mut Vec<&'a mut Adaptable>) {
+        self.encoder.adaptable_layers(out);
+        for level in &mut self.up {
+            level.adaptable_layers(out);
+        }
+    }
+}
 
 impl crate::model::EpsModel for UNet {
     fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {

@@ -30,7 +30,7 @@ use crate::sampling::lcm::{lcm_sample, lcm_timesteps};
 use crate::sampling::registry::Sampler;
 use crate::sampling::SamplerStep;
 use crate::sd::embeddings::Embeddings;
-use crate::sd::lora::{lora_hashes, merge_loras, parse_lora_flag, parse_prompt_loras, strip_lora_tags};
+use crate::sd::lora::{lora_hashes, merge_loras, parse_lora_flag, parse_prompt_loras, strip_lora_tags, LoraModels};
 use crate::sd::lora::{Component, LoraFile, LoraUse, WeightBackup};
 use crate::sd::weights::{load_controlnet, load_taesd, SdModels};
 use crate::text::bpe::CLIP_CONTEXT_LEN;
@@ -689,7 +689,7 @@ impl StableDiffusion {
             }
         }
         let backup = self.lora_backup.as_mut();
-        self.loras.extend(merge_loras(&mut self.models, &uses, backup)?);
+        self.loras.extend(merge_loras(&LoraModels::sd(&self.models), &uses, backup)?);
         Ok(())
     }
 

@@ -21,6 +21,7 @@ use crate::sd::weights::SdModels;
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
 /// Which network a LoRA module changes.
@@ -97,6 +98,25 @@ pub struct LoraUse {
     pub unet: f64,
 }
 
+/// The networks a LoRA file changes: the text encoder's and the UNet's VarStores, their modules found by the names of
+/// their variables (so any network with diffusers' and transformers' module paths will do: SD 1.5's, or lesson 06's
+/// pipeline), and for SD 1.x the key map that also gives each UNet module its name in the original checkpoint.
+pub struct LoraModels<'a> {
+    pub text_vs: &'a VarStore,
+    pub unet_vs: &'a VarStore,
+    pub keymap: Option<KeyMap>,
+    /// What the messages call the model ("this SD 1.x model").
+    pub what: &'a str,
+}
+
+impl<'a> LoraModels<'a> {
+    /// SD 1.x's text encoder and UNet, with the original checkpoint's names.
+    pub fn sd(models: &'a SdModels) -> Self {
+        let keymap = Some(KeyMap::new(&models.config.unet, &models.config.vae));
+        Self { text_vs: &models.text_vs, unet_vs: &models.unet_vs, keymap, what: "this SD 1.x model" }
+    }
+}
+
 /// LyCORIS and other adapter types, by a key fragment that marks them, with their names.
 const UNSUPPORTED: [(&str, &str); 8] = [
     (".hada_w1_a", "LoHa (LyCORIS)"),
@@ -112,8 +132,7 @@ const UNSUPPORTED: [(&str, &str); 8] = [
 /// Every LoRA-able module of `models` (weights of rank 2 or 4 outside the embeddings), under every name a file may
 /// give it: kohya's (`lora_unet_down_blocks_0_…`, `lora_te_text_model_…`), the original checkpoint's for the UNet
 /// (`lora_unet_input_blocks_1_1_…`, written by trainers on the CompVis layout), and the dotted path.
-fn module_names(models: &SdModels) -> HashMap<String, (Component, String, Vec<i64>)> {
-    let map = KeyMap::new(&models.config.unet, &models.config.vae);
+fn module_names(models: &LoraModels) -> HashMap<String, (Component, String, Vec<i64>)> {
     let mut names = HashMap::new();
     for (component, vs) in [(Component::TextEncoder, &models.text_vs), (Component::Unet, &models.unet_vs)] {
         for (name, w) in vs.variables() {
@@ -128,7 +147,7 @@ fn module_names(models: &SdModels) -> HashMap<String, (Component, String, Vec<i6
                 }
                 Component::Unet => {
                     names.insert(format!("lora_unet_{}", module.replace('.', "_")), entry.clone());
-                    let original = map.to_original(&format!("unet.{module}"));
+                    let original = models.keymap.as_ref().and_then(|map| map.to_original(&format!("unet.{module}")));
                     if let Some(o) = original.as_deref().and_then(|o| o.strip_prefix(&format!("{UNET_ORIGINAL}."))) {
                         names.insert(format!("lora_unet_{}", o.replace('.', "_")), entry.clone());
                     }
@@ -208,6 +227,11 @@ impl LoraFile {
     /// Reads `path` and matches every module to `models`; anything it cannot use is an error naming the file and the
     /// key.
     pub fn open(path: &Path, models: &SdModels) -> Result<Self> {
+        Self::open_for(path, &LoraModels::sd(models))
+    }
+
+    /// [`Self::open`] for any pair of networks.
+    pub fn open_for(path: &Path, models: &LoraModels) -> Result<Self> {
         let mut file = SafetensorsFile::open(path)?;
         let shown = path.display().to_string();
         let keys: Vec<String> = file.names().map(String::from).collect();
@@ -320,9 +344,10 @@ impl LoraFile {
         if !unmatched.is_empty() {
             unmatched.sort();
             bail!(
-                "{shown}: {} LoRA key(s) match no module of this SD 1.x model (first: '{}'): is it a LoRA for another \
-                 model (SD 2.x, SDXL) or another adapter type?",
+                "{shown}: {} LoRA key(s) match no module of {} (first: '{}'): is it a LoRA for another model (SD 2.x, \
+                 SDXL, another run's network) or another adapter type?",
                 unmatched.len(),
+                models.what,
                 unmatched[0]
             );
         }
@@ -345,6 +370,11 @@ pub struct WeightBackup(HashMap<(Component, String), Tensor>);
 impl WeightBackup {
     /// Restores every saved weight and forgets them.
     pub fn restore(&mut self, models: &SdModels) {
+        self.restore_in(&LoraModels::sd(models))
+    }
+
+    /// [`Self::restore`] for any pair of networks.
+    pub fn restore_in(&mut self, models: &LoraModels) {
         let vars =
             [(Component::TextEncoder, models.text_vs.variables()), (Component::Unet, models.unet_vs.variables())];
         for ((component, name), saved) in self.0.drain() {
@@ -364,7 +394,7 @@ impl WeightBackup {
 /// component's weights untouched (bit for bit). With `backup`,
 /// each weight is saved before its first change. Returns the files, for the PNG's parameters.
 pub fn merge_loras(
-    models: &mut SdModels,
+    models: &LoraModels,
     uses: &[LoraUse],
     mut backup: Option<&mut WeightBackup>,
 ) -> Result<Vec<LoraFile>> {
@@ -376,7 +406,7 @@ pub fn merge_loras(
             "the LoRA {}'s multipliers must be numbers (1 is full strength)",
             u.path.display()
         );
-        files.push(LoraFile::open(&u.path, models)?);
+        files.push(LoraFile::open_for(&u.path, models)?);
     }
     for (u, lora) in uses.iter().zip(&files) {
         merge(models, lora, u.te, u.unet, backup.as_deref_mut());
@@ -385,7 +415,7 @@ pub fn merge_loras(
 }
 
 /// W ← W + m·ΔW for every module of `lora` (m = `te` or `unet` by component), in f32, cast back to the weights' dtype.
-pub fn merge(models: &mut SdModels, lora: &LoraFile, te: f64, unet: f64, mut backup: Option<&mut WeightBackup>) {
+pub fn merge(models: &LoraModels, lora: &LoraFile, te: f64, unet: f64, mut backup: Option<&mut WeightBackup>) {
     let mut text = models.text_vs.variables();
     let mut unet_vars = models.unet_vs.variables();
     for m in &lora.modules {
@@ -533,7 +563,7 @@ mod tests {
     #[test]
     fn kohya_names_are_built_from_the_models_module_paths() {
         let models = tiny();
-        let names = module_names(&models);
+        let names = module_names(&LoraModels::sd(&models));
         let (c, m, shape) = &names["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"];
         assert_eq!((*c, m.as_str()), (Component::Unet, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"));
         assert_eq!(shape.len(), 2);
@@ -625,7 +655,7 @@ mod tests {
         let before: HashMap<String, Tensor> =
             models.unet_vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect();
         let text_before = models.text_vs.variables()[&format!("{q}.weight")].copy();
-        merge_loras(&mut models, &[LoraUse { path: path.clone(), te: 0.0, unet: 0.0 }], None).unwrap();
+        merge_loras(&LoraModels::sd(&models), &[LoraUse { path: path.clone(), te: 0.0, unet: 0.0 }], None).unwrap();
         for (k, v) in models.unet_vs.variables() {
             assert!(v.equal(&before[&k]), "{k} changed at multiplier 0");
         }
@@ -634,7 +664,7 @@ mod tests {
             (lora.format, lora.count(Component::Unet), lora.count(Component::TextEncoder)),
             (LoraFormat::Kohya, 1, 1)
         );
-        merge(&mut models, &lora, 0.0, 0.5, None);
+        merge(&LoraModels::sd(&models), &lora, 0.0, 0.5, None);
         let m = &lora.modules.iter().find(|m| m.module == conv).unwrap();
         let (a, b) = (m.down.flatten(1, -1), m.up.flatten(1, -1)); // (4, C·9), (C', 4)
         let want = &before[&format!("{conv}.weight")]
@@ -704,7 +734,7 @@ mod tests {
         let before = snapshot(&models);
         let mut backup = WeightBackup::default();
         let uses = [LoraUse { path: a, te: 0.7, unet: 0.9 }, LoraUse { path: b, te: 1.0, unet: -0.4 }];
-        merge_loras(&mut models, &uses, Some(&mut backup)).unwrap();
+        merge_loras(&LoraModels::sd(&models), &uses, Some(&mut backup)).unwrap();
         assert_eq!(backup.0.len(), 2, "one copy per changed weight, the first time only");
         assert!(snapshot(&models).iter().zip(&before).any(|(x, y)| !x.1.equal(&y.1)));
         backup.restore(&models);
