@@ -4,6 +4,7 @@ pub mod captions;
 pub mod hints;
 pub mod mnist;
 pub mod png;
+pub mod signatures;
 pub mod toy2d;
 
 use tch::Tensor;

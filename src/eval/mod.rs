@@ -8,3 +8,4 @@ pub mod image_metrics;
 pub mod prompt_accuracy;
 pub mod sample_quality;
 pub mod score_error;
+pub mod signatures;

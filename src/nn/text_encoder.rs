@@ -246,6 +246,12 @@ impl TextEncoder {
         // ANCHOR_END: text_encoder_forward
     }
 
+    /// Copies of the token-embedding rows of `ids`: (E, D), e.g. the start of a textual-inversion vector.
+    pub fn token_embedding_rows(&self, ids: &[i64]) -> Tensor {
+        let index = Tensor::from_slice(ids).to_device(self.token_embedding.ws.device());
+        self.token_embedding.ws.index_select(0, &index).detach().copy() // (E, D)
+    }
+
     /// [CLIP] sec. 2.4: the pooled feature is the hidden state at the [EOS] token: hidden (B, L, D), ids (B, L) ->
     /// (B, D), taken at the first position where ids == eos_id (position 0 if a row has none), as transformers does.
     pub fn pooled(hidden: &Tensor, ids: &Tensor, eos_id: i64) -> Tensor {

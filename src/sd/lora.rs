@@ -639,7 +639,7 @@ mod tests {
     /// Merging a kohya file changes exactly its modules by (α/r)·B·A; multiplier 0 leaves every weight bit-identical.
     #[test]
     fn merge_adds_the_low_rank_update_and_multiplier_zero_changes_nothing() {
-        let mut models = tiny();
+        let models = tiny();
         let dir = std::env::temp_dir().join(format!("lora-merge-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("l.safetensors");
@@ -716,7 +716,7 @@ mod tests {
     /// Two LoRAs merged with a backup, then restored: every weight of both networks is bit for bit what it was.
     #[test]
     fn restoring_the_backup_undoes_every_merge_exactly() {
-        let mut models = tiny();
+        let models = tiny();
         let dir = std::env::temp_dir().join(format!("lora-restore-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let conv = "down_blocks.0.resnets.0.conv1";

@@ -7,6 +7,7 @@ pub mod conditional;
 pub mod controlnet;
 pub mod ddpm;
 pub mod ema;
+pub mod finetune;
 pub mod latent_diffusion;
 pub mod noise_aware;
 pub mod recipe;
