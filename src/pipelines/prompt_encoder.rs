@@ -7,6 +7,7 @@ use crate::data::captions::digits_named;
 use crate::model::Cond;
 use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use crate::nn::text_unet::{encode_context, lens_to_mask};
+use crate::sd::embeddings::Embeddings;
 use crate::text::bpe::{END_OF_TEXT, END_OF_WORD, START_OF_TEXT};
 use crate::text::{Bpe, Coverage, Encoded};
 use anyhow::{ensure, Context, Result};
@@ -37,6 +38,8 @@ pub struct PromptEncoder {
     pub text_encoder: TextEncoder,
     /// Tokens per prompt, start and end included (≤ the text encoder's max_position_embeddings).
     pub context_len: usize,
+    /// Textual-inversion embeddings its prompts may name (lesson 12): new words read from their own vectors.
+    pub embeddings: Embeddings,
     seen: HashSet<i64>,
     text_vs: VarStore,
 }
@@ -75,7 +78,7 @@ impl PromptEncoder {
         ensure!(tokenizer.vocab_size() as i64 == text.vocab_size, "the tokenizer and text encoder vocabularies differ");
         text_vs.freeze();
         let seen = seen_tokens.iter().copied().collect();
-        Ok(Self { tokenizer, text_encoder, context_len, seen, text_vs })
+        Ok(Self { tokenizer, text_encoder, context_len, embeddings: Embeddings::default(), seen, text_vs })
     }
 
     /// Width D of the token states (the UNet's cross_attention_dim).
@@ -85,6 +88,17 @@ impl PromptEncoder {
 
     pub fn device(&self) -> Device {
         self.text_vs.device()
+    }
+
+    /// The text encoder's (frozen) VarStore, under `text_model.` (what a LoRA's `lora_te_` modules change).
+    pub fn text_vs(&self) -> &VarStore {
+        &self.text_vs
+    }
+
+    /// `prompt` without the names of the embeddings it uses (what the tokenizer's vocabulary check reads).
+    fn without_embeddings(&self, prompt: &str) -> String {
+        let names: Vec<String> = self.embeddings.list.iter().map(|e| e.name.to_lowercase()).collect();
+        prompt.split_whitespace().filter(|w| !names.contains(&w.to_lowercase())).collect::<Vec<_>>().join(" ")
     }
 
     // ANCHOR: check_prompt
@@ -98,15 +112,27 @@ impl PromptEncoder {
         if prompt.trim().is_empty() {
             return refuse(format!("the prompt is empty: {example}"));
         }
-        let coverage = self.tokenizer.coverage(prompt, &self.seen);
-        if !coverage.any_known() {
+        let words = self.without_embeddings(prompt); // the prompt as the tokenizer reads it
+        let coverage = self.tokenizer.coverage(&words, &self.seen);
+        // the embeddings the prompt names, and how many positions their vectors take
+        let (used, vectors) = match self.embeddings.is_empty() {
+            true => (0, 0),
+            false => {
+                let e = self.tokenize(prompt)?;
+                let rows = |name: &String| {
+                    self.embeddings.list.iter().find(|x| &x.name == name).map_or(0, |x| x.vectors.size()[0])
+                };
+                (e.used.len(), e.used.iter().map(rows).sum::<i64>() as usize)
+            }
+        };
+        if !coverage.any_known() && used == 0 {
             let unknown: Vec<String> = coverage.unknown_words().iter().map(|w| format!("\"{w}\"")).collect();
             let unknown = crate::cli::for_message(&unknown.join(", "), 80);
             return refuse(format!(
                 "no word of the prompt was in the training captions (unknown: {unknown}): {example}"
             ));
         }
-        let tokens = self.tokenizer.encode(prompt).len();
+        let tokens = self.tokenizer.encode(&words).len() + vectors;
         let limit = self.context_len - 2; // start and end take two positions
         if tokens > limit {
             let context = self.context_len;
@@ -122,11 +148,28 @@ impl PromptEncoder {
     /// τ(prompt) for the UNet, (1, L, D) with its padding mask (1, L), on the encoder's device, without any check
     /// ("" is the ∅ prompt).
     pub fn context(&self, prompt: &str) -> (Encoded, Cond) {
+        if !self.embeddings.is_empty() {
+            let e = self.tokenize(prompt).expect("embeddings read from safetensors files only");
+            let ids = Tensor::from_slice(&e.encoded.ids).unsqueeze(0).to_device(self.device()); // (1, L)
+            let lens = Tensor::from_slice(&[e.encoded.len as i64]).to_device(self.device());
+            let mask = lens_to_mask(&lens, e.encoded.ids.len() as i64); // (1, L)
+            let extra = e.extra.map(|x| x.to_device(self.device()));
+            let hidden =
+                tch::no_grad(|| self.text_encoder.forward_with_extra_tokens(&ids, Some(&mask), extra.as_ref()));
+            return (e.encoded, Cond::masked(hidden, mask)); // (1, L, D)
+        }
         let e = self.tokenizer.encode_padded(prompt, self.context_len);
         let ids = Tensor::from_slice(&e.ids).unsqueeze(0).to_device(self.device()); // (1, L)
         let mask = lens_to_mask(&Tensor::from_slice(&[e.len as i64]).to_device(self.device()), e.ids.len() as i64);
         let context = encode_context(&self.text_encoder, &ids, &mask);
         (e, context)
+    }
+
+    /// The padded ids of `prompt` with the names of [`Self::embeddings`] as their vectors' ids (vocab_size + row),
+    /// and those vectors ([`Embeddings::tokenize`]).
+    pub fn tokenize(&self, prompt: &str) -> Result<crate::sd::embeddings::EmbeddedTokens> {
+        let vocab = self.text_encoder.config.vocab_size;
+        self.embeddings.tokenize(&self.tokenizer, prompt, vocab, self.context_len)
     }
 
     /// The checked conditionings of a prompt and of its negative (None or blank: the empty prompt ∅), batch 1 each.

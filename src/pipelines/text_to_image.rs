@@ -152,9 +152,21 @@ impl TextToImage {
         self.unet_vs.freeze();
     }
 
+    /// Lets the UNet's weights train again (lesson 12's DreamBooth fine-tunes all of them).
+    pub fn unfreeze_unet(&mut self) {
+        self.unet_vs.unfreeze();
+    }
+
     /// The VarStore the UNet's weights live on.
     pub fn unet_vs(&self) -> &VarStore {
         &self.unet_vs
+    }
+
+    /// The two networks a LoRA file changes, for [`crate::sd::lora`]: the text encoder (`lora_te_…`) and the UNet
+    /// (`lora_unet_…`), found by their module paths.
+    pub fn lora_models(&self) -> crate::sd::lora::LoraModels<'_> {
+        let (text_vs, unet_vs) = (self.prompts.text_vs(), &self.unet_vs);
+        crate::sd::lora::LoraModels { text_vs, unet_vs, keymap: None, what: "lesson 06's pipeline" }
     }
 
     /// [`PromptEncoder::check_prompt`].

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod controlnet;
 /// Lesson 03's figures: noise schedules, the forward process on digits, DDPM samples over a 2-D density.
 pub mod ddpm_figures;
+pub mod finetune;
 pub mod guidance;
 pub mod guidance_methods;
 pub mod langevin;

@@ -1,0 +1,376 @@
+//! Lesson 12's experiments: teaching lesson 06's pipeline a concept (a seven with a crossbar, bound to the rare word
+//! "sks") by DreamBooth, LoRA and textual inversion, and a style (outlined strokes) by a LoRA whose multiplier sets
+//! its strength; each measured by the detectors of [`crate::eval::signatures`] on samples the run draws.
+use crate::checkpoint;
+use crate::eval::frechet::evaluate_samples;
+use crate::eval::signatures::{has_crossbar, hollowness, share, OUTLINED_AT};
+use crate::model::Cond;
+use crate::nn::classifier::MnistClassifier;
+use crate::nn::clip::digit_prompts;
+use crate::nn::lora::{attach_lora, detach_all, set_multiplier, LoraConfig};
+use crate::pipelines::text_to_image::{Draw, TextToImage};
+use crate::sd::embeddings::{Embedding, Embeddings};
+use crate::studies::guidance_methods::Tile;
+use crate::train::ddpm::EpsObjective;
+use crate::train::finetune::{fine_tune, Examples, Prompts};
+use crate::train::trainer::{TrainOutcome, TrainRun, TrainerConfig};
+use anyhow::{Context, Result};
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// The rare word the concept is bound to (DreamBooth's "[V]"; also the textual-inversion embedding's name).
+pub const IDENTIFIER: &str = "sks";
+/// The instance prompt, "a [V] class", and the class prompt of prior preservation ([DreamBooth] sec. 3.2–3.3).
+pub const INSTANCE_PROMPT: &str = "a sks seven";
+pub const CLASS_PROMPT: &str = "a seven";
+/// The digit of the class.
+pub const CLASS_DIGIT: i64 = 7;
+
+/// How graders draw: `n` samples per prompt from `seed` (the same noise for every model, so samples pair up).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Probe {
+    pub n: i64,
+    pub guidance: f64,
+    pub steps: usize,
+    pub seed: u64,
+}
+
+impl Probe {
+    fn draw(&self, pipe: &TextToImage, prompt: &str) -> Result<Tensor> {
+        pipe.generate(prompt, None, self.n, self.guidance, self.steps, self.seed)
+        // (n, 1, H, W) in [0, 1]
+    }
+}
+
+/// What a fine-tuned model does with the concept and with everything else.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConceptGrade {
+    /// Share of "a sks seven" samples that are sevens (the classifier) with a crossbar (the detector).
+    pub fidelity: f64,
+    /// Share of "a sks seven" samples read as sevens.
+    pub read_as_seven: f64,
+    /// Share of plain "a seven" samples with a crossbar.
+    pub plain_crossbar: f64,
+    /// Language drift: share of plain "a seven" samples that have a crossbar where the frozen model's sample from
+    /// the same noise had none.
+    pub drift: f64,
+    /// Fréchet distance of samples for "a handwritten 0" … "a handwritten 9" (classifier features, against test
+    /// digits): what the fine-tune did to everything else.
+    pub plain_fd: f64,
+}
+
+/// The frozen model's crossbars on "a seven", which drift is measured against.
+pub struct Reference {
+    pub plain_crossbar: Vec<bool>,
+}
+
+/// Grades `pipe` as it is now (with whatever adapters, weights or embeddings it has); returns the grade and the
+/// instance and plain samples.
+pub fn grade_concept(
+    pipe: &TextToImage,
+    clf: &MnistClassifier,
+    probe: &Probe,
+    reference: Option<&Reference>,
+    test_images: &Tensor,
+) -> Result<(ConceptGrade, Tensor, Tensor)> {
+    let instance = probe.draw(pipe, INSTANCE_PROMPT)?;
+    let plain = probe.draw(pipe, CLASS_PROMPT)?;
+    let sevens: Vec<bool> = Vec::try_from(clf.probabilities(&instance).argmax(-1, false).eq(CLASS_DIGIT))?;
+    let barred = has_crossbar(&instance);
+    let both: Vec<bool> = sevens.iter().zip(&barred).map(|(a, b)| *a && *b).collect();
+    let plain_barred = has_crossbar(&plain);
+    let acquired: Vec<bool> = match reference {
+        Some(r) => plain_barred.iter().zip(&r.plain_crossbar).map(|(now, before)| *now && !before).collect(),
+        None => vec![false; plain_barred.len()],
+    };
+    let prompts: Vec<String> = digit_prompts().into_iter().cycle().take(probe.n.max(10) as usize).collect();
+    let (others, _) = pipe.generate_each(&prompts, &Draw::new(probe.guidance, probe.steps, probe.seed + 1))?;
+    let plain_fd = evaluate_samples(clf, &others, test_images).frechet_distance;
+    let grade = ConceptGrade {
+        fidelity: share(&both),
+        read_as_seven: share(&sevens),
+        plain_crossbar: share(&plain_barred),
+        drift: share(&acquired),
+        plain_fd,
+    };
+    Ok((grade, instance, plain))
+}
+
+/// How the concept is taught.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum Method {
+    /// [DreamBooth]: every weight of the UNet trains.
+    DreamBooth,
+    /// DreamBooth's data and loss, but only LoRA adapters train (what most people run).
+    Lora(LoraConfig),
+    /// [TI]: only `vectors` new token vectors named "sks" train.
+    TextualInversion { vectors: i64 },
+}
+
+impl Method {
+    pub fn label(&self) -> String {
+        match self {
+            Method::DreamBooth => "DreamBooth (full UNet)".into(),
+            Method::Lora(c) => format!("LoRA r{} ({:?})", c.rank, c.targets),
+            Method::TextualInversion { vectors } => {
+                format!("textual inversion ({vectors} vector{})", if *vectors == 1 { "" } else { "s" })
+            }
+        }
+    }
+}
+
+/// The concept's training data, (N, 1, H, W) in [−1, 1]: the instance images and the class images for prior
+/// preservation (drawn by the frozen model).
+pub struct ConceptData {
+    pub instance: Tensor,
+    pub prior: Tensor,
+}
+
+/// What a fine-tune left: how long it took, what trained, and the file it wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Tuned {
+    pub seconds: f64,
+    pub trainable_parameters: i64,
+    pub file_bytes: u64,
+    pub final_loss: f64,
+}
+
+/// Contexts of the prompts (P, L, D) with masks, as the frozen text encoder reads them.
+fn contexts(pipe: &TextToImage, prompts: &[&str]) -> Cond {
+    let conds: Vec<Cond> = prompts.iter().map(|p| pipe.context(p).1).collect();
+    Cond::cat(&conds.iter().collect::<Vec<_>>())
+}
+
+/// The UNet's weights, to put back after a DreamBooth run.
+pub fn snapshot(vs: &VarStore) -> Vec<(String, Tensor)> {
+    vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect()
+}
+
+/// Writes `saved` back into `vs`.
+pub fn restore(vs: &VarStore, saved: &[(String, Tensor)]) {
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (k, t) in saved {
+            let _ = vars[k].shallow_clone().copy_(t);
+        }
+    });
+}
+
+// ANCHOR: teach
+/// Teaches `pipe` the concept by `method` (with the class images of `data` when `prior` is λ), writes what it learned
+/// to `file` in the ecosystem's format (a kohya LoRA, diffusers' `learned_embeds`, or the whole UNet for DreamBooth)
+/// and leaves it in `pipe` (adapters attached, weights changed, or the embedding loaded) for grading; [`forget`]
+/// undoes it.
+#[allow(clippy::too_many_arguments)] // the pipeline, the recipe and its data, the trainer's three, the output
+pub fn teach(
+    pipe: &mut TextToImage,
+    method: Method,
+    data: &ConceptData,
+    prior: Option<f64>,
+    objective: &EpsObjective,
+    cfg: &TrainerConfig,
+    run: TrainRun,
+    file: &Path,
+) -> Result<Tuned> {
+    let device = pipe.device();
+    let n = data.instance.size()[0];
+    let rows = |v: i64, len: i64| Tensor::full([len], v, (Kind::Int64, device)); // prompt row of each image
+    let (instance_rows, prior_rows) = (rows(0, n), rows(1, data.prior.size()[0]));
+    let instance = Examples { images: &data.instance, prompts: &instance_rows };
+    let prior = prior.map(|lambda| (Examples { images: &data.prior, prompts: &prior_rows }, lambda));
+    let (outcome, trainable): (TrainOutcome, i64) = match method {
+        Method::DreamBooth => {
+            let cond = contexts(pipe, &[INSTANCE_PROMPT, CLASS_PROMPT]);
+            pipe.unfreeze_unet();
+            let out =
+                fine_tune(&pipe.unet.0, pipe.unet_vs(), &Prompts::Frozen(&cond), instance, prior, objective, cfg, run);
+            pipe.freeze_unet();
+            let vs = pipe.unet_vs();
+            crate::cli::replace_atomically(file, ".safetensors", |tmp| Ok(vs.save(tmp)?))?;
+            (out?, checkpoint::num_parameters(vs))
+        }
+        Method::Lora(config) => {
+            let cond = contexts(pipe, &[INSTANCE_PROMPT, CLASS_PROMPT]);
+            pipe.freeze_unet();
+            let lora = VarStore::new(device);
+            attach_lora(&mut pipe.unet.0, &lora.root(), "lora_unet_", &config);
+            let out = fine_tune(&pipe.unet.0, &lora, &Prompts::Frozen(&cond), instance, prior, objective, cfg, run)?;
+            save_kohya(&lora, file)?;
+            (out, trainable_numel(&lora))
+        }
+        Method::TextualInversion { vectors } => {
+            pipe.freeze_unet();
+            // [TI] sec. 4: v starts from the embedding of a coarse descriptor of the concept, the class word
+            let seed_ids = pipe.prompts.tokenizer.encode("seven");
+            let start = pipe.prompts.text_encoder.token_embedding_rows(&seed_ids[..1]).repeat([vectors, 1]); // (n, D)
+            let emb = VarStore::new(device);
+            let v = emb.root().var_copy(IDENTIFIER, &start);
+            let named = Embedding { name: IDENTIFIER.into(), vectors: v.shallow_clone(), path: file.to_path_buf() };
+            pipe.prompts.embeddings = Embeddings::default();
+            pipe.prompts.embeddings.list.push(named);
+            let tokens: Vec<_> =
+                [INSTANCE_PROMPT, CLASS_PROMPT].iter().map(|p| pipe.prompts.tokenize(p)).collect::<Result<_>>()?;
+            let ids = Tensor::stack(&tokens.iter().map(|t| Tensor::from_slice(&t.encoded.ids)).collect::<Vec<_>>(), 0)
+                .to_device(device); // (2, L)
+            let lens =
+                Tensor::from_slice(&tokens.iter().map(|t| t.encoded.len as i64).collect::<Vec<_>>()).to_device(device);
+            let mask = crate::nn::text_unet::lens_to_mask(&lens, ids.size()[1]); // (2, L)
+            let text = Prompts::Inverted { encoder: &pipe.prompts.text_encoder, ids: &ids, mask: &mask, extra: &v };
+            let out = fine_tune(&pipe.unet.0, &emb, &text, instance, prior, objective, cfg, run)?;
+            let learned = v.detach().copy().to_device(Device::Cpu);
+            pipe.prompts.embeddings.list[0].vectors = learned.shallow_clone();
+            // diffusers' learned_embeds.safetensors: {token: (n, D)}
+            crate::cli::replace_atomically(file, ".safetensors", |tmp| {
+                Ok(Tensor::write_safetensors(&[(IDENTIFIER, learned)], tmp)?)
+            })?;
+            (out, vectors * pipe.prompts.hidden_size())
+        }
+    };
+    let bytes = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
+    let final_loss = crate::cli::mean_of_last(&outcome.losses, 20);
+    Ok(Tuned { seconds: outcome.seconds, trainable_parameters: trainable, file_bytes: bytes, final_loss })
+}
+// ANCHOR_END: teach
+
+/// Undoes [`teach`]: adapters detached, the embedding dropped, and for DreamBooth the UNet's weights `saved`.
+pub fn forget(pipe: &mut TextToImage, saved: &[(String, Tensor)]) {
+    detach_all(&mut pipe.unet.0);
+    pipe.prompts.embeddings = Embeddings::default();
+    restore(pipe.unet_vs(), saved);
+}
+
+/// The number of values in the trainable variables of `vs` (a LoRA's A and B, not its α).
+pub fn trainable_numel(vs: &VarStore) -> i64 {
+    vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+}
+
+/// Writes a LoRA's VarStore as the kohya file it already is by its names (`lora_unet_….lora_down.weight`, …), f32,
+/// atomically.
+pub fn save_kohya(lora: &VarStore, file: &Path) -> Result<()> {
+    let mut named: Vec<(String, Tensor)> =
+        lora.variables().into_iter().map(|(k, v)| (k, v.detach().to_device(Device::Cpu))).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    crate::cli::replace_atomically(file, ".safetensors", |tmp| Ok(Tensor::write_safetensors(&named, tmp)?))
+}
+
+/// Trains a style LoRA on `images` (N, 1, H, W) in [−1, 1] with their digits' prompts ("a handwritten 3"); the
+/// adapters stay attached to `pipe` and are written to `file`.
+#[allow(clippy::too_many_arguments)]
+pub fn teach_style(
+    pipe: &mut TextToImage,
+    config: &LoraConfig,
+    images: &Tensor,
+    labels: &Tensor,
+    objective: &EpsObjective,
+    cfg: &TrainerConfig,
+    run: TrainRun,
+    file: &Path,
+) -> Result<Tuned> {
+    let prompts = digit_prompts();
+    let cond = contexts(pipe, &prompts.iter().map(String::as_str).collect::<Vec<_>>()); // (10, L, D)
+    pipe.freeze_unet();
+    let lora = VarStore::new(pipe.device());
+    attach_lora(&mut pipe.unet.0, &lora.root(), "lora_unet_", config);
+    let labels = labels.to_device(pipe.device());
+    let examples = Examples { images, prompts: &labels };
+    let out = fine_tune(&pipe.unet.0, &lora, &Prompts::Frozen(&cond), examples, None, objective, cfg, run)?;
+    save_kohya(&lora, file)?;
+    let bytes = std::fs::metadata(file)?.len();
+    let final_loss = crate::cli::mean_of_last(&out.losses, 20);
+    Ok(Tuned { seconds: out.seconds, trainable_parameters: trainable_numel(&lora), file_bytes: bytes, final_loss })
+}
+
+/// Style strength at one LoRA multiplier.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StylePoint {
+    pub multiplier: f64,
+    /// Mean hollowness of the samples ([`hollowness`]).
+    pub hollowness: f64,
+    /// Share of samples above [`OUTLINED_AT`].
+    pub outlined: f64,
+    /// Share read by the classifier as the digit asked for.
+    pub read_as_asked: f64,
+}
+
+// ANCHOR: style_sweep
+/// Samples for "a handwritten 0" … "a handwritten 9" (cycled to `probe.n`) at each multiplier of the LoRA attached
+/// to `pipe`, from the same noise: how strong the style is, and 10 samples per multiplier for the figure.
+pub fn style_sweep(
+    pipe: &mut TextToImage,
+    clf: &MnistClassifier,
+    multipliers: &[f64],
+    probe: &Probe,
+) -> Result<(Vec<StylePoint>, Vec<Tile>)> {
+    let prompts: Vec<String> = digit_prompts().into_iter().cycle().take(probe.n.max(10) as usize).collect();
+    let asked = Tensor::from_slice(&(0..prompts.len() as i64).map(|i| i % 10).collect::<Vec<_>>());
+    let (mut points, mut tiles) = (Vec::new(), Vec::new());
+    for &m in multipliers {
+        set_multiplier(&mut pipe.unet.0, m);
+        let (x, _) = pipe.generate_each(&prompts, &Draw::new(probe.guidance, probe.steps, probe.seed))?;
+        let h = hollowness(&x);
+        let read = clf.probabilities(&x).argmax(-1, false).eq_tensor(&asked).to_kind(Kind::Float).mean(Kind::Float);
+        points.push(StylePoint {
+            multiplier: m,
+            hollowness: h.iter().sum::<f64>() / h.len() as f64,
+            outlined: share(&h.iter().map(|&v| v > OUTLINED_AT).collect::<Vec<_>>()),
+            read_as_asked: read.double_value(&[]),
+        });
+        tiles.push((format!("m = {m}"), x.narrow(0, 0, 10)));
+    }
+    set_multiplier(&mut pipe.unet.0, 1.0);
+    Ok((points, tiles))
+}
+// ANCHOR_END: style_sweep
+
+/// A row of the comparison table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub method: String,
+    pub prior_preservation: bool,
+    pub tuned: Option<Tuned>,
+    pub grade: ConceptGrade,
+}
+
+/// The comparison table (markdown).
+pub fn comparison_table(rows: &[Row], unet_bytes: u64) -> String {
+    let mut t = String::from(
+        "| method | prior preservation | trainable parameters | file | file / UNet | training | fidelity | read as 7 | crossbar on \"a seven\" | drift | FD of other prompts |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let (params, file, ratio, secs) = match &r.tuned {
+            Some(t) => (
+                t.trainable_parameters.to_string(),
+                format!("{:.1} KB", t.file_bytes as f64 / 1024.0),
+                format!("{:.2} %", 100.0 * t.file_bytes as f64 / unet_bytes as f64),
+                format!("{:.0} s", t.seconds),
+            ),
+            None => ("—".into(), "—".into(), "—".into(), "—".into()),
+        };
+        let g = &r.grade;
+        t.push_str(&format!(
+            "| {} | {} | {params} | {file} | {ratio} | {secs} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
+            r.method,
+            if r.prior_preservation { "yes" } else { "no" },
+            g.fidelity,
+            g.read_as_seven,
+            g.plain_crossbar,
+            g.drift,
+            g.plain_fd
+        ));
+    }
+    t
+}
+
+/// The style table (markdown): strength against the multiplier.
+pub fn style_table(points: &[StylePoint]) -> String {
+    let mut t =
+        String::from("| multiplier | mean hollowness | outlined | read as the digit asked |\n|---|---|---|---|\n");
+    for p in points {
+        t.push_str(&format!(
+            "| {} | {:.3} | {:.2} | {:.2} |\n",
+            p.multiplier, p.hollowness, p.outlined, p.read_as_asked
+        ));
+    }
+    t
+}
