@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::cli::{crate_root, lesson_main, CommonArgs, StepLog};
 use scratch_diffusion::data::{mnist, signatures};
 use scratch_diffusion::diffusion::schedule::NoiseSchedule;
-use scratch_diffusion::eval::signatures::{has_crossbar, hollowness, share};
+use scratch_diffusion::eval::signatures::has_crossbar;
 use scratch_diffusion::nn::classifier::MnistClassifier;
 use scratch_diffusion::nn::lora::{detach_all, LoraConfig, LoraTargets};
 use scratch_diffusion::pipelines::text_to_image::{shipped_dir, TextToImage, DEFAULT_GUIDANCE, DEFAULT_SAMPLE_STEPS};
@@ -21,18 +21,11 @@ use scratch_diffusion::sd::lora::{merge_loras, parse_lora_flag, parse_prompt_lor
 use scratch_diffusion::studies::finetune::{self as study, ConceptData, Method, Probe, Reference, Row};
 use scratch_diffusion::studies::guidance_methods::plot_rows;
 use scratch_diffusion::train::ddpm::{EpsObjective, LossWeight};
-use scratch_diffusion::train::trainer::{TrainRun, TrainerConfig};
+use scratch_diffusion::train::trainer::TrainRun;
 use serde_json::json;
 use std::path::PathBuf;
 use tch::{Device, Tensor};
 
-/// Learning rates: the whole UNet moves gently (DreamBooth); the small LoRA factors and a new word's vectors can
-/// take larger steps (chapter 12 shows the runs).
-const LR_DREAMBOOTH: f64 = 2e-4;
-const LR_LORA: f64 = 3e-3;
-const LR_EMBEDDING: f64 = 1e-2;
-/// [DreamBooth] sec. 4.3: λ = 1 in the paper's experiments.
-const PRIOR_WEIGHT: f64 = 1.0;
 /// Where `--ship` writes the concept LoRA, the style LoRA and the embedding.
 const SHIPPED: &str = "data/lesson12";
 
@@ -73,6 +66,7 @@ struct TrainArgs {
     style_images: i64,
     /// LoRA ranks of the sweep.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16])]
+    #[arg(value_parser = clap::value_parser!(i64).range(1..=64))]
     ranks: Vec<i64>,
     /// Samples per prompt each grade draws [default: 100, or 10 with --quick].
     #[arg(long, value_parser = clap::value_parser!(i64).range(10..=250))]
@@ -161,13 +155,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     // ANCHOR_END: data
     let to_model = |x: &Tensor| (x * 2.0 - 1.0).to_device(run.device); // [0, 1] -> [−1, 1]
     let concept = ConceptData { instance: to_model(&barred), prior: to_model(&class_images) };
-    let test_sevens = data.test_images.index_select(0, &data.test_labels.eq(7).nonzero().squeeze_dim(1));
-    let base_rates = json!({
-        "real_test_sevens_with_crossbar": share(&has_crossbar(&test_sevens)),
-        "instance_images_with_crossbar": share(&has_crossbar(&barred)),
-        "real_digits_hollowness": mean(&hollowness(&data.test_images.narrow(0, 0, 1000))),
-        "outlined_digits_hollowness": mean(&hollowness(&signatures::outlined(&data.test_images.narrow(0, 0, 1000)))),
-    });
+    let base_rates = study::base_rates(&barred, &data.test_images, &data.test_labels);
     println!("base rates: {base_rates}");
 
     // ANCHOR: methods
@@ -185,21 +173,8 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         ("frozen: seven".into(), frozen_plain.narrow(0, 0, 10)),
     ];
     for (i, &(method, prior)) in plan.iter().enumerate() {
-        let lr = match method {
-            Method::DreamBooth => LR_DREAMBOOTH,
-            Method::Lora(_) => LR_LORA,
-            Method::TextualInversion { .. } => LR_EMBEDDING,
-        };
-        let cfg = TrainerConfig {
-            steps,
-            batch_size: args.batch,
-            lr,
-            warmup: steps / 10,
-            ema_decay: None,
-            seed: run.seed + i as u64,
-            ..Default::default()
-        };
-        let tag = method_tag(&method, prior);
+        let cfg = study::recipe(method.lr(), steps, args.batch, run.seed + i as u64);
+        let tag = method.tag(prior);
         let log = StepLog::new(steps as u64, &tag, 0);
         let ckpt = run.path(&format!("checkpoint_{tag}.safetensors"));
         let train_run = TrainRun::logged(run.device, &log).checkpoint(&ckpt, args.resume);
@@ -208,7 +183,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
             &mut pipe,
             method,
             &concept,
-            prior.then_some(PRIOR_WEIGHT),
+            prior.then_some(study::PRIOR_WEIGHT),
             &objective,
             &cfg,
             train_run,
@@ -232,15 +207,7 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
 
     // ANCHOR: style
     let style_config = LoraConfig { rank: 4, alpha: 4.0, targets: LoraTargets::TransformerAndConvs }; // LoCon
-    let cfg = TrainerConfig {
-        steps,
-        batch_size: args.batch,
-        lr: LR_LORA,
-        warmup: steps / 10,
-        ema_decay: None,
-        seed: run.seed,
-        ..Default::default()
-    };
+    let cfg = study::recipe(study::LR_LORA, steps, args.batch, run.seed);
     let (log, style_ckpt) = (StepLog::new(steps as u64, "style", 0), run.path("checkpoint_style.safetensors"));
     let train_run = TrainRun::logged(run.device, &log).checkpoint(&style_ckpt, args.resume);
     let style_file = run.path("outlined_locon_r4.safetensors");
@@ -276,7 +243,8 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     run.write_metrics(json!({
         "steps": steps, "batch_size": args.batch, "instance_images": args.instance_images,
         "class_images": args.class_images, "style_images": args.style_images, "probe": probe,
-        "lr": {"dreambooth": LR_DREAMBOOTH, "lora": LR_LORA, "embedding": LR_EMBEDDING}, "prior_weight": PRIOR_WEIGHT,
+        "lr": {"dreambooth": study::LR_DREAMBOOTH, "lora": study::LR_LORA, "embedding": study::LR_EMBEDDING},
+        "prior_weight": study::PRIOR_WEIGHT,
         "unet_bytes": unet_bytes, "base_rates": base_rates, "rows": rows, "style": {"tuned": style, "sweep": sweep},
     }))?;
     if args.ship {
@@ -290,18 +258,4 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     }
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());
     Ok(())
-}
-
-/// A short name for a method's files and figure rows.
-fn method_tag(method: &Method, prior: bool) -> String {
-    let p = if prior { "_prior" } else { "" };
-    match method {
-        Method::DreamBooth => format!("dreambooth{p}"),
-        Method::Lora(c) => format!("lora_r{}{p}", c.rank),
-        Method::TextualInversion { vectors } => format!("ti_{vectors}"),
-    }
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
 }

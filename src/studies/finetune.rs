@@ -27,6 +27,20 @@ pub const CLASS_PROMPT: &str = "a seven";
 /// The digit of the class.
 pub const CLASS_DIGIT: i64 = 7;
 
+/// Learning rates (AdamW, warm-up then cosine decay): the whole UNet moves gently (DreamBooth); the small LoRA
+/// factors and a new word's vectors take larger steps (chapter 12).
+pub const LR_DREAMBOOTH: f64 = 6e-4;
+pub const LR_LORA: f64 = 1e-2;
+pub const LR_EMBEDDING: f64 = 2e-2;
+/// [DreamBooth] sec. 4.3: λ = 1 in the paper's experiments.
+pub const PRIOR_WEIGHT: f64 = 1.0;
+
+/// A fine-tune's optimiser: `steps` of `batch` at peak rate `lr`, a tenth of them warm-up, no EMA (the weights of
+/// the last step are the result, as diffusers' scripts save them).
+pub fn recipe(lr: f64, steps: usize, batch: i64, seed: u64) -> TrainerConfig {
+    TrainerConfig { steps, batch_size: batch, lr, warmup: steps / 10, ema_decay: None, seed, ..Default::default() }
+}
+
 /// How graders draw: `n` samples per prompt from `seed` (the same noise for every model, so samples pair up).
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Probe {
@@ -109,6 +123,25 @@ pub enum Method {
 }
 
 impl Method {
+    /// The method's learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            Method::DreamBooth => LR_DREAMBOOTH,
+            Method::Lora(_) => LR_LORA,
+            Method::TextualInversion { .. } => LR_EMBEDDING,
+        }
+    }
+
+    /// A short name for the method's files and figure rows.
+    pub fn tag(&self, prior: bool) -> String {
+        let p = if prior { "_prior" } else { "" };
+        match self {
+            Method::DreamBooth => format!("dreambooth{p}"),
+            Method::Lora(c) => format!("lora_r{}{p}", c.rank),
+            Method::TextualInversion { vectors } => format!("ti_{vectors}"),
+        }
+    }
+
     pub fn label(&self) -> String {
         match self {
             Method::DreamBooth => "DreamBooth (full UNet)".into(),
@@ -134,6 +167,19 @@ pub struct Tuned {
     pub trainable_parameters: i64,
     pub file_bytes: u64,
     pub final_loss: f64,
+}
+
+/// What the detectors say about real digits and the training images: the base rates the samples are read against.
+pub fn base_rates(instance: &Tensor, test_images: &Tensor, test_labels: &Tensor) -> serde_json::Value {
+    let sevens = test_images.index_select(0, &test_labels.eq(CLASS_DIGIT).nonzero().squeeze_dim(1));
+    let digits = test_images.narrow(0, 0, 1000.min(test_images.size()[0]));
+    let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    serde_json::json!({
+        "real_test_sevens_with_crossbar": share(&has_crossbar(&sevens)),
+        "instance_images_with_crossbar": share(&has_crossbar(instance)),
+        "real_digits_hollowness": mean(hollowness(&digits)),
+        "outlined_digits_hollowness": mean(hollowness(&crate::data::signatures::outlined(&digits))),
+    })
 }
 
 /// Contexts of the prompts (P, L, D) with masks, as the frozen text encoder reads them.
