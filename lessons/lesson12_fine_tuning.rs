@@ -68,6 +68,9 @@ struct TrainArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16])]
     #[arg(value_parser = clap::value_parser!(i64).range(1..=64))]
     ranks: Vec<i64>,
+    /// Which layers the concept LoRAs adapt (kohya's default: everything inside the spatial transformers).
+    #[arg(long, value_enum, default_value_t = LoraTargets::Transformer)]
+    targets: LoraTargets,
     /// Samples per prompt each grade draws [default: 100, or 10 with --quick].
     #[arg(long, value_parser = clap::value_parser!(i64).range(10..=250))]
     num_samples: Option<i64>,
@@ -155,13 +158,16 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     // ANCHOR_END: data
     let to_model = |x: &Tensor| (x * 2.0 - 1.0).to_device(run.device); // [0, 1] -> [−1, 1]
     let concept = ConceptData { instance: to_model(&barred), prior: to_model(&class_images) };
-    let base_rates = study::base_rates(&barred, &data.test_images, &data.test_labels);
+    let base_rates = study::base_rates(&clf, &barred, &data.test_images, &data.test_labels);
     println!("base rates: {base_rates}");
 
     // ANCHOR: methods
-    let lora = |rank| Method::Lora(LoraConfig { rank, alpha: rank as f64, targets: LoraTargets::Transformer });
-    let mut plan = vec![(Method::DreamBooth, false), (Method::DreamBooth, true), (lora(4), false)];
-    plan.extend(args.ranks.iter().map(|&r| (lora(r), true)));
+    let lora = |rank, targets| Method::Lora(LoraConfig { rank, alpha: rank as f64, targets });
+    let mut plan = vec![(Method::DreamBooth, false), (Method::DreamBooth, true), (lora(4, args.targets), false)];
+    if args.targets != LoraTargets::TransformerAndConvs {
+        plan.push((lora(4, LoraTargets::TransformerAndConvs), true)); // LoCon: adapters at every resolution
+    }
+    plan.extend(args.ranks.iter().map(|&r| (lora(r, args.targets), true)));
     plan.push((Method::TextualInversion { vectors: 2 }, false));
     // ANCHOR_END: methods
     let saved = study::snapshot(pipe.unet_vs());
@@ -237,8 +243,8 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         &[],
     )?;
     run.write_results(&[
-        ("Teaching the concept \"sks\" (a seven with a crossbar)", study::comparison_table(&rows, unet_bytes)),
-        ("The style LoRA against its multiplier", study::style_table(&sweep)),
+        ("concept", study::comparison_table(&rows, unet_bytes)),
+        ("style", study::style_table(&sweep)),
     ])?;
     run.write_metrics(json!({
         "steps": steps, "batch_size": args.batch, "instance_images": args.instance_images,

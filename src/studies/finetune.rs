@@ -3,7 +3,7 @@
 //! its strength; each measured by the detectors of [`crate::eval::signatures`] on samples the run draws.
 use crate::checkpoint;
 use crate::eval::frechet::evaluate_samples;
-use crate::eval::signatures::{has_crossbar, hollowness, share, OUTLINED_AT};
+use crate::eval::signatures::{among_top_two, has_crossbar, hollowness, share, OUTLINED_AT};
 use crate::model::Cond;
 use crate::nn::classifier::MnistClassifier;
 use crate::nn::clip::digit_prompts;
@@ -60,9 +60,10 @@ impl Probe {
 /// What a fine-tuned model does with the concept and with everything else.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConceptGrade {
-    /// Share of "a sks seven" samples that are sevens (the classifier) with a crossbar (the detector).
+    /// Share of "a sks seven" samples that are sevens (7 among the classifier's two likeliest digits,
+    /// [`among_top_two`]) with a crossbar (the detector).
     pub fidelity: f64,
-    /// Share of "a sks seven" samples read as sevens.
+    /// Share of "a sks seven" samples the classifier reads as sevens (its first reading).
     pub read_as_seven: f64,
     /// Share of plain "a seven" samples with a crossbar.
     pub plain_crossbar: f64,
@@ -90,9 +91,11 @@ pub fn grade_concept(
 ) -> Result<(ConceptGrade, Tensor, Tensor)> {
     let instance = probe.draw(pipe, INSTANCE_PROMPT)?;
     let plain = probe.draw(pipe, CLASS_PROMPT)?;
-    let sevens: Vec<bool> = Vec::try_from(clf.probabilities(&instance).argmax(-1, false).eq(CLASS_DIGIT))?;
+    let probabilities = clf.probabilities(&instance); // (n, 10)
+    let sevens: Vec<bool> = Vec::try_from(probabilities.argmax(-1, false).eq(CLASS_DIGIT))?;
     let barred = has_crossbar(&instance);
-    let both: Vec<bool> = sevens.iter().zip(&barred).map(|(a, b)| *a && *b).collect();
+    let both: Vec<bool> =
+        among_top_two(&probabilities, CLASS_DIGIT).iter().zip(&barred).map(|(a, b)| *a && *b).collect();
     let plain_barred = has_crossbar(&plain);
     let acquired: Vec<bool> = match reference {
         Some(r) => plain_barred.iter().zip(&r.plain_crossbar).map(|(now, before)| *now && !before).collect(),
@@ -137,7 +140,14 @@ impl Method {
         let p = if prior { "_prior" } else { "" };
         match self {
             Method::DreamBooth => format!("dreambooth{p}"),
-            Method::Lora(c) => format!("lora_r{}{p}", c.rank),
+            Method::Lora(c) => {
+                let kind = match c.targets {
+                    crate::nn::lora::LoraTargets::Attention => "lora_attn",
+                    crate::nn::lora::LoraTargets::Transformer => "lora",
+                    crate::nn::lora::LoraTargets::TransformerAndConvs => "locon",
+                };
+                format!("{kind}_r{}{p}", c.rank)
+            }
             Method::TextualInversion { vectors } => format!("ti_{vectors}"),
         }
     }
@@ -170,13 +180,23 @@ pub struct Tuned {
 }
 
 /// What the detectors say about real digits and the training images: the base rates the samples are read against.
-pub fn base_rates(instance: &Tensor, test_images: &Tensor, test_labels: &Tensor) -> serde_json::Value {
+pub fn base_rates(
+    clf: &MnistClassifier,
+    instance: &Tensor,
+    test_images: &Tensor,
+    test_labels: &Tensor,
+) -> serde_json::Value {
     let sevens = test_images.index_select(0, &test_labels.eq(CLASS_DIGIT).nonzero().squeeze_dim(1));
+    // the ceiling of fidelity: how the classifier reads real sevens once they have a crossbar
+    let barred = clf.probabilities(&crate::data::signatures::with_crossbar(&sevens)); // (N, 10)
+    let read_as_seven = barred.argmax(-1, false).eq(CLASS_DIGIT).to_kind(Kind::Float).mean(Kind::Float);
     let digits = test_images.narrow(0, 0, 1000.min(test_images.size()[0]));
     let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
     serde_json::json!({
         "real_test_sevens_with_crossbar": share(&has_crossbar(&sevens)),
         "instance_images_with_crossbar": share(&has_crossbar(instance)),
+        "barred_test_sevens_read_as_seven": read_as_seven.double_value(&[]),
+        "barred_test_sevens_seven_in_top_two": share(&among_top_two(&barred, CLASS_DIGIT)),
         "real_digits_hollowness": mean(hollowness(&digits)),
         "outlined_digits_hollowness": mean(hollowness(&crate::data::signatures::outlined(&digits))),
     })
@@ -291,11 +311,11 @@ pub fn trainable_numel(vs: &VarStore) -> i64 {
     vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
 }
 
-/// Writes a LoRA's VarStore as the kohya file it already is by its names (`lora_unet_….lora_down.weight`, …), f32,
-/// atomically.
+/// Writes a LoRA's VarStore as the kohya file it already is by its names (`lora_unet_….lora_down.weight`, …), in
+/// f16 as kohya's scripts save by default (`--save_precision fp16`), atomically.
 pub fn save_kohya(lora: &VarStore, file: &Path) -> Result<()> {
-    let mut named: Vec<(String, Tensor)> =
-        lora.variables().into_iter().map(|(k, v)| (k, v.detach().to_device(Device::Cpu))).collect();
+    let half = |v: Tensor| v.detach().to_kind(Kind::Half).to_device(Device::Cpu);
+    let mut named: Vec<(String, Tensor)> = lora.variables().into_iter().map(|(k, v)| (k, half(v))).collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     crate::cli::replace_atomically(file, ".safetensors", |tmp| Ok(Tensor::write_safetensors(&named, tmp)?))
 }
