@@ -50,7 +50,7 @@ enum Command {
 struct TrainArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Steps of each fine-tune [default: 300, or 4 with --quick].
+    /// Steps of each fine-tune [default: 400, or 4 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i64).range(1..=256))]
@@ -131,7 +131,7 @@ fn sample_cmd(args: SampleArgs) -> Result<()> {
 fn train_cmd(args: TrainArgs) -> Result<()> {
     let run = args.common.init("lesson12")?;
     let q = |quick: u64, full: u64| if run.quick { quick } else { full };
-    let (steps, n) = (args.steps.unwrap_or(q(4, 300)) as usize, args.num_samples.unwrap_or(q(10, 100) as i64));
+    let (steps, n) = (args.steps.unwrap_or(q(4, 400)) as usize, args.num_samples.unwrap_or(q(10, 100) as i64));
     let data = mnist::load(&run.data_dir).context("lesson 12 fine-tunes on MNIST digits")?;
     let mut pipe = TextToImage::load(&shipped_dir(), run.device)
         .context("lesson 06's shipped pipeline (./run.sh lesson 06 --ship)")?;

@@ -25,6 +25,7 @@ fn quick_run_fine_tunes_grades_and_its_files_load() {
             "training_images.png",
             "dreambooth.safetensors",
             "lora_r4_prior.safetensors",
+            "locon_r4_prior.safetensors",
             "ti_2.safetensors",
             "outlined_locon_r4.safetensors",
             "metrics.json",
@@ -33,8 +34,8 @@ fn quick_run_fine_tunes_grades_and_its_files_load() {
     );
     let m = metrics(dir.path());
     let rows = m["rows"].as_array().unwrap();
-    // frozen, DreamBooth ×2, LoRA r4 without prior, ranks 1 and 4 with, textual inversion
-    assert_eq!(rows.len(), 7);
+    // frozen, DreamBooth ×2, LoRA r4 without prior, LoCon r4, ranks 1 and 4 with, textual inversion
+    assert_eq!(rows.len(), 8);
     for r in rows {
         for key in ["fidelity", "drift", "read_as_seven", "plain_crossbar"] {
             let v = r["grade"][key].as_f64().unwrap();
@@ -49,7 +50,7 @@ fn quick_run_fine_tunes_grades_and_its_files_load() {
         && (k.ends_with(".lora_down.weight") || k.ends_with(".lora_up.weight") || k.ends_with(".alpha"))));
     assert!(tensors
         .iter()
-        .any(|(k, _)| k == "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight"));
+        .any(|(k, _)| k == "lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight"));
     let embedding = tch::Tensor::read_safetensors(dir.path().join("ti_2.safetensors")).unwrap();
     assert_eq!(embedding.len(), 1);
     assert_eq!((embedding[0].0.as_str(), embedding[0].1.size()[0]), ("sks", 2));
