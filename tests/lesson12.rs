@@ -76,7 +76,10 @@ fn quick_run_fine_tunes_grades_and_its_files_load() {
                 "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
                 t.shallow_clone(),
             ),
-            ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight", t.tr()),
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight",
+                t.tr().contiguous(),
+            ),
         ],
         &foreign,
     )

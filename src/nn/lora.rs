@@ -197,7 +197,7 @@ impl Module for Adaptable {
                     r.conv2d::<&Tensor>(&a.up, None, [1], [0], [1], 1) // (B, c_out, H', W')
                 }
             };
-            h = h + low * a.scale();
+            h += low * a.scale(); // into the fresh output (see `layers::silu_fresh`)
         }
         h
     }

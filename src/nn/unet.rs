@@ -178,7 +178,7 @@ struct Level {
 /// names its cross-attention maps).
 #[derive(Debug)]
 enum Attention {
-    SelfOnly(SpatialSelfAttention),
+    SelfOnly(Box<SpatialSelfAttention>),
     Transformer(Box<SpatialTransformer>, String),
 }
 
@@ -295,7 +295,7 @@ fn attention_block(p: nn::Path, c: i64, config: &UNetConfig, root_depth: usize) 
     match config.cross_attention_dim {
         None => {
             let head_dim = config.attention_heads.map_or(config.head_dim, |h| c / h);
-            Attention::SelfOnly(SpatialSelfAttention::new(p, c, head_dim))
+            Attention::SelfOnly(Box::new(SpatialSelfAttention::new(p, c, head_dim)))
         }
         Some(context_dim) => {
             let name = p.components().skip(root_depth).collect::<Vec<_>>().join(".");

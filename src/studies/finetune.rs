@@ -218,7 +218,7 @@ pub fn restore(vs: &VarStore, saved: &[(String, Tensor)]) {
     let vars = vs.variables();
     tch::no_grad(|| {
         for (k, t) in saved {
-            let _ = vars[k].shallow_clone().copy_(t);
+            vars[k].shallow_clone().copy_(t);
         }
     });
 }

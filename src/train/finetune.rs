@@ -142,7 +142,7 @@ mod tests {
         let n = 32;
         let which = Tensor::arange(n, tch::kind::INT64_CPU).remainder(2); // (N,)
         let images = Tensor::full([n, 1, 8, 8], -1.0, tch::kind::FLOAT_CPU);
-        let _ = images
+        images
             .narrow(2, 2, 4)
             .narrow(3, 2, 4)
             .copy_(&(which.to_kind(Kind::Float) * 2.0 - 1.0).view([n, 1, 1, 1]).expand([n, 1, 4, 4], false));
