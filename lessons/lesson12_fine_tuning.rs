@@ -7,7 +7,7 @@
 //! prompts), its size and time, and the style's strength against the LoRA multiplier. The LoRAs are written in
 //! kohya's format and the embedding in diffusers', which `lesson12 sample --lora FILE:0.8 --embedding FILE` loads
 //! (and `<lora:NAME:0.8>` in the prompt, with `--lora-dir`). Chapter 12 walks through this file.
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use scratch_diffusion::cli::{crate_root, lesson_main, CommonArgs, StepLog};
 use scratch_diffusion::data::{mnist, signatures};
@@ -19,7 +19,6 @@ use scratch_diffusion::pipelines::text_to_image::{shipped_dir, TextToImage, DEFA
 use scratch_diffusion::pipelines::{bundle, PromptArgs};
 use scratch_diffusion::sd::lora::{merge_loras, parse_lora_flag, parse_prompt_loras};
 use scratch_diffusion::studies::finetune::{self as study, ConceptData, Method, Probe, Reference, Row};
-use scratch_diffusion::studies::guidance_methods::plot_rows;
 use scratch_diffusion::train::ddpm::{EpsObjective, LossWeight};
 use scratch_diffusion::train::trainer::TrainRun;
 use serde_json::json;
@@ -132,6 +131,12 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let run = args.common.init("lesson12")?;
     let q = |quick: u64, full: u64| if run.quick { quick } else { full };
     let (steps, n) = (args.steps.unwrap_or(q(4, 400)) as usize, args.num_samples.unwrap_or(q(10, 100) as i64));
+    ensure!(
+        args.batch <= args.instance_images.min(args.style_images),
+        "--batch ({}) must not exceed --instance-images or --style-images: lower --batch",
+        args.batch
+    );
+    ensure!(!args.ship || args.ranks.contains(&4), "--ship copies the rank-4 LoRA: keep 4 in --ranks");
     let data = mnist::load(&run.data_dir).context("lesson 12 fine-tunes on MNIST digits")?;
     let mut pipe = TextToImage::load(&shipped_dir(), run.device)
         .context("lesson 06's shipped pipeline (./run.sh lesson 06 --ship)")?;
@@ -185,25 +190,15 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
         let ckpt = run.path(&format!("checkpoint_{tag}.safetensors"));
         let train_run = TrainRun::logged(run.device, &log).checkpoint(&ckpt, args.resume);
         // ANCHOR: teach
-        let tuned = study::teach(
-            &mut pipe,
-            method,
-            &concept,
-            prior.then_some(study::PRIOR_WEIGHT),
-            &objective,
-            &cfg,
-            train_run,
-            &run.path(&format!("{tag}.safetensors")),
-        )?;
+        let recipe = (method, prior.then_some(study::PRIOR_WEIGHT));
+        let file = run.path(&format!("{tag}.safetensors"));
+        let tuned = study::teach(&mut pipe, recipe, &concept, (&objective, &cfg, train_run), &file)?;
         let (grade, instance, plain) = study::grade_concept(&pipe, &clf, &probe, Some(&reference), &data.test_images)?;
         study::forget(&mut pipe, &saved);
         // ANCHOR_END: teach
         log.finish();
         println!("{tag}: fidelity {:.2}, drift {:.2}, {:.0} s", grade.fidelity, grade.drift, tuned.seconds);
-        if i < 3
-            || matches!(method, Method::Lora(c) if c.rank == 4)
-            || matches!(method, Method::TextualInversion { .. })
-        {
+        if method.in_figure() {
             tiles.push((format!("{tag}: sks"), instance.narrow(0, 0, 10)));
             tiles.push((format!("{tag}: seven"), plain.narrow(0, 0, 10)));
         }
@@ -217,31 +212,13 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     let (log, style_ckpt) = (StepLog::new(steps as u64, "style", 0), run.path("checkpoint_style.safetensors"));
     let train_run = TrainRun::logged(run.device, &log).checkpoint(&style_ckpt, args.resume);
     let style_file = run.path("outlined_locon_r4.safetensors");
-    let style = study::teach_style(
-        &mut pipe,
-        &style_config,
-        &to_model(&styled),
-        &style_labels,
-        &objective,
-        &cfg,
-        train_run,
-        &style_file,
-    )?;
+    let style_data = (&to_model(&styled), &style_labels);
+    let style = study::teach_style(&mut pipe, &style_config, style_data, (&objective, &cfg, train_run), &style_file)?;
     log.finish();
     let (sweep, style_tiles) = study::style_sweep(&mut pipe, &clf, &[0.0, 0.25, 0.5, 0.75, 1.0], &probe)?;
     detach_all(&mut pipe.unet.0);
     // ANCHOR_END: style
-    plot_rows(&run.path("concept.png"), "\"a sks seven\" and \"a seven\" after each fine-tune", &tiles)?;
-    plot_rows(&run.path("style.png"), "The outlined-style LoRA at growing multiplier", &style_tiles)?;
-    let examples = Tensor::cat(&[barred.narrow(0, 0, 10), styled.narrow(0, 0, 10)], 0);
-    scratch_diffusion::plot::image_grid(
-        &run.path("training_images.png"),
-        "Training images: the concept, the style",
-        &examples,
-        10,
-        2,
-        &[],
-    )?;
+    study::plot_figures(&run.out, (&tiles, &style_tiles), (&barred, &styled))?;
     run.write_results(&[
         ("concept", study::comparison_table(&rows, unet_bytes)),
         ("style", study::style_table(&sweep)),
@@ -256,10 +233,13 @@ fn train_cmd(args: TrainArgs) -> Result<()> {
     if args.ship {
         let dir = crate_root().join(SHIPPED);
         std::fs::create_dir_all(&dir)?;
-        for (from, to) in [("lora_r4_prior", "sks_lora_r4"), ("ti_2", "sks")] {
-            std::fs::copy(run.path(&format!("{from}.safetensors")), dir.join(format!("{to}.safetensors")))?;
+        let concept_lora = run.path(&format!("{}.safetensors", lora(4, args.targets).tag(true)));
+        for (from, to) in
+            [(concept_lora, "sks_lora_r4"), (run.path("ti_2.safetensors"), "sks"), (style_file, "outlined_locon_r4")]
+        {
+            let to = dir.join(format!("{to}.safetensors"));
+            std::fs::copy(&from, &to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
         }
-        std::fs::copy(&style_file, dir.join("outlined_locon_r4.safetensors"))?;
         println!("shipped the LoRAs and the embedding to {}", dir.display());
     }
     println!("outputs in {} ({:.1} s)", run.out.display(), run.elapsed_s());

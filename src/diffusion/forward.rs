@@ -71,9 +71,44 @@ pub fn posterior_mean(sched: &NoiseSchedule, t: usize, x_t: &Tensor, x0: &Tensor
 }
 // ANCHOR_END: posterior_mean
 
+/// Gaussian noise-conditioning augmentation of a cascade's low-resolution input ([CDM] Ho et al. 2021,
+/// arXiv:2106.15282, sec. 4.2; [Imagen] sec. 2.5): the image z₀ a super-resolution stage is conditioned on is noised
+/// by the forward process to an augmentation level s, z_s = √ᾱ_s z₀ + √(1 − ᾱ_s) ε ([DDPM] eq. 4), with s = 0 the
+/// clean image and s ≥ 1 the schedule's timestep s − 1 (so levels run 0..=T). `levels` (B,) i64, `z0` and `eps`
+/// (B, ...).
+// ANCHOR: augment
+pub fn augment(sched_alpha_bar: &Tensor, z0: &Tensor, levels: &Tensor, eps: &Tensor) -> Tensor {
+    let clean = Tensor::ones([1], (sched_alpha_bar.kind(), sched_alpha_bar.device())); // ᾱ = 1 at level 0
+    let table = Tensor::cat(&[&clean, sched_alpha_bar], 0); // (T + 1,): level s reads ᾱ_{s−1}
+    let alpha_bar = table.index_select(0, &levels.to_device(table.device())).to_device(z0.device()); // (B,)
+    let a = append_dims(&alpha_bar, z0); // (B, 1, ...)
+    a.sqrt() * z0 + (1f64 - &a).sqrt() * eps // [DDPM] eq. 4 at level s
+}
+// ANCHOR_END: augment
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [CDM] sec. 4.2: level 0 leaves the low-resolution image as it is; level s draws from q(z_s | z₀), mean √ᾱ_{s−1} z₀
+    /// and variance 1 − ᾱ_{s−1}.
+    #[test]
+    fn augmentation_is_the_forward_process_at_its_level_and_level_zero_is_the_identity() {
+        tch::manual_seed(0);
+        let sched = NoiseSchedule::ddpm(1000);
+        let table = sched.to_tensor_alpha_bar(tch::Device::Cpu);
+        let z0 = Tensor::full([20000, 4], 0.7, tch::kind::FLOAT_CPU);
+        let eps = Tensor::randn([20000, 4], tch::kind::FLOAT_CPU);
+        let zero = Tensor::zeros([20000], tch::kind::INT64_CPU);
+        assert!(augment(&table, &z0, &zero, &eps).equal(&z0), "level 0 is the clean input, bit for bit");
+        for level in [1i64, 250, 600] {
+            let z = augment(&table, &z0, &Tensor::full([20000], level, tch::kind::INT64_CPU), &eps);
+            let a = sched.alpha_bar(level as usize - 1);
+            let (mean, var) = (z.mean(tch::Kind::Double).double_value(&[]), z.var(true).double_value(&[]));
+            assert!((mean - a.sqrt() * 0.7).abs() < 0.01, "level {level}: mean {mean}");
+            assert!((var - (1.0 - a)).abs() < 0.02 * (1.0 - a) + 1e-6, "level {level}: variance {var} vs {}", 1.0 - a);
+        }
+    }
     use tch::{Device, Kind};
 
     const N_MC: i64 = 200_000;

@@ -39,11 +39,20 @@ impl LoraAdapter {
 
     /// ΔW = m·(α/r)·B·A in the layer's weight shape `shape` (for a convolution the kernel is A's).
     pub fn delta(&self, shape: &[i64]) -> Tensor {
-        let b = self.up.flatten(1, -1); // (d, r)
-        let a = self.down.flatten(1, -1); // (r, k) or (r, c_in·kh·kw)
-        (b.matmul(&a) * self.scale()).reshape(shape) // (d, k) or (c_out, c_in, kh, kw)
+        low_rank_delta(&self.up, &self.down, self.scale(), shape)
     }
 }
+
+// ANCHOR: lora_delta
+/// scale·B·A in f32, in the weight's shape `shape`: B `up` (d, r) or (c_out, r, 1, 1), A `down` (r, k) or
+/// (r, c_in, kh, kw) ([LoRA] eq. 3; for a convolution the kernel is A's: ΔW[o, i, y, x] = scale·Σ_j B[o, j]·A[j, i, y, x]).
+/// What merging adds to a weight, here and for the LoRA files of `sd::lora`.
+pub fn low_rank_delta(up: &Tensor, down: &Tensor, scale: f64, shape: &[i64]) -> Tensor {
+    let b = up.to_kind(tch::Kind::Float).flatten(1, -1); // (d, r)
+    let a = down.to_kind(tch::Kind::Float).flatten(1, -1); // (r, k) or (r, c_in·kh·kw)
+    (b.matmul(&a) * scale).reshape(shape) // (d, k) or (c_out, c_in, kh, kw)
+}
+// ANCHOR_END: lora_delta
 
 /// The frozen layer an adapter wraps.
 #[derive(Debug)]
@@ -159,8 +168,9 @@ impl Adaptable {
         let mut w = self.weight().shallow_clone();
         let original = w.copy();
         let shape = w.size();
-        let delta = self.adapters.iter().map(|a| a.delta(&shape)).fold(w.zeros_like(), |acc, d| acc + d);
-        tch::no_grad(|| w.copy_(&(&original + delta.to_kind(w.kind()))));
+        // in f32, cast back to the weight's dtype, as sd::lora merges downloaded files
+        let merged = self.adapters.iter().fold(original.to_kind(tch::Kind::Float), |acc, a| acc + a.delta(&shape));
+        tch::no_grad(|| w.copy_(&merged.to_kind(w.kind())));
         self.merged_from = Some(original);
     }
 
@@ -224,7 +234,8 @@ pub enum LoraTargets {
     /// Every Linear and 1×1 conv of the spatial transformers: proj_in, the attention projections, the feed-forward
     /// (ff.net.0.proj, ff.net.2) and proj_out — kohya's default LoRA ("LierLa").
     Transformer,
-    /// The transformers' layers and the ResBlocks' 3×3 convolutions (conv1, conv2): LoCon (kohya's "C3Lier").
+    /// The transformers' layers and the ResBlocks' 3×3 convolutions (conv1, conv2): LoCon (a subset of kohya's "C3Lier",
+    /// which also adapts the skip convolutions, time_emb_proj and the resampling convolutions).
     TransformerAndConvs,
 }
 
@@ -315,6 +326,10 @@ mod tests {
             assert!(names.contains(k), "{k} missing from {names:?}");
         }
         assert_eq!(lora.variables()["lora_unet_blk_conv1.lora_down.weight"].size(), [3, 3, 3, 3]);
+        // A ~ U(−1/√fan_in, 1/√fan_in): fan_in 6 for the Linear, 3·3·3 for the conv
+        let bound = |k: &str| lora.variables()[k].abs().max().double_value(&[]);
+        assert!(bound("lora_unet_blk_to_q.lora_down.weight") <= 1.0 / 6f64.sqrt());
+        assert!(bound("lora_unet_blk_conv1.lora_down.weight") <= 1.0 / 27f64.sqrt());
         tch::no_grad(|| {
             for (_, mut v) in lora.variables() {
                 if v.dim() > 0 {

@@ -12,10 +12,12 @@ pub mod layers;
 pub mod lora;
 pub mod ncsn;
 pub mod score_mlp;
+pub mod super_resolution;
 pub mod taesd;
 pub mod text_encoder;
 pub mod text_unet;
 pub mod transformer;
+pub mod unclip;
 pub mod unet;
 pub mod vae;
 

@@ -7,7 +7,7 @@ use crate::data::captions::digits_named;
 use crate::model::Cond;
 use crate::nn::text_encoder::{TextEncoder, TextEncoderConfig};
 use crate::nn::text_unet::{encode_context, lens_to_mask};
-use crate::sd::embeddings::Embeddings;
+use crate::sd::embeddings::{Embeddings, Piece};
 use crate::text::bpe::{END_OF_TEXT, END_OF_WORD, START_OF_TEXT};
 use crate::text::{Bpe, Coverage, Encoded};
 use anyhow::{ensure, Context, Result};
@@ -95,10 +95,26 @@ impl PromptEncoder {
         &self.text_vs
     }
 
-    /// `prompt` without the names of the embeddings it uses (what the tokenizer's vocabulary check reads).
-    fn without_embeddings(&self, prompt: &str) -> String {
-        let names: Vec<String> = self.embeddings.list.iter().map(|e| e.name.to_lowercase()).collect();
-        prompt.split_whitespace().filter(|w| !names.contains(&w.to_lowercase())).collect::<Vec<_>>().join(" ")
+    /// `prompt` as the vocabulary check reads it (the text around the names of [`Self::embeddings`], which lesson 12's
+    /// textual inversion adds) and its length in tokens, each use of an embedding counting its vectors.
+    fn read_words(&self, prompt: &str) -> Result<(String, usize, bool)> {
+        if self.embeddings.is_empty() {
+            return Ok((prompt.to_string(), self.tokenizer.encode(prompt).len(), false));
+        }
+        let (mut words, mut tokens, mut embedded) = (Vec::new(), 0, false);
+        for piece in self.embeddings.pieces(prompt)? {
+            match piece {
+                Piece::Text(text) => {
+                    tokens += self.tokenizer.encode(&text).len();
+                    words.push(text);
+                }
+                Piece::Embedding(i) => {
+                    tokens += self.embeddings.list[i].vectors.size()[0] as usize;
+                    embedded = true;
+                }
+            }
+        }
+        Ok((words.join(" "), tokens, embedded))
     }
 
     // ANCHOR: check_prompt
@@ -112,27 +128,15 @@ impl PromptEncoder {
         if prompt.trim().is_empty() {
             return refuse(format!("the prompt is empty: {example}"));
         }
-        let words = self.without_embeddings(prompt); // the prompt as the tokenizer reads it
+        let (words, tokens, embedded) = self.read_words(prompt)?;
         let coverage = self.tokenizer.coverage(&words, &self.seen);
-        // the embeddings the prompt names, and how many positions their vectors take
-        let (used, vectors) = match self.embeddings.is_empty() {
-            true => (0, 0),
-            false => {
-                let e = self.tokenize(prompt)?;
-                let rows = |name: &String| {
-                    self.embeddings.list.iter().find(|x| &x.name == name).map_or(0, |x| x.vectors.size()[0])
-                };
-                (e.used.len(), e.used.iter().map(rows).sum::<i64>() as usize)
-            }
-        };
-        if !coverage.any_known() && used == 0 {
+        if !coverage.any_known() && !embedded {
             let unknown: Vec<String> = coverage.unknown_words().iter().map(|w| format!("\"{w}\"")).collect();
             let unknown = crate::cli::for_message(&unknown.join(", "), 80);
             return refuse(format!(
                 "no word of the prompt was in the training captions (unknown: {unknown}): {example}"
             ));
         }
-        let tokens = self.tokenizer.encode(&words).len() + vectors;
         let limit = self.context_len - 2; // start and end take two positions
         if tokens > limit {
             let context = self.context_len;
@@ -149,7 +153,8 @@ impl PromptEncoder {
     /// ("" is the ∅ prompt).
     pub fn context(&self, prompt: &str) -> (Encoded, Cond) {
         if !self.embeddings.is_empty() {
-            let e = self.tokenize(prompt).expect("embeddings read from safetensors files only");
+            // `check_prompt` refuses what `tokenize` cannot read (a pickled embedding) before any context is made
+            let e = self.tokenize(prompt).expect("a prompt checked by check_prompt");
             let ids = Tensor::from_slice(&e.encoded.ids).unsqueeze(0).to_device(self.device()); // (1, L)
             let lens = Tensor::from_slice(&[e.encoded.len as i64]).to_device(self.device());
             let mask = lens_to_mask(&lens, e.encoded.ids.len() as i64); // (1, L)

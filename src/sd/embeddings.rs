@@ -31,6 +31,13 @@ pub struct Embeddings {
     pickled: Vec<(String, PathBuf)>,
 }
 
+/// A part of a prompt: text to tokenise, or the name of embedding i of the list.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Text(String),
+    Embedding(usize),
+}
+
 #[derive(Debug)]
 /// Tokens of a prompt with embeddings: the padded ids (an embedding's vector j has id vocab_size + its row) and the
 /// rows those ids read, (E, D).
@@ -49,7 +56,7 @@ impl Embeddings {
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("embedding").to_string();
         let keys: Vec<String> = file.names().map(String::from).collect();
         if keys.iter().any(|k| k == "clip_g") {
-            bail!("{shown} is an SDXL embedding (clip_l + clip_g vectors): lesson 09 runs SD 1.x; use an SD 1.5 embedding");
+            bail!("{shown} is an SDXL embedding (clip_l + clip_g vectors, for SDXL's two text encoders, which this crate does not run): use an embedding made for the model you load");
         }
         // name -> key: kohya and the web UI name the embedding after the file; diffusers after its key (and a file with
         // one key is also reachable by its file name, as the web UI reads it, unless that is diffusers' generic one)
@@ -71,8 +78,8 @@ impl Embeddings {
             let size = t.size();
             ensure!(
                 size.len() == 2 && size[0] >= 1 && size[1] == width,
-                "{shown}: '{key}' is {size:?}, an SD 1.x embedding is (n, {width}) (SD 2.x's are 1024 wide): use an \
-                 embedding made for SD 1.5"
+                "{shown}: '{key}' is {size:?}, but this text encoder's vectors are (n, {width}) (SD 1.x's are 768 \
+                 wide, SD 2.x's 1024): use an embedding made for the model you load"
             );
             crate::cli::ensure_finite(
                 &t,
@@ -125,10 +132,9 @@ impl Embeddings {
         Ok(())
     }
 
-    // ANCHOR: embedded_tokens
-    /// `prompt`'s ids for a text encoder with `vocab_size` tokens: the text around each embedding's name is
-    /// tokenised as usual, each name becomes its n vectors' new ids; then start, end and padding to `context_len`.
-    pub fn tokenize(&self, bpe: &Bpe, prompt: &str, vocab_size: i64, context_len: usize) -> Result<EmbeddedTokens> {
+    /// `prompt` cut at the names of the embeddings it uses: the text between them (lowercased) and, for each name,
+    /// its embedding's index, in order. A pickled embedding the prompt names is refused here.
+    pub fn pieces(&self, prompt: &str) -> Result<Vec<Piece>> {
         let lower = prompt.to_lowercase();
         let names: Vec<String> = self.list.iter().map(|e| e.name.to_lowercase()).collect();
         // the first occurrence of any name at or after `from` (longest name wins at a position), as a whole word
@@ -157,6 +163,20 @@ impl Embeddings {
                 refuse_pickle(path).with_context(|| format!("the prompt uses embedding '{name}'"))?;
             }
         }
+        let (mut pieces, mut from) = (Vec::new(), 0);
+        while let Some((start, len, i)) = find(from) {
+            pieces.push(Piece::Text(lower[from..start].to_string()));
+            pieces.push(Piece::Embedding(i));
+            from = start + len;
+        }
+        pieces.push(Piece::Text(lower[from..].to_string()));
+        Ok(pieces)
+    }
+
+    // ANCHOR: embedded_tokens
+    /// `prompt`'s ids for a text encoder with `vocab_size` tokens: the text around each embedding's name is
+    /// tokenised as usual, each name becomes its n vectors' new ids; then start, end and padding to `context_len`.
+    pub fn tokenize(&self, bpe: &Bpe, prompt: &str, vocab_size: i64, context_len: usize) -> Result<EmbeddedTokens> {
         // row offsets of each embedding in the extra table, in list order
         let mut offsets = Vec::with_capacity(self.list.len());
         let mut rows = 0;
@@ -164,17 +184,19 @@ impl Embeddings {
             offsets.push(rows);
             rows += e.vectors.size()[0];
         }
-        let (mut tokens, mut used, mut from) = (Vec::new(), Vec::new(), 0);
-        while let Some((start, len, i)) = find(from) {
-            tokens.extend(bpe.encode(&lower[from..start]));
-            let n = self.list[i].vectors.size()[0];
-            tokens.extend((0..n).map(|j| vocab_size + offsets[i] + j));
-            if !used.contains(&self.list[i].name) {
-                used.push(self.list[i].name.clone());
+        let (mut tokens, mut used) = (Vec::new(), Vec::new());
+        for piece in self.pieces(prompt)? {
+            match piece {
+                Piece::Text(text) => tokens.extend(bpe.encode(&text)),
+                Piece::Embedding(i) => {
+                    let n = self.list[i].vectors.size()[0];
+                    tokens.extend((0..n).map(|j| vocab_size + offsets[i] + j));
+                    if !used.contains(&self.list[i].name) {
+                        used.push(self.list[i].name.clone());
+                    }
+                }
             }
-            from = start + len;
         }
-        tokens.extend(bpe.encode(&lower[from..]));
         let extra = (!self.list.is_empty())
             .then(|| Tensor::cat(&self.list.iter().map(|e| e.vectors.shallow_clone()).collect::<Vec<_>>(), 0));
         Ok(EmbeddedTokens { encoded: bpe.pad(tokens, context_len), extra, used })

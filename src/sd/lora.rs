@@ -62,16 +62,11 @@ impl LoraModule {
         self.down.size()[0]
     }
 
-    // ANCHOR: lora_delta
     /// ΔW = (α/r)·B·A in the shape of the module's weight `shape` ([LoRA] eq. 3 and sec. 4.1; for a convolution the
-    /// kernel is A's).
+    /// kernel is A's): [`crate::nn::lora::low_rank_delta`], the adapters' own.
     pub fn delta(&self, shape: &[i64]) -> Tensor {
-        // [LoRA] eq. 3 and sec. 4.1: ΔW = (α/r) B A
-        let b = self.up.to_kind(Kind::Float).flatten(1, -1); // (d, r)
-        let a = self.down.to_kind(Kind::Float).flatten(1, -1); // (r, k) or (r, c_in·kh·kw)
-        (b.matmul(&a) * (self.alpha / self.rank() as f64)).reshape(shape) // (d, k) or (c_out, c_in, kh, kw)
+        crate::nn::lora::low_rank_delta(&self.up, &self.down, self.alpha / self.rank() as f64, shape)
     }
-    // ANCHOR_END: lora_delta
 }
 
 /// A module's keys in a file: (down/A, up/B, α).
@@ -250,7 +245,10 @@ impl LoraFile {
             }
         }
         if let Some(k) = keys.iter().find(|k| k.starts_with("lora_te1_") || k.starts_with("lora_te2_")) {
-            bail!("{shown} is a LoRA for SDXL (key '{k}', SDXL's two text encoders): lesson 09 runs SD 1.x; use a LoRA made for SD 1.5");
+            bail!(
+                "{shown} is a LoRA for SDXL (key '{k}', SDXL's two text encoders), not for {}: use a LoRA made for it",
+                models.what
+            );
         }
         let names = module_names(models);
         let format = if keys.iter().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_")) {

@@ -1,6 +1,10 @@
 //! Lesson 12's experiments: teaching lesson 06's pipeline a concept (a seven with a crossbar, bound to the rare word
 //! "sks") by DreamBooth, LoRA and textual inversion, and a style (outlined strokes) by a LoRA whose multiplier sets
 //! its strength; each measured by the detectors of [`crate::eval::signatures`] on samples the run draws.
+//!
+//! [DreamBooth] Ruiz et al. 2023, arXiv:2208.12242 (sec. 3.2: "a [V] class"; sec. 3.3: prior preservation, λ = 1).
+//! [TI] Gal et al. 2022, arXiv:2208.01618 (sec. 4: the new word's vector starts from a coarse descriptor's).
+//! [LoRA] Hu et al. 2021, arXiv:2106.09685.
 use crate::checkpoint;
 use crate::eval::frechet::evaluate_samples;
 use crate::eval::signatures::{among_top_two, has_crossbar, hollowness, share, OUTLINED_AT};
@@ -152,6 +156,11 @@ impl Method {
         }
     }
 
+    /// Whether lesson 12's figure shows the method's samples: DreamBooth, rank 4, textual inversion.
+    pub fn in_figure(&self) -> bool {
+        !matches!(self, Method::Lora(c) if c.rank != 4)
+    }
+
     pub fn label(&self) -> String {
         match self {
             Method::DreamBooth => "DreamBooth (full UNet)".into(),
@@ -228,15 +237,11 @@ pub fn restore(vs: &VarStore, saved: &[(String, Tensor)]) {
 /// to `file` in the ecosystem's format (a kohya LoRA, diffusers' `learned_embeds`, or the whole UNet for DreamBooth)
 /// and leaves it in `pipe` (adapters attached, weights changed, or the embedding loaded) for grading; [`forget`]
 /// undoes it.
-#[allow(clippy::too_many_arguments)] // the pipeline, the recipe and its data, the trainer's three, the output
 pub fn teach(
     pipe: &mut TextToImage,
-    method: Method,
+    (method, prior): (Method, Option<f64>),
     data: &ConceptData,
-    prior: Option<f64>,
-    objective: &EpsObjective,
-    cfg: &TrainerConfig,
-    run: TrainRun,
+    (objective, cfg, run): (&EpsObjective, &TrainerConfig, TrainRun),
     file: &Path,
 ) -> Result<Tuned> {
     let device = pipe.device();
@@ -252,18 +257,14 @@ pub fn teach(
             let out =
                 fine_tune(&pipe.unet.0, pipe.unet_vs(), &Prompts::Frozen(&cond), instance, prior, objective, cfg, run);
             pipe.freeze_unet();
+            let out = out?; // a run that failed writes no file
             let vs = pipe.unet_vs();
             crate::cli::replace_atomically(file, ".safetensors", |tmp| Ok(vs.save(tmp)?))?;
-            (out?, checkpoint::num_parameters(vs))
+            (out, checkpoint::num_parameters(vs))
         }
         Method::Lora(config) => {
             let cond = contexts(pipe, &[INSTANCE_PROMPT, CLASS_PROMPT]);
-            pipe.freeze_unet();
-            let lora = VarStore::new(device);
-            attach_lora(&mut pipe.unet.0, &lora.root(), "lora_unet_", &config);
-            let out = fine_tune(&pipe.unet.0, &lora, &Prompts::Frozen(&cond), instance, prior, objective, cfg, run)?;
-            save_kohya(&lora, file)?;
-            (out, trainable_numel(&lora))
+            train_lora(pipe, &config, &cond, (instance, prior), (objective, cfg, run), file)?
         }
         Method::TextualInversion { vectors } => {
             pipe.freeze_unet();
@@ -293,9 +294,7 @@ pub fn teach(
             (out, vectors * pipe.prompts.hidden_size())
         }
     };
-    let bytes = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
-    let final_loss = crate::cli::mean_of_last(&outcome.losses, 20);
-    Ok(Tuned { seconds: outcome.seconds, trainable_parameters: trainable, file_bytes: bytes, final_loss })
+    tuned(&outcome, trainable, file)
 }
 // ANCHOR_END: teach
 
@@ -320,31 +319,47 @@ pub fn save_kohya(lora: &VarStore, file: &Path) -> Result<()> {
     crate::cli::replace_atomically(file, ".safetensors", |tmp| Ok(Tensor::write_safetensors(&named, tmp)?))
 }
 
+/// Attaches fresh adapters of `config` to `pipe`'s frozen UNet, trains them on `examples` (and `prior`) captioned by
+/// the contexts `cond`, and writes them to `file` as kohya's LoRA; the adapters stay attached. Returns the outcome and
+/// the number of trainable values.
+fn train_lora(
+    pipe: &mut TextToImage,
+    config: &LoraConfig,
+    cond: &Cond,
+    (examples, prior): (Examples, Option<(Examples, f64)>),
+    (objective, cfg, run): (&EpsObjective, &TrainerConfig, TrainRun),
+    file: &Path,
+) -> Result<(TrainOutcome, i64)> {
+    pipe.freeze_unet();
+    let lora = VarStore::new(pipe.device());
+    attach_lora(&mut pipe.unet.0, &lora.root(), "lora_unet_", config);
+    let out = fine_tune(&pipe.unet.0, &lora, &Prompts::Frozen(cond), examples, prior, objective, cfg, run)?;
+    save_kohya(&lora, file)?;
+    Ok((out, trainable_numel(&lora)))
+}
+
 /// Trains a style LoRA on `images` (N, 1, H, W) in [−1, 1] with their digits' prompts ("a handwritten 3"); the
 /// adapters stay attached to `pipe` and are written to `file`.
-#[allow(clippy::too_many_arguments)]
 pub fn teach_style(
     pipe: &mut TextToImage,
     config: &LoraConfig,
-    images: &Tensor,
-    labels: &Tensor,
-    objective: &EpsObjective,
-    cfg: &TrainerConfig,
-    run: TrainRun,
+    (images, labels): (&Tensor, &Tensor),
+    (objective, cfg, run): (&EpsObjective, &TrainerConfig, TrainRun),
     file: &Path,
 ) -> Result<Tuned> {
     let prompts = digit_prompts();
     let cond = contexts(pipe, &prompts.iter().map(String::as_str).collect::<Vec<_>>()); // (10, L, D)
-    pipe.freeze_unet();
-    let lora = VarStore::new(pipe.device());
-    attach_lora(&mut pipe.unet.0, &lora.root(), "lora_unet_", config);
     let labels = labels.to_device(pipe.device());
     let examples = Examples { images, prompts: &labels };
-    let out = fine_tune(&pipe.unet.0, &lora, &Prompts::Frozen(&cond), examples, None, objective, cfg, run)?;
-    save_kohya(&lora, file)?;
-    let bytes = std::fs::metadata(file)?.len();
+    let (out, trainable) = train_lora(pipe, config, &cond, (examples, None), (objective, cfg, run), file)?;
+    tuned(&out, trainable, file)
+}
+
+/// What a fine-tune that wrote `file` reports.
+fn tuned(out: &TrainOutcome, trainable_parameters: i64, file: &Path) -> Result<Tuned> {
+    let file_bytes = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?.len();
     let final_loss = crate::cli::mean_of_last(&out.losses, 20);
-    Ok(Tuned { seconds: out.seconds, trainable_parameters: trainable_numel(&lora), file_bytes: bytes, final_loss })
+    Ok(Tuned { seconds: out.seconds, trainable_parameters, file_bytes, final_loss })
 }
 
 /// Style strength at one LoRA multiplier.
@@ -396,6 +411,23 @@ pub struct Row {
     pub prior_preservation: bool,
     pub tuned: Option<Tuned>,
     pub grade: ConceptGrade,
+}
+
+/// concept.png (the methods' samples), style.png (the multiplier sweep) and training_images.png (ten images of the
+/// concept `concept` and of the style `style`, (N, 1, H, W) in [0, 1]) in `dir`.
+pub fn plot_figures(
+    dir: &Path,
+    (tiles, style_tiles): (&[Tile], &[Tile]),
+    (concept, style): (&Tensor, &Tensor),
+) -> Result<()> {
+    let title = "\"a sks seven\" and \"a seven\" after each fine-tune";
+    crate::studies::guidance_methods::plot_rows(&dir.join("concept.png"), title, tiles)?;
+    let title = "The outlined-style LoRA at growing multiplier";
+    crate::studies::guidance_methods::plot_rows(&dir.join("style.png"), title, style_tiles)?;
+    let ten = |x: &Tensor| x.narrow(0, 0, x.size()[0].min(10));
+    let examples = Tensor::cat(&[ten(concept), ten(style)], 0);
+    let title = "Training images: the concept, the style";
+    crate::plot::image_grid(&dir.join("training_images.png"), title, &examples, 10, 2, &[])
 }
 
 /// The comparison table (markdown).

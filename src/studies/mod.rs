@@ -2,6 +2,7 @@
 //! `src/` but the lessons depends on them.
 /// Lesson 05's attention check against libtorch and its cross-attention figure.
 pub mod attention;
+pub mod cascade;
 pub mod controlnet;
 /// Lesson 03's figures: noise schedules, the forward process on digits, DDPM samples over a 2-D density.
 pub mod ddpm_figures;
@@ -18,4 +19,5 @@ pub mod sd_files;
 pub mod sd_full_size;
 pub mod trajectory;
 /// Lesson 04's figures: the UNet's parameters per block, samples from the same noises during training.
+pub mod unclip;
 pub mod unet_figures;

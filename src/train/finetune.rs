@@ -4,7 +4,8 @@
 //!
 //! [DreamBooth] Ruiz et al. 2023, arXiv:2208.12242, sec. 3.3, eq. 2: the instance loss on (x, "a [V] class") plus
 //! λ times the same loss on class images x_pr drawn by the frozen model for "a class" (prior preservation):
-//! L = E ‖x̂_θ(α_t x + σ_t ε, c) − x‖² + λ·‖x̂_θ(α_t' x_pr + σ_t' ε', c_pr) − x_pr‖² (here in ε-form, L_simple).
+//! L = E w_t‖x̂_θ(α_t x + σ_t ε, c) − x‖² + λ w_t'‖x̂_θ(α_t' x_pr + σ_t' ε', c_pr) − x_pr‖² (here in ε-form with
+//! w_t = 1, L_simple).
 //! [TI] Gal et al. 2022, arXiv:2208.01618, sec. 3, eq. 2: v* = argmin_v E ‖ε − ε_θ(z_t, t, c_θ(y; v))‖², every
 //! weight frozen: only the pseudo-word's vector v trains.
 //! [LoRA] Hu et al. 2021, arXiv:2106.09685: only A and B train ([`crate::nn::lora`]).

@@ -1,6 +1,7 @@
 //! Training: one loop ([`trainer`]: AdamW, warm-up and cosine decay, clipping, EMA, bf16 with f32 master weights,
 //! atomic checkpoints that resume exactly), the objectives of each lesson on top of it (denoising score matching
 //! here, ε-prediction in [`ddpm`], …), and named recipes ([`recipe`]).
+pub mod cascade;
 pub mod classifier;
 pub mod clip;
 pub mod conditional;
@@ -14,6 +15,7 @@ pub mod recipe;
 pub mod text_cond;
 pub mod toy_score;
 pub mod trainer;
+pub mod unclip;
 
 use anyhow::Result;
 use tch::nn;
