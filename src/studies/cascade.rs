@@ -6,11 +6,13 @@ use crate::diffusion::schedule::NoiseSchedule;
 use crate::eval::frechet::evaluate_samples;
 use crate::nn::classifier::MnistClassifier;
 use crate::nn::super_resolution::{level_fraction, upsample, LowResConditioned};
-use crate::nn::unet::UNet;
+use crate::nn::unet::{UNet, UNetConfig};
+use crate::pipelines::text_to_image::{Draw, TextToImage};
 use crate::plot::{self, LinePanel};
 use crate::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use crate::sampling::wrappers::Threshold;
-use anyhow::Result;
+use crate::studies::guidance_methods::{plot_rows, Tile};
+use anyhow::{Context, Result};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -127,4 +129,113 @@ pub fn contenders_table(rows: &[Contender]) -> String {
         ));
     }
     t
+}
+
+/// Everything lesson 11's cascade part measured.
+pub struct CascadeReport {
+    pub levels: Vec<LevelRow>,
+    pub contenders: Vec<Contender>,
+    pub best_level: usize,
+    tiles: Vec<Tile>,
+}
+
+// ANCHOR: evaluate
+/// Samples the cascade — `base` (14×14) for one prompt each, then each super-resolution model of `sr` (trained with
+/// augmentation, without) at every level of `levels` from the same base samples — and lesson 06's `direct` model for
+/// the same prompts; grades all of them (`grading`: the classifier, the asked digits, the test images) and times the
+/// sampling. `train_seconds`: the base's and the two super-resolution models' training times.
+pub fn evaluate(
+    (base, sr, direct): (&TextToImage, [&UNet; 2], &TextToImage),
+    sched: &NoiseSchedule,
+    (prompts, levels, draw): (&[String], &[usize], Draw),
+    (clf, asked, test_images): (&MnistClassifier, &Tensor, &Tensor),
+    train_seconds: [f64; 3],
+) -> Result<CascadeReport> {
+    let timed = |f: &mut dyn FnMut() -> Result<Tensor>| -> Result<(Tensor, f64)> {
+        let started = std::time::Instant::now();
+        Ok((f()?, started.elapsed().as_secs_f64()))
+    };
+    let (low, base_seconds) = timed(&mut || Ok(base.generate_each(prompts, &draw)?.0))?; // (n, 1, 14, 14)
+    let device = base.device();
+    let (mut levels_out, mut samples, mut sr_seconds) = (Vec::new(), Vec::new(), 0.0);
+    for &level in levels {
+        let how = (level, draw.steps, draw.seed + 1);
+        let mut grades = Vec::new();
+        for net in sr {
+            let (x, secs) = timed(&mut || Ok(super_resolve(net, sched, &low, [28, 28], how, device)))?;
+            sr_seconds = secs;
+            grades.push(grade(clf, &x, asked, test_images));
+            samples.push(x);
+        }
+        let (a, b) = (grades[0].frechet_distance, grades[1].frechet_distance);
+        println!("level {level}: FD {a:.1} trained with augmentation, {b:.1} without");
+        let without_augmentation = grades.pop().expect("two grades");
+        levels_out.push(LevelRow { level, with_augmentation: grades.pop().expect("two grades"), without_augmentation });
+    }
+    let (direct_samples, direct_seconds) = timed(&mut || Ok(direct.generate_each(prompts, &draw)?.0))?;
+    let direct_grade = grade(clf, &direct_samples, asked, test_images);
+    let fd = |r: &LevelRow, i: usize| [&r.with_augmentation, &r.without_augmentation][i].frechet_distance;
+    let best =
+        |i: usize| (0..levels_out.len()).min_by(|&a, &b| fd(&levels_out[a], i).total_cmp(&fd(&levels_out[b], i)));
+    let (best_aug, best_plain) = (best(0).context("no --levels")?, best(1).context("no --levels")?);
+    let cascade_row = |i: usize, at: usize, name: &str| Contender {
+        model: format!("cascade, {name}, s = {}", levels_out[at].level),
+        train_seconds: train_seconds[0] + train_seconds[1 + i],
+        sample_seconds: base_seconds + sr_seconds,
+        grade: [&levels_out[at].with_augmentation, &levels_out[at].without_augmentation][i].clone(),
+    };
+    let contenders = vec![
+        cascade_row(0, best_aug, "trained with augmentation"),
+        cascade_row(1, best_plain, "trained without"),
+        Contender {
+            model: "lesson 06, direct 28×28".into(),
+            train_seconds: lesson06_train_seconds().unwrap_or(f64::NAN),
+            sample_seconds: direct_seconds,
+            grade: direct_grade,
+        },
+    ];
+    let ten = |x: &Tensor| x.narrow(0, 0, 10.min(x.size()[0]));
+    let tiles = vec![
+        ("base 14×14".to_string(), ten(&low).upsample_nearest2d([28, 28], None, None)),
+        (format!("SR (augmented), s = {}", levels_out[best_aug].level), ten(&samples[2 * best_aug])),
+        (format!("SR (not augmented), s = {}", levels_out[0].level), ten(&samples[1])),
+        ("lesson 06, direct".into(), ten(&direct_samples)),
+    ];
+    Ok(CascadeReport { best_level: levels_out[best_aug].level, levels: levels_out, contenders, tiles })
+}
+// ANCHOR_END: evaluate
+
+/// Lesson 06's UNet training time, as its own run recorded it beside chapter 06 (None without the book).
+pub fn lesson06_train_seconds() -> Option<f64> {
+    let path = crate::cli::crate_root().join("book/src/figures/lesson06/metrics.json");
+    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    metrics["unet_seconds"].as_f64()
+}
+
+impl CascadeReport {
+    /// cascade_levels.png and cascade_stages.png in `dir`.
+    pub fn plot(&self, dir: &Path) -> Result<()> {
+        let direct = self.contenders.last().map_or(f64::NAN, |c| c.grade.frechet_distance);
+        plot_levels(&dir.join("cascade_levels.png"), &self.levels, direct)?;
+        plot_rows(&dir.join("cascade_stages.png"), "The cascade's stages for \"a handwritten 0\" … \"9\"", &self.tiles)
+    }
+
+    /// The results.md sections: the level sweep and the comparison with the direct model.
+    pub fn sections(&self) -> Vec<(&'static str, String)> {
+        vec![("levels", levels_table(&self.levels)), ("contenders", contenders_table(&self.contenders))]
+    }
+
+    /// metrics.json's cascade part.
+    pub fn metrics(
+        &self,
+        base: &UNetConfig,
+        sr: &UNetConfig,
+        (base_steps, sr_steps, max_level): (u64, u64, usize),
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "base": {"network": base, "steps": base_steps}, "super_resolution": {"network": sr, "steps": sr_steps,
+            "max_level": max_level}, "levels": self.levels, "contenders": self.contenders, "best_level": self.best_level,
+            "lesson06_train_seconds": lesson06_train_seconds(),
+        })
+    }
 }

@@ -1,17 +1,25 @@
 //! Lesson 11's unCLIP experiments: what a decoder conditioned on CLIP image embeddings gives that direct text
 //! conditioning does not — variations of a given digit, interpolations between two — and text → prior → decoder
 //! against lesson 06's direct text-to-image model.
+use crate::data::mnist::Mnist;
 use crate::data::to_unit;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::eval::sample_quality::within_class_diversity;
 use crate::nn::classifier::MnistClassifier;
 use crate::nn::clip::l2_normalize;
+use crate::nn::encoder_unet::EncoderUNetConfig;
 use crate::nn::encoder_unet::NoisyClip;
+use crate::nn::unclip::PriorConfig;
 use crate::nn::unclip::{slerp, DiffusionPrior, PriorEps};
+use crate::nn::unet::UNetConfig;
+use crate::pipelines::text_to_image::{Draw, TextToImage};
 use crate::sampling::ddpm::{sample, AncestralSampling, PosteriorVariance};
 use crate::sampling::guidance::ClassifierFreeGuidance;
 use crate::sampling::wrappers::Threshold;
+use crate::studies::guidance_methods::{plot_rows, pooled_prompt_states};
 use crate::train::unclip::Decoder;
+use anyhow::Result;
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// How the decoder and the prior are sampled.
@@ -166,4 +174,128 @@ pub fn routes_table(rows: &[RouteGrade]) -> String {
         ));
     }
     t
+}
+
+/// The first test digit of each class 0–9 and the second, (10, 1, 28, 28) each, with their labels.
+fn one_per_class(data: &Mnist) -> Result<(Tensor, Tensor, Tensor)> {
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for d in 0..10 {
+        let idx = data.test_labels.eq(d).nonzero().squeeze_dim(1);
+        anyhow::ensure!(idx.size()[0] >= 2, "the test set has fewer than two digits {d}");
+        first.push(data.test_images.get(idx.int64_value(&[0])));
+        second.push(data.test_images.get(idx.int64_value(&[1])));
+    }
+    Ok((Tensor::stack(&first, 0), Tensor::stack(&second, 0), Tensor::arange(10, tch::kind::INT64_CPU)))
+}
+
+/// Everything lesson 11's unCLIP part measured.
+pub struct UnclipReport {
+    pub variations: Variations,
+    pub routes: Vec<RouteGrade>,
+    /// Each source followed by its variations, (10·(1 + per), 1, 28, 28).
+    grid: Tensor,
+    per: i64,
+    interpolations: Vec<(String, Tensor)>,
+}
+
+// ANCHOR: evaluate
+/// Image variations of one test digit per class, two interpolations, and text → image by three routes for `prompts`
+/// (asking for the digits `asked`): the prior's embedding decoded, a real test digit's embedding decoded (what a
+/// perfect prior could give), and lesson 06's `direct` model.
+pub fn evaluate(
+    (clip, prior, decoder, direct, clf): (&NoisyClip, &DiffusionPrior, &Decoder, &TextToImage, &MnistClassifier),
+    sched: &NoiseSchedule,
+    data: &Mnist,
+    (prompts, asked): (&[String], &Tensor),
+    (how, seed): (Sampling, u64),
+) -> Result<UnclipReport> {
+    let device = clip.text_projection.ws.device();
+    let (sources, others, labels) = one_per_class(data)?;
+    let per = 8;
+    let (grade, samples) = variations((clip, decoder, clf), sched, (&sources, &labels, &others), per, (how, seed));
+    println!("variations: class kept {:.3}, mean pixel distance {:.3}", grade.class_kept, grade.mean_pixel_distance);
+    let rows: Vec<Tensor> =
+        (0..10).map(|i| Tensor::cat(&[sources.narrow(0, i, 1), samples.narrow(0, i * per, per)], 0)).collect();
+    let grid = Tensor::cat(&rows, 0); // (10·(1 + per), 1, 28, 28)
+    let z = image_embeddings(clip, &sources, device); // (10, d)
+    let interpolations = [(0, 6), (1, 7), (3, 8)]
+        .iter()
+        .map(|&(a, b)| {
+            let path = interpolate(decoder, sched, (&z.get(a), &z.get(b)), 10, how, seed + 1);
+            (format!("{a} → {b}"), path)
+        })
+        .collect();
+    // text → image, three routes
+    let timed = |f: &mut dyn FnMut() -> Result<Tensor>| -> Result<(Tensor, f64)> {
+        let started = std::time::Instant::now();
+        Ok((f()?, started.elapsed().as_secs_f64()))
+    };
+    let (via_prior, prior_secs) = timed(&mut || {
+        let pooled = pooled_prompt_states(&direct.prompts, prompts)?.to_device(device); // (n, D)
+        let text = tch::no_grad(|| clip.encode_text(&pooled)); // (n, d)
+        let z = prior_sample(prior, sched, &text, how.steps, seed + 2); // (n, d)
+        Ok(decode(decoder, sched, &z, how, seed + 3))
+    })?;
+    let real = real_digits_for(data, asked)?; // (n, 1, 28, 28): test digits of the asked classes
+    let (via_real, real_secs) =
+        timed(&mut || Ok(decode(decoder, sched, &image_embeddings(clip, &real, device), how, seed + 3)))?;
+    let (via_direct, direct_secs) =
+        timed(&mut || Ok(direct.generate_each(prompts, &Draw::new(how.guidance, how.steps, seed + 3))?.0))?;
+    let routes = vec![
+        grade_route("text → prior → decoder", clf, &via_prior, asked, prior_secs),
+        grade_route("a real test digit's embedding → decoder", clf, &via_real, asked, real_secs),
+        grade_route("lesson 06, text → image directly", clf, &via_direct, asked, direct_secs),
+    ];
+    Ok(UnclipReport { variations: grade, routes, grid, per, interpolations })
+}
+// ANCHOR_END: evaluate
+
+/// For each asked digit (n,), a different test digit of that class: (n, 1, 28, 28).
+fn real_digits_for(data: &Mnist, asked: &Tensor) -> Result<Tensor> {
+    let asked: Vec<i64> = Vec::try_from(asked)?;
+    let mut used = [0i64; 10];
+    let mut rows = Vec::with_capacity(asked.len());
+    for d in asked {
+        let idx = data.test_labels.eq(d).nonzero().squeeze_dim(1);
+        let k = (used[d as usize] + 2) % idx.size()[0]; // past the two the variations use
+        used[d as usize] += 1;
+        rows.push(data.test_images.get(idx.int64_value(&[k])));
+    }
+    Ok(Tensor::stack(&rows, 0))
+}
+
+impl UnclipReport {
+    /// variations.png and interpolations.png in `dir`.
+    pub fn plot(&self, dir: &Path) -> Result<()> {
+        let title =
+            "Image variations: each test digit (left), then the decoder's samples from its CLIP image embedding";
+        crate::plot::image_grid(&dir.join("variations.png"), title, &self.grid, (1 + self.per) as usize, 2, &[])?;
+        let title = "Interpolations between two test digits' image embeddings (slerp), the same noise throughout";
+        plot_rows(&dir.join("interpolations.png"), title, &self.interpolations)
+    }
+
+    /// The results.md sections.
+    pub fn sections(&self) -> Vec<(&'static str, String)> {
+        let v = &self.variations;
+        let variations = format!(
+            "| sources | variations each | class kept | mean pixel distance to the source | between two test digits of a class |\n|---|---|---|---|---|\n| {} | {} | {:.3} | {:.3} | {:.3} |\n",
+            v.sources, v.per_source, v.class_kept, v.mean_pixel_distance, v.same_class_pixel_distance
+        );
+        vec![("variations", variations), ("routes", routes_table(&self.routes))]
+    }
+
+    /// metrics.json's unCLIP part.
+    pub fn metrics(
+        &self,
+        (tower, prior, decoder): (&EncoderUNetConfig, &PriorConfig, &UNetConfig),
+        (clip_steps, prior_steps, decoder_steps): (u64, u64, u64),
+        seconds: [f64; 3],
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "clip_tower": {"network": tower, "steps": clip_steps, "seconds": seconds[0]},
+            "prior": {"network": prior, "steps": prior_steps, "seconds": seconds[1]},
+            "decoder": {"network": decoder, "steps": decoder_steps, "seconds": seconds[2]},
+            "variations": self.variations, "routes": self.routes,
+        })
+    }
 }
