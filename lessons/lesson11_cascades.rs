@@ -33,8 +33,8 @@ use scratch_diffusion::train::unclip::{train_decoder, train_prior};
 use serde_json::{json, Value};
 use tch::{Device, Tensor};
 
-/// [CDM] sec. 4.2 draws the training level uniformly up to a maximum; half the schedule here.
-const MAX_LEVEL: usize = 500;
+/// [CDM] sec. 4.2 draws the training level uniformly up to a maximum; a tenth of the schedule here (ᾱ ≥ 0.9).
+const MAX_LEVEL: usize = 100;
 /// Lesson 06's peak learning rate, for every UNet here.
 const LR: f64 = 1e-2;
 /// [unCLIP] sec. 2.1: four extra context tokens, the embedding dropped 10 % of the time.
@@ -56,7 +56,7 @@ struct Args {
     /// Which half to run (each under 10 minutes on 2 cores).
     #[arg(long, value_enum, default_value_t = Part::Both)]
     part: Part,
-    /// Steps of the 14×14 base model and of each super-resolution model [default: 1500 and 1000, or 10 with --quick].
+    /// Steps of the 14×14 base model and of each super-resolution model [default: 1500 each, or 10 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     base_steps: Option<u64>,
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -77,7 +77,7 @@ struct Args {
     #[arg(long, value_parser = clap::value_parser!(i64).range(10..=250))]
     num_samples: Option<i64>,
     /// Augmentation levels the cascade is sampled at (0: the base model's samples as they are).
-    #[arg(long, value_delimiter = ',', default_values_t = [0, 50, 100, 200, 300, 500])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0, 25, 50, 100, 200, 400])]
     #[arg(value_parser = clap::value_parser!(u64).range(0..=1000))]
     levels: Vec<u64>,
     /// Continue interrupted training from the checkpoints in OUT.
@@ -130,6 +130,7 @@ fn shared(args: &Args) -> Result<Shared> {
     let run = args.common.init("lesson11")?;
     let q = |quick: i64, full: i64| if run.quick { quick } else { full };
     let (m, n) = (args.train_images.unwrap_or(q(512, 30000)), args.num_samples.unwrap_or(q(20, 200)));
+    anyhow::ensure!(args.batch <= m, "--batch ({}) must not exceed --train-images ({m}): lower --batch", args.batch);
     let data = mnist::load(&run.data_dir).context("lesson 11 trains on MNIST")?;
     let direct = TextToImage::load(&shipped_dir(), run.device)
         .context("lesson 06's shipped pipeline (./run.sh lesson 06 --ship): its text encoder and its direct model")?;
@@ -154,7 +155,7 @@ fn recipe(s: &Shared, steps: u64, batch: i64) -> TrainerConfig {
 
 fn cascade(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Value)> {
     let quick = |full: u64| if s.run.quick { 10 } else { full };
-    let (base_steps, sr_steps) = (args.base_steps.unwrap_or(quick(1500)), args.sr_steps.unwrap_or(quick(1000)));
+    let (base_steps, sr_steps) = (args.base_steps.unwrap_or(quick(1500)), args.sr_steps.unwrap_or(quick(1500)));
     let text = &s.direct.prompts;
     // ANCHOR: base
     let base_config = UNetConfig {
@@ -224,7 +225,7 @@ fn unclip(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Value
     let pooled = pooled_text_states(&s.direct.prompts, &ids, &lens); // (M, D)
     let tower = if s.run.quick { EncoderUNetConfig::tiny(64) } else { EncoderUNetConfig::mnist(64) };
     let log = StepLog::new(clip_steps, "CLIP image tower", 10);
-    let (cfg, ckpt) = (recipe(s, clip_steps, 64), s.run.path("clip_checkpoint.safetensors"));
+    let (cfg, ckpt) = (recipe(s, clip_steps, 128), s.run.path("clip_checkpoint.safetensors"));
     let train = TrainRun::logged(s.run.device, &log).checkpoint(&ckpt, args.resume);
     let (mut clip_vs, clip, clip_out) =
         train_noisy_clip(&tower, &s.sched, (&s.full, &pooled, &ids.to_device(device)), &cfg, train)?;

@@ -86,6 +86,13 @@ pub fn augment(sched_alpha_bar: &Tensor, z0: &Tensor, levels: &Tensor, eps: &Ten
 }
 // ANCHOR_END: augment
 
+/// The standard deviation σ_s = √(1 − ᾱ_s) of the noise [`augment`] adds at `levels` (B,) i64: 0 at level 0.
+pub fn augment_sigma(sched_alpha_bar: &Tensor, levels: &Tensor) -> Tensor {
+    let clean = Tensor::ones([1], (sched_alpha_bar.kind(), sched_alpha_bar.device()));
+    let table = Tensor::cat(&[&clean, sched_alpha_bar], 0); // (T + 1,)
+    (1f64 - table.index_select(0, &levels.to_device(table.device()))).sqrt() // (B,)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +108,9 @@ mod tests {
         let eps = Tensor::randn([20000, 4], tch::kind::FLOAT_CPU);
         let zero = Tensor::zeros([20000], tch::kind::INT64_CPU);
         assert!(augment(&table, &z0, &zero, &eps).equal(&z0), "level 0 is the clean input, bit for bit");
+        let sigma = augment_sigma(&table, &Tensor::from_slice(&[0i64, 600]));
+        assert_eq!(sigma.double_value(&[0]), 0.0);
+        assert!((sigma.double_value(&[1]) - (1.0 - sched.alpha_bar(599)).sqrt()).abs() < 1e-6);
         for level in [1i64, 250, 600] {
             let z = augment(&table, &z0, &Tensor::full([20000], level, tch::kind::INT64_CPU), &eps);
             let a = sched.alpha_bar(level as usize - 1);

@@ -1,11 +1,11 @@
 //! Lesson 11's cascade experiments: a 14×14 text-conditioned base model followed by a 14 → 28 super-resolution
 //! stage, sampled at fixed augmentation levels, graded against lesson 06's direct 28×28 model.
 use crate::data::to_unit;
-use crate::diffusion::forward::augment;
+use crate::diffusion::forward::{augment, augment_sigma};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::eval::frechet::evaluate_samples;
 use crate::nn::classifier::MnistClassifier;
-use crate::nn::super_resolution::{level_fraction, upsample, LowResConditioned};
+use crate::nn::super_resolution::{upsample, LowResConditioned};
 use crate::nn::unet::{UNet, UNetConfig};
 use crate::pipelines::text_to_image::{Draw, TextToImage};
 use crate::plot::{self, LinePanel};
@@ -33,10 +33,11 @@ pub fn super_resolve(
     let z0 = (low * 2.0 - 1.0).to_device(device); // [0, 1] -> [−1, 1]
     let eps = Tensor::randn(z0.size(), (Kind::Float, device));
     let levels = Tensor::full([n], level as i64, (Kind::Int64, device));
-    let z_s = augment(&sched.to_tensor_alpha_bar(device), &z0, &levels, &eps); // [CDM] sec. 4.2, s fixed
+    let alpha_bar = sched.to_tensor_alpha_bar(device);
+    let z_s = augment(&alpha_bar, &z0, &levels, &eps); // [CDM] sec. 4.2, s fixed
     let low_up = upsample(&z_s, size); // (n, 1, H, W)
-    let level = level_fraction(&levels, sched.num_steps());
-    let model = LowResConditioned { unet: sr, low_up: &low_up, level: &level };
+    let sigma = augment_sigma(&alpha_bar, &levels);
+    let model = LowResConditioned { unet: sr, low_up: &low_up, sigma: &sigma };
     let how =
         AncestralSampling { steps, variance: PosteriorVariance::BetaTilde, threshold: Threshold::Static, batch: n };
     let x = tch::no_grad(|| sample(&model, sched, &[n, 1, size[0], size[1]], &how, device, &mut |_, _| {}));

@@ -5,9 +5,9 @@
 //! time s is fixed (and swept, sec. 4.2's Table 4): the model learns to trust its low-resolution input less as s
 //! grows, so the base model's imperfect samples, unlike the training set's exact downsampled images, stop being a
 //! surprise — the train/test mismatch ("exposure bias") that augmentation closes.
-use crate::diffusion::forward::augment;
+use crate::diffusion::forward::{augment, augment_sigma};
 use crate::diffusion::schedule::NoiseSchedule;
-use crate::nn::super_resolution::{level_fraction, upsample, LowResConditioned};
+use crate::nn::super_resolution::{upsample, LowResConditioned};
 use crate::nn::unet::{UNet, UNetConfig};
 use crate::train::ddpm::EpsObjective;
 use crate::train::trainer::{train_model, TrainOutcome, TrainRun, TrainerConfig};
@@ -44,8 +44,8 @@ pub fn train_super_resolution(
         let levels = Tensor::randint_low(0, max_level as i64 + 1, [b], (Kind::Int64, x0.device())); // s ~ U{0..max}
         let z_s = augment(&alpha_bar, &low, &levels, &low.randn_like()); // [CDM] sec. 4.2
         let low_up = upsample(&z_s, [h, w]); // (B, 1, H, W)
-        let level = level_fraction(&levels, sched.num_steps());
-        objective.loss(&LowResConditioned { unet: net, low_up: &low_up, level: &level }, x0)
+        let sigma = augment_sigma(&alpha_bar, &levels).to_device(x0.device()); // (B,): what the model is told
+        objective.loss(&LowResConditioned { unet: net, low_up: &low_up, sigma: &sigma }, x0)
     };
     let run = objective.record(run).spec("model", config).spec("max_augmentation_level", max_level);
     train_model(|p| UNet::new(p, config.clone()), &[images], cfg, run, &mut loss)
