@@ -232,9 +232,10 @@ fn unclip(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Value
     clip_vs.freeze();
     log.finish();
     let image_emb = unclips::image_embeddings(&clip, &((&s.full + 1.0) / 2.0), device); // (M, d), unit rows
-    let text_emb = tch::no_grad(|| clip.encode_text(&pooled)); // (M, d)
+    let text_emb = tch::no_grad(|| clip.encode_text(&pooled)); // (M, d): where the prior starts from
                                                                // ANCHOR_END: clip
-                                                               // ANCHOR: prior_and_decoder
+
+    // ANCHOR: prior_and_decoder
     let prior_config = PriorConfig::mnist(64);
     let log = StepLog::new(prior_steps, "prior", 10);
     let (cfg, ckpt) = (recipe(s, prior_steps, 256), s.run.path("prior_checkpoint.safetensors"));
