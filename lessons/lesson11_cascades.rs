@@ -6,7 +6,7 @@
 //! prompt accuracy against lesson 06's direct 28×28 model. `--part unclip`: a CLIP image tower against the same frozen
 //! text encoder, a diffusion prior from text embeddings to image embeddings, a decoder that draws from an image
 //! embedding; image variations, interpolations, and text → prior → decoder against lesson 06. Without `--part`, both.
-//! Chapter 11 walks through this file.
+//! Chapter 11 walks through this file (a draft in book/drafts until a full run of the lesson is in the book).
 use anyhow::{Context, Result};
 use clap::Parser;
 use scratch_diffusion::cli::{lesson_main, merge, Run, StepLog};
@@ -35,6 +35,8 @@ use tch::{Device, Tensor};
 
 /// [CDM] sec. 4.2 draws the training level uniformly up to a maximum; a tenth of the schedule here (ᾱ ≥ 0.9).
 const MAX_LEVEL: usize = 100;
+/// Steps of lesson 06's recipe timed to know its training time on this CPU.
+const DIRECT_TIMED_STEPS: u64 = 100;
 /// Lesson 06's peak learning rate, for every UNet here.
 const LR: f64 = 1e-2;
 /// [unCLIP] sec. 2.1: four extra context tokens, the embedding dropped 10 % of the time.
@@ -53,7 +55,7 @@ enum Part {
 struct Args {
     #[command(flatten)]
     common: scratch_diffusion::cli::CommonArgs,
-    /// Which half to run (each under 10 minutes on 2 cores).
+    /// Which half to run.
     #[arg(long, value_enum, default_value_t = Part::Both)]
     part: Part,
     /// Steps of the 14×14 base model and of each super-resolution model [default: 1500 each, or 10 with --quick].
@@ -94,11 +96,9 @@ struct Shared {
     sched: NoiseSchedule,
     objective: EpsObjective,
     captioned: CaptionedImages,
-    /// The training digits in [−1, 1], (M, 1, 28, 28), on the run's device.
-    full: Tensor,
-    /// One prompt per sample, "a handwritten d" for d = i mod 10, and the digits they ask for.
-    prompts: Vec<String>,
-    asked: Tensor,
+    full: Tensor,         // the training digits in [−1, 1], (M, 1, 28, 28), on the run's device
+    prompts: Vec<String>, // one per sample, "a handwritten d" for d = i mod 10
+    asked: Tensor,        // the digits they ask for
     sample_steps: usize,
 }
 
@@ -154,8 +154,8 @@ fn recipe(s: &Shared, steps: u64, batch: i64) -> TrainerConfig {
 }
 
 fn cascade(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Value)> {
-    let quick = |full: u64| if s.run.quick { 10 } else { full };
-    let (base_steps, sr_steps) = (args.base_steps.unwrap_or(quick(1500)), args.sr_steps.unwrap_or(quick(1500)));
+    let steps = |flag: Option<u64>, full| flag.unwrap_or(if s.run.quick { 10 } else { full });
+    let (base_steps, sr_steps) = (steps(args.base_steps, 1500), steps(args.sr_steps, 1500));
     let text = &s.direct.prompts;
     // ANCHOR: base
     let base_config = UNetConfig {
@@ -191,33 +191,28 @@ fn cascade(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Valu
         log.finish();
     }
     // ANCHOR_END: super_resolution
-    let seconds = [base_out.seconds, sr[0].2.seconds, sr[1].2.seconds];
+    // lesson 06's direct model, DIRECT_TIMED_STEPS steps of its recipe timed here: its training time on this CPU
+    let timed = recipe(s, if s.run.quick { 2 } else { DIRECT_TIMED_STEPS }, args.batch);
+    let direct_seconds = cascades::direct_train_seconds(&s.direct, text_data, &s.full, &s.objective, &timed)?;
+    let seconds = [base_out.seconds, sr[0].2.seconds, sr[1].2.seconds, direct_seconds];
     println!(
-        "base: {:.0} s; super-resolution with augmentation {:.0} s, without {:.0} s",
-        seconds[0], seconds[1], seconds[2]
+        "training: base {:.0} s, super-resolution {:.0} s / {:.0} s, lesson 06 {:.0} s",
+        seconds[0], seconds[1], seconds[2], seconds[3]
     );
 
-    let draw = Draw::new(DEFAULT_GUIDANCE, s.sample_steps, s.run.seed + 1);
-    let grading = (&s.clf, &s.asked, &s.data.test_images);
-    let levels: Vec<usize> = args.levels.iter().map(|&l| l as usize).collect();
-    let report = cascades::evaluate(
-        (&base, [&sr[0].1, &sr[1].1], &s.direct),
-        &s.sched,
-        (&s.prompts, &levels, draw),
-        grading,
-        seconds,
-    )?;
+    let (draw, grading) =
+        (Draw::new(DEFAULT_GUIDANCE, s.sample_steps, s.run.seed + 1), (&s.clf, &s.asked, &s.data.test_images));
+    let (levels, models) =
+        (args.levels.iter().map(|&l| l as usize).collect::<Vec<_>>(), (&base, [&sr[0].1, &sr[1].1], &s.direct));
+    let report = cascades::evaluate(models, &s.sched, (&s.prompts, &levels, draw), grading, seconds)?;
     report.plot(&s.run.out)?;
     Ok((report.sections(), report.metrics(&base_config, &sr_config, (base_steps, sr_steps, MAX_LEVEL))))
 }
 
 fn unclip(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Value)> {
-    let quick = |full: u64| if s.run.quick { 10 } else { full };
-    let (clip_steps, prior_steps, decoder_steps) = (
-        args.clip_steps.unwrap_or(quick(800)),
-        args.prior_steps.unwrap_or(quick(3000)),
-        args.decoder_steps.unwrap_or(quick(1500)),
-    );
+    let steps = |flag: Option<u64>, full| flag.unwrap_or(if s.run.quick { 10 } else { full });
+    let (clip_steps, prior_steps) = (steps(args.clip_steps, 800), steps(args.prior_steps, 3000));
+    let decoder_steps = steps(args.decoder_steps, 1500);
     let device = s.run.device;
     // ANCHOR: clip
     // the image tower of a CLIP against lesson 06's frozen text encoder (lesson 10's, at t = 0 here)
@@ -232,8 +227,9 @@ fn unclip(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Value
     clip_vs.freeze();
     log.finish();
     let image_emb = unclips::image_embeddings(&clip, &((&s.full + 1.0) / 2.0), device); // (M, d), unit rows
-    let text_emb = tch::no_grad(|| clip.encode_text(&pooled)); // (M, d): where the prior starts from
-                                                               // ANCHOR_END: clip
+                                                                                        // (M, d): what the prior starts from
+    let text_emb = tch::no_grad(|| clip.encode_text(&pooled));
+    // ANCHOR_END: clip
 
     // ANCHOR: prior_and_decoder
     let prior_config = PriorConfig::mnist(64);
@@ -243,7 +239,8 @@ fn unclip(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Value
     let cfg = TrainerConfig { lr: 1e-3, ema_decay: None, ..cfg };
     let (_, prior, prior_out) = train_prior(&prior_config, (&text_emb, &image_emb), &s.sched, &cfg, train)?;
     log.finish();
-    let decoder_config = if s.run.quick { ClassCondConfig::tiny().unet } else { ClassCondConfig::mnist().unet }; // cross-attends to D = 64 (16) wide tokens
+    // lesson 05's UNet, cross-attending to the embedding's tokens
+    let decoder_config = if s.run.quick { ClassCondConfig::tiny().unet } else { ClassCondConfig::mnist().unet };
     let log = StepLog::new(decoder_steps, "decoder", 10);
     let (cfg, ckpt) = (recipe(s, decoder_steps, args.batch), s.run.path("decoder_checkpoint.safetensors"));
     let train = TrainRun::logged(s.run.device, &log).checkpoint(&ckpt, args.resume);
@@ -254,13 +251,8 @@ fn unclip(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Value
     let seconds = [clip_out.seconds, prior_out.seconds, decoder_out.seconds];
     println!("CLIP image tower {:.0} s, prior {:.0} s, decoder {:.0} s", seconds[0], seconds[1], seconds[2]);
     let how = unclips::Sampling { guidance: DEFAULT_GUIDANCE, steps: s.sample_steps };
-    let report = unclips::evaluate(
-        (&clip, &prior, &decoder, &s.direct, &s.clf),
-        &s.sched,
-        &s.data,
-        (&s.prompts, &s.asked),
-        (how, s.run.seed + 3),
-    )?;
+    let models = (&clip, &prior, &decoder, &s.direct, &s.clf);
+    let report = unclips::evaluate(models, &s.sched, &s.data, (&s.prompts, &s.asked), (how, s.run.seed + 3))?;
     report.plot(&s.run.out)?;
     Ok((
         report.sections(),
