@@ -157,6 +157,27 @@ pub enum Prediction {
     V,
 }
 
+// ANCHOR: v_as_eps
+/// A network trained to predict v ([v-pred] sec. 4: v = √ᾱ_t ε − √(1 − ᾱ_t) x₀), read as an ε-prediction model for
+/// the samplers that take one: since x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε, ε = √ᾱ_t v + √(1 − ᾱ_t) x_t exactly, and so
+/// ε̂ = √ᾱ_t v̂ + √(1 − ᾱ_t) x_t. At large t the ε-sampler's x̂₀ = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t becomes
+/// √ᾱ_t x_t − √(1 − ᾱ_t) v̂: no division by √ᾱ_t → 0 amplifies the network's error.
+pub struct VAsEps<'a> {
+    /// The network, its output v̂ (B, ...).
+    pub v_model: &'a dyn EpsModel,
+    /// ᾱ_t of its schedule, (T,).
+    pub alpha_bar: &'a Tensor,
+}
+
+impl EpsModel for VAsEps<'_> {
+    fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
+        let a = self.alpha_bar.index_select(0, &t.to_device(self.alpha_bar.device())).to_device(x_t.device());
+        let a = append_dims(&a, x_t).to_kind(x_t.kind()); // (B, 1, ...)
+        a.sqrt() * self.v_model.eps(x_t, t, train) + (1f64 - &a).sqrt() * x_t // ε̂ = √ᾱ v̂ + √(1 − ᾱ) x_t
+    }
+}
+// ANCHOR_END: v_as_eps
+
 /// A discrete-time VP model (an [`EpsModel`], whatever its [`Prediction`]) as a σ-space denoiser.
 ///
 /// The network only knows its T training timesteps, so by default a σ between two of them is mapped to the NEAREST
@@ -287,6 +308,41 @@ impl Denoiser for CountingDenoiser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The network that outputs the true v = √ᾱ_t ε − √(1 − ᾱ_t) x₀ of a known draw.
+    struct TrueV {
+        x0: Tensor,
+        eps: Tensor,
+        alpha_bar: Tensor,
+    }
+    impl EpsModel for TrueV {
+        fn eps(&self, _: &Tensor, t: &Tensor, _: bool) -> Tensor {
+            let a = append_dims(&self.alpha_bar.index_select(0, t), &self.x0);
+            a.sqrt() * &self.eps - (1f64 - &a).sqrt() * &self.x0
+        }
+    }
+
+    /// [v-pred] sec. 4: read through [`VAsEps`], the true v gives back the true ε at every t, the largest included
+    /// (where ᾱ_t ≈ 4·10⁻⁵), and the sampler's x̂₀ from it is x₀.
+    #[test]
+    fn v_read_as_eps_is_the_noise() {
+        let sched = NoiseSchedule::ddpm(1000);
+        let alpha_bar = sched.to_tensor_alpha_bar(tch::Device::Cpu);
+        let (x0, eps) = (
+            Tensor::rand([4, 1, 3, 3], tch::kind::FLOAT_CPU) * 2.0 - 1.0,
+            Tensor::randn([4, 1, 3, 3], tch::kind::FLOAT_CPU),
+        );
+        let t = Tensor::from_slice(&[0i64, 10, 500, 999]);
+        let a = append_dims(&alpha_bar.index_select(0, &t), &x0);
+        let x_t = a.sqrt() * &x0 + (1f64 - &a).sqrt() * &eps;
+        let v_model = TrueV { x0: x0.shallow_clone(), eps: eps.shallow_clone(), alpha_bar: alpha_bar.shallow_clone() };
+        let eps_hat = VAsEps { v_model: &v_model, alpha_bar: &alpha_bar }.eps(&x_t, &t, false);
+        assert!(
+            eps_hat.allclose(&eps, 1e-5, 1e-5, false),
+            "max error {}",
+            (&eps_hat - &eps).abs().max().double_value(&[])
+        );
+    }
 
     #[test]
     fn conditionings_expand_and_concatenate_with_their_masks() {

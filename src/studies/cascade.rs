@@ -4,6 +4,7 @@ use crate::data::to_unit;
 use crate::diffusion::forward::{augment, augment_sigma};
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::eval::frechet::evaluate_samples;
+use crate::model::VAsEps;
 use crate::nn::classifier::MnistClassifier;
 use crate::nn::super_resolution::{upsample, LowResConditioned};
 use crate::nn::unet::{UNet, UNetConfig};
@@ -40,7 +41,8 @@ pub fn super_resolve(
     let z_s = augment(&alpha_bar, &z0, &levels, &eps); // [CDM] sec. 4.2, s fixed
     let low_up = upsample(&z_s, size); // (n, 1, H, W)
     let sigma = augment_sigma(&alpha_bar, &levels);
-    let model = LowResConditioned { unet: sr, low_up: &low_up, sigma: &sigma };
+    let v_model = LowResConditioned { unet: sr, low_up: &low_up, sigma: &sigma };
+    let model = VAsEps { v_model: &v_model, alpha_bar: &alpha_bar }; // the network predicts v
     let how =
         AncestralSampling { steps, variance: PosteriorVariance::BetaTilde, threshold: Threshold::Static, batch: n };
     let x = tch::no_grad(|| sample(&model, sched, &[n, 1, size[0], size[1]], &how, device, &mut |_, _| {}));

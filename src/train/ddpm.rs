@@ -3,6 +3,7 @@
 //!
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239. Notation (code -> paper): alpha_bar -> ᾱ_t, eps -> ε,
 //! eps_hat -> ε_θ(x_t, t), x0 -> x₀.
+use crate::diffusion::append_dims;
 use crate::diffusion::forward::q_sample;
 use crate::diffusion::schedule::{NoiseSchedule, ScheduleKind};
 use crate::model::EpsModel;
@@ -63,6 +64,22 @@ pub fn l_simple(model: &dyn EpsModel, alpha_bar: &Tensor, x0: &Tensor) -> Tensor
 }
 // ANCHOR_END: l_simple
 
+// ANCHOR: l_simple_v
+/// [v-pred] sec. 4 (arXiv:2202.00512): the same expectation with the network's output read as v̂ and the target
+/// v = √ᾱ_t ε − √(1 − ᾱ_t) x₀, E_{t, x₀, ε} ‖v − v̂_θ(x_t, t)‖², t uniform on {0, …, T−1}. In x₀ terms this is
+/// (1 + SNR_t)·‖x₀ − x̂₀‖² ("SNR+1" weighting, [v-pred] eq. 9's discussion), so unlike L_simple (SNR_t·‖x₀ − x̂₀‖²)
+/// it keeps a weight on x̂₀ at the largest t. [`crate::model::VAsEps`] samples such a model with the ε samplers.
+pub fn l_simple_v(model: &dyn EpsModel, alpha_bar: &Tensor, x0: &Tensor) -> Tensor {
+    let t = Tensor::randint(alpha_bar.size()[0], [x0.size()[0]], (Kind::Int64, x0.device())); // (B,)
+    let eps = x0.randn_like();
+    let alpha_bar = alpha_bar.to_kind(x0.kind());
+    let x_t = q_sample(&alpha_bar, x0, &t, &eps); // [DDPM] eq. 4
+    let a = append_dims(&alpha_bar.index_select(0, &t.to_device(alpha_bar.device())).to_device(x0.device()), x0);
+    let v = a.sqrt() * eps - (1f64 - &a).sqrt() * x0; // (B, C, H, W)
+    (v - model.eps(&x_t, &t, true)).square().to_kind(Kind::Float).mean(Kind::Float)
+}
+// ANCHOR_END: l_simple_v
+
 /// The ε-prediction objective of a schedule and a weighting, ready to evaluate on batches: ᾱ (T,) and w_t (T,) on
 /// the device, computed once.
 pub struct EpsObjective {
@@ -88,6 +105,11 @@ impl EpsObjective {
     /// loss weighting, so a resume with another `--schedule`, `--timesteps` or `--loss-weight` is refused.
     pub fn record<'a>(&self, run: TrainRun<'a>) -> TrainRun<'a> {
         run.spec("schedule", self.schedule).spec("timesteps", self.alpha_bar.size()[0]).spec("loss_weight", self.weight)
+    }
+
+    /// Whether every timestep weighs the same (L_simple).
+    pub fn is_uniform(&self) -> bool {
+        self.weight == LossWeight::Uniform
     }
 
     /// L_simple for uniform weights, the weighted loss otherwise, on clean images `x0`.
@@ -149,6 +171,26 @@ mod tests {
             let one_minus: Tensor = 1.0 - &ab;
             one_minus.sqrt() * (x_t - ab.sqrt() * self.mu) / (&ab * self.s2 + &one_minus)
         }
+    }
+
+    /// [v-pred] sec. 4's target: for x₀ = c everywhere and a network that outputs 0, the v-loss is E‖v‖² =
+    /// mean over t of ᾱ_t + (1 − ᾱ_t) c², since v = √ᾱ_t ε − √(1 − ᾱ_t) c with E ε² = 1.
+    #[test]
+    fn the_v_loss_regresses_sqrt_alpha_bar_eps_minus_sqrt_one_minus_alpha_bar_x0() {
+        tch::manual_seed(0);
+        let sched = NoiseSchedule::ddpm(1000);
+        let alpha_bar = sched.to_tensor_alpha_bar(Device::Cpu);
+        struct Zero;
+        impl EpsModel for Zero {
+            fn eps(&self, x_t: &Tensor, _: &Tensor, _: bool) -> Tensor {
+                x_t.zeros_like()
+            }
+        }
+        let c = 0.8;
+        let x0 = Tensor::full([50_000, 1, 2, 2], c, tch::kind::FLOAT_CPU);
+        let loss = l_simple_v(&Zero, &alpha_bar, &x0).double_value(&[]);
+        let expected = (0..1000).map(|t| sched.alpha_bar(t) * (1.0 - c * c) + c * c).sum::<f64>() / 1000.0;
+        assert!((loss - expected).abs() < 0.01, "v-loss {loss}, expected {expected}");
     }
 
     /// With the exact predictor L_simple is the unexplained variance of ε, averaged over t:
