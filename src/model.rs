@@ -323,7 +323,7 @@ mod tests {
     }
 
     /// [v-pred] sec. 4: read through [`VAsEps`], the true v gives back the true ε at every t, the largest included
-    /// (where ᾱ_t ≈ 4·10⁻⁵), and the sampler's x̂₀ from it is x₀.
+    /// (where ᾱ_t ≈ 4·10⁻⁵).
     #[test]
     fn v_read_as_eps_is_the_noise() {
         let sched = NoiseSchedule::ddpm(1000);

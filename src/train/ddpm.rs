@@ -67,7 +67,7 @@ pub fn l_simple(model: &dyn EpsModel, alpha_bar: &Tensor, x0: &Tensor) -> Tensor
 // ANCHOR: l_simple_v
 /// [v-pred] sec. 4 (arXiv:2202.00512): the same expectation with the network's output read as v̂ and the target
 /// v = √ᾱ_t ε − √(1 − ᾱ_t) x₀, E_{t, x₀, ε} ‖v − v̂_θ(x_t, t)‖², t uniform on {0, …, T−1}. In x₀ terms this is
-/// (1 + SNR_t)·‖x₀ − x̂₀‖² ("SNR+1" weighting, [v-pred] eq. 9's discussion), so unlike L_simple (SNR_t·‖x₀ − x̂₀‖²)
+/// (1 + SNR_t)·‖x₀ − x̂₀‖² (what [v-pred] sec. 4 calls "SNR+1" weighting), so unlike L_simple (SNR_t·‖x₀ − x̂₀‖²)
 /// it keeps a weight on x̂₀ at the largest t. [`crate::model::VAsEps`] samples such a model with the ε samplers.
 pub fn l_simple_v(model: &dyn EpsModel, alpha_bar: &Tensor, x0: &Tensor) -> Tensor {
     let t = Tensor::randint(alpha_bar.size()[0], [x0.size()[0]], (Kind::Int64, x0.device())); // (B,)
