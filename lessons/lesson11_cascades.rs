@@ -226,8 +226,8 @@ fn unclip(s: &Shared, args: &Args) -> Result<(Vec<(&'static str, String)>, Value
         train_noisy_clip(&tower, &s.sched, (&s.full, &pooled, &ids.to_device(device)), &cfg, train)?;
     clip_vs.freeze();
     log.finish();
-    let image_emb = unclips::image_embeddings(&clip, &((&s.full + 1.0) / 2.0), device); // (M, d), unit rows
-                                                                                        // (M, d): what the prior starts from
+    // (M, d) each: the image embeddings (unit rows) and the text embeddings the prior starts from
+    let image_emb = unclips::image_embeddings(&clip, &((&s.full + 1.0) / 2.0), device);
     let text_emb = tch::no_grad(|| clip.encode_text(&pooled));
     // ANCHOR_END: clip
 

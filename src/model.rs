@@ -18,6 +18,7 @@
 //!
 //! [`ClassifierFreeGuidance`]: crate::sampling::guidance::ClassifierFreeGuidance
 use crate::diffusion::append_dims;
+use crate::diffusion::forward::eps_from_v;
 use crate::diffusion::schedule::NoiseSchedule;
 use std::cell::Cell;
 use tch::{Kind, Tensor};
@@ -171,9 +172,8 @@ pub struct VAsEps<'a> {
 
 impl EpsModel for VAsEps<'_> {
     fn eps(&self, x_t: &Tensor, t: &Tensor, train: bool) -> Tensor {
-        let a = self.alpha_bar.index_select(0, &t.to_device(self.alpha_bar.device())).to_device(x_t.device());
-        let a = append_dims(&a, x_t).to_kind(x_t.kind()); // (B, 1, ...)
-        a.sqrt() * self.v_model.eps(x_t, t, train) + (1f64 - &a).sqrt() * x_t // ε̂ = √ᾱ v̂ + √(1 − ᾱ) x_t
+        let a = self.alpha_bar.index_select(0, &t.to_device(self.alpha_bar.device())); // (B,)
+        eps_from_v(&a.to_device(x_t.device()).to_kind(x_t.kind()), x_t, &self.v_model.eps(x_t, t, train))
     }
 }
 // ANCHOR_END: v_as_eps
@@ -308,6 +308,7 @@ impl Denoiser for CountingDenoiser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diffusion::forward::v_from_eps;
 
     /// The network that outputs the true v = √ᾱ_t ε − √(1 − ᾱ_t) x₀ of a known draw.
     struct TrueV {
@@ -317,8 +318,7 @@ mod tests {
     }
     impl EpsModel for TrueV {
         fn eps(&self, _: &Tensor, t: &Tensor, _: bool) -> Tensor {
-            let a = append_dims(&self.alpha_bar.index_select(0, t), &self.x0);
-            a.sqrt() * &self.eps - (1f64 - &a).sqrt() * &self.x0
+            v_from_eps(&self.alpha_bar.index_select(0, t), &self.x0, &self.eps)
         }
     }
 
@@ -333,8 +333,7 @@ mod tests {
             Tensor::randn([4, 1, 3, 3], tch::kind::FLOAT_CPU),
         );
         let t = Tensor::from_slice(&[0i64, 10, 500, 999]);
-        let a = append_dims(&alpha_bar.index_select(0, &t), &x0);
-        let x_t = a.sqrt() * &x0 + (1f64 - &a).sqrt() * &eps;
+        let x_t = crate::diffusion::forward::q_sample(&alpha_bar, &x0, &t, &eps);
         let v_model = TrueV { x0: x0.shallow_clone(), eps: eps.shallow_clone(), alpha_bar: alpha_bar.shallow_clone() };
         let eps_hat = VAsEps { v_model: &v_model, alpha_bar: &alpha_bar }.eps(&x_t, &t, false);
         assert!(

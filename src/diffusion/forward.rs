@@ -2,6 +2,7 @@
 //!
 //! [DDPM] Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic Models", arXiv:2006.11239.
 //! [DSM] Vincent 2011, "A Connection Between Score Matching and Denoising Autoencoders", Neural Computation 23(7).
+//! [v-pred] Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models", arXiv:2202.00512.
 //! Notation (code -> paper): x0 -> x₀, x_t -> x_t, eps -> ε (or ε̂ = ε_θ(x_t, t) when predicted),
 //! alpha_bar -> ᾱ_t, sched.betas[t] -> β_t, x0_hat -> x̂₀, score -> ∇_{x_t} log q(x_t).
 //! Timesteps are array indices into the schedule (see `schedule.rs`): t = 0 is the first noising step.
@@ -46,6 +47,18 @@ pub fn predict_x0_from_eps(alpha_bar: &Tensor, x_t: &Tensor, eps: &Tensor) -> Te
 pub fn eps_from_x0(alpha_bar: &Tensor, x_t: &Tensor, x0: &Tensor) -> Tensor {
     let a = per_sample(alpha_bar, x_t);
     (x_t - a.sqrt() * x0) / (1f64 - &a).sqrt()
+}
+
+/// [v-pred] sec. 4's prediction target: v = √ᾱ_t ε − √(1 − ᾱ_t) x₀.
+pub fn v_from_eps(alpha_bar: &Tensor, x0: &Tensor, eps: &Tensor) -> Tensor {
+    let a = per_sample(alpha_bar, x0);
+    a.sqrt() * eps - (1f64 - &a).sqrt() * x0
+}
+
+/// The noise from a v and x_t: with eq. 4 and the v above, ε = √ᾱ_t v + √(1 − ᾱ_t) x_t exactly.
+pub fn eps_from_v(alpha_bar: &Tensor, x_t: &Tensor, v: &Tensor) -> Tensor {
+    let a = per_sample(alpha_bar, x_t);
+    a.sqrt() * v + (1f64 - &a).sqrt() * x_t
 }
 
 /// The score of the noised data from a noise prediction: ∇_{x_t} log q(x_t) = −ε̂/√(1 − ᾱ_t).

@@ -3,8 +3,7 @@
 //!
 //! [DDPM] Ho, Jain, Abbeel 2020, arXiv:2006.11239. Notation (code -> paper): alpha_bar -> ᾱ_t, eps -> ε,
 //! eps_hat -> ε_θ(x_t, t), x0 -> x₀.
-use crate::diffusion::append_dims;
-use crate::diffusion::forward::q_sample;
+use crate::diffusion::forward::{q_sample, v_from_eps};
 use crate::diffusion::schedule::{NoiseSchedule, ScheduleKind};
 use crate::model::EpsModel;
 use crate::train::trainer::TrainRun;
@@ -74,8 +73,8 @@ pub fn l_simple_v(model: &dyn EpsModel, alpha_bar: &Tensor, x0: &Tensor) -> Tens
     let eps = x0.randn_like();
     let alpha_bar = alpha_bar.to_kind(x0.kind());
     let x_t = q_sample(&alpha_bar, x0, &t, &eps); // [DDPM] eq. 4
-    let a = append_dims(&alpha_bar.index_select(0, &t.to_device(alpha_bar.device())).to_device(x0.device()), x0);
-    let v = a.sqrt() * eps - (1f64 - &a).sqrt() * x0; // (B, C, H, W)
+    let a = alpha_bar.index_select(0, &t.to_device(alpha_bar.device())).to_device(x0.device()); // (B,)
+    let v = v_from_eps(&a, x0, &eps); // (B, C, H, W)
     (v - model.eps(&x_t, &t, true)).square().to_kind(Kind::Float).mean(Kind::Float)
 }
 // ANCHOR_END: l_simple_v
