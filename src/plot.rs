@@ -288,7 +288,8 @@ pub fn image_grid(path: &Path, title: &str, images: &Tensor, ncol: usize, scale:
     let width = (ncol as u32 * cw).max(260);
     let root = BitMapBackend::new(path, (width, title_h + nrow as u32 * ch)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(path))?;
-    root.draw_text(title, &(FONT_NAME, 18).into_font().color(&BLACK), (6, 8)).map_err(draw_err(path))?;
+    let title_size = title_font_size(title, width - 12);
+    root.draw_text(title, &(FONT_NAME, title_size).into_font().color(&BLACK), (6, 8)).map_err(draw_err(path))?;
     let pixels: Vec<f32> =
         Vec::<f32>::try_from(images.to_kind(Kind::Float).clamp(0.0, 1.0).flatten(0, -1)).context("image tensor")?;
     for idx in 0..n {
@@ -314,6 +315,17 @@ pub fn image_grid(path: &Path, title: &str, images: &Tensor, ncol: usize, scale:
     }
     root.present().map_err(draw_err(path))?;
     Ok(())
+}
+
+/// The largest font size from 18 down to 10 px at which `title` fits in `width` pixels (10 if none does): a grid
+/// is as wide as its images, and a long title at a fixed size was cut at the figure's right edge.
+fn title_font_size(title: &str, width: u32) -> f64 {
+    ensure_font();
+    let fits = |size: f64| {
+        let font = (FONT_NAME, size).into_font();
+        font.box_size(title).map_or(true, |(w, _)| w <= width)
+    };
+    (10..=18).rev().map(f64::from).find(|&s| fits(s)).unwrap_or(10.0)
 }
 
 /// The usual sample figure: the first 64 of `samples` (N, 1, H, W) in [0, 1], 8 per row, each pixel 3×3, no labels.
@@ -453,6 +465,16 @@ pub fn to_points(x: &Tensor) -> Vec<[f64; 2]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grid_title_shrinks_to_the_grid_width() {
+        let long = "Image variations: each test digit (left), then the decoder's samples from its CLIP image embedding";
+        assert_eq!(title_font_size("Samples", 260), 18.0);
+        let size = title_font_size(long, 528);
+        assert!(size < 18.0, "{size}");
+        let width = |s: f64| (FONT_NAME, s).into_font().box_size(long).unwrap().0;
+        assert!(width(size) <= 528 && width(size + 1.0) > 528, "{} at {size}", width(size));
+    }
 
     #[test]
     fn every_figure_kind_renders_with_the_embedded_font() {

@@ -267,10 +267,9 @@ fn real_digits_for(data: &Mnist, asked: &Tensor) -> Result<Tensor> {
 impl UnclipReport {
     /// variations.png and interpolations.png in `dir`.
     pub fn plot(&self, dir: &Path) -> Result<()> {
-        let title =
-            "Image variations: each test digit (left), then the decoder's samples from its CLIP image embedding";
+        let title = "Variations: a test digit (left), then decodings of its CLIP image embedding";
         crate::plot::image_grid(&dir.join("variations.png"), title, &self.grid, (1 + self.per) as usize, 2, &[])?;
-        let title = "Interpolations between two test digits' image embeddings (slerp), the same noise throughout";
+        let title = "Interpolations between two test digits' image embeddings (slerp), same noise";
         plot_rows(&dir.join("interpolations.png"), title, &self.interpolations)
     }
 
