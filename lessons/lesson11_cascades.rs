@@ -6,7 +6,7 @@
 //! prompt accuracy against lesson 06's direct 28×28 model. `--part unclip`: a CLIP image tower against the same frozen
 //! text encoder, a diffusion prior from text embeddings to image embeddings, a decoder that draws from an image
 //! embedding; image variations, interpolations, and text → prior → decoder against lesson 06. Without `--part`, both.
-//! Chapter 11 walks through this file (a draft in book/drafts until a full run of the lesson is in the book).
+//! Chapter 11 walks through this file.
 use anyhow::{Context, Result};
 use clap::Parser;
 use scratch_diffusion::cli::{lesson_main, merge, Run, StepLog};
